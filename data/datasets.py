@@ -1,0 +1,51 @@
+"""Torch datasets over image paths (optionally cropped to per-image boxes)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from torch.utils.data import Dataset
+
+from .images import ImageLoadError, load_image
+
+Box = tuple[float, float, float, float]
+
+
+class ImageDataset(Dataset):
+    """``(transform(image), index)`` for each path; ``boxes[i]`` = [x1, y1, x2, y2] crops image ``i`` first.
+
+    Loading errors propagate as :class:`ImageLoadError` naming the file, so evaluation stops instead of
+    silently changing the database.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable | None = None,
+                 boxes: Sequence[Box | None] | None = None):
+        if boxes is not None and len(boxes) != len(paths):
+            raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+        self.boxes = boxes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int):
+        image = load_image(self.paths[index])
+        box = self.boxes[index] if self.boxes is not None else None
+        if box is not None:
+            image = crop_to_box(image, box, self.paths[index])
+        return image
+
+    def __getitem__(self, index: int):
+        image = self.load(index)
+        return (self.transform(image) if self.transform is not None else image), index
+
+
+def crop_to_box(image, box: Box, path: str | Path = "<image>"):
+    """Crop to [x1, y1, x2, y2] (clipped to the image); an empty box is an error naming the file."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, y1 = max(0.0, x1), max(0.0, y1)
+    x2, y2 = min(float(image.width), x2), min(float(image.height), y2)
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise ImageLoadError(path, f"box {list(box)} is empty inside the {image.width}x{image.height} image")
+    return image.crop((round(x1), round(y1), round(x2), round(y2)))

@@ -1,0 +1,66 @@
+"""Evaluation-time resizing and normalisation.
+
+Retrieval benchmarks keep the aspect ratio and never crop: labelled sets (Flowers, CUB, ...) resize the
+shorter side to N, the revisitop sets resize the longer side to N. Degenerate images (a 1-pixel-wide strip)
+would otherwise explode to tens of thousands of pixels, so the longer side is capped at ``max_aspect`` times
+the target and every side is at least ``min_side`` pixels (the image is stretched there: a 1-pixel image
+has no aspect ratio worth keeping).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+RESIZE_MODES = ("shorter", "longer", "none")
+
+
+def resized_shape(width: int, height: int, size: int, mode: str, max_aspect: float = 4.0,
+                  min_side: int = 32) -> tuple[int, int]:
+    """Target (width, height) for resizing one side of a ``width`` x ``height`` image to ``size``."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if mode == "none":
+        new_w, new_h = float(width), float(height)
+    else:
+        reference = min(width, height) if mode == "shorter" else max(width, height)
+        scale = size / reference
+        longest_allowed = max_aspect * size
+        if max(width, height) * scale > longest_allowed:
+            scale = longest_allowed / max(width, height)
+        new_w, new_h = width * scale, height * scale
+    return max(min_side, round(new_w)), max(min_side, round(new_h))
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """PIL image -> normalised float tensor (C, H, W), aspect ratio kept, no crop."""
+
+    size: int
+    mode: str = "shorter"
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+    max_aspect: float = 4.0
+    min_side: int = 32
+
+    def __post_init__(self):
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {self.mode!r}")
+        if self.size < 1:
+            raise ValueError(f"image size must be positive, got {self.size}")
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        return resized_shape(width, height, self.size, self.mode, self.max_aspect, self.min_side)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = self.output_size(*image.size)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.BICUBIC)
+        tensor = TF.to_tensor(image)
+        return TF.normalize(tensor, self.mean, self.std)
+
+    def describe(self) -> str:
+        return f"{self.mode}{self.size}"

@@ -1,0 +1,1 @@
+"""Retrieval evaluation: methods, extraction, search, metrics and the harness."""
