@@ -21,10 +21,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class ImageLoadError(RuntimeError):
     """An image file could not be read; the message names the file and the reason."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        # One-argument form: a ready message (how DataLoader workers re-raise exceptions).
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"cannot load image {self.path}: {reason}")
+        super().__init__(f"cannot load image {self.path}: {reason}" if reason is not None else self.path)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -16,6 +16,8 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 RESIZE_MODES = ("shorter", "longer", "none")
+_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                "lanczos": Image.LANCZOS}
 
 
 def resized_shape(width: int, height: int, size: int, mode: str, max_aspect: float = 4.0,
@@ -45,10 +47,13 @@ class EvalTransform:
     std: Sequence[float] = (0.229, 0.224, 0.225)
     max_aspect: float = 4.0
     min_side: int = 32
+    interpolation: str = "bilinear"
 
     def __post_init__(self):
         if self.mode not in RESIZE_MODES:
             raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {self.mode!r}")
+        if self.interpolation not in _PIL_FILTERS:
+            raise ValueError(f"interpolation must be one of {sorted(_PIL_FILTERS)}, got {self.interpolation!r}")
         if self.size < 1:
             raise ValueError(f"image size must be positive, got {self.size}")
 
@@ -58,9 +63,9 @@ class EvalTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         width, height = self.output_size(*image.size)
         if (width, height) != image.size:
-            image = image.resize((width, height), Image.BICUBIC)
+            image = image.resize((width, height), _PIL_FILTERS[self.interpolation])
         tensor = TF.to_tensor(image)
         return TF.normalize(tensor, self.mean, self.std)
 
     def describe(self) -> str:
-        return f"{self.mode}{self.size}"
+        return f"{self.mode}{self.size}-{self.interpolation}"

@@ -1,17 +1,18 @@
-"""Ranking metrics from a score source, without sorting the database.
+"""Ranking metrics from a score source.
 
 Every metric here (revisitop AP with junk and mP@k, standard AP, mAP@R, Recall@K) depends only on where each
-positive lands in the ranking once junk is removed. :func:`positive_ranks` finds exactly those ranks by
-counting, for each positive and junk item, how many database items beat it: the per-query scores of the
-positives and junk become sorted thresholds, every database score is placed among them with one
-``searchsorted`` and the counts are histogrammed. That is O(N log P) per query instead of the O(N log N)
-full sort, and memory stays at a few bytes per score of one block of queries.
+positive lands in the ranking once junk is removed. :func:`rank_items` finds exactly those ranks without an
+argsort: each query row's *values* are sorted (NumPy's SIMD sort, several times faster than argsort), and
+each positive or junk item is placed in it with a binary search. Rows are processed in bounded blocks on
+several threads, so memory stays at one block of scores whatever the database size.
 
 Ties: the ranking is descending score, ties broken by ascending database index (the order a stable sort
-gives). Ties are resolved exactly, not approximately.
+gives). Ties are resolved exactly.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,7 +21,7 @@ import torch
 
 from .scores import ScoreSource
 
-#: Default number of scores held per block (query rows x database); about 13 bytes each in flight.
+#: Default number of scores held per block (query rows x database), 4 bytes each plus one sorted row per thread.
 BLOCK_ELEMENTS = 8_000_000
 
 
@@ -54,63 +55,47 @@ class RankedPositives:
         return cls(indptr=indptr, ranks=ranks.astype(np.int64))
 
 
-def _to_csr(lists: Sequence[np.ndarray], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local query ids and item ids of ``lists[start:stop]`` (each list de-duplicated)."""
-    items = [np.unique(np.asarray(lists[q], dtype=np.int64)) for q in range(start, stop)]
-    counts = [len(i) for i in items]
-    query_ids = np.repeat(np.arange(stop - start, dtype=np.int64), counts)
-    flat = np.concatenate(items) if items else np.zeros(0, np.int64)
-    return torch.from_numpy(query_ids), torch.from_numpy(flat.astype(np.int64))
+def _rank_in_row(row: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """0-based rank of ``row[items]`` in the descending order of ``row``, ties by ascending index."""
+    ascending = np.sort(row)
+    values = row[items]
+    right = np.searchsorted(ascending, values, side="right")
+    ranks = len(row) - right  # items scoring strictly higher
+    tied = right - np.searchsorted(ascending, values, side="left") > 1
+    if tied.any():  # exact ties with other items: those with a smaller index come first
+        for value in np.unique(values[tied]):
+            same_score = np.flatnonzero(row == value)
+            selected = values == value
+            ranks[selected] += np.searchsorted(same_score, items[selected])
+    return ranks.astype(np.int64)
 
 
-def _ranks_in_block(block: torch.Tensor, query_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each (query, item) target among all items of its row (descending, ties by index).
+def rank_items(scores: ScoreSource, items: Sequence[np.ndarray], block_elements: int = BLOCK_ELEMENTS,
+               threads: int | None = None) -> list[np.ndarray]:
+    """For every query ``q``, the 0-based rank of each database index in ``items[q]`` (same order).
 
-    ``block`` is (Q, N); targets are given as flat (query_ids, item_ids) with no duplicate pairs.
+    Query rows are fetched in blocks of about ``block_elements`` scores and ranked on ``threads`` threads
+    (NumPy's sort releases the GIL).
     """
-    num_rows, num_items = block.shape
-    if len(query_ids) == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    target_scores = block[query_ids, item_ids]
-    per_row = torch.bincount(query_ids, minlength=num_rows)
-    width = int(per_row.max())
-    # Sorted thresholds per row, padded with +inf (which no finite score exceeds).
-    thresholds = torch.full((num_rows, width), float("inf"), dtype=block.dtype)
-    row_start = torch.cumsum(per_row, 0) - per_row
-    order = torch.argsort(target_scores, stable=True)  # by score ...
-    order = order[torch.argsort(query_ids[order], stable=True)]  # ... within row
-    slot = torch.arange(len(order)) - row_start[query_ids[order]]
-    thresholds[query_ids[order], slot] = target_scores[order]
-    target_slot = torch.empty_like(slot)
-    target_slot[order] = slot
-
-    # Number of thresholds strictly below each score; a score beats threshold k iff it exceeds k.
-    below = torch.searchsorted(thresholds, block, out_int32=True)
-    offsets = (torch.arange(num_rows, dtype=torch.int64) * (width + 1)).unsqueeze(1)
-    histogram = torch.bincount((below + offsets).reshape(-1), minlength=num_rows * (width + 1))
-    histogram = histogram.reshape(num_rows, width + 1)
-    # beats[q, k] = items whose score exceeds threshold k = sum of histogram bins above k.
-    beats = histogram.flip(1).cumsum(1).flip(1)[:, 1:]
-    greater = beats[query_ids, target_slot]
-
-    # Exact ties: items whose score equals a threshold, ordered by index inside each (row, score) group.
-    candidate = thresholds.gather(1, below.clamp(max=width - 1).long())
-    tied_rows, tied_items = torch.nonzero((below < width) & (block == candidate), as_tuple=True)
-    tied_scores = block[tied_rows, tied_items]
-    # nonzero is row-major, so (row, item) is already sorted; stable sorts add score as the middle key.
-    order = torch.argsort(tied_scores, stable=True)
-    order = order[torch.argsort(tied_rows[order], stable=True)]
-    rows_sorted, scores_sorted = tied_rows[order], tied_scores[order]
-    new_group = torch.ones(len(order), dtype=torch.bool)
-    new_group[1:] = (rows_sorted[1:] != rows_sorted[:-1]) | (scores_sorted[1:] != scores_sorted[:-1])
-    position = torch.arange(len(order))
-    group_start = torch.cummax(torch.where(new_group, position, torch.zeros_like(position)), 0).values
-    ties_before = torch.empty_like(position)
-    ties_before[order] = position - group_start
-    # Locate each target among the tied entries (it ties with itself) by its (row, item) key.
-    tied_keys = tied_rows * num_items + tied_items
-    target_keys = query_ids * num_items + item_ids
-    return greater + ties_before[torch.searchsorted(tied_keys, target_keys)]
+    num_queries, num_items = scores.shape
+    if len(items) != num_queries:
+        raise ValueError(f"ground truth for {len(items)} queries, scores for {num_queries}")
+    items = [np.asarray(i, dtype=np.int64).reshape(-1) for i in items]
+    for q, ids in enumerate(items):
+        if len(ids) and (ids.min() < 0 or ids.max() >= num_items):
+            raise ValueError(f"query {q}: ground-truth index out of range [0, {num_items})")
+    rows_per_block = max(1, block_elements // max(num_items, 1))
+    threads = threads or min(os.cpu_count() or 1, 8)
+    ranks: list[np.ndarray] = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, num_queries, rows_per_block):
+            stop = min(num_queries, start + rows_per_block)
+            block = scores.rows(start, stop)
+            block = block.numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
+            if not np.isfinite(block).all():
+                raise ValueError(f"scores of queries {start}:{stop} contain NaN or infinity")
+            ranks += pool.map(_rank_in_row, block, items[start:stop])
+    return ranks
 
 
 def positive_ranks(scores: ScoreSource, positives: Sequence[np.ndarray], junk: Sequence[np.ndarray] | None = None,
@@ -120,42 +105,22 @@ def positive_ranks(scores: ScoreSource, positives: Sequence[np.ndarray], junk: S
     ``positives[q]`` and ``junk[q]`` are database indices; an index in both counts as a positive (as in the
     revisitop code). Scores must be finite.
     """
-    num_queries, num_items = scores.shape
-    if len(positives) != num_queries or (junk is not None and len(junk) != num_queries):
-        raise ValueError(f"ground truth for {len(positives)} queries, scores for {num_queries}")
-    junk = junk if junk is not None else [np.zeros(0, np.int64)] * num_queries
-    rows_per_block = max(1, block_elements // max(num_items, 1))
-    all_ranks: list[np.ndarray] = []
-    counts = np.zeros(num_queries, dtype=np.int64)
-    for start in range(0, num_queries, rows_per_block):
-        stop = min(num_queries, start + rows_per_block)
-        block = scores.rows(start, stop)
-        if not torch.isfinite(block).all():
-            raise ValueError(f"scores of queries {start}:{stop} contain NaN or infinity")
-        pos_q, pos_i = _to_csr(positives, start, stop)
-        junk_q, junk_i = _to_csr(junk, start, stop)
-        for ids in (pos_i, junk_i):
-            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= num_items):
-                raise ValueError(f"ground-truth index out of range [0, {num_items})")
-        # Rank positives and junk together (the union, so an item in both is ranked once).
-        all_q = torch.cat([pos_q, junk_q])
-        all_i = torch.cat([pos_i, junk_i])
-        keys = all_q * num_items + all_i
-        unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        unique_ranks = _ranks_in_block(block, unique_keys // num_items, unique_keys % num_items)
-        ranks = unique_ranks[inverse]
-        pos_rank, junk_rank = ranks[:len(pos_q)], ranks[len(pos_q):]
-        # Junk ahead of a positive: count junk keys (row, rank) below the positive's key in the same row.
-        junk_keys = torch.sort(junk_q * num_items + junk_rank).values
-        pos_keys = pos_q * num_items + pos_rank
-        junk_ahead = torch.searchsorted(junk_keys, pos_keys) - torch.searchsorted(junk_keys, pos_q * num_items)
-        adjusted = pos_rank - junk_ahead
-        order = torch.argsort(pos_q * num_items + adjusted)
-        all_ranks.append(adjusted[order].numpy())
-        counts[start:stop] = torch.bincount(pos_q, minlength=stop - start).numpy()
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    ranks = np.concatenate(all_ranks) if all_ranks else np.zeros(0, np.int64)
-    return RankedPositives(indptr=indptr, ranks=ranks.astype(np.int64))
+    junk = junk if junk is not None else [np.zeros(0, np.int64)] * len(positives)
+    if len(junk) != len(positives):
+        raise ValueError(f"{len(positives)} positive lists but {len(junk)} junk lists")
+    positives = [np.unique(np.asarray(p, dtype=np.int64)) for p in positives]
+    junk = [np.unique(np.asarray(j, dtype=np.int64)) for j in junk]
+    both = rank_items(scores, [np.concatenate([p, j]) for p, j in zip(positives, junk)], block_elements)
+    return _drop_junk([r[:len(p)] for r, p in zip(both, positives)], [r[len(p):] for r, p in zip(both, positives)])
+
+
+def _drop_junk(positive_ranks_per_query: list[np.ndarray], junk_ranks_per_query: list[np.ndarray]
+               ) -> RankedPositives:
+    """Shift each positive's rank up by the junk ranked before it."""
+    adjusted = []
+    for pos, junk in zip(positive_ranks_per_query, junk_ranks_per_query):
+        adjusted.append(pos - np.searchsorted(np.sort(junk), pos))
+    return RankedPositives.from_lists(adjusted)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,10 +201,27 @@ def nan_mean(values: np.ndarray) -> float:
 
 def revisitop_metrics(scores: ScoreSource, truth_by_protocol: dict[str, tuple[list, list]],
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """``mAP_<protocol>`` and ``mP@k_<protocol>`` for each protocol's (positives, junk) lists."""
+    """``mAP_<protocol>`` and ``mP@k_<protocol>`` for each protocol's (positives, junk) lists.
+
+    The protocols share their images (easy, hard, junk), so each query's ranking is computed once.
+    """
+    protocols = list(truth_by_protocol)
+    num_queries = scores.shape[0]
+    for protocol in protocols:
+        if any(len(lists) != num_queries for lists in truth_by_protocol[protocol]):
+            raise ValueError(f"protocol {protocol}: ground truth for a different number of queries than {num_queries}")
+    union = [np.unique(np.concatenate([np.asarray(lst[q], dtype=np.int64).reshape(-1)
+                                       for p in protocols for lst in truth_by_protocol[p]]))
+             for q in range(num_queries)]
+    union_ranks = rank_items(scores, union)
     metrics: dict[str, float] = {}
-    for protocol, (positives, junk) in truth_by_protocol.items():
-        ranked = positive_ranks(scores, positives, junk)
+    for protocol in protocols:
+        positives, junk = truth_by_protocol[protocol]
+        def ranks_of(q: int, ids) -> np.ndarray:
+            return union_ranks[q][np.searchsorted(union[q], np.unique(np.asarray(ids, np.int64)))]
+
+        ranked = _drop_junk([ranks_of(q, positives[q]) for q in range(num_queries)],
+                            [ranks_of(q, junk[q]) for q in range(num_queries)])
         metrics[f"mAP_{protocol}"] = nan_mean(revisitop_average_precision(ranked))
         for k in ks:
             metrics[f"mP@{k}_{protocol}"] = nan_mean(revisitop_precision_at_k(ranked, k))

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def ranking(scores_row: np.ndarray) -> np.ndarray:
-    """Database indices by descending score, ties by ascending index."""
-    return np.argsort(-np.asarray(scores_row), kind="stable")
+def ranking(scores_row: np.ndarray, stable: bool = True) -> np.ndarray:
+    """Database indices by descending score; ``stable``: ties by ascending index (else NumPy's default
+    quicksort, as the revisitop code uses, which orders ties arbitrarily)."""
+    return np.argsort(-np.asarray(scores_row), kind="stable" if stable else None)
 
 
 def positive_ranks_after_junk(order: np.ndarray, positives, junk) -> np.ndarray:

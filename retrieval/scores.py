@@ -34,6 +34,9 @@ class DenseScores(ScoreSource):
 
     def __init__(self, matrix):
         self.matrix = as_tensor(matrix)
+        if not self.matrix.is_floating_point():
+            # rows() promises floats; integer scores (e.g. Hamming counts) otherwise break the metrics.
+            self.matrix = self.matrix.double()
         if self.matrix.ndim != 2:
             raise ValueError(f"similarity matrix must be 2-D, got shape {tuple(self.matrix.shape)}")
         self.num_queries, self.num_database = self.matrix.shape

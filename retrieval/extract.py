@@ -1,0 +1,132 @@
+"""Batched descriptor extraction with DataLoader workers, a progress bar and an on-disk cache.
+
+Images keep their aspect ratio, so a batch may only hold images of one output size: with ``batch_size`` > 1
+the images are grouped by their resized size (read from the file headers) and each group is batched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from data.datasets import ImageDataset
+from data.images import image_size
+
+from .methods import RetrievalMethod
+
+log = logging.getLogger(__name__)
+
+
+class SizeBucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices whose images resize to the same (width, height)."""
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int):
+        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, size in enumerate(sizes):
+            buckets[size].append(index)
+        self.batches = [members[i:i + batch_size] for members in buckets.values()
+                        for i in range(0, len(members), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def output_sizes(dataset: ImageDataset) -> list[tuple[int, int]]:
+    """Resized (width, height) of every image, from headers (and boxes) without decoding pixels."""
+    sizes = []
+    for i, path in enumerate(dataset.paths):
+        width, height = image_size(path)
+        box = dataset.boxes[i] if dataset.boxes is not None else None
+        if box is not None:
+            x1, y1 = max(0.0, box[0]), max(0.0, box[1])
+            x2, y2 = min(float(width), box[2]), min(float(height), box[3])
+            width, height = round(x2) - round(x1), round(y2) - round(y1)
+        sizes.append(dataset.transform.output_size(width, height))
+    return sizes
+
+
+@dataclass
+class Extraction:
+    descriptors: np.ndarray
+    images_per_second: float
+    from_cache: bool = False
+
+
+@torch.no_grad()
+def extract(method: RetrievalMethod, dataset: ImageDataset, batch_size: int = 1, num_workers: int = 0,
+            device: str = "cpu", description: str = "extract") -> Extraction:
+    """Encode every image of ``dataset`` in order; returns (N, D) descriptors."""
+    method.eval().to(device)
+    if batch_size > 1:
+        loader = DataLoader(dataset, batch_sampler=SizeBucketBatchSampler(output_sizes(dataset), batch_size),
+                            num_workers=num_workers)
+    else:
+        loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
+    output: np.ndarray | None = None
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), desc=description, unit="img", dynamic_ncols=True, leave=False) as bar:
+        for images, indices in loader:
+            encoded = method.encode(images.to(device)).cpu().numpy()
+            if output is None:
+                output = np.empty((len(dataset), *encoded.shape[1:]), dtype=encoded.dtype)
+            output[indices.numpy()] = encoded
+            bar.update(len(indices))
+    elapsed = time.perf_counter() - start
+    if output is None:
+        raise ValueError(f"{description}: the dataset is empty")
+    return Extraction(output, len(dataset) / max(elapsed, 1e-9))
+
+
+class DescriptorCache:
+    """Descriptors on disk, keyed by the method's config, the weights and the benchmark/transform."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root else None
+
+    @staticmethod
+    def key(*parts) -> str:
+        blob = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def _paths(self, benchmark: str, method: str, key: str) -> tuple[Path, Path]:
+        folder = self.root / benchmark.replace(":", "_").replace("/", "_")
+        return folder / f"{method}-{key}.npy", folder / f"{method}-{key}.json"
+
+    def load(self, benchmark: str, method: str, key: str, count: int) -> Extraction | None:
+        if self.root is None:
+            return None
+        array_path, meta_path = self._paths(benchmark, method, key)
+        if not (array_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            descriptors = np.load(array_path)
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as error:
+            log.warning("ignoring unreadable cache entry %s (%s)", array_path, error)
+            return None
+        if len(descriptors) != count:
+            log.warning("ignoring cache entry %s: %d descriptors for %d images", array_path, len(descriptors), count)
+            return None
+        log.info("descriptors of %s on %s from cache %s", method, benchmark, array_path)
+        return Extraction(descriptors, float(meta["images_per_second"]), from_cache=True)
+
+    def save(self, benchmark: str, method: str, key: str, extraction: Extraction, config: dict) -> None:
+        if self.root is None:
+            return
+        array_path, meta_path = self._paths(benchmark, method, key)
+        array_path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(array_path, extraction.descriptors)
+        meta_path.write_text(json.dumps({"config": config, "images_per_second": extraction.images_per_second,
+                                         "count": len(extraction.descriptors)}, indent=2, default=str))

@@ -1,0 +1,143 @@
+"""The method interface of the evaluation harness, and its registry.
+
+A method turns a batch of preprocessed images into descriptors (``encode``), may learn something from the
+training images first (``fit``: PCA, codebooks, ITQ...), and says how two descriptor sets are compared
+(``scores``: inner product by default; Hamming codes or custom dissimilarities override it). Everything a
+method needs to rebuild itself is in ``config()``, which also keys the descriptor cache.
+
+Methods are registered by name (``@register_method("gem")``) and built by :func:`create_method` from a
+:class:`MethodContext` (the backbone and weights chosen on the command line).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.backbones import FEATURES, Backbone, Preprocessing, create_backbone
+from models.pooling import create_pooling, l2n
+
+from .scores import InnerProductScores, ScoreSource
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Shared choices for building methods: which backbone, which weights, which device."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = None
+    device: str = "cpu"
+
+    def create_backbone(self) -> Backbone:
+        return create_backbone(self.backbone, pretrained=self.pretrained, weights=self.weights)
+
+
+class RetrievalMethod(nn.Module):
+    """Base class. Subclasses implement :meth:`encode`; the rest has sensible defaults."""
+
+    #: descriptor element type: "float32" or "binary" (packed bits, uint8)
+    descriptor_kind = "float32"
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """Input normalisation (mean/std) the method's network expects."""
+        return Preprocessing()
+
+    def config(self) -> dict:
+        """Everything that changes the descriptors (keys the cache; saved in results)."""
+        return {"name": self.name}
+
+    def needs_fit(self) -> bool:
+        return False
+
+    def fit(self, train_loader) -> None:
+        """Learn from training images (a loader of (images, indices)); default: nothing to learn."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, D) descriptors."""
+        raise NotImplementedError
+
+    def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
+        """How query and database descriptors compare (higher = more similar)."""
+        return InnerProductScores(queries, database)
+
+    def descriptor_bytes(self, descriptors: np.ndarray) -> int:
+        """Storage per image."""
+        return int(descriptors.shape[1] * descriptors.dtype.itemsize)
+
+
+class PooledFeatures(RetrievalMethod):
+    """Global pooling (GeM, average, max) of one backbone tap, L2-normalised."""
+
+    def __init__(self, name: str, backbone: Backbone, pooling: str, tap: str = FEATURES, **pooling_kwargs):
+        super().__init__(name)
+        self.backbone = backbone
+        self.tap = tap
+        self.pooling_name = pooling
+        self.pooling_kwargs = pooling_kwargs
+        self.pool = create_pooling(pooling, **pooling_kwargs)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.backbone.preprocessing
+
+    def config(self) -> dict:
+        return {"name": self.name, "backbone": self.backbone.describe(), "tap": self.tap,
+                "pooling": self.pooling_name, **self.pooling_kwargs}
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        fmap = self.backbone.forward_taps(images, [self.tap])[self.tap]
+        return l2n(self.pool(fmap))
+
+
+MethodFactory = Callable[[MethodContext], RetrievalMethod]
+_REGISTRY: dict[str, MethodFactory] = {}
+
+
+def register_method(name: str):
+    """Decorator: register a factory ``f(context) -> RetrievalMethod`` under ``name``."""
+    def wrap(factory: MethodFactory) -> MethodFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_method(name: str, context: MethodContext | None = None) -> RetrievalMethod:
+    context = context or MethodContext()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return _REGISTRY[name](context)
+
+
+@register_method("gem")
+def _gem(context: MethodContext) -> RetrievalMethod:
+    """GeM with a fixed p = 3 on the last feature map."""
+    return PooledFeatures("gem", context.create_backbone(), "gem", p=3.0, learn_p=False)
+
+
+@register_method("gap")
+def _gap(context: MethodContext) -> RetrievalMethod:
+    """Global average pooling (SPoC) of the last feature map."""
+    return PooledFeatures("gap", context.create_backbone(), "spoc")
+
+
+@register_method("mac")
+def _mac(context: MethodContext) -> RetrievalMethod:
+    """Global max pooling (MAC) of the last feature map."""
+    return PooledFeatures("mac", context.create_backbone(), "mac")
+
+

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Evaluate frozen retrieval methods side by side on one benchmark.
+
+    python scripts/evaluate.py --benchmark flowers102 --method gem --method gap \\
+        --backbone tf_efficientnet_lite0 --out results.json
+    python scripts/evaluate.py --benchmark revisitop:roxford5k --method gem --image-size 1024
+
+Prints a table and writes the results JSON ({"benchmark", "results": [{"method", "metrics",
+"descriptor_bytes", "images_per_second"}]}).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.roots import resolve_data_root  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from retrieval.harness import EvalSettings, evaluate_method, format_table, report, write_report  # noqa: E402
+from retrieval.benchmarks import create_benchmark  # noqa: E402
+from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
+
+log = logging.getLogger("evaluate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", required=True,
+                        help="flowers102 | revisitop:NAME (roxford5k, rparis6k, ...) | csv:PATH[:SPLIT]")
+    parser.add_argument("--method", action="append", required=True,
+                        help=f"repeatable; one of: {', '.join(available_methods())}")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm architecture name")
+    parser.add_argument("--weights", default=None, help="local weights file for the backbone (else pretrained)")
+    parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="labelled sets: shorter side (default 224); revisitop: longer side (default 1024)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (grouped by size)")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
+    parser.add_argument("--top-k", type=int, default=0, help="also save the FAISS top-k neighbours per query")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="first N images of a labelled set only (smoke tests; not for reported numbers)")
+    parser.add_argument("--out", default=None, help="results JSON path")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
+    context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
+                            device=args.device)
+    settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers,
+                            device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k)
+    results = []
+    for name in args.method:
+        method = create_method(name, context)
+        results.append(evaluate_method(method, benchmark, settings))
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in results[-1].metrics.items()})
+    summary = report(benchmark, results)
+    print(format_table(summary))
+    if args.out:
+        write_report(summary, args.out)
+        log.info("results written to %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,53 @@
+"""Shared fixtures: where the real Flowers-102 pack is, and small generated image sets."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path | None:
+    for candidate in (os.environ.get("DATA_ROOT"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "flowers102" / "labels.csv").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def flowers_root() -> Path:
+    root = shared_data_root()
+    if root is None:
+        pytest.skip("Flowers-102 pack not found ($DATA_ROOT or ../shared/data)")
+    return root
+
+
+def write_labelled_set(root: Path, num_classes: int = 3, per_class: int = 4, size=(48, 40), seed: int = 0) -> Path:
+    """A tiny labelled set whose classes differ in colour, with a manifest at root/toy/labels.csv."""
+    rng = np.random.default_rng(seed)
+    folder = root / "toy"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c in range(num_classes):
+        base = rng.integers(0, 256, 3)
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            name = f"images/c{c}_{i}.jpg"
+            Image.fromarray(pixels).save(folder / name, quality=90)
+            rows.append({"file": name, "class_id": c + 1, "split": "test"})
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "class_id", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "labels.csv"
+
+
+@pytest.fixture
+def make_labelled_set(tmp_path):
+    """``make_labelled_set(num_classes=3, per_class=4, size=(48, 40))`` -> path of a tiny labelled manifest."""
+    return lambda **kwargs: write_labelled_set(tmp_path, **kwargs)

@@ -1,0 +1,1 @@
+"""Small shared helpers for the command-line entry points."""

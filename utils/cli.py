@@ -1,0 +1,46 @@
+"""Entry-point plumbing: logging set-up and turning expected failures into one clear line.
+
+Users should see ``error: cannot load image data/x.jpg: ...`` rather than a traceback from deep inside PIL
+or torch. Unexpected exceptions (bugs) still show their traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from data.images import ImageLoadError
+from data.manifest import ManifestError
+from data.revisitop import RevisitopError
+from models.backbones import WeightsError
+
+#: Errors caused by inputs (files, data, flags), reported in one line with exit code 2.
+USER_ERRORS = (ImageLoadError, ManifestError, RevisitopError, WeightsError, FileNotFoundError, ValueError,
+               KeyError)
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(level=(level or os.environ.get("LOGLEVEL", "INFO")).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def error_line(error: BaseException) -> str:
+    """The meaningful line of an error; DataLoader workers wrap the original in a traceback text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "cannot load image" in line:
+            return line[line.index("cannot load image"):]
+    return lines[-1] if lines else type(error).__name__
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    setup_logging()
+    try:
+        return main()
+    except USER_ERRORS as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
