@@ -31,7 +31,6 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     input_size: int = 224
-    interpolation: str = "bicubic"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,10 +217,9 @@ class Backbone(nn.Module):
 def _preprocessing_from(model: nn.Module, name: str, offline: bool) -> Preprocessing:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if offline:  # the TF-ported EfficientNet-Lite weights expect inputs in [-1, 1]
-        return Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=224, interpolation="bicubic")
+        return Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=224)
     return Preprocessing(mean=tuple(cfg.get("mean", Preprocessing.mean)), std=tuple(cfg.get("std", Preprocessing.std)),
-                         input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
-                         interpolation=cfg.get("interpolation", "bicubic"))
+                         input_size=int(cfg.get("input_size", (3, 224, 224))[-1]))
 
 
 def create_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None,

@@ -36,6 +36,7 @@ class EvalSettings:
     device: str = "cpu"
     cache_dir: str | None = "cache/descriptors"
     top_k: int = 0  # >0: also search the top-k neighbours of every query with FAISS and save them
+    interpolation: str = "bilinear"  # PIL filter for resizing (bilinear reproduces the published numbers)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class MethodResult:
 def _transform(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSettings) -> EvalTransform:
     pre = method.preprocessing
     return EvalTransform(size=settings.image_size or benchmark.default_size, mode=benchmark.resize_mode,
-                         mean=tuple(pre.mean), std=tuple(pre.std))
+                         mean=tuple(pre.mean), std=tuple(pre.std), interpolation=settings.interpolation)
 
 
 def _descriptors(method: RetrievalMethod, dataset: ImageDataset, role: str, benchmark: Benchmark,
@@ -133,7 +134,9 @@ def format_table(report_dict: dict, columns: list[str] | None = None) -> str:
     rows = [[r["method"], *[_fmt(r["metrics"].get(c)) for c in columns], str(r["descriptor_bytes"]),
              f"{r['images_per_second']:.1f}"] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     title = f"benchmark: {report_dict['benchmark']}"
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows)])
 

@@ -91,7 +91,10 @@ def rank_items(scores: ScoreSource, items: Sequence[np.ndarray], block_elements:
         for start in range(0, num_queries, rows_per_block):
             stop = min(num_queries, start + rows_per_block)
             block = scores.rows(start, stop)
-            block = block.numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
+            if isinstance(block, torch.Tensor):
+                block = block.detach().cpu()
+                block = (block.float() if block.dtype in (torch.float16, torch.bfloat16) else block).numpy()
+            block = np.asarray(block)
             if not np.isfinite(block).all():
                 raise ValueError(f"scores of queries {start}:{stop} contain NaN or infinity")
             ranks += pool.map(_rank_in_row, block, items[start:stop])
@@ -206,6 +209,8 @@ def revisitop_metrics(scores: ScoreSource, truth_by_protocol: dict[str, tuple[li
     The protocols share their images (easy, hard, junk), so each query's ranking is computed once.
     """
     protocols = list(truth_by_protocol)
+    if not protocols:
+        return {}
     num_queries = scores.shape[0]
     for protocol in protocols:
         if any(len(lists) != num_queries for lists in truth_by_protocol[protocol]):

@@ -1,0 +1,80 @@
+"""scripts/evaluate.py on a data set with broken and unusual files: handled, or one clear error line."""
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write_set(folder: Path, extra: dict[str, bytes | None]) -> Path:
+    """Eight normal images in two classes plus ``extra`` files (None = listed but missing)."""
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        name = f"img/ok{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(folder / name)
+        rows.append((name, i % 2 + 1))
+    for name, payload in extra.items():
+        if payload is not None:
+            (folder / name).write_bytes(payload)
+        rows.append((name, 1))
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "class_id"])
+        writer.writerows(rows)
+    return folder / "labels.csv"
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _run(manifest: Path, tmp_path: Path, *extra_args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts/evaluate.py"), "--benchmark", f"csv:{manifest}", "--method", "gem",
+         "--backbone", "resnet18", "--random-init", "--image-size", "48", "--cache-dir", "",
+         "--out", str(tmp_path / "out.json"), *extra_args],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_unusual_but_valid_images_are_evaluated(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8))
+    manifest = _write_set(tmp_path / "set", {
+        "img/cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
+        "img/one_pixel_wide.png": _encode(Image.new("RGB", (1, 50), (200, 10, 10)), "PNG"),
+        "img/gray.png": _encode(rgb.convert("L"), "PNG"),
+    })
+    done = _run(manifest, tmp_path, "--batch-size", "4", "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["results"][0]["method"] == "gem"
+    assert np.isfinite(list(result["results"][0]["metrics"].values())).all()
+
+
+@pytest.mark.parametrize("name,payload,workers,batch", [
+    ("img/corrupt.jpg", b"\xff\xd8\xff this is not a jpeg" * 10, "0", "1"),
+    ("img/missing.jpg", None, "0", "4"),
+    ("img/truncated.jpg", "truncated", "1", "1"),  # fails while decoding, inside a DataLoader worker
+])
+def test_broken_files_stop_with_one_line_naming_the_file(tmp_path, name, payload, workers, batch):
+    if payload == "truncated":
+        full = _encode(Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+        payload = full[: len(full) // 2]
+    manifest = _write_set(tmp_path / "set", {name: payload})
+    done = _run(manifest, tmp_path, "--workers", workers, "--batch-size", batch)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and str(tmp_path / "set" / name) in error_lines[0], done.stderr
+    assert not (tmp_path / "out.json").exists()
