@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-RESIZE_MODES = ("shorter", "longer", "none")
+# shorter_max: shrink only images whose shorter side exceeds the size (SCDA's "shorter side <= 700" rule).
+RESIZE_MODES = ("shorter", "longer", "shorter_max", "none")
 _PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                 "lanczos": Image.LANCZOS}
 
@@ -28,8 +29,10 @@ def resized_shape(width: int, height: int, size: int, mode: str, max_aspect: flo
     if mode == "none":
         new_w, new_h = float(width), float(height)
     else:
-        reference = min(width, height) if mode == "shorter" else max(width, height)
+        reference = max(width, height) if mode == "longer" else min(width, height)
         scale = size / reference
+        if mode == "shorter_max":
+            scale = min(scale, 1.0)
         longest_allowed = max_aspect * size
         if max(width, height) * scale > longest_allowed:
             scale = longest_allowed / max(width, height)

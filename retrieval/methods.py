@@ -10,6 +10,7 @@ Methods are registered by name (``@register_method("gem")``) and built by :func:
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -100,6 +101,13 @@ class PooledFeatures(RetrievalMethod):
 
 MethodFactory = Callable[[MethodContext], RetrievalMethod]
 _REGISTRY: dict[str, MethodFactory] = {}
+# Packages whose import registers more methods; imported on first use (they import this module).
+_PLUGIN_PACKAGES = ("baselines",)
+
+
+def _load_plugins() -> None:
+    for package in _PLUGIN_PACKAGES:
+        importlib.import_module(package)
 
 
 def register_method(name: str):
@@ -113,11 +121,13 @@ def register_method(name: str):
 
 
 def available_methods() -> list[str]:
+    _load_plugins()
     return sorted(_REGISTRY)
 
 
 def create_method(name: str, context: MethodContext | None = None) -> RetrievalMethod:
     context = context or MethodContext()
+    _load_plugins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
     return _REGISTRY[name](context)

@@ -38,9 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="labelled sets: shorter side (default 224); revisitop: longer side (default 1024)")
+    parser.add_argument("--resize-mode", default=None, choices=["shorter", "longer", "shorter_max", "none"],
+                        help="override the benchmark's convention; shorter_max only shrinks (SCDA: 700)")
     parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"],
                         help="resize filter (default bilinear)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (grouped by size)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (grouped by size)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
                             device=args.device)
-    settings = EvalSettings(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers,
+    settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size, num_workers=args.workers,
                             device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k,
                             interpolation=args.interpolation)
     results = []
