@@ -90,7 +90,8 @@ class RevisitopBenchmark(Benchmark):
 def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None) -> Benchmark:
     """``flowers102`` | ``csv:PATH[:SPLIT]`` | ``revisitop:NAME``.
 
-    ``limit`` keeps the first N images of a labelled set (smoke tests only: never for reported numbers).
+    ``limit`` keeps N images of a labelled set, taken round-robin over its classes (smoke tests only: never
+    for reported numbers).
     """
     data_root = Path(data_root)
     if spec == "flowers102":
@@ -106,7 +107,17 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None)
     else:
         raise ValueError(f"unknown benchmark {spec!r}; use flowers102, csv:PATH[:SPLIT] or revisitop:NAME")
     if limit is not None and isinstance(bench, LabelledBenchmark):
-        bench.images = bench.images.subset(np.arange(min(limit, len(bench.images))))
+        bench.images = bench.images.subset(_spread_over_classes(bench.images.labels, limit))
         bench.name = f"{bench.name}[:{limit}]"
     return bench
 
+
+
+def _spread_over_classes(labels: np.ndarray, limit: int) -> np.ndarray:
+    """The first ``limit`` indices when images are dealt one per class in turn (deterministic)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank_in_class = np.arange(len(labels)) - starts
+    dealt = order[np.lexsort((sorted_labels, rank_in_class))]
+    return np.sort(dealt[:limit])

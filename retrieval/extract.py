@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import logging
 import time
 from collections import defaultdict
@@ -89,6 +90,11 @@ def extract(method: RetrievalMethod, dataset: ImageDataset, batch_size: int = 1,
     return Extraction(output, len(dataset) / max(elapsed, 1e-9))
 
 
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a benchmark or method name (``run:runs/x`` -> ``run_runs_x``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "unnamed"
+
+
 class DescriptorCache:
     """Descriptors on disk, keyed by the method's config, the weights and the benchmark/transform."""
 
@@ -101,8 +107,9 @@ class DescriptorCache:
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def _paths(self, benchmark: str, method: str, key: str) -> tuple[Path, Path]:
-        folder = self.root / benchmark.replace(":", "_").replace("/", "_")
-        return folder / f"{method}-{key}.npy", folder / f"{method}-{key}.json"
+        folder = self.root / safe_name(benchmark)
+        stem = f"{safe_name(method)}-{key}"
+        return folder / f"{stem}.npy", folder / f"{stem}.json"
 
     def load(self, benchmark: str, method: str, key: str, count: int) -> Extraction | None:
         if self.root is None:

@@ -21,7 +21,7 @@ from data.datasets import ImageDataset
 from data.transforms import EvalTransform
 
 from .benchmarks import Benchmark
-from .extract import DescriptorCache, Extraction, extract
+from .extract import DescriptorCache, Extraction, safe_name, extract
 from .index import SearchIndex
 from .methods import RetrievalMethod
 
@@ -110,7 +110,7 @@ def _save_top_k(method, queries, database, settings: EvalSettings, benchmark: Be
         scores = np.stack([row[k][:settings.top_k] for row, k in zip(scores, keep)])
     folder = Path(settings.cache_dir or ".") / "topk"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{benchmark.name.replace(':', '_')}-{method.name}.npz"
+    path = folder / f"{safe_name(benchmark.name)}-{safe_name(method.name)}.npz"
     np.savez(path, indices=indices, scores=scores)
     log.info("top-%d neighbours of %s saved to %s", settings.top_k, method.name, path)
 

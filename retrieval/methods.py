@@ -127,6 +127,9 @@ def available_methods() -> list[str]:
 
 def create_method(name: str, context: MethodContext | None = None) -> RetrievalMethod:
     context = context or MethodContext()
+    if name.startswith(("run:", "model:")):
+        from .trained import TrainedModelMethod  # trained networks describe themselves; no context needed
+        return TrainedModelMethod.from_spec(name)
     _load_plugins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")

@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--benchmark", required=True,
                         help="flowers102 | revisitop:NAME (roxford5k, rparis6k, ...) | csv:PATH[:SPLIT]")
     parser.add_argument("--method", action="append", required=True,
-                        help=f"repeatable; one of: {', '.join(available_methods())}")
+                        help=f"repeatable; one of: {', '.join(available_methods())}, "
+                             "run:RUN_DIR (a trained run's best/last checkpoint) or model:FILE")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm architecture name")
     parser.add_argument("--weights", default=None, help="local weights file for the backbone (else pretrained)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")

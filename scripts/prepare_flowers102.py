@@ -26,18 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import http.client  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import tarfile  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Callable, Iterator  # noqa: E402
 
+from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa: E402
+                           add_source_target_options, download, listing, one_line, place_folder, progress,
+                           resolve_source, run_script, staged)
 from data.manifest import ManifestError, flowers102, read_csv_manifest  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 
@@ -50,7 +49,8 @@ ARCHIVE = "102flowers.tgz"
 LABELS_MAT = "imagelabels.mat"
 NUM_TRAIN_CLASSES = 51  # class-disjoint split: train = 1..51, test = 52..102
 JPEG_QUALITY = 90
-DOWNLOAD_TIMEOUT = 60  # seconds, for the connection and for each read
+DOWNLOAD_HINT = (f"Use --from DIR with a local copy of {ARCHIVE} + {LABELS_MAT} (or a prepared pack with "
+                 f"labels.csv + images/).")
 IMAGE_NAME = re.compile(r"^image_(\d{5})\.jpg$")
 CSV_COLUMNS = ("file", "class_id", "class_name", "split", "orig_w", "orig_h")
 
@@ -91,87 +91,6 @@ Visual Geometry Group, University of Oxford, for research.
   (1-102); `split` is class-disjoint: `train` = classes 1-51, `test` = classes 52-102; `orig_w,orig_h` are
   the sizes of the original photos.
 """
-
-
-class PrepareError(Exception):
-    """A failure reported as one line on stderr; ``code`` is the exit status."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def setup_logging(quiet: bool) -> None:
-    """Progress (INFO) goes to stdout, warnings and errors to stderr."""
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    out = logging.StreamHandler(sys.stdout)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
-    out.setFormatter(logging.Formatter("%(message)s"))
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
-    err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    root.addHandler(out)
-    root.addHandler(err)
-
-
-def progress(**kwargs):
-    from tqdm import tqdm
-
-    return tqdm(mininterval=0.5, dynamic_ncols=True, **kwargs)
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file, a symlink (never following it) or a directory tree."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
-
-
-def one_line(error: BaseException) -> str:
-    text = str(getattr(error, "reason", None) or error) or type(error).__name__
-    return " ".join(text.split())
-
-
-def download(url: str, destination: Path, show_progress: bool) -> Path:
-    """Fetch ``url`` to ``destination`` (via ``.part``); an existing complete file is reused."""
-    if destination.is_file():
-        LOG.info("using the already downloaded %s", destination)
-        return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".part")
-    LOG.info("downloading %s", url)
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
-            total = response.headers.get("Content-Length")
-            with partial.open("wb") as handle, progress(
-                    total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
-                    unit_divisor=1024, desc=destination.name, disable=not show_progress) as bar:
-                while True:
-                    chunk = response.read(1 << 20)
-                    if not chunk:
-                        break
-                    handle.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
-        partial.unlink(missing_ok=True)
-        raise PrepareError(
-            f"download of {url} failed ({one_line(error)}); no network? Use --from DIR with a local copy of "
-            f"{ARCHIVE} + {LABELS_MAT} (or a prepared pack with labels.csv + images/).", code=2) from None
-    partial.replace(destination)
-    return destination
 
 
 # ------------------------------------------------------------------------------------- reading sources
@@ -294,7 +213,7 @@ def build_pack(mat_path: Path, images: Path, out: Path, shorter_side: int, worke
     missing = [name for name in expected if name not in sizes]
     if missing:
         raise PrepareError(f"{len(missing)} of {len(expected)} labelled images are missing in {images}: "
-                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                           f"{listing(missing)}")
     with (out / "labels.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
@@ -307,19 +226,6 @@ def build_pack(mat_path: Path, images: Path, out: Path, shorter_side: int, worke
     (out / "README.md").write_text(PACK_README.format(resize=resize), encoding="utf-8")
 
 
-def link_pack(source: Path, out: Path, copy: bool) -> None:
-    if copy:
-        LOG.info("copying %s", source)
-        shutil.copytree(source, out, symlinks=False)
-        return
-    LOG.info("linking %s", source)
-    try:
-        out.symlink_to(source, target_is_directory=True)
-    except OSError as error:
-        raise PrepareError(f"cannot create a symlink {out} -> {source} ({one_line(error)}); "
-                           f"use --copy") from None
-
-
 def validate(partial_root: Path) -> None:
     """The pack must read as train/test manifests and every listed image must exist."""
     try:
@@ -329,9 +235,8 @@ def validate(partial_root: Path) -> None:
         raise PrepareError(f"invalid pack: {one_line(error)}") from None
     missing = [p for p in (*train.paths, *test.paths) if not p.is_file()]
     if missing:
-        names = ", ".join(p.name for p in missing[:5])
-        raise PrepareError(f"{len(missing)} image(s) listed in labels.csv are missing: {names}"
-                           f"{' ...' if len(missing) > 5 else ''}")
+        raise PrepareError(f"{len(missing)} image(s) listed in labels.csv are missing: "
+                           f"{listing(p.name for p in missing)}")
     LOG.info("validated: %d train images (%d classes), %d test images (%d classes)",
              len(train), train.num_classes, len(test), test.num_classes)
 
@@ -345,16 +250,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "pack, the official VGG files, or a download of them.",
         epilog=f"Environment: DATA_ROOT (when --data-root is not given), {URL_ENV} (base URL replacing "
                f"{DEFAULT_BASE_URL}). Exit codes: 0 ok, 1 error, 2 download failed.")
-    parser.add_argument("--from", dest="source", metavar="DIR", type=Path,
-                        help="use local files instead of downloading: a ready pack (labels.csv + images/), "
-                             f"which is linked, or the official files ({LABELS_MAT} plus {ARCHIVE} or its "
-                             "extracted jpg/ folder), from which the pack is built")
-    parser.add_argument("--data-root", metavar="DIR",
-                        help="data root; the pack goes to DATA_ROOT/flowers102 (default: $DATA_ROOT, else ./data)")
-    parser.add_argument("--copy", action="store_true",
-                        help="with --from a ready pack: copy it instead of creating a symlink")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an existing DATA_ROOT/flowers102 (a symlink is removed, not followed)")
+    add_source_target_options(
+        parser,
+        from_help="use local files instead of downloading: a ready pack (labels.csv + images/), which is linked, "
+                  f"or the official files ({LABELS_MAT} plus {ARCHIVE} or its extracted jpg/ folder), from which "
+                  "the pack is built",
+        data_root_help="data root; the pack goes to DATA_ROOT/flowers102 (default: $DATA_ROOT, else ./data)",
+        copy_help="with --from a ready pack: copy it instead of creating a symlink",
+        force_help="replace an existing DATA_ROOT/flowers102 (a symlink is removed, not followed)")
     parser.add_argument("--shorter-side", type=int, default=144, metavar="PX",
                         help="when building: resize so the shorter side is PX pixels (never enlarges; JPEG "
                              "quality 90); 0 keeps the original files (default: 144)")
@@ -362,8 +265,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="threads for decoding/resizing (default: min(8, CPUs))")
     parser.add_argument("--keep-archives", action="store_true",
                         help="keep the downloaded files in DATA_ROOT/.downloads/flowers102 after a successful build")
-    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    add_output_options(parser)
     args = parser.parse_args(argv)
     if args.shorter_side < 0:
         parser.error("--shorter-side must be >= 0")
@@ -374,71 +276,37 @@ def run(args: argparse.Namespace) -> None:
     data_root = resolve_data_root(args.data_root)
     target = data_root / NAME
     show_progress = not args.no_progress
-    if args.source is not None:
-        source = args.source.expanduser().resolve()
-        if not source.is_dir():
-            raise PrepareError(f"--from {args.source}: not a directory")
+    source = resolve_source(args.source)
     if (target.exists() or target.is_symlink()) and not args.force:
         raise PrepareError(f"{target} already exists; use --force to replace it")
-    if args.source is not None and not target.is_symlink() and target.exists() and target.resolve() == source:
+    if source is not None and not target.is_symlink() and target.exists() and target.resolve() == source:
         raise PrepareError(f"--from {args.source} is the target {target} itself")
 
-    data_root.mkdir(parents=True, exist_ok=True)
-    partial_root = data_root / ".partial"
-    partial = partial_root / NAME
-    remove_path(partial)  # left over from an interrupted run
-    partial_root.mkdir(exist_ok=True)
-    downloads = data_root / ".downloads" / NAME
-    downloaded: list[Path] = []
-    try:
-        if args.source is not None:
+    with staged(data_root, NAME, args.keep_archives) as stage:
+        if source is not None:
             official = official_sources(source)
             if is_pack(source):
                 if args.shorter_side != 144:
                     LOG.warning("--shorter-side is ignored: %s is a ready pack", source)
-                link_pack(source, partial, args.copy)
+                place_folder(source, stage.partial, args.copy)
             elif official is not None:
-                build_pack(*official, partial, args.shorter_side, args.workers, show_progress)
+                build_pack(*official, stage.partial, args.shorter_side, args.workers, show_progress)
             else:
                 raise PrepareError(
                     f"--from {args.source}: expected a ready pack (labels.csv + images/) or the official files "
                     f"({LABELS_MAT} plus {ARCHIVE} or a jpg/ folder)")
         else:
-            base = os.environ.get(URL_ENV) or DEFAULT_BASE_URL
-            base = base if base.endswith("/") else base + "/"
             for filename in (LABELS_MAT, ARCHIVE):
-                downloaded.append(download(base + filename, downloads / filename, show_progress))
-            build_pack(downloaded[0], downloaded[1], partial, args.shorter_side, args.workers, show_progress)
-        validate(partial_root)
-        if target.exists() or target.is_symlink():
-            LOG.info("--force: removing the existing %s", target)
-            remove_path(target)
-        partial.replace(target)
-    finally:
-        remove_path(partial)
-        remove_if_empty(partial_root)
-        remove_if_empty(downloads)  # a failed run keeps finished downloads for the next try
-        remove_if_empty(downloads.parent)
-    if downloaded and not args.keep_archives:
-        for path in downloaded:
-            path.unlink(missing_ok=True)
-        remove_if_empty(downloads)
-        remove_if_empty(downloads.parent)
-    LOG.info("ready: %s", target)
+                remote = RemoteFile(filename, DEFAULT_BASE_URL)
+                stage.downloaded.append(download(remote, stage.downloads / filename, URL_ENV, show_progress,
+                                                 DOWNLOAD_HINT))
+            mat_path, archive = stage.downloaded
+            build_pack(mat_path, archive, stage.partial, args.shorter_side, args.workers, show_progress)
+        validate(stage.partial.parent)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.quiet)
-    try:
-        run(args)
-    except PrepareError as error:
-        print(f"prepare_flowers102: error: {error}", file=sys.stderr)
-        return error.code
-    except KeyboardInterrupt:
-        print("prepare_flowers102: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_script("prepare_flowers102", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_batched_extraction_equals_one_by_one(make_labelled_set):
 
 
 def test_flowers_slice_end_to_end(flowers_root, tmp_path):
-    bench = create_benchmark("flowers102", flowers_root, limit=120)
+    bench = create_benchmark("flowers102", flowers_root, limit=204)  # 4 images of each of the 51 classes
     method = create_method("gem")  # pretrained EfficientNet-Lite0 (offline weights)
     settings = EvalSettings(image_size=128, cache_dir=str(tmp_path / "cache"), top_k=3)
     result = evaluate_method(method, bench, settings)
@@ -49,8 +49,8 @@ def test_flowers_slice_end_to_end(flowers_root, tmp_path):
     expected = labelled_evaluate(descriptors @ descriptors.T, bench.images.labels)
     for name, value in expected.items():
         assert result.metrics[name] == pytest.approx(value, abs=1e-9)
-    # Pretrained features are far better than chance on flowers (chance mAP ~ 0.05 here).
-    assert result.metrics["mAP"] > 0.3 and result.metrics["R@1"] > 0.6
+    # Pretrained features are far better than chance (R@1 ~ 3/203, mAP ~ 0.02 for random descriptors).
+    assert result.metrics["mAP"] > 0.3 and result.metrics["R@1"] > 0.4
     # Second run comes from the cache, same numbers.
     again = evaluate_method(create_method("gem"), bench, settings)
     assert again.metrics == result.metrics

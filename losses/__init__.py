@@ -1,0 +1,11 @@
+"""Metric-learning losses, configured from pytorch-metric-learning (PML) pieces.
+
+Every loss is a PML loss and is called PML-style: ``loss(embeddings, labels, indices_tuple=None)``.
+Build them by name with :func:`losses.factory.create_loss`.
+"""
+from .contrastive import CirtorchContrastiveLoss, euclidean_distance
+from .factory import LOSS_NAMES, REDUCER_NAMES, create_loss, create_reducer
+from .triplet import SquaredEuclideanTripletLoss, squared_euclidean_distance
+
+__all__ = ["LOSS_NAMES", "REDUCER_NAMES", "CirtorchContrastiveLoss", "SquaredEuclideanTripletLoss", "create_loss",
+           "create_reducer", "euclidean_distance", "squared_euclidean_distance"]

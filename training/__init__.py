@@ -1,0 +1,1 @@
+"""Pieces of the training loop that train.py composes: training sets, image batches, checkpoints."""
