@@ -37,7 +37,7 @@ from miners.pool import MiningPool
 from miners.schedule import MiningSchedule
 from models.retrieval_net import RetrievalNet, create_model
 from retrieval.benchmarks import create_benchmark
-from retrieval.harness import EvalSettings, evaluate_method, format_table, report, write_report
+from retrieval.harness import EvalSettings, evaluate_method, evaluate_methods, format_table, report, write_report
 from retrieval.methods import MethodContext, create_method
 from retrieval.trained import TrainedModelMethod
 from training.checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
@@ -291,8 +291,10 @@ def final_evaluation(trainer: Trainer, data_root: Path) -> dict:
     benchmark = create_benchmark(ecfg["benchmark"], data_root)
     settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg.get("batch_size", 4),
                             cache_dir=ecfg.get("cache_dir", "cache/descriptors"))
-    context = MethodContext(backbone=trainer.config["model"]["backbone"], pretrained=True)
-    results = [evaluate_method(create_method(name, context), benchmark, settings) for name in ecfg["baselines"]]
+    # The baselines share one pretrained backbone and one pass over the images (they are frozen).
+    context = MethodContext(backbone=trainer.config["model"]["backbone"], pretrained=True, share_backbone=True)
+    baselines = [create_method(name, context) for name in ecfg["baselines"]]
+    results = evaluate_methods(baselines, benchmark, settings, together=True) if baselines else []
     trained = TrainedModelMethod.from_spec(f"run:{trainer.run_dir}")
     trained.name = f"{trainer.config['model']['architecture']} (trained)"
     results.append(evaluate_method(trained, benchmark, settings))

@@ -160,6 +160,7 @@ class Backbone(nn.Module):
         self.taps = taps
         self.weights_tag = weights_tag  # identifies the weights for descriptor caches and checkpoints
         self._channels: dict[str, int] = {}
+        self._memo: dict | None = None  # see reuse_forward
 
     @property
     def tap_names(self) -> list[str]:
@@ -195,10 +196,33 @@ class Backbone(nn.Module):
     def forward_taps(self, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
         """Feature maps of the named taps (``features`` = the last conv map) in one forward pass."""
         names = list(names)
-        with self._capture(names) as captured:
+        memo = self._memo
+        if memo is not None:
+            if memo["input"] is x and all(name in memo["maps"] for name in names):
+                return {name: memo["maps"][name] for name in names}
+            memo["taps"].update(names)  # remember what the sharing methods ask for, compute it all at once
+            names_to_run = sorted(memo["taps"])
+        else:
+            names_to_run = names
+        with self._capture(names_to_run) as captured:
             last = self.forward_features(x)
         captured[FEATURES] = last
+        if memo is not None:
+            memo["input"], memo["maps"] = x, captured
         return {name: captured[name] for name in names}
+
+    @contextmanager
+    def reuse_forward(self):
+        """Inside the block, calls on the *same input tensor object* run the network once.
+
+        Lets several methods on one backbone (gem, SCDA variants...) share each batch's forward pass; the
+        union of their taps is captured. Only for inference: the cached maps are not recomputed.
+        """
+        self._memo = {"input": None, "maps": {}, "taps": set()}
+        try:
+            yield self
+        finally:
+            self._memo = None
 
     def channels(self, tap: str = FEATURES) -> int:
         """Channel count of a tap (found once with a tiny forward pass)."""

@@ -11,6 +11,7 @@ import re
 import logging
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from data.datasets import ImageDataset
 from data.images import image_size
+
+from models.backbones import Backbone
 
 from .methods import RetrievalMethod
 
@@ -69,25 +72,44 @@ class Extraction:
 def extract(method: RetrievalMethod, dataset: ImageDataset, batch_size: int = 1, num_workers: int = 0,
             device: str = "cpu", description: str = "extract") -> Extraction:
     """Encode every image of ``dataset`` in order; returns (N, D) descriptors."""
-    method.eval().to(device)
+    return extract_together([method], dataset, batch_size, num_workers, device, description)[0]
+
+
+@torch.no_grad()
+def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batch_size: int = 1,
+                     num_workers: int = 0, device: str = "cpu", description: str = "extract") -> list[Extraction]:
+    """Encode the dataset with several methods in one pass over the images.
+
+    Images are decoded once, and methods that share a backbone object run it once per batch
+    (:meth:`Backbone.reuse_forward`). The reported images/s is that of the whole pass.
+    """
+    for method in methods:
+        method.eval().to(device)
     if batch_size > 1:
         loader = DataLoader(dataset, batch_sampler=SizeBucketBatchSampler(output_sizes(dataset), batch_size),
                             num_workers=num_workers)
     else:
         loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
-    output: np.ndarray | None = None
+    backbones = {id(b): b for m in methods for b in m.modules() if isinstance(b, Backbone)}
+    outputs: list[np.ndarray | None] = [None] * len(methods)
     start = time.perf_counter()
-    with tqdm(total=len(dataset), desc=description, unit="img", dynamic_ncols=True, leave=False) as bar:
+    with ExitStack() as stack, tqdm(total=len(dataset), desc=description, unit="img", dynamic_ncols=True,
+                                    leave=False) as bar:
+        if len(methods) > 1:
+            for backbone in backbones.values():
+                stack.enter_context(backbone.reuse_forward())
         for images, indices in loader:
-            encoded = method.encode(images.to(device)).cpu().numpy()
-            if output is None:
-                output = np.empty((len(dataset), *encoded.shape[1:]), dtype=encoded.dtype)
-            output[indices.numpy()] = encoded
+            images = images.to(device)
+            for i, method in enumerate(methods):
+                encoded = method.encode(images).cpu().numpy()
+                if outputs[i] is None:
+                    outputs[i] = np.empty((len(dataset), *encoded.shape[1:]), dtype=encoded.dtype)
+                outputs[i][indices.numpy()] = encoded
             bar.update(len(indices))
     elapsed = time.perf_counter() - start
-    if output is None:
+    if outputs[0] is None:
         raise ValueError(f"{description}: the dataset is empty")
-    return Extraction(output, len(dataset) / max(elapsed, 1e-9))
+    return [Extraction(output, len(dataset) / max(elapsed, 1e-9)) for output in outputs]
 
 
 def safe_name(text: str) -> str:

@@ -21,7 +21,7 @@ from data.datasets import ImageDataset
 from data.transforms import EvalTransform
 
 from .benchmarks import Benchmark
-from .extract import DescriptorCache, Extraction, safe_name, extract
+from .extract import DescriptorCache, Extraction, extract_together, safe_name
 from .index import SearchIndex
 from .methods import RetrievalMethod
 
@@ -60,45 +60,73 @@ def _transform(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSett
                          mean=tuple(pre.mean), std=tuple(pre.std), interpolation=settings.interpolation)
 
 
-def _descriptors(method: RetrievalMethod, dataset: ImageDataset, role: str, benchmark: Benchmark,
-                 transform: EvalTransform, settings: EvalSettings, cache: DescriptorCache) -> Extraction:
-    key = cache.key(method.config(), benchmark.name, role, len(dataset), transform.describe(),
-                    list(transform.mean), list(transform.std))
-    cached = cache.load(benchmark.name, method.name, f"{role}-{key}", len(dataset))
-    if cached is not None:
-        return cached
-    result = extract(method, dataset, settings.batch_size, settings.num_workers, settings.device,
-                     description=f"{method.name} {role}")
-    cache.save(benchmark.name, method.name, f"{role}-{key}", result, method.config())
-    return result
+def _cache_key(cache: DescriptorCache, method: RetrievalMethod, benchmark: Benchmark, role: str, count: int,
+               transform: EvalTransform) -> str:
+    key = cache.key(method.config(), benchmark.name, role, count, transform.describe(), list(transform.mean),
+                    list(transform.std))
+    return f"{role}-{key}"
+
+
+def _descriptors(methods: list[RetrievalMethod], role: str, benchmark: Benchmark, settings: EvalSettings,
+                 cache: DescriptorCache) -> list[Extraction]:
+    """Descriptors of one role (database / query) for every method: cached ones loaded, the others extracted
+    together, one pass over the images per distinct transform."""
+    results: list[Extraction | None] = [None] * len(methods)
+    pending: dict[EvalTransform, list[int]] = {}
+    for i, method in enumerate(methods):
+        transform = _transform(method, benchmark, settings)
+        dataset = benchmark.database_dataset(transform) if role == "database" else benchmark.query_dataset(transform)
+        results[i] = cache.load(benchmark.name, method.name,
+                                _cache_key(cache, method, benchmark, role, len(dataset), transform), len(dataset))
+        if results[i] is None:
+            pending.setdefault(transform, []).append(i)
+    for transform, members in pending.items():
+        dataset = benchmark.database_dataset(transform) if role == "database" else benchmark.query_dataset(transform)
+        group = [methods[i] for i in members]
+        names = ", ".join(m.name for m in group)
+        extracted = extract_together(group, dataset, settings.batch_size, settings.num_workers, settings.device,
+                                     description=f"{names} {role}")
+        for i, extraction in zip(members, extracted):
+            results[i] = extraction
+            cache.save(benchmark.name, methods[i].name,
+                       _cache_key(cache, methods[i], benchmark, role, len(dataset), transform), extraction,
+                       methods[i].config())
+    return results
+
+
+def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, settings: EvalSettings | None = None,
+                     together: bool = False) -> list[MethodResult]:
+    """Evaluate methods on one benchmark. ``together`` extracts them in one pass over the images (sharing
+    decoding and, for methods built on one backbone object, the forward pass); images/s is then the whole
+    pass's. Otherwise each method is timed on its own."""
+    settings = settings or EvalSettings()
+    if not together:
+        return [evaluate_methods([m], benchmark, settings, together=True)[0] for m in methods]
+    cache = DescriptorCache(settings.cache_dir)
+    start = time.perf_counter()
+    for method in methods:
+        if method.needs_fit():
+            train = benchmark.train_set()
+            if train is None:
+                raise ValueError(f"method {method.name} needs training images but {benchmark.name} has none")
+            log.info("fitting %s on %d training images", method.name, len(train))
+            method.fit(ImageDataset(train.paths, _transform(method, benchmark, settings)), train.labels)
+    database = _descriptors(methods, "database", benchmark, settings, cache)
+    queries = database if benchmark.queries_are_database else _descriptors(methods, "query", benchmark, settings, cache)
+    results = []
+    for method, db, q in zip(methods, database, queries):
+        metrics = benchmark.evaluate(method.scores(q.descriptors, db.descriptors))
+        if settings.top_k > 0:
+            _save_top_k(method, q.descriptors, db.descriptors, settings, benchmark)
+        results.append(MethodResult(
+            method=method.name, metrics=metrics, descriptor_bytes=method.descriptor_bytes(db.descriptors),
+            images_per_second=db.images_per_second, seconds=time.perf_counter() - start, config=method.config()))
+    return results
 
 
 def evaluate_method(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSettings | None = None
                     ) -> MethodResult:
-    settings = settings or EvalSettings()
-    cache = DescriptorCache(settings.cache_dir)
-    transform = _transform(method, benchmark, settings)
-    start = time.perf_counter()
-    if method.needs_fit():
-        train = benchmark.train_set()
-        if train is None:
-            raise ValueError(f"method {method.name} needs training images but {benchmark.name} has none")
-        log.info("fitting %s on %d training images", method.name, len(train))
-        method.fit(ImageDataset(train.paths, transform), train.labels)
-    database = _descriptors(method, benchmark.database_dataset(transform), "database", benchmark, transform,
-                            settings, cache)
-    if benchmark.queries_are_database:
-        queries = database
-    else:
-        queries = _descriptors(method, benchmark.query_dataset(transform), "query", benchmark, transform,
-                               settings, cache)
-    metrics = benchmark.evaluate(method.scores(queries.descriptors, database.descriptors))
-    if settings.top_k > 0:
-        _save_top_k(method, queries.descriptors, database.descriptors, settings, benchmark)
-    return MethodResult(
-        method=method.name, metrics=metrics, descriptor_bytes=method.descriptor_bytes(database.descriptors),
-        images_per_second=database.images_per_second, seconds=time.perf_counter() - start,
-        config=method.config())
+    return evaluate_methods([method], benchmark, settings)[0]
 
 
 def _save_top_k(method, queries, database, settings: EvalSettings, benchmark: Benchmark) -> None:

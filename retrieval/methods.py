@@ -11,7 +11,7 @@ Methods are registered by name (``@register_method("gem")``) and built by :func:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -32,9 +32,16 @@ class MethodContext:
     pretrained: bool = True
     weights: str | None = None
     device: str = "cpu"
+    #: with share_backbone, methods built from this context use one backbone object (frozen methods only)
+    share_backbone: bool = False
+    _shared: dict = field(default_factory=dict, compare=False, repr=False)
 
     def create_backbone(self) -> Backbone:
-        return create_backbone(self.backbone, pretrained=self.pretrained, weights=self.weights)
+        if not self.share_backbone:
+            return create_backbone(self.backbone, pretrained=self.pretrained, weights=self.weights)
+        if "backbone" not in self._shared:
+            self._shared["backbone"] = create_backbone(self.backbone, pretrained=self.pretrained, weights=self.weights)
+        return self._shared["backbone"]
 
 
 class RetrievalMethod(nn.Module):

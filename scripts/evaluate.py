@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.roots import resolve_data_root  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
-from retrieval.harness import EvalSettings, evaluate_method, format_table, report, write_report  # noqa: E402
+from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
 
@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="also save the FAISS top-k neighbours per query")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N images of a labelled set only (smoke tests; not for reported numbers)")
+    parser.add_argument("--together", action="store_true",
+                        help="extract all methods in one pass (shared decoding and backbone forward; faster, "
+                             "but images/s is then the whole pass's)")
     parser.add_argument("--out", default=None, help="results JSON path")
     return parser.parse_args(argv)
 
@@ -58,15 +61,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
-                            device=args.device)
+                            device=args.device, share_backbone=args.together)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size, num_workers=args.workers,
                             device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k,
                             interpolation=args.interpolation)
-    results = []
-    for name in args.method:
-        method = create_method(name, context)
-        results.append(evaluate_method(method, benchmark, settings))
-        log.info("%s: %s", name, {k: round(v, 4) for k, v in results[-1].metrics.items()})
+    methods = [create_method(name, context) for name in args.method]
+    results = evaluate_methods(methods, benchmark, settings, together=args.together)
+    for result in results:
+        log.info("%s: %s", result.method, {k: round(v, 4) for k, v in result.metrics.items()})
     summary = report(benchmark, results)
     print(format_table(summary))
     if args.out:

@@ -78,3 +78,25 @@ def test_search_index_inner_product_and_hamming():
     scores, ids = SearchIndex(codes, metric="hamming").search(qc, k=1)
     np.testing.assert_array_equal(ids[:, 0], np.arange(5))
     assert (scores == 0).all()
+
+
+def test_methods_extracted_together_equal_separately(make_labelled_set, tmp_path):
+    """One pass with a shared backbone gives exactly the descriptors of separate passes."""
+    import torch
+    from data.transforms import EvalTransform
+    from retrieval.extract import extract_together
+    from retrieval.harness import evaluate_methods
+    bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=3, per_class=3)))
+    torch.manual_seed(0)
+    shared = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True)
+    methods = [create_method(name, shared) for name in ("gem", "scda_plus", "scda_flip_plus")]
+    assert methods[0].backbone is methods[1].backbone
+    dataset = bench.database_dataset(EvalTransform(64, "shorter"))
+    together = extract_together(methods, dataset, batch_size=2)
+    for method, joint in zip(methods, together):
+        alone = extract_together([method], dataset, batch_size=2)[0]
+        np.testing.assert_array_equal(joint.descriptors, alone.descriptors)
+    settings = EvalSettings(image_size=64, batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    results = evaluate_methods(methods, bench, settings, together=True)
+    assert [r.method for r in results] == ["gem", "scda_plus", "scda_flip_plus"]
+    assert {p.name.split("-")[0] for p in (tmp_path / "cache").rglob("*.npy")} == {"gem", "scda_plus", "scda_flip_plus"}
