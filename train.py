@@ -151,6 +151,7 @@ class Trainer:
         self.pool = MiningPool(config["train"]["triplets_per_step"], config["mining"]["refresh_every"], seed=self.seed)
         self.step = 0
         self.best = -1.0
+        self.timing = {"mining_seconds": 0.0, "step_seconds": 0.0, "images": 0}
         self.writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
 
     # -- state -----------------------------------------------------------------------------------------
@@ -238,12 +239,17 @@ class Trainer:
         start, images_seen = time.perf_counter(), 0
         while self.step < steps:
             if self.pool.refresh_due:
+                tick = time.perf_counter()
                 stats = self.refresh()
+                self.timing["mining_seconds"] += time.perf_counter() - tick
                 self.log_scalars({f"mining/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
                 if self.pool.remaining == 0:
                     log.warning("step %d: the miner found no triplet; re-mining", self.step)
                     continue
+            tick = time.perf_counter()
             loss, count = self.train_step()
+            self.timing["step_seconds"] += time.perf_counter() - tick
+            self.timing["images"] += count
             self.step += 1
             images_seen += count
             progress.update(1)
