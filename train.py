@@ -29,8 +29,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from data.roots import resolve_data_root
-from data.train_transforms import TrainTransform
-from data.transforms import EvalTransform
 from losses import create_loss
 from miners import Algorithm1Miner
 from miners.pool import MiningPool
@@ -41,7 +39,8 @@ from retrieval.harness import EvalSettings, evaluate_method, evaluate_methods, f
 from retrieval.methods import MethodContext, create_method
 from retrieval.trained import TrainedModelMethod
 from training.checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
-from training.data import BatchLoader, derived_seed, load_training_set
+from training.data import derived_seed, load_training_set
+from training.inputs import create_inputs
 from utils.cli import run_cli
 from utils.config import apply_overrides, get, load_yaml, save_yaml
 
@@ -52,15 +51,20 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # ------------------------------------------------------------------------------------------------ model set-up
 
 def freeze(model: RetrievalNet, trainable_prefixes: list[str]) -> list[torch.nn.Parameter]:
-    """Train only parameters under the given name prefixes; BatchNorm statistics stay frozen (eval mode)."""
+    """Train only parameters under the given module names (``all``: everything); BatchNorm statistics stay
+    frozen (eval mode). A name that matches no parameter is an error: a typo would silently freeze it."""
+    names = [name for name, _ in model.named_parameters()]
+    if "all" not in trainable_prefixes:
+        for prefix in trainable_prefixes:
+            if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+                top = sorted({".".join(name.split(".")[:3]) for name in names})[:10]
+                raise ValueError(f"model.trainable: {prefix!r} matches no parameter (names look like {top})")
     trainable = []
     for name, parameter in model.named_parameters():
-        keep = any(name == p or name.startswith(p + ".") for p in trainable_prefixes) or "all" in trainable_prefixes
+        keep = "all" in trainable_prefixes or any(name == p or name.startswith(p + ".") for p in trainable_prefixes)
         parameter.requires_grad_(keep)
         if keep:
             trainable.append(parameter)
-    if not trainable:
-        raise ValueError(f"model.trainable {trainable_prefixes} matches no parameter")
     return trainable
 
 
@@ -73,10 +77,9 @@ def set_train_mode(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def initialise_head(model: RetrievalNet, loader: BatchLoader, indices: np.ndarray) -> None:
-    """PCA / k-means / PCA-whitening initialisation of the head from training images (no augmentation)."""
+def initialise_head(model: RetrievalNet, maps: list[torch.Tensor]) -> None:
+    """PCA / k-means / PCA-whitening initialisation of the head from training feature maps."""
     model.eval()
-    maps = [model.feature_map(image[None]) for image in loader.load(indices)]
     head = model.head
     if hasattr(head, "init_reduction_pca"):
         columns = torch.cat([m[0].flatten(1).T for m in maps])
@@ -136,18 +139,21 @@ class Trainer:
         mcfg = config["model"]
         self.model = create_model(mcfg["architecture"], backbone=mcfg["backbone"], pretrained=mcfg.get("pretrained", True),
                                   weights=mcfg.get("weights"), **(mcfg.get("head") or {}))
-        pre = self.model.preprocessing
-        size = config["data"]["train_size"]
-        workers = config["data"].get("workers", 2)
-        self.train_loader = BatchLoader(self.images, TrainTransform(size, mean=pre.mean, std=pre.std), workers)
-        self.plain_loader = BatchLoader(self.images, EvalTransform(size, "shorter", pre.mean, pre.std), workers)
+        trainable = freeze(self.model, mcfg["trainable"])
+        kind = config["train"].get("inputs", "images")
+        if kind == "cached_trunk" and any(p.requires_grad for p in self.model.backbone.parameters()):
+            raise ValueError("train.inputs=cached_trunk needs a frozen backbone: set model.trainable to [head]")
+        self.inputs = create_inputs(kind, self.images, self.model, config["data"]["train_size"],
+                                    config["data"].get("workers", 2))
+        log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable),
+                 sum(p.numel() for p in self.model.parameters()))
         self.loss = create_loss(config["loss"]["name"], margin=config["loss"]["margin"])
         self.schedule = MiningSchedule(tuple(config["mining"]["schedule"]), config["mining"]["refresh_every"])
         self.miner_name = config["mining"]["miner"]
         if self.miner_name != "algorithm1":
             raise ValueError(f"mining.miner {self.miner_name!r}: train.py drives the paper's algorithm1 miner; "
                              "in-batch miners (miners.create_online_miner) plug into the loss directly")
-        self.miner = Algorithm1Miner(seed=self.seed)
+        self.miner = Algorithm1Miner(seed=self.seed, one_per_class=config["mining"].get("one_per_class", True))
         self.pool = MiningPool(config["train"]["triplets_per_step"], config["mining"]["refresh_every"], seed=self.seed)
         self.step = 0
         self.best = -1.0
@@ -178,14 +184,11 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self, resume_from: Path | None) -> None:
-        trainable = freeze(self.model, self.config["model"]["trainable"])
         if resume_from is None:
             count = min(self.config["model"].get("init_images", 600), len(self.images))
             indices = np.random.default_rng(self.seed).choice(len(self.images), size=count, replace=False)
-            initialise_head(self.model, self.plain_loader, indices)
+            initialise_head(self.model, self.inputs.feature_maps(self.model, indices))
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config)
-        log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable),
-                 sum(p.numel() for p in self.model.parameters()))
         if resume_from is not None:
             self.resume(resume_from)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -198,7 +201,7 @@ class Trainer:
         acc = self.accelerator
         mine = shard(list(range(len(indices))), acc.process_index, acc.num_processes)
         model = acc.unwrap_model(self.model).eval()
-        local = torch.cat([model(image[None]) for image in self.plain_loader.load(indices[mine])])
+        local = self.inputs.embed(model, indices[mine])
         # Every process gets every embedding in mining-batch order (shards padded to equal length).
         order = torch.tensor(mine + [-1] * (len(shard(list(range(len(indices))), 0, acc.num_processes)) - len(mine)))
         local = torch.cat([local, local.new_zeros(len(order) - len(local), local.shape[1])])
@@ -220,16 +223,15 @@ class Trainer:
         mine = shard(list(range(t)), acc.process_index, acc.num_processes)
         indices = [batch[role * t + i] for role in range(3) for i in mine]
         seeds = [derived_seed(self.seed, self.step, 2, role * t + i) for role in range(3) for i in mine]
-        images = torch.stack(self.train_loader.load(indices, seeds))
         set_train_mode(self.model)
         with acc.accumulate(self.model), acc.autocast():
-            embeddings = self.model(images)
-            loss = self.loss(embeddings, torch.arange(len(images)), MiningPool.indices_tuple(len(images)))
+            embeddings = self.inputs.embed(self.model, indices, seeds)
+            loss = self.loss(embeddings, torch.arange(len(indices)), MiningPool.indices_tuple(len(indices)))
             acc.backward(loss)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
-        return float(gather(loss.detach()[None]).mean()), len(images) * acc.num_processes
+        return float(gather(loss.detach()[None]).mean()), len(indices) * acc.num_processes
 
     def fit(self) -> None:
         steps = self.config["train"]["steps"]
@@ -298,7 +300,9 @@ def final_evaluation(trainer: Trainer, data_root: Path) -> dict:
     settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg.get("batch_size", 4),
                             cache_dir=ecfg.get("cache_dir", "cache/descriptors"))
     # The baselines share one pretrained backbone and one pass over the images (they are frozen).
-    context = MethodContext(backbone=trainer.config["model"]["backbone"], pretrained=True, share_backbone=True)
+    mcfg = trainer.config["model"]
+    context = MethodContext(backbone=mcfg["backbone"], pretrained=mcfg.get("pretrained", True),
+                            weights=mcfg.get("weights"), share_backbone=True)
     baselines = [create_method(name, context) for name in ecfg["baselines"]]
     results = evaluate_methods(baselines, benchmark, settings, together=True) if baselines else []
     trained = TrainedModelMethod.from_spec(f"run:{trainer.run_dir}")

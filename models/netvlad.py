@@ -60,14 +60,15 @@ class NetVLAD(nn.Module):
 
     @torch.no_grad()
     def init_from_descriptors(self, descriptors: np.ndarray | torch.Tensor, iterations: int = 20,
-                              seed: int = 0) -> None:
+                              seed: int = 0, restarts: int = 3) -> None:
         """k-means (FAISS) centroids from local descriptors (M, D); alpha set from their spread."""
         x = torch.as_tensor(descriptors, dtype=torch.float32)
         if self.normalize_input:
             x = F.normalize(x, dim=1)
         if len(x) < self.num_clusters:
             raise ValueError(f"k-means needs at least {self.num_clusters} descriptors, got {len(x)}")
-        kmeans = faiss.Kmeans(self.dim, self.num_clusters, niter=iterations, seed=seed, verbose=False,
+        # nredo: keep the best of a few restarts (a single run can leave two centroids on one mode).
+        kmeans = faiss.Kmeans(self.dim, self.num_clusters, niter=iterations, seed=seed, verbose=False, nredo=restarts,
                               spherical=self.normalize_input)
         kmeans.train(np.ascontiguousarray(x.numpy()))
         centroids = torch.from_numpy(kmeans.centroids).float()

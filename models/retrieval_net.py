@@ -127,8 +127,9 @@ class RetrievalNet(nn.Module):
             return self.backbone.forward_features(images)
         return self.backbone.forward_taps(images, [self.tap])[self.tap]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.feature_map(images))
+    def forward(self, images: torch.Tensor, from_features: bool = False) -> torch.Tensor:
+        """Descriptors of images, or (``from_features``) of precomputed backbone feature maps."""
+        return self.head(images if from_features else self.feature_map(images))
 
 
 _HEADS: dict[str, Callable[..., nn.Module]] = {

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests never reach the model hub: fail at once instead of retrying for a minute on offline machines.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def shared_data_root() -> Path | None:

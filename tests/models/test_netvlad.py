@@ -1,0 +1,67 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.netvlad import NetVLAD, multiscale_columns, single_scale_columns
+from models.retrieval_net import create_model, load_model, save_model
+
+
+def test_multiscale_columns_are_stride1_max_pools_of_both_windows():
+    fmap = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(1, 2, 4, 5)
+    cols = multiscale_columns(fmap)
+    assert cols.shape == (1, 3 * 4 + 2 * 3, 2)
+    # First column: max over the top-left 2x2 window; first 3x3 column follows the 12 2x2 columns.
+    assert torch.equal(cols[0, 0], fmap[0, :, :2, :2].amax((-2, -1)))
+    assert torch.equal(cols[0, 12], fmap[0, :, :3, :3].amax((-2, -1)))
+    assert single_scale_columns(fmap).shape == (1, 20, 2)
+
+
+def test_tiny_maps_fall_back_to_global_max():
+    fmap = torch.rand(2, 3, 1, 2)
+    cols = multiscale_columns(fmap)
+    assert cols.shape == (2, 1 + 1, 3)
+    assert torch.equal(cols[:, 0], fmap.amax((-2, -1)))
+
+
+def test_netvlad_matches_a_direct_computation():
+    torch.manual_seed(0)
+    vlad = NetVLAD(dim=4, num_clusters=3)
+    x = torch.randn(2, 6, 4)
+    out = vlad(x)
+    xn = F.normalize(x, dim=2)
+    expected = []
+    for b in range(2):
+        a = F.softmax(xn[b] @ vlad.assign.weight.T, dim=1)  # (N, K)
+        v = torch.stack([(a[:, k:k + 1] * (xn[b] - vlad.centroids[k])).sum(0) for k in range(3)])
+        expected.append(F.normalize(F.normalize(v, dim=1).flatten(), dim=0))
+    assert torch.allclose(out, torch.stack(expected), atol=1e-6)
+    assert torch.allclose(out.norm(dim=1), torch.ones(2))
+
+
+def test_kmeans_initialisation_sets_centroids_and_alpha():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 8)) * 5
+    data = np.concatenate([c + rng.standard_normal((50, 8)) * 0.1 for c in centres]).astype(np.float32)
+    vlad = NetVLAD(dim=8, num_clusters=4)
+    vlad.init_from_descriptors(data)
+    assert bool(vlad.initialized)
+    found = F.normalize(vlad.centroids, dim=1)
+    truth = F.normalize(torch.from_numpy(centres).float(), dim=1)
+    assert (found @ truth.T).max(dim=1).values.min() > 0.99  # every true centre recovered
+    # alpha makes assignments nearly hard on the training data
+    soft = F.softmax(F.normalize(torch.from_numpy(data), dim=1) @ vlad.assign.weight.T, dim=1)
+    assert soft.max(dim=1).values.mean() > 0.9
+
+
+def test_model_checkpoint_describes_itself(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("msnetvlad", backbone="resnet18", num_clusters=4, local_dim=8, out_dim=16).eval()
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(images)
+    save_model(model, tmp_path / "m.pth")
+    loaded = load_model(tmp_path / "m.pth")
+    assert loaded.config()["head"] == {"num_clusters": 4, "local_dim": 8, "out_dim": 16}
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), expected, atol=1e-6)
+    assert expected.shape == (2, 16)
