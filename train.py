@@ -140,10 +140,8 @@ class Trainer:
         self.model = create_model(mcfg["architecture"], backbone=mcfg["backbone"], pretrained=mcfg.get("pretrained", True),
                                   weights=mcfg.get("weights"), **(mcfg.get("head") or {}))
         trainable = freeze(self.model, mcfg["trainable"])
-        kind = config["train"].get("inputs", "images")
-        if kind == "cached_trunk" and any(p.requires_grad for p in self.model.backbone.parameters()):
-            raise ValueError("train.inputs=cached_trunk needs a frozen backbone: set model.trainable to [head]")
-        self.inputs = create_inputs(kind, self.images, self.model, config["data"]["train_size"],
+        self.inputs = create_inputs(config["train"].get("inputs", "images"), self.images, self.model,
+                                    config["data"]["train_size"],
                                     config["data"].get("workers", 2))
         log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable),
                  sum(p.numel() for p in self.model.parameters()))

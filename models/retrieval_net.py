@@ -127,9 +127,14 @@ class RetrievalNet(nn.Module):
             return self.backbone.forward_features(images)
         return self.backbone.forward_taps(images, [self.tap])[self.tap]
 
-    def forward(self, images: torch.Tensor, from_features: bool = False) -> torch.Tensor:
-        """Descriptors of images, or (``from_features``) of precomputed backbone feature maps."""
-        return self.head(images if from_features else self.feature_map(images))
+    def forward(self, images: torch.Tensor, from_stage: int = 0) -> torch.Tensor:
+        """Descriptors of images, or (``from_stage`` > 0) of the output of backbone stage ``from_stage - 1``
+        (see ``Backbone.stages``; ``len(stages)`` means finished feature maps: the head alone)."""
+        if from_stage == 0:
+            return self.head(self.feature_map(images))
+        if self.tap != FEATURES:
+            raise ValueError("from_stage needs a model on the backbone's last feature map")
+        return self.head(self.backbone.forward_stages(images, start=from_stage))
 
 
 _HEADS: dict[str, Callable[..., nn.Module]] = {

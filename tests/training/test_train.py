@@ -5,6 +5,8 @@ import pytest
 import torch
 import yaml
 
+from accelerate.utils import set_seed
+
 import train
 from models.retrieval_net import load_model
 
@@ -69,10 +71,15 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, make_labelled
         assert torch.equal(resumed["state_dict"][key], value), key
 
 
-def test_cached_trunk_needs_a_frozen_backbone(tmp_path, make_labelled_set):
-    config = _config(tmp_path, make_labelled_set(num_classes=3, per_class=5), inputs="cached_trunk")
-    with pytest.raises(ValueError, match="frozen backbone"):
-        train.main(["--config", _write(tmp_path, config), "--skip-final-eval"])
+def test_cached_prefix_trains_only_the_stages_after_the_frozen_prefix(tmp_path, make_labelled_set):
+    config = _config(tmp_path, make_labelled_set(num_classes=3, per_class=5), inputs="cached_prefix")
+    assert train.main(["--config", _write(tmp_path, config), "--skip-final-eval"]) == 0
+    trained = load_model(tmp_path / "run" / "last.pth").state_dict()
+    set_seed(0)  # train.py seeds before building the model: this is its initial network
+    initial = train.create_model("msnetvlad", backbone="resnet18", **config["model"]["head"]).state_dict()
+    frozen = [k for k in initial if k.startswith("backbone.") and not k.startswith("backbone.model.layer4.")]
+    assert frozen and all(torch.equal(trained[k], initial[k]) for k in frozen)
+    assert not torch.equal(trained["backbone.model.layer4.1.conv2.weight"], initial["backbone.model.layer4.1.conv2.weight"])
 
 
 def test_trainable_name_matching_nothing_is_an_error(tmp_path, make_labelled_set):
