@@ -1,0 +1,68 @@
+"""Binary codes: packing bits into bytes and Hamming distances, for any hashing method.
+
+Codes are stored packed (``np.packbits``, 8 bits per byte, most significant bit first), which is what the
+FAISS binary index searches and what a descriptor's storage honestly is. Hamming distances are popcounts of
+XORed words (``np.bitwise_count`` on 64-bit words when the code length allows it), computed block by block
+so no query x database x bytes array is ever large.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .scores import ScoreSource
+
+#: bound on query x database x word elements held at once by :func:`hamming_distances`
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def pack_bits(bits) -> np.ndarray:
+    """(N, L) booleans / {0, 1} -> (N, ceil(L / 8)) uint8, the first bit in the most significant position."""
+    bits = np.asarray(bits)
+    if bits.ndim != 2:
+        raise ValueError(f"bits must be 2-D (codes x bits), got shape {bits.shape}")
+    if bits.dtype != bool and not np.isin(bits, (0, 1)).all():
+        raise ValueError("bits must be booleans or 0/1 values (map {-1, 1} codes with codes > 0 first)")
+    return np.packbits(bits.astype(bool), axis=1)
+
+
+def unpack_bits(codes: np.ndarray, num_bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: (N, bytes) uint8 -> (N, num_bits) bool."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.ndim != 2 or codes.shape[1] * 8 < num_bits:
+        raise ValueError(f"{codes.shape} bytes cannot hold {num_bits}-bit codes")
+    return np.unpackbits(codes, axis=1, count=num_bits).astype(bool)
+
+
+def _as_words(codes: np.ndarray) -> np.ndarray:
+    """Packed codes viewed as 64-bit words when the byte count allows it (8x fewer popcounts)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    return codes.view(np.uint64) if codes.shape[1] % 8 == 0 else codes
+
+
+def hamming_distances(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
+    """(Q, bytes) x (N, bytes) packed codes -> (Q, N) int32 Hamming distances."""
+    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(f"packed code shapes do not match: {queries.shape} vs {database.shape}")
+    q, db = _as_words(queries), _as_words(database)
+    out = np.empty((len(q), len(db)), dtype=np.int32)
+    step = max(1, _BLOCK_ELEMENTS // max(1, db.shape[0] * db.shape[1]))
+    for start in range(0, len(q), step):
+        xor = q[start:start + step, None, :] ^ db[None, :, :]
+        out[start:start + step] = np.bitwise_count(xor).sum(axis=2, dtype=np.int32)
+    return out
+
+
+class HammingScores(ScoreSource):
+    """Negated Hamming distances between packed codes (higher = more similar)."""
+
+    def __init__(self, queries: np.ndarray, database: np.ndarray):
+        self.queries = np.ascontiguousarray(queries, dtype=np.uint8)
+        self.database = np.ascontiguousarray(database, dtype=np.uint8)
+        if self.queries.ndim != 2 or self.database.ndim != 2 or self.queries.shape[1] != self.database.shape[1]:
+            raise ValueError(f"packed code shapes do not match: queries {self.queries.shape}, "
+                             f"database {self.database.shape}")
+        self.num_queries, self.num_database = len(self.queries), len(self.database)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(-hamming_distances(self.queries[start:stop], self.database).astype(np.float32))
