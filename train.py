@@ -294,7 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def final_evaluation(trainer: Trainer, data_root: Path) -> dict:
     ecfg = trainer.config["eval"]
-    benchmark = create_benchmark(ecfg["benchmark"], data_root)
+    # eval.limit: N images of a labelled benchmark, dealt over its classes (quick checks; null = all)
+    benchmark = create_benchmark(ecfg["benchmark"], data_root, limit=ecfg.get("limit"))
     settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg.get("batch_size", 4),
                             cache_dir=ecfg.get("cache_dir", "cache/descriptors"))
     # The baselines share one pretrained backbone and one pass over the images (they are frozen).
