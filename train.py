@@ -26,9 +26,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather, set_seed
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.transforms.functional import center_crop
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from data.images import load_image
 from data.roots import resolve_data_root
+from data.transforms import EvalTransform
 from losses import create_loss
 from miners import Algorithm1Miner
 from miners.pool import MiningPool
@@ -243,6 +247,9 @@ class Trainer:
                 stats = self.refresh()
                 self.timing["mining_seconds"] += time.perf_counter() - tick
                 self.log_scalars({f"mining/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+                grid_every = tcfg.get("triplet_grid_every", 0)
+                if grid_every and (self.pool.refills - 1) % grid_every == 0:
+                    self.log_triplet_grid()
                 if self.pool.remaining == 0:
                     log.warning("step %d: the miner found no triplet; re-mining", self.step)
                     continue
@@ -262,6 +269,18 @@ class Trainer:
             if self.step % tcfg["checkpoint_every"] == 0 or self.step == steps:
                 self.save("last.pth")
         progress.close()
+
+    def log_triplet_grid(self, count: int = 4, size: int = 96) -> None:
+        """TensorBoard image: the first mined triplets of the pool, one row each (anchor, positive, negative)."""
+        if self.writer is None or not self.pool.triplets:
+            return
+        thumbnail = EvalTransform(size, "shorter", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        tiles = []
+        for triplet in self.pool.triplets[:count]:
+            for index in triplet:
+                image = thumbnail(load_image(self.images.paths[index]))
+                tiles.append(center_crop(image, [size, size]))
+        self.writer.add_image("mining/triplets", make_grid(tiles, nrow=3, padding=2), self.step)
 
     def log_scalars(self, values: dict) -> None:
         if self.writer is not None:

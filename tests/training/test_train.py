@@ -6,6 +6,7 @@ import torch
 import yaml
 
 from accelerate.utils import set_seed
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
 from models.retrieval_net import load_model
@@ -40,7 +41,12 @@ def test_run_writes_config_checkpoints_tensorboard_and_results(tmp_path, make_la
     assert set(results["results"][1]["metrics"]) >= {"mAP", "mAP@R", "R@1"}
     model = load_model(run / "last.pth")  # needs no training flags
     assert model.out_dim == 8 and model.config()["backbone"] == "resnet18"
-    assert list((run / "tb").iterdir())
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert {"train/loss", "mining/num_case_a", "mining/num_case_b", "mining/mean_neg_distance"} <= set(
+        events.Tags()["scalars"])
+    grid = events.Images("mining/triplets")[0]  # rows of (anchor, positive, negative) thumbnails
+    assert (grid.width, grid.height) == (3 * 96 + 4 * 2, 3 * 96 + 4 * 2)  # one triplet per class, 3 classes
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, make_labelled_set, monkeypatch):
