@@ -269,6 +269,8 @@ class Trainer:
             if self.step % tcfg["checkpoint_every"] == 0 or self.step == steps:
                 self.save("last.pth")
         progress.close()
+        if self.writer is not None:
+            self.writer.flush()  # the last events would otherwise be lost when the process ends
 
     def log_triplet_grid(self, count: int = 4, size: int = 96) -> None:
         """TensorBoard image: the first mined triplets of the pool, one row each (anchor, positive, negative)."""
