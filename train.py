@@ -242,6 +242,7 @@ class Trainer:
                         disable=not self.accelerator.is_main_process)
         start, images_seen = time.perf_counter(), 0
         while self.step < steps:
+            world = self.accelerator.num_processes  # every process needs at least one triplet of a batch
             if self.pool.refresh_due:
                 tick = time.perf_counter()
                 stats = self.refresh()
@@ -250,7 +251,7 @@ class Trainer:
                 grid_every = tcfg.get("triplet_grid_every", 0)
                 if grid_every and (self.pool.refills - 1) % grid_every == 0:
                     self.log_triplet_grid()
-                if self.pool.remaining == 0:
+                if self.pool.remaining < world:
                     log.warning("step %d: the miner found no triplet; re-mining", self.step)
                     continue
             tick = time.perf_counter()

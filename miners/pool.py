@@ -2,7 +2,8 @@
 
 Algorithm 1 re-mines every ``refresh_every`` iterations; between refreshes the training loop draws batches of
 ``triplets_per_batch`` triplets (3T images) from this pool. A refresh is due after ``refresh_every`` batches,
-when the pool runs out, or before the first fill. The state is plain Python (lists, ints, the NumPy bit
+when less than a full batch is left (so batches have the same size however many processes share them; a
+round that mined fewer than T triplets serves them as one short batch), or before the first fill. The state is plain Python (lists, ints, the NumPy bit
 generator's dict) so a checkpoint resumes on exactly the same batches and the same later shuffles.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ class MiningPool:
 
     @property
     def refresh_due(self) -> bool:
-        return self.refills == 0 or self.remaining == 0 or self.iterations_since_refresh >= self.refresh_every
+        return (self.refills == 0 or self.remaining < self.triplets_per_batch
+                or self.iterations_since_refresh >= self.refresh_every)
 
     def refill(self, dataset_indices: Sequence[int] | np.ndarray | torch.Tensor,
                indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:

@@ -364,3 +364,14 @@ def test_online_miner_factory():
     assert isinstance(create_online_miner("batch_hard"), BatchHardMiner)
     with pytest.raises(ValueError):
         create_online_miner("semi_hard")
+
+
+def test_pool_serves_full_batches_then_asks_for_a_refresh():
+    from miners.pool import MiningPool
+    pool = MiningPool(triplets_per_batch=4, refresh_every=8, shuffle=False)
+    assert pool.refresh_due
+    pool.refill(list(range(30)), (torch.arange(10), torch.arange(10, 20), torch.arange(20, 30)))
+    assert not pool.refresh_due and len(pool.next_batch()) == 12 and len(pool.next_batch()) == 12
+    assert pool.remaining == 2 and pool.refresh_due  # 2 left: not a full batch, re-mine
+    pool.refill([0, 1, 2], (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+    assert pool.next_batch() == [0, 1, 2]  # a round with fewer than T triplets serves one short batch
