@@ -57,15 +57,18 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 def freeze(model: RetrievalNet, trainable_prefixes: list[str]) -> list[torch.nn.Parameter]:
     """Train only parameters under the given module names (``all``: everything); BatchNorm statistics stay
     frozen (eval mode). A name that matches no parameter is an error: a typo would silently freeze it."""
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     names = [name for name, _ in model.named_parameters()]
     if "all" not in trainable_prefixes:
         for prefix in trainable_prefixes:
-            if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            if not any(under(name, prefix) for name in names):
                 top = sorted({".".join(name.split(".")[:3]) for name in names})[:10]
                 raise ValueError(f"model.trainable: {prefix!r} matches no parameter (names look like {top})")
     trainable = []
     for name, parameter in model.named_parameters():
-        keep = "all" in trainable_prefixes or any(name == p or name.startswith(p + ".") for p in trainable_prefixes)
+        keep = "all" in trainable_prefixes or any(under(name, p) for p in trainable_prefixes)
         parameter.requires_grad_(keep)
         if keep:
             trainable.append(parameter)

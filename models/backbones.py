@@ -181,6 +181,7 @@ class Backbone(nn.Module):
         self.weights_tag = weights_tag  # identifies the weights for descriptor caches and checkpoints
         self._channels: dict[str, int] = {}
         self._memo: dict | None = None  # see reuse_forward
+        self._stages: list[tuple[str, nn.Module]] | None = None  # see stages
 
     @property
     def tap_names(self) -> list[str]:
@@ -194,18 +195,18 @@ class Backbone(nn.Module):
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """``forward_features`` as an ordered chain of (module name, module); [] if the family is unknown."""
-        family = _stage_family(self.name)
-        if family is None:
-            return []
-        modules = dict(self.model.named_modules())
-        chain = []
-        for path in _STAGE_LAYOUTS[family]:
-            if path.endswith(".*"):
-                parent = path[:-2]
-                chain += [(f"{parent}.{child}", module) for child, module in modules[parent].named_children()]
-            else:
-                chain.append((path, modules[path]))
-        return chain
+        if self._stages is None:  # built once: forward_stages runs on every training step
+            family = _stage_family(self.name)
+            modules = dict(self.model.named_modules())
+            chain = []
+            for path in _STAGE_LAYOUTS[family] if family else ():
+                if path.endswith(".*"):
+                    parent = path[:-2]
+                    chain += [(f"{parent}.{child}", module) for child, module in modules[parent].named_children()]
+                else:
+                    chain.append((path, modules[path]))
+            self._stages = chain
+        return list(self._stages)
 
     def forward_stages(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run stages ``start:stop`` of :meth:`stages` (all of them = ``forward_features``)."""

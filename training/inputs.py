@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 class ImageInputs:
     """Images through the whole network (any trainable set)."""
 
-    from_stage = 0
-
     def __init__(self, images: LabelledImageSet, model: RetrievalNet, size: int, workers: int):
         pre = model.preprocessing
         self.train_loader = BatchLoader(images, TrainTransform(size, mean=pre.mean, std=pre.std), workers)
