@@ -1,8 +1,9 @@
-"""Triplet mining: Algorithm 1 (mining batch, semi-hard/hard, refreshed pool) and PML in-batch miners."""
+"""Triplet mining: Algorithm 1 (mining batch, semi-hard/hard, refreshed pool) and in-batch semi-hard/hard."""
 from .algorithm1 import STAT_NAMES, Algorithm1Miner, squared_euclidean
-from .online import ONLINE_MINERS, create_online_miner
+from .batch import BatchTripletMiner
+from .factory import MINER_NAMES, create_miner, follows_schedule
 from .pool import MiningPool
 from .schedule import MiningPhase, MiningSchedule
 
-__all__ = ["Algorithm1Miner", "MiningPhase", "MiningPool", "MiningSchedule", "ONLINE_MINERS", "STAT_NAMES",
-           "create_online_miner", "squared_euclidean"]
+__all__ = ["Algorithm1Miner", "BatchTripletMiner", "MINER_NAMES", "MiningPhase", "MiningPool", "MiningSchedule",
+           "STAT_NAMES", "create_miner", "follows_schedule", "squared_euclidean"]

@@ -1,22 +1,29 @@
 """Algorithm 1 of Vaccaro et al., "Image Retrieval using Multi-scale CNN Features Pooling" (ICMR 2020).
 
-One triplet per class is mined from a large "mining batch" whose embeddings were computed without gradient.
-For each query the mining batch is ranked by squared Euclidean distance (the query itself excluded; equal
-distances in ascending index order, i.e. a stable sort) and j is the 0-based rank of the first negative:
+Triplets are mined from a large "mining batch" whose embeddings were computed without gradient. The rule
+follows the authors' public code (``fede-vaccaro/NetVlad``, ``open_dataset_utils.py``), which ranks the
+mining batch by distance to each query with the query itself at rank 0 and scans the ranking:
 
-* case A (semi-hard): j >= 2 -> positive = rank j-1 (last positive before the first negative), negative = rank j;
-* case B (hard): positive = first positive ranked after the first negative, negative = rank j;
-* case C: a case-B triplet whose positive ranks beyond ``hard_threshold`` (rank > t) is dropped, because such
-  positives are extreme viewpoint/scale changes that hurt generalisation.
+* ``j_neg``: rank of the first negative. Case A (semi-hard) needs ``j_neg > 1``, i.e. at least one positive
+  other than the query before it: positive = rank ``j_neg - 1`` (the last positive before the first negative);
+* case B (hard): positive = the first positive ranked after ``j_neg``;
+* case C: a case-B positive with ``j_pos - j_neg >= t`` (t = ``hard_threshold``, counted from the first
+  negative) is dropped: such positives are extreme viewpoint or scale changes that hurt generalisation.
 
-Each query draws "semi-hard" with probability ``semi_hard_probability``: a semi-hard draw uses case A when
-j >= 2 and falls back to case B otherwise; a hard draw uses case B. A hard draw for a query whose positives
-all rank before every negative has no case-B positive; it falls back to case A when j >= 2 (counted in
-``num_hard_fallbacks``), so a well-separated class still contributes a triplet. Queries with no negative,
-no positive (singleton classes) or neither case possible give no triplet (``num_without_triplet``).
+Each query draws semi-hard with probability ``semi_hard_probability``. A semi-hard draw uses case A when it is
+possible and case B otherwise; a hard draw uses case B. There is no other fallback: a hard draw without a
+positive after the first negative (or only beyond the threshold) gives no triplet, as in the authors' code.
+Optionally (``loss_band=(low, high)``, also from the authors' code) a triplet is kept only if its loss
+``margin + d(q, p) - d(q, n)`` lies strictly inside the band.
 
-Distances are computed on the embeddings as given (the model L2-normalises them); the miner does not use
-PML's ``distance`` object, so passing one is an error rather than silently ignored.
+One triplet per class (``one_per_class``, the paper's rule): the queries are visited in a random order and
+each class keeps the triplet of its first query that has one. Otherwise every sample of the mining batch
+is a query.
+
+This module ranks the other samples only (the query removed, ranks counted from 0), so the authors'
+``j_neg > 1`` reads ``first_negative >= 1`` here; ``j_pos - j_neg`` is the same in both conventions. Equal
+distances rank in ascending index order (a stable sort). Distances are squared Euclidean, as in the loss;
+the miner takes no PML ``distance`` object, so passing one is an error rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -25,9 +32,12 @@ import math
 import torch
 from pytorch_metric_learning.miners import BaseMiner
 
+#: Per call. Every query ends in exactly one of: case A, case B (triplets returned), case C (dropped by the
+#: threshold), outside the loss band, a class that already has its triplet (one_per_class), or no triplet.
+#: Mean distances are squared, over the returned triplets.
 STAT_NAMES = ("num_queries", "num_semi_hard_chosen", "num_case_a", "num_case_b", "num_case_c",
-              "num_hard_fallbacks", "num_without_triplet", "num_triplets", "mean_pos_distance",
-              "mean_neg_distance")
+              "num_outside_loss_band", "num_class_already_mined", "num_without_triplet", "num_triplets",
+              "mean_pos_distance", "mean_neg_distance")
 
 
 def squared_euclidean(queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -48,17 +58,27 @@ def first_true(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.uint8).argmax(dim=1)
 
 
-class Algorithm1Miner(BaseMiner):
-    """PML miner returning (anchor, positive, negative) index tuples, one triplet per class (see module doc).
+def first_per_class(labels: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each label in ``labels`` (in order of position)."""
+    order = torch.sort(labels, stable=True).indices
+    first = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    return torch.sort(order[first]).values
 
-    ``hard_threshold`` is the largest rank a case-B positive may have (None: never drop). Randomness (query
-    choice, semi-hard/hard draws) comes from ``generator`` or a new one seeded with ``seed``; its state is
-    part of ``state_dict()`` so a resumed run mines the same triplets.
+
+class Algorithm1Miner(BaseMiner):
+    """PML miner returning (anchor, positive, negative) index tuples (see the module doc).
+
+    ``hard_threshold`` t: a case-B positive is kept only if it ranks fewer than t places after the first
+    negative (None: never dropped). Randomness (query order, semi-hard/hard draws) comes from ``generator``
+    or a new one seeded with ``seed``; its state is part of ``state_dict()``, so a resumed run mines the same
+    triplets.
     """
 
     def __init__(self, semi_hard_probability: float = 0.5, hard_threshold: int | None = None,
-                 one_per_class: bool = True, generator: torch.Generator | None = None, seed: int | None = None,
-                 **kwargs):
+                 one_per_class: bool = True, margin: float = 0.1,
+                 loss_band: tuple[float, float] | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, **kwargs):
         if "distance" in kwargs:
             raise TypeError("Algorithm1Miner ranks by squared Euclidean distance; it takes no `distance`")
         super().__init__(**kwargs)
@@ -70,14 +90,17 @@ class Algorithm1Miner(BaseMiner):
                 generator.seed()
             else:
                 generator.manual_seed(seed)
+        if loss_band is not None and not (len(loss_band) == 2 and loss_band[0] < loss_band[1]):
+            raise ValueError(f"loss_band must be (low, high) with low < high, got {loss_band!r}")
         self.generator = generator
         self.semi_hard_probability = semi_hard_probability
         self.hard_threshold = hard_threshold
         self.one_per_class = one_per_class
+        self.margin = float(margin)
+        self.loss_band = None if loss_band is None else (float(loss_band[0]), float(loss_band[1]))
         self.add_to_recordable_attributes(list_of_names=[n for n in STAT_NAMES if n != "num_triplets"],
                                           is_stat=True)
-        no_queries = torch.zeros(0, dtype=torch.bool)
-        self._set_stats(no_queries, no_queries, no_queries, no_queries, no_queries, torch.zeros(2, 0))
+        self._reset_stats(0, 0)
 
     @property
     def semi_hard_probability(self) -> float:
@@ -95,8 +118,8 @@ class Algorithm1Miner(BaseMiner):
 
     @hard_threshold.setter
     def hard_threshold(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
-            raise ValueError(f"hard_threshold must be a non-negative integer rank or None, got {value!r}")
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"hard_threshold must be a positive integer rank distance or None, got {value!r}")
         self._hard_threshold = None if value is None else int(value)
 
     @property
@@ -111,21 +134,20 @@ class Algorithm1Miner(BaseMiner):
         self.generator.set_state(state["generator_state"])
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        queries = self.select_queries(labels)
-        semi_hard = self.draw_semi_hard(len(queries)).to(labels.device)
-        return self.triplets_for_queries(embeddings, labels, ref_emb, ref_labels, queries, semi_hard)
-
-    def select_queries(self, labels: torch.Tensor) -> torch.Tensor:
-        """One member per class present, uniformly at random (sorted by label), or every sample."""
-        if not self.one_per_class:
-            return torch.arange(len(labels), device=labels.device)
-        permutation = torch.randperm(len(labels), generator=self.generator)
-        shuffled = labels.cpu()[permutation]
-        by_label = torch.sort(shuffled, stable=True).indices
-        sorted_labels = shuffled[by_label]
-        first_of_class = torch.ones(len(labels), dtype=torch.bool)
-        first_of_class[1:] = sorted_labels[1:] != sorted_labels[:-1]
-        return permutation[by_label[first_of_class]].to(labels.device)
+        order = torch.randperm(len(labels), generator=self.generator).to(labels.device)
+        semi_hard = self.draw_semi_hard(len(order)).to(labels.device)
+        anchors, positives, negatives = self.triplets_for_queries(embeddings, labels, ref_emb, ref_labels, order,
+                                                                  semi_hard)
+        if self.one_per_class and len(anchors):
+            keep = first_per_class(labels[anchors])  # anchors come in query order
+            self.num_class_already_mined = len(anchors) - len(keep)
+            is_case_a = self.last_is_case_a[keep]
+            self.num_case_a, self.num_case_b = int(is_case_a.sum()), int((~is_case_a).sum())
+            anchors, positives, negatives = anchors[keep], positives[keep], negatives[keep]
+            self.last_is_case_a = is_case_a
+            self.num_triplets = len(anchors)
+            self._set_distances(embeddings, ref_emb, anchors, positives, negatives)
+        return anchors, positives, negatives
 
     def draw_semi_hard(self, num_queries: int) -> torch.Tensor:
         """True = semi-hard draw. Always consumes one number per query, whatever the probability."""
@@ -134,7 +156,8 @@ class Algorithm1Miner(BaseMiner):
     def triplets_for_queries(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor,
                              ref_labels: torch.Tensor, queries: torch.Tensor, semi_hard: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The deterministic core: given the queries and their draws, one (or no) triplet per query.
+        """The deterministic core: given the queries and their draws, at most one triplet per query, in the
+        order of ``queries``.
 
         Anchors index ``embeddings``; positives and negatives index ``ref_emb`` (PML's convention). The query
         is excluded from its own ranking only when ``ref_emb is embeddings``.
@@ -142,51 +165,63 @@ class Algorithm1Miner(BaseMiner):
         if semi_hard.shape != queries.shape:
             raise ValueError(f"{len(queries)} queries but {len(semi_hard)} semi-hard draws")
         semi_hard = semi_hard.to(queries.device)
+        self._reset_stats(len(queries), int(semi_hard.sum()))
         dist = squared_euclidean(embeddings[queries], ref_emb)
         ranking = torch.sort(dist, dim=1, stable=True).indices
         if ref_emb is embeddings:  # drop each query from its own ranking (exactly one entry per row)
             num_others = max(ranking.shape[1] - 1, 0)
             ranking = ranking[ranking != queries[:, None]].view(len(queries), num_others)
         is_positive = ref_labels[ranking] == labels[queries][:, None]
-        is_negative = ~is_positive
         ranks = torch.arange(ranking.shape[1], device=ranking.device)
 
-        has_negative = is_negative.any(dim=1)
-        first_negative = first_true(is_negative)
+        has_negative = (~is_positive).any(dim=1)
+        first_negative = first_true(~is_positive)
         positive_after_negative = is_positive & (ranks > first_negative[:, None])
         has_hard_positive = has_negative & positive_after_negative.any(dim=1)
         hard_positive = first_true(positive_after_negative)
 
-        can_semi_hard = has_negative & (first_negative >= 2)
-        use_a = can_semi_hard & (semi_hard | ~has_hard_positive)
-        use_b = ~use_a & has_hard_positive
-        too_hard = torch.zeros_like(use_b)
+        case_a = has_negative & (first_negative >= 1) & semi_hard
+        case_b = ~case_a & has_hard_positive
+        case_c = torch.zeros_like(case_b)
         if self.hard_threshold is not None:
-            too_hard = use_b & (hard_positive > self.hard_threshold)
-        keep = use_a | (use_b & ~too_hard)
+            case_c = case_b & (hard_positive - first_negative >= self.hard_threshold)
+            case_b &= ~case_c
+        keep = case_a | case_b
 
-        positive_rank = torch.where(use_a, first_negative - 1, hard_positive)
-        kept_rows = ranking[keep]
-        anchors = queries[keep]
-        positives = kept_rows.gather(1, positive_rank[keep, None]).squeeze(1)
-        negatives = kept_rows.gather(1, first_negative[keep, None]).squeeze(1)
-        kept_dist = dist[keep]
-        pos_dist = kept_dist.gather(1, positives[:, None]).squeeze(1)
-        neg_dist = kept_dist.gather(1, negatives[:, None]).squeeze(1)
-        self._set_stats(semi_hard, use_a, use_b & ~too_hard, too_hard, use_a & ~semi_hard,
-                        torch.stack([pos_dist, neg_dist]))
+        if ranking.shape[1] == 0:  # a single sample: nothing to rank
+            keep = torch.zeros_like(keep)
+            ranking = torch.zeros(len(queries), 1, dtype=torch.long, device=queries.device)
+        positive_rank = torch.where(case_a, first_negative - 1, hard_positive)
+        positives = ranking.gather(1, positive_rank[:, None]).squeeze(1)
+        negatives = ranking.gather(1, first_negative[:, None]).squeeze(1)
+        if self.loss_band is not None:
+            rows = torch.arange(len(queries), device=dist.device)
+            loss = self.margin + dist[rows, positives] - dist[rows, negatives]
+            inside = (loss > self.loss_band[0]) & (loss < self.loss_band[1])
+            self.num_outside_loss_band = int((keep & ~inside).sum())
+            keep &= inside
+        self.num_case_a, self.num_case_b, self.num_case_c = int((case_a & keep).sum()), int((case_b & keep).sum()), \
+            int(case_c.sum())
+        self.num_without_triplet = len(queries) - int(keep.sum()) - self.num_case_c - self.num_outside_loss_band
+        self.last_is_case_a = case_a[keep]  # per returned triplet: semi-hard (case A) or hard (case B)
+        anchors, positives, negatives = queries[keep], positives[keep], negatives[keep]
+        self.num_triplets = len(anchors)
+        self._set_distances(embeddings, ref_emb, anchors, positives, negatives)
         return anchors, positives, negatives
 
-    def _set_stats(self, semi_hard, case_a, case_b, case_c, hard_fallbacks, distances) -> None:
-        self.num_queries = len(semi_hard)
-        self.num_semi_hard_chosen = int(semi_hard.sum())
-        self.num_case_a = int(case_a.sum())
-        self.num_case_b = int(case_b.sum())
-        self.num_case_c = int(case_c.sum())
-        self.num_hard_fallbacks = int(hard_fallbacks.sum())
-        self.num_triplets = self.num_case_a + self.num_case_b
-        self.num_without_triplet = self.num_queries - self.num_triplets - self.num_case_c
-        if distances.shape[1]:
-            self.mean_pos_distance, self.mean_neg_distance = distances.double().mean(dim=1).tolist()
-        else:
+    def _reset_stats(self, num_queries: int, num_semi_hard: int) -> None:
+        self.num_queries, self.num_semi_hard_chosen = num_queries, num_semi_hard
+        self.num_case_a = self.num_case_b = self.num_case_c = self.num_outside_loss_band = 0
+        self.num_class_already_mined = 0
+        self.last_is_case_a = torch.zeros(0, dtype=torch.bool)
+        self.num_without_triplet = num_queries
+        self.num_triplets = 0
+        self.mean_pos_distance = self.mean_neg_distance = math.nan
+
+    def _set_distances(self, embeddings, ref_emb, anchors, positives, negatives) -> None:
+        if len(anchors) == 0:
             self.mean_pos_distance = self.mean_neg_distance = math.nan
+            return
+        a = embeddings[anchors].double()
+        self.mean_pos_distance = float(((a - ref_emb[positives].double()) ** 2).sum(1).mean())
+        self.mean_neg_distance = float(((a - ref_emb[negatives].double()) ** 2).sum(1).mean())

@@ -1,4 +1,8 @@
-"""Step-keyed phases of Algorithm-1 mining, so training can move from semi-hard to mixed to hard mining.
+"""Step-keyed phases of triplet mining, so training can move from semi-hard to mixed to hard mining.
+
+``semi_hard_probability`` drives both Algorithm 1 and the in-batch miner; ``hard_threshold`` (Algorithm 1's
+case C: a hard positive at least t ranks after the first negative is dropped) and ``refresh_every`` (how
+often Algorithm 1 re-mines) apply to Algorithm 1 only.
 
 Built from the plain list/dict a YAML config gives, e.g.::
 
@@ -31,8 +35,8 @@ class MiningPhase:
     def __post_init__(self):
         if not 0.0 <= self.semi_hard_probability <= 1.0:
             raise ValueError(f"semi_hard_probability must be in [0, 1], got {self.semi_hard_probability}")
-        if self.hard_threshold is not None and self.hard_threshold < 0:
-            raise ValueError(f"hard_threshold must be >= 0 or null, got {self.hard_threshold}")
+        if self.hard_threshold is not None and self.hard_threshold < 1:
+            raise ValueError(f"hard_threshold must be >= 1 or null, got {self.hard_threshold}")
         if self.refresh_every is not None and self.refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
 
@@ -86,15 +90,17 @@ class MiningSchedule:
         return self.refresh_every if phase.refresh_every is None else phase.refresh_every
 
     def apply(self, miner, step: int, pool=None) -> MiningPhase:
-        """Set the miner's probability and threshold (and the pool's refresh period) for ``step``."""
+        """Set the miner's semi-hard probability (and, for Algorithm 1, its threshold; for a pool, its refresh
+        period) for ``step``."""
         phase = self.phase_at(step)
-        changed = (miner.semi_hard_probability, miner.hard_threshold) != (phase.semi_hard_probability,
-                                                                          phase.hard_threshold)
+        has_threshold = hasattr(miner, "hard_threshold")
+        before = (miner.semi_hard_probability, getattr(miner, "hard_threshold", None))
         miner.semi_hard_probability = phase.semi_hard_probability
-        miner.hard_threshold = phase.hard_threshold
+        if has_threshold:
+            miner.hard_threshold = phase.hard_threshold
         if pool is not None:
             pool.refresh_every = self.refresh_every_at(step)
-        if changed:
-            logger.info("step %d: mining with semi_hard_probability=%.2f, hard_threshold=%s", step,
-                        phase.semi_hard_probability, phase.hard_threshold)
+        if before != (miner.semi_hard_probability, getattr(miner, "hard_threshold", None)):
+            logger.info("step %d: mining with semi_hard_probability=%.2f%s", step, phase.semi_hard_probability,
+                        f", hard_threshold={phase.hard_threshold}" if has_threshold else "")
         return phase

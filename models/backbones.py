@@ -49,26 +49,6 @@ _EFFICIENTNET_TAPS = {"blocks4": "blocks.4", "blocks5": "blocks.5", "blocks6": "
                       "blocks5_expand": "blocks.5.0.bn1"}
 
 
-# forward_features as a chain of modules, per family ("x.*" expands the children of Sequential x). Lets
-# training run a frozen prefix once and cache its output (training/inputs.py).
-_STAGE_LAYOUTS = {
-    "efficientnet": ("conv_stem", "bn1", "blocks.*", "conv_head", "bn2"),
-    "resnet": ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"),
-    "vgg": ("features.*",),
-}
-
-
-def _stage_family(name: str) -> str | None:
-    arch = name.split(".")[0]
-    if "efficientnet" in arch or arch.startswith("mobilenetv2"):
-        return "efficientnet"
-    if arch.startswith(("resnet", "resnext", "wide_resnet", "seresnet", "seresnext")):
-        return "resnet"
-    if arch.startswith("vgg"):
-        return "vgg"
-    return None
-
-
 def default_taps(name: str, model: nn.Module) -> dict[str, str]:
     arch = name.split(".")[0]
     if arch.startswith("vgg16"):
@@ -181,7 +161,6 @@ class Backbone(nn.Module):
         self.weights_tag = weights_tag  # identifies the weights for descriptor caches and checkpoints
         self._channels: dict[str, int] = {}
         self._memo: dict | None = None  # see reuse_forward
-        self._stages: list[tuple[str, nn.Module]] | None = None  # see stages
 
     @property
     def tap_names(self) -> list[str]:
@@ -192,30 +171,6 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
-
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        """``forward_features`` as an ordered chain of (module name, module); [] if the family is unknown."""
-        if self._stages is None:  # built once: forward_stages runs on every training step
-            family = _stage_family(self.name)
-            modules = dict(self.model.named_modules())
-            chain = []
-            for path in _STAGE_LAYOUTS[family] if family else ():
-                if path.endswith(".*"):
-                    parent = path[:-2]
-                    chain += [(f"{parent}.{child}", module) for child, module in modules[parent].named_children()]
-                else:
-                    chain.append((path, modules[path]))
-            self._stages = chain
-        return list(self._stages)
-
-    def forward_stages(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Run stages ``start:stop`` of :meth:`stages` (all of them = ``forward_features``)."""
-        chain = self.stages()
-        if not chain:
-            raise NotImplementedError(f"backbone {self.name} has no known stage layout")
-        for _, module in chain[start:stop]:
-            x = module(x)
-        return x
 
     @contextmanager
     def _capture(self, names):

@@ -4,13 +4,22 @@
 ``model.config()`` holds everything needed to rebuild the network (architecture, backbone, head settings,
 preprocessing), so a checkpoint describes itself: ``load_model(path)`` needs no training flags.
 
-Heads:
-- ``gem``: GeM pooling (learnable p) -> optional projection -> L2.
-- ``netvlad``: 1x1 reduction -> every position as a local descriptor -> NetVLAD -> optional projection -> L2.
-- ``msnetvlad``: the same with the multi-scale columns (2x2 and 3x3 stride-1 max-pooling) of the ICMR 2020 paper.
+Heads (all end in an L2-normalised descriptor):
+- ``gem``: GeM pooling (learnable p, cirtorch's default).
+- ``netvlad``: every position of the last conv map is a local descriptor -> NetVLAD (K clusters).
+- ``msnetvlad``: the multi-scale pooled NetVLAD of Vaccaro et al. (ICMR 2020): the raw (post-activation)
+  last conv map is max-pooled with 2x2 and 3x3 windows at stride 1, every position of both pooled maps is a
+  column -> NetVLAD -> intra-normalisation -> L2. No reduction happens before aggregation.
+- ``out_dim`` (any head): a linear map after aggregation, initialised as PCA (``whiten``: PCA-whitening) of
+  the training descriptors and then trained with the network; null keeps the aggregated descriptor.
+
+Columns must outnumber clusters or some centroids see nothing: a w x h map gives (w-1)(h-1) + (w-2)(h-2)
+columns (160 px crops of EfficientNet-Lite0: 5 x 5 -> 25; a 224 x 299 test image: 7 x 9 -> 83), so the main
+job uses K = 8, not the paper's K = 64 (designed for 512+ px inputs).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -23,27 +32,35 @@ from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .netvlad import NetVLAD, multiscale_columns, single_scale_columns
 from .pooling import GeM
 
-CHECKPOINT_FORMAT = "msretrieval-model-v1"
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "msretrieval-model-v2"
 
 
 class Projection(nn.Module):
-    """Linear map to ``out_dim`` (initialised as PCA-whitening of training descriptors) followed by L2."""
+    """Linear map to ``out_dim`` after aggregation, initialised by PCA of training descriptors, then L2."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, whiten: bool = False):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim)
+        self.whiten = whiten
 
     @torch.no_grad()
-    def init_pca_whitening(self, descriptors: torch.Tensor, eps: float = 1e-6) -> None:
+    def init_pca(self, descriptors: torch.Tensor, eps: float = 1e-6) -> None:
+        """Principal axes (scaled by 1/sqrt(variance) when whitening) of ``descriptors`` (N, in_dim).
+
+        A PCA to k dimensions from fewer than 2k descriptors is badly posed (the trailing axes are noise,
+        and whitening blows them up), so that is an error naming what to raise."""
+        k = self.linear.out_features
+        if len(descriptors) < 2 * k:
+            raise ValueError(f"PCA to {k} dimensions needs at least {2 * k} training descriptors, got "
+                             f"{len(descriptors)}: raise model.init_images or lower model.head.out_dim")
         x = descriptors.double()
         mean = x.mean(0)
-        # Thin SVD of the centred data: right singular vectors are the principal axes.
         _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        k = self.linear.out_features
-        if vt.shape[0] < k:
-            raise ValueError(f"PCA to {k} dims needs at least {k} training descriptors, got {vt.shape[0]}")
-        scale = (s[:k] / np.sqrt(max(len(x) - 1, 1))).clamp(min=eps)
-        weight = vt[:k] / scale.unsqueeze(1)
+        weight = vt[:k]
+        if self.whiten:
+            weight = weight / (s[:k] / np.sqrt(len(x) - 1)).clamp(min=eps).unsqueeze(1)
         self.linear.weight.copy_(weight.float())
         self.linear.bias.copy_((-weight @ mean).float())
 
@@ -51,54 +68,64 @@ class Projection(nn.Module):
         return F.normalize(self.linear(x), dim=-1)
 
 
-class GeMHead(nn.Module):
-    def __init__(self, in_channels: int, p: float = 3.0, out_dim: int | None = None):
+class Head(nn.Module):
+    """Aggregation (``aggregate``: feature map -> L2-normalised vector) plus the optional projection."""
+
+    def __init__(self, aggregated_dim: int, out_dim: int | None, whiten: bool):
         super().__init__()
-        self.pool = GeM(p=p)
-        self.projection = Projection(in_channels, out_dim) if out_dim else None
-        self.out_dim = out_dim or in_channels
+        self.projection = Projection(aggregated_dim, out_dim, whiten) if out_dim else None
+        self.out_dim = out_dim or aggregated_dim
 
-    def pre_projection(self, fmap: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.pool(fmap), dim=-1)
+    def aggregate(self, fmap: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        x = self.pre_projection(fmap)
-        return self.projection(x) if self.projection is not None else x
-
-
-class NetVLADHead(nn.Module):
-    def __init__(self, in_channels: int, num_clusters: int = 64, local_dim: int | None = 128,
-                 out_dim: int | None = None, multiscale: bool = True):
-        super().__init__()
-        self.reduce = nn.Conv2d(in_channels, local_dim, 1) if local_dim else None
-        self.multiscale = multiscale
-        self.vlad = NetVLAD(local_dim or in_channels, num_clusters)
-        self.projection = Projection(self.vlad.out_dim, out_dim) if out_dim else None
-        self.out_dim = out_dim or self.vlad.out_dim
-
-    def local_descriptors(self, fmap: torch.Tensor) -> torch.Tensor:
-        if self.reduce is not None:
-            fmap = self.reduce(fmap)
-        return multiscale_columns(fmap) if self.multiscale else single_scale_columns(fmap)
+    def initialise_aggregation(self, fmaps: list[torch.Tensor]) -> None:
+        """Data-dependent set-up of the aggregation (NetVLAD: k-means centroids); default: none."""
 
     @torch.no_grad()
-    def init_reduction_pca(self, fmap_columns: torch.Tensor) -> None:
-        """Initialise the 1x1 reduction as PCA of backbone columns (M, C), so it starts informative."""
-        if self.reduce is None:
-            return
-        x = fmap_columns.double()
-        mean = x.mean(0)
-        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        weight = vt[: self.reduce.out_channels]
-        self.reduce.weight.copy_(weight.float()[:, :, None, None])
-        self.reduce.bias.copy_((-weight @ mean).float())
-
-    def pre_projection(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.vlad(self.local_descriptors(fmap))
+    def initialise(self, fmaps: list[torch.Tensor]) -> None:
+        """Set up the head from feature maps of training images (a list of (B, C, H, W)): the aggregation
+        first, then the projection's PCA on the aggregated descriptors."""
+        self.initialise_aggregation(fmaps)
+        if self.projection is not None:
+            self.projection.init_pca(torch.cat([self.aggregate(fmap) for fmap in fmaps]))
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        x = self.pre_projection(fmap)
+        x = self.aggregate(fmap)
         return self.projection(x) if self.projection is not None else x
+
+
+class GeMHead(Head):
+    def __init__(self, in_channels: int, p: float = 3.0, out_dim: int | None = None, whiten: bool = False):
+        super().__init__(in_channels, out_dim, whiten)
+        self.pool = GeM(p=p)
+
+    def aggregate(self, fmap: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.pool(fmap.float()), dim=-1)
+
+
+class NetVLADHead(Head):
+    def __init__(self, in_channels: int, num_clusters: int = 8, multiscale: bool = True,
+                 out_dim: int | None = None, whiten: bool = False):
+        self.multiscale = multiscale
+        vlad = NetVLAD(in_channels, num_clusters)
+        super().__init__(vlad.out_dim, out_dim, whiten)
+        self.vlad = vlad
+
+    def local_descriptors(self, fmap: torch.Tensor) -> torch.Tensor:
+        fmap = fmap.float()  # aggregation in float32 under autocast: softmax and sums of many columns
+        return multiscale_columns(fmap) if self.multiscale else single_scale_columns(fmap)
+
+    def aggregate(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.vlad(self.local_descriptors(fmap))
+
+    def initialise_aggregation(self, fmaps: list[torch.Tensor]) -> None:
+        columns = [self.local_descriptors(fmap) for fmap in fmaps]
+        fewest = min(c.shape[1] for c in columns)
+        if fewest < self.vlad.num_clusters:
+            log.warning("NetVLAD: %d clusters but only %d columns per image at this input size; some clusters "
+                        "see no descriptor (use fewer clusters or larger inputs)", self.vlad.num_clusters, fewest)
+        self.vlad.init_from_descriptors(torch.cat([c.reshape(-1, c.shape[-1]) for c in columns]).cpu())
 
 
 class RetrievalNet(nn.Module):
@@ -127,24 +154,17 @@ class RetrievalNet(nn.Module):
             return self.backbone.forward_features(images)
         return self.backbone.forward_taps(images, [self.tap])[self.tap]
 
-    def forward(self, images: torch.Tensor, from_stage: int = 0) -> torch.Tensor:
-        """Descriptors of images, or (``from_stage`` > 0) of the output of backbone stage ``from_stage - 1``
-        (see ``Backbone.stages``; ``len(stages)`` means finished feature maps: the head alone)."""
-        if from_stage == 0:
-            return self.head(self.feature_map(images))
-        if self.tap != FEATURES:
-            raise ValueError("from_stage needs a model on the backbone's last feature map")
-        return self.head(self.backbone.forward_stages(images, start=from_stage))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_map(images))
 
 
-_HEADS: dict[str, Callable[..., nn.Module]] = {
-    "gem": lambda c, **kw: GeMHead(c, p=kw.get("p", 3.0), out_dim=kw.get("out_dim")),
-    "netvlad": lambda c, **kw: NetVLADHead(c, kw.get("num_clusters", 64), kw.get("local_dim", 128),
-                                           kw.get("out_dim"), multiscale=False),
-    "msnetvlad": lambda c, **kw: NetVLADHead(c, kw.get("num_clusters", 64), kw.get("local_dim", 128),
-                                             kw.get("out_dim"), multiscale=True),
+#: architecture -> (head factory, the options it takes)
+_HEADS: dict[str, tuple[Callable[..., Head], tuple[str, ...]]] = {
+    "gem": (lambda c, **kw: GeMHead(c, **kw), ("p", "out_dim", "whiten")),
+    "netvlad": (lambda c, **kw: NetVLADHead(c, multiscale=False, **kw), ("num_clusters", "out_dim", "whiten")),
+    "msnetvlad": (lambda c, **kw: NetVLADHead(c, multiscale=True, **kw), ("num_clusters", "out_dim", "whiten")),
 }
-HEAD_OPTIONS = ("p", "num_clusters", "local_dim", "out_dim")
+HEAD_OPTIONS = ("p", "num_clusters", "out_dim", "whiten")
 
 
 def available_models() -> list[str]:
@@ -153,15 +173,18 @@ def available_models() -> list[str]:
 
 def create_model(architecture: str, backbone: str = "tf_efficientnet_lite0", pretrained: bool = False,
                  weights: str | None = None, tap: str = FEATURES, **head_options) -> RetrievalNet:
+    """Backbone + head. Head options that another architecture takes (e.g. ``p`` for ``msnetvlad``) are
+    ignored, so one config can switch architectures; options no head takes are an error."""
     if architecture not in _HEADS:
         raise ValueError(f"unknown architecture {architecture!r}; available: {', '.join(available_models())}")
     unknown = set(head_options) - set(HEAD_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown head option(s) {sorted(unknown)} for {architecture}; known: {HEAD_OPTIONS}")
+        raise ValueError(f"unknown head option(s) {sorted(unknown)}; known: {HEAD_OPTIONS}")
+    factory, accepted = _HEADS[architecture]
+    used = {k: v for k, v in head_options.items() if k in accepted and v is not None}
     trunk = create_backbone(backbone, pretrained=pretrained, weights=weights)
-    head = _HEADS[architecture](trunk.channels(tap), **head_options)
-    config = {"architecture": architecture, "backbone": backbone, "tap": tap,
-              "head": {k: v for k, v in head_options.items() if v is not None}}
+    head = factory(trunk.channels(tap), **used)
+    config = {"architecture": architecture, "backbone": backbone, "tap": tap, "head": used}
     return RetrievalNet(trunk, head, config, tap=tap)
 
 
@@ -177,7 +200,7 @@ def model_from_config(config: dict) -> RetrievalNet:
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> RetrievalNet:
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     model = model_from_config(checkpoint["config"])

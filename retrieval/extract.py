@@ -70,21 +70,25 @@ class Extraction:
 
 @torch.no_grad()
 def extract(method: RetrievalMethod, dataset: ImageDataset, batch_size: int = 1, num_workers: int = 0,
-            device: str = "cpu", description: str = "extract") -> Extraction:
+            device: str = "cpu", description: str = "extract", channels_last: bool = True) -> Extraction:
     """Encode every image of ``dataset`` in order; returns (N, D) descriptors."""
-    return extract_together([method], dataset, batch_size, num_workers, device, description)[0]
+    return extract_together([method], dataset, batch_size, num_workers, device, description, channels_last)[0]
 
 
 @torch.no_grad()
 def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batch_size: int = 1,
-                     num_workers: int = 0, device: str = "cpu", description: str = "extract") -> list[Extraction]:
+                     num_workers: int = 0, device: str = "cpu", description: str = "extract",
+                     channels_last: bool = True) -> list[Extraction]:
     """Encode the dataset with several methods in one pass over the images.
 
     Images are decoded once, and methods that share a backbone object run it once per batch
-    (:meth:`Backbone.reuse_forward`). The reported images/s is that of the whole pass.
+    (:meth:`Backbone.reuse_forward`). The reported images/s is that of the whole pass. ``channels_last``
+    runs the networks in NHWC memory layout (2-2.5x faster convolutions on CPU; same values up to float
+    rounding).
     """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for method in methods:
-        method.eval().to(device)
+        method.eval().to(device, memory_format=layout)
     if batch_size > 1:
         loader = DataLoader(dataset, batch_sampler=SizeBucketBatchSampler(output_sizes(dataset), batch_size),
                             num_workers=num_workers)
@@ -99,7 +103,7 @@ def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batc
             for backbone in backbones.values():
                 stack.enter_context(backbone.reuse_forward())
         for images, indices in loader:
-            images = images.to(device)
+            images = images.to(device).contiguous(memory_format=layout)
             for i, method in enumerate(methods):
                 encoded = method.encode(images).cpu().numpy()
                 if outputs[i] is None:

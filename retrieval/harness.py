@@ -38,6 +38,7 @@ class EvalSettings:
     cache_dir: str | None = "cache/descriptors"
     top_k: int = 0  # >0: also search the top-k neighbours of every query with FAISS and save them
     interpolation: str = "bilinear"  # PIL filter for resizing (bilinear reproduces the published numbers)
+    channels_last: bool = True  # NHWC convolutions (much faster on CPU)
 
 
 @dataclass
@@ -85,7 +86,7 @@ def _descriptors(methods: list[RetrievalMethod], role: str, benchmark: Benchmark
         group = [methods[i] for i in members]
         names = ", ".join(m.name for m in group)
         extracted = extract_together(group, dataset, settings.batch_size, settings.num_workers, settings.device,
-                                     description=f"{names} {role}")
+                                     description=f"{names} {role}", channels_last=settings.channels_last)
         for i, extraction in zip(members, extracted):
             results[i] = extraction
             cache.save(benchmark.name, methods[i].name,

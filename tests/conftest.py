@@ -53,3 +53,28 @@ def write_labelled_set(root: Path, num_classes: int = 3, per_class: int = 4, siz
 def make_labelled_set(tmp_path):
     """``make_labelled_set(num_classes=3, per_class=4, size=(48, 40))`` -> path of a tiny labelled manifest."""
     return lambda **kwargs: write_labelled_set(tmp_path, **kwargs)
+
+
+def write_flowers_subset(path: Path, data_root: Path, classes: dict[str, list[int]], per_class: int) -> Path:
+    """A manifest of real Flowers-102 photos: ``classes`` maps a split name to class ids, ``per_class`` images
+    of each (the first ones of the class), with absolute paths."""
+    rows = list(csv.DictReader((data_root / "flowers102" / "labels.csv").open()))
+    chosen = []
+    for split, ids in classes.items():
+        for class_id in ids:
+            members = [r for r in rows if int(r["class_id"]) == class_id][:per_class]
+            chosen += [{"file": str(data_root / "flowers102" / r["file"]), "class_id": class_id, "split": split}
+                       for r in members]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "class_id", "split"])
+        writer.writeheader()
+        writer.writerows(chosen)
+    return path
+
+
+@pytest.fixture
+def flowers_subset(tmp_path, flowers_root):
+    """``flowers_subset({"train": [1, 2, 3]}, per_class=5)`` -> manifest of real photos (skips without the pack)."""
+    return lambda classes, per_class=5: write_flowers_subset(tmp_path / "flowers" / "labels.csv", flowers_root,
+                                                             classes, per_class)

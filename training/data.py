@@ -1,4 +1,4 @@
-"""Training images: which set, and loading batches of them (augmented) on a few threads.
+"""Training images: which set, the validation classes held out of it, and loading batches of them.
 
 Every image of a batch is augmented with its own seed, derived from (run seed, step, position), so the
 batches of a resumed run are exactly those of an uninterrupted run, however many threads or processes load
@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms import functional as TF
 
 from data.images import load_image
 from data.manifest import LabelledImageSet, flowers102, read_csv_manifest
+from data.train_transforms import TrainTransform
+from data.transforms import EvalTransform
 
 
 def load_training_set(spec: str, data_root: str | Path) -> LabelledImageSet:
@@ -31,30 +34,67 @@ def load_training_set(spec: str, data_root: str | Path) -> LabelledImageSet:
     raise ValueError(f"unknown training set {spec!r}; use flowers102[:SPLIT], csv:PATH[:SPLIT] or gldv2:PATH")
 
 
+def split_validation_classes(images: LabelledImageSet, count: int, seed: int
+                             ) -> tuple[LabelledImageSet, LabelledImageSet | None]:
+    """(training part, validation part): ``count`` whole classes drawn with ``seed`` are held out, so
+    validation is class-disjoint like the test protocol. ``count`` 0: no validation set."""
+    if count == 0:
+        return images, None
+    classes = np.unique(images.labels)
+    if not 0 < count <= len(classes) - 2:
+        raise ValueError(f"data.val_classes = {count}: {images.name} has {len(classes)} classes; hold out "
+                         f"between 1 and {len(classes) - 2} of them, or 0 for no validation")
+    held_out = np.random.default_rng(seed).choice(classes, size=count, replace=False)
+    is_val = np.isin(images.labels, held_out)
+    return (images.subset(np.flatnonzero(~is_val), name=f"{images.name}-fit"),
+            images.subset(np.flatnonzero(is_val), name=f"{images.name}-val"))
+
+
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python versions)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
                >> np.uint64(1))
 
 
-class BatchLoader:
-    """Loads ``indices`` of an image set through ``transform(image, generator)`` on ``workers`` threads."""
+class CentreSquare:
+    """Shorter side -> ``size``, centre square crop, normalised: the unaugmented view (mining, head set-up)."""
 
-    def __init__(self, images: LabelledImageSet, transform: Callable, workers: int = 2):
+    def __init__(self, size: int, mean, std):
+        self.resize = EvalTransform(size, "shorter", mean, std, min_side=size)
+        self.size = size
+
+    def __call__(self, image) -> torch.Tensor:
+        return TF.center_crop(self.resize(image), [self.size, self.size])
+
+
+class ImageBatches:
+    """Loads images of a training set as (B, 3, size, size) tensors on ``device`` (channels-last), on a few
+    threads: augmented (:class:`TrainTransform`, one seed per image) or plain (:class:`CentreSquare`)."""
+
+    def __init__(self, images: LabelledImageSet, size: int, mean, std, device: torch.device, workers: int = 2,
+                 scale: Sequence[float] = (0.5, 1.0)):
         self.images = images
-        self.transform = transform
+        self.device = device
+        self.augment = TrainTransform(size, mean=mean, std=std, scale=tuple(scale))
+        self.plain = CentreSquare(size, mean, std)
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
 
     def _one(self, index: int, seed: int | None) -> torch.Tensor:
         image = load_image(self.images.paths[index])
         if seed is None:
-            return self.transform(image)
-        generator = torch.Generator().manual_seed(seed)
-        return self.transform(image, generator)
+            return self.plain(image)
+        return self.augment(image, torch.Generator().manual_seed(seed))
 
-    def load(self, indices: Sequence[int], seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
-        seeds = seeds if seeds is not None else [None] * len(indices)
-        return list(self.pool.map(self._one, indices, seeds))
+    def load(self, indices: Sequence[int], seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Augmented with per-image ``seeds``, or plain when ``seeds`` is None."""
+        seeds = list(seeds) if seeds is not None else [None] * len(indices)
+        if len(seeds) != len(indices):
+            raise ValueError(f"{len(indices)} images but {len(seeds)} seeds")
+        tensors = list(self.pool.map(self._one, indices, seeds))
+        if not tensors:
+            return torch.zeros(0, 3, self.plain.size, self.plain.size, device=self.device)
+        batch = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
+        return batch.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

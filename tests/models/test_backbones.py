@@ -50,26 +50,3 @@ def test_local_weights_file_round_trip_and_mismatch(tmp_path):
         load_weights(create_backbone("resnet34").model, path)
     with pytest.raises(WeightsError, match="not found"):
         create_backbone("resnet18", weights=tmp_path / "missing.pth")
-
-
-@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "vgg11"])
-def test_stage_chain_is_forward_features(name):
-    """Running the stages one after another (split anywhere) is exactly forward_features."""
-    backbone = create_backbone(name).eval()
-    stages = backbone.stages()
-    assert len(stages) >= 5
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        whole = backbone.forward_features(x)
-        middle = len(stages) // 2
-        split = backbone.forward_stages(backbone.forward_stages(x, stop=middle), start=middle)
-    assert torch.equal(split, whole)
-    names = [n for n, _ in stages]
-    assert len(set(names)) == len(names)
-
-
-def test_unknown_stage_layout_is_reported():
-    backbone = create_backbone("convnext_atto")
-    assert backbone.stages() == []
-    with pytest.raises(NotImplementedError, match="no known stage layout"):
-        backbone.forward_stages(torch.zeros(1, 3, 32, 32))

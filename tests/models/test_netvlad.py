@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,13 +56,62 @@ def test_kmeans_initialisation_sets_centroids_and_alpha():
 
 def test_model_checkpoint_describes_itself(tmp_path):
     torch.manual_seed(0)
-    model = create_model("msnetvlad", backbone="resnet18", num_clusters=4, local_dim=8, out_dim=16).eval()
+    model = create_model("msnetvlad", backbone="resnet18", num_clusters=4, out_dim=16).eval()
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         expected = model(images)
     save_model(model, tmp_path / "m.pth")
     loaded = load_model(tmp_path / "m.pth")
-    assert loaded.config()["head"] == {"num_clusters": 4, "local_dim": 8, "out_dim": 16}
+    assert loaded.config()["head"] == {"num_clusters": 4, "out_dim": 16}
     with torch.no_grad():
         assert torch.allclose(loaded(images), expected, atol=1e-6)
     assert expected.shape == (2, 16)
+
+
+def test_msnetvlad_aggregates_max_pooled_raw_activations_without_reduction():
+    """The paper's pipeline on the backbone's own map: 2x2 and 3x3 stride-1 max-pools of the raw post-ReLU
+    activations -> NetVLAD (columns of the full channel count) -> intra-normalisation -> L2."""
+    torch.manual_seed(0)
+    model = create_model("msnetvlad", backbone="resnet18", num_clusters=3).eval()
+    images = torch.randn(1, 3, 160, 192)
+    with torch.no_grad():
+        fmap = model.backbone.forward_features(images)  # (1, 512, 5, 6), after ReLU
+        out = model(images)
+    assert fmap.min() >= 0 and out.shape == (1, 3 * 512)
+    columns = []
+    for k in (2, 3):
+        for y in range(fmap.shape[2] - k + 1):
+            for x in range(fmap.shape[3] - k + 1):
+                columns.append(fmap[0, :, y:y + k, x:x + k].amax(dim=(1, 2)))
+    columns = F.normalize(torch.stack(columns), dim=1)  # (4*5 + 3*4, 512)
+    assert len(columns) == 32
+    vlad = model.head.vlad
+    a = F.softmax(columns @ vlad.assign.weight.T, dim=1)
+    v = torch.stack([(a[:, k:k + 1] * (columns - vlad.centroids[k])).sum(0) for k in range(3)])
+    expected = F.normalize(F.normalize(v, dim=1).flatten(), dim=0)
+    assert torch.allclose(out[0], expected, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in model.head.modules())  # no reduction before pooling
+
+
+def test_head_initialisation_clusters_columns_then_fits_the_projection_pca():
+    torch.manual_seed(0)
+    model = create_model("msnetvlad", backbone="resnet18", num_clusters=4, out_dim=8, whiten=True).eval()
+    with torch.no_grad():
+        fmaps = [model.backbone.forward_features(torch.randn(8, 3, 128, 128)) for _ in range(3)]
+        model.head.initialise(fmaps)
+        assert bool(model.head.vlad.initialized)
+        aggregated = torch.cat([model.head.aggregate(f) for f in fmaps])
+        projected = model.head.projection.linear(aggregated).double()
+    # PCA-whitening of the 24 training descriptors: centred, unit variance, uncorrelated
+    assert torch.allclose(projected.mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(torch.cov(projected.T), torch.eye(8, dtype=torch.float64), atol=1e-3)
+    too_few = create_model("gem", backbone="resnet18", out_dim=16).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="at least 32 training descriptors"):
+        too_few.head.initialise([too_few.backbone.forward_features(torch.randn(8, 3, 64, 64))])
+
+
+def test_head_options_of_other_architectures_are_ignored_and_unknown_ones_rejected():
+    assert create_model("gem", backbone="resnet18", num_clusters=8).config()["head"] == {}
+    assert create_model("netvlad", backbone="resnet18", num_clusters=2, p=4.0).config()["head"] == {"num_clusters": 2}
+    with pytest.raises(ValueError, match="unknown head option"):
+        create_model("gem", backbone="resnet18", local_dim=8)

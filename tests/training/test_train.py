@@ -1,95 +1,149 @@
-"""train.py end to end on a tiny generated set: outputs, self-describing checkpoints, exact resumption."""
+"""train.py end to end on tiny generated sets: outputs, self-describing checkpoints, exact resumption, no test
+image read before the final evaluation, run directories never reused."""
+import csv
 import json
 
+import PIL.Image
 import pytest
 import torch
 import yaml
-
-from accelerate.utils import set_seed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from models.retrieval_net import load_model
+from models.retrieval_net import create_model, load_model
+from training.trainer import Trainer
 
 
-def _config(tmp_path, manifest, **train_overrides) -> dict:
-    config = yaml.safe_load((train.DEFAULT_CONFIG.parent / "smoke.yaml").read_text())
-    config["run_dir"] = str(tmp_path / "run")
-    config["data"].update(train=f"csv:{manifest}", train_size=64, workers=1)
-    config["model"].update(backbone="resnet18", pretrained=False, trainable=["backbone.model.layer4", "head"], init_images=12,
-                           head={"num_clusters": 4, "local_dim": 8, "out_dim": 8})
-    config["mining"].update(classes=3, per_class=4)
-    config["train"].update(steps=6, triplets_per_step=2, checkpoint_every=3, log_every=1, **train_overrides)
-    config["eval"].update(benchmark=f"csv:{manifest}", image_size=64, baselines=["gem"], cache_dir=None)
-    return config
+def tiny_config(tmp_path, manifest, miner="batch", **train_overrides) -> dict:
+    """A few steps of a randomly initialised ResNet-18 + MS-NetVLAD at 96 px on real photos (fast on a CPU);
+    half of the triplets hard, so the loss is not zero."""
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"train": f"csv:{manifest}", "train_size": 96, "workers": 1, "val_classes": 0},
+        "model": {"backbone": "resnet18", "pretrained": False, "trainable": ["backbone.model.layer4", "head"],
+                  "init_images": 12, "head": {"num_clusters": 4}},
+        "mining": {"miner": miner, "schedule": [{"semi_hard_probability": 0.5, "hard_threshold": 20}],
+                   "classes_per_batch": 3, "images_per_class": 2, "classes": 3, "per_class": 4,
+                   "refresh_every": 2},
+        "train": {"steps": 6, "triplets_per_step": 2, "checkpoint_every": 3, "log_every": 1,
+                  "triplet_grid_every": 1, "eval_every": 0, **train_overrides},
+        "eval": {"benchmark": f"csv:{manifest}", "image_size": 64, "batch_size": 4, "baselines": ["gem"],
+                 "cache_dir": ""},
+    }
 
 
-def _write(tmp_path, config) -> str:
+def write(tmp_path, config) -> str:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
-def test_run_writes_config_checkpoints_tensorboard_and_results(tmp_path, make_labelled_set):
-    torch.manual_seed(0)
-    config = _config(tmp_path, make_labelled_set(num_classes=3, per_class=5))
-    assert train.main(["--config", _write(tmp_path, config)]) == 0
+def scalars(run_dir, tag) -> list[float]:
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("miner", ["batch", "algorithm1"])
+def test_run_writes_config_checkpoints_tensorboard_and_results(tmp_path, flowers_subset, miner):
+    config = tiny_config(tmp_path, flowers_subset({"train": [1, 2, 3]}), miner)
+    assert train.main(["--config", write(tmp_path, config)]) == 0
     run = tmp_path / "run"
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 6
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 6 and saved["optim"]["lr"] == 0.0001  # resolved: defaults filled in
     results = json.loads((run / "results.json").read_text())
     assert [r["method"] for r in results["results"]] == ["gem", "msnetvlad (trained)"]
     assert set(results["results"][1]["metrics"]) >= {"mAP", "mAP@R", "R@1"}
     model = load_model(run / "last.pth")  # needs no training flags
-    assert model.out_dim == 8 and model.config()["backbone"] == "resnet18"
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    assert {"train/loss", "mining/num_case_a", "mining/num_case_b", "mining/mean_neg_distance"} <= set(
-        events.Tags()["scalars"])
-    grid = events.Images("mining/triplets")[0]  # rows of (anchor, positive, negative) thumbnails
-    assert (grid.width, grid.height) == (3 * 96 + 4 * 2, 3 * 96 + 4 * 2)  # one triplet per class, 3 classes
+    assert model.config()["backbone"] == "resnet18" and model.config()["head"] == {"num_clusters": 4, "whiten": False}
+    tags = set(EventAccumulator(str(run / "tb")).Reload().Tags()["scalars"])
+    assert {"train/loss", "batch/mean_pos_distance", "batch/mean_neg_distance", "mining/mean_pos_distance",
+            "mining/mean_neg_distance"} <= tags
+    if miner == "algorithm1":
+        assert {"mining/num_case_a", "mining/num_case_b", "mining/num_case_c"} <= tags
+    grid = EventAccumulator(str(run / "tb")).Reload().Images("mining/triplets")[0]
+    assert grid.width == 3 * 96 + 4 * 2  # rows of (anchor, positive, negative) thumbnails
 
 
-def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, make_labelled_set, monkeypatch):
-    manifest = make_labelled_set(num_classes=3, per_class=5)
-    straight = _config(tmp_path / "a", manifest)
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("miner", ["batch", "algorithm1"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, flowers_subset, monkeypatch, grad_accum,
+                                                         miner):
+    manifest = flowers_subset({"train": [1, 2, 3]})
     (tmp_path / "a").mkdir()
-    assert train.main(["--config", _write(tmp_path / "a", straight), "--skip-final-eval"]) == 0
-    expected = torch.load(tmp_path / "a" / "run" / "last.pth", weights_only=False)["state_dict"]
+    straight = tiny_config(tmp_path / "a", manifest, miner, grad_accum=grad_accum)
+    assert train.main(["--config", write(tmp_path / "a", straight), "--skip-final-eval"]) == 0
+    expected = torch.load(tmp_path / "a" / "run" / "last.pth", weights_only=True)["state_dict"]
 
-    crashed = _config(tmp_path / "b", manifest)
     (tmp_path / "b").mkdir()
-    original = train.Trainer.train_step
+    crashed = tiny_config(tmp_path / "b", manifest, miner, grad_accum=grad_accum)
+    original = Trainer.train_step
 
     def crash_at_step_five(self):
         if self.step == 4:
             raise KeyboardInterrupt  # stands in for SIGKILL after the step-3 checkpoint
         return original(self)
 
-    monkeypatch.setattr(train.Trainer, "train_step", crash_at_step_five)
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_five)
     with pytest.raises(KeyboardInterrupt):
-        train.main(["--config", _write(tmp_path / "b", crashed), "--skip-final-eval"])
-    assert torch.load(tmp_path / "b" / "run" / "last.pth", weights_only=False)["training_state"]["step"] == 3
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+        train.main(["--config", write(tmp_path / "b", crashed), "--skip-final-eval"])
+    assert torch.load(tmp_path / "b" / "run" / "last.pth", weights_only=True)["training_state"]["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", original)
     assert train.main(["--resume", str(tmp_path / "b" / "run"), "--skip-final-eval"]) == 0
-    resumed = torch.load(tmp_path / "b" / "run" / "last.pth", weights_only=False)
+    resumed = torch.load(tmp_path / "b" / "run" / "last.pth", weights_only=True)
     assert resumed["training_state"]["step"] == 6
     for key, value in expected.items():
         assert torch.equal(resumed["state_dict"][key], value), key
+    assert scalars(tmp_path / "b" / "run", "train/loss")[-3:] == scalars(tmp_path / "a" / "run", "train/loss")[-3:]
 
 
-def test_cached_prefix_trains_only_the_stages_after_the_frozen_prefix(tmp_path, make_labelled_set):
-    config = _config(tmp_path, make_labelled_set(num_classes=3, per_class=5), inputs="cached_prefix")
-    assert train.main(["--config", _write(tmp_path, config), "--skip-final-eval"]) == 0
+def test_only_the_trainable_modules_change(tmp_path, flowers_subset):
+    config = tiny_config(tmp_path, flowers_subset({"train": [1, 2, 3]}))
+    assert train.main(["--config", write(tmp_path, config), "--skip-final-eval"]) == 0
     trained = load_model(tmp_path / "run" / "last.pth").state_dict()
-    set_seed(0)  # train.py seeds before building the model: this is its initial network
-    initial = train.create_model("msnetvlad", backbone="resnet18", **config["model"]["head"]).state_dict()
+    torch.manual_seed(0)  # train.py seeds (0) before building the model: this is its initial network
+    initial = create_model("msnetvlad", backbone="resnet18", num_clusters=4).state_dict()
     frozen = [k for k in initial if k.startswith("backbone.") and not k.startswith("backbone.model.layer4.")]
     assert frozen and all(torch.equal(trained[k], initial[k]) for k in frozen)
-    assert not torch.equal(trained["backbone.model.layer4.1.conv2.weight"], initial["backbone.model.layer4.1.conv2.weight"])
+    assert not torch.equal(trained["backbone.model.layer4.1.conv2.weight"],
+                           initial["backbone.model.layer4.1.conv2.weight"])
 
 
-def test_trainable_name_matching_nothing_is_an_error(tmp_path, make_labelled_set):
-    config = _config(tmp_path, make_labelled_set(num_classes=3, per_class=5))
+def test_no_test_image_is_read_before_the_final_evaluation(tmp_path, flowers_subset, monkeypatch):
+    manifest = flowers_subset({"train": [1, 2, 3, 4], "test": [60, 61]}, per_class=4)
+    config = tiny_config(tmp_path, manifest, "algorithm1", eval_every=3)
+    config["data"].update(train=f"csv:{manifest}:train", val_classes=1)
+    config["mining"].update(classes=3)
+    config["eval"]["benchmark"] = f"csv:{manifest}:test"
+    opened, phase = [], {"final": False}
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append((phase["final"], str(fp))),
+                                                                real_open(fp, *a, **k))[1])
+    real_final = train.final_evaluation
+
+    def final_evaluation(*args, **kwargs):
+        phase["final"] = True
+        return real_final(*args, **kwargs)
+
+    monkeypatch.setattr(train, "final_evaluation", final_evaluation)
+    assert train.main(["--config", write(tmp_path, config)]) == 0
+    test_files = {row["file"] for row in csv.DictReader(manifest.open()) if row["split"] == "test"}
+    before = {path for final, path in opened if not final}
+    assert before and not before & test_files  # training and validation read only training images
+    assert {path for final, path in opened if final} & test_files  # the spy sees the final evaluation
+    assert (tmp_path / "run" / "best.pth").is_file()  # chosen on the held-out training class
+
+
+def test_a_finished_run_directory_is_never_reused(tmp_path, flowers_subset):
+    config = tiny_config(tmp_path, flowers_subset({"train": [1, 2, 3]}), steps=1)
+    for _ in range(2):
+        assert train.main(["--config", write(tmp_path, config), "--skip-final-eval"]) == 0
+    assert (tmp_path / "run" / "last.pth").is_file() and (tmp_path / "run-2" / "last.pth").is_file()
+    assert yaml.safe_load((tmp_path / "run-2" / "config.yaml").read_text())["run_dir"] == str(tmp_path / "run-2")
+
+
+def test_trainable_name_matching_nothing_is_an_error(tmp_path, flowers_subset):
+    config = tiny_config(tmp_path, flowers_subset({"train": [1, 2, 3]}))
     config["model"]["trainable"] = ["model.layer4", "head"]  # missing the "backbone." prefix
     with pytest.raises(ValueError, match="'model.layer4' matches no parameter"):
-        train.main(["--config", _write(tmp_path, config), "--skip-final-eval"])
+        train.main(["--config", write(tmp_path, config), "--skip-final-eval"])

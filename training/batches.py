@@ -1,0 +1,130 @@
+"""Where each step's images and triplets come from.
+
+- :class:`ClassBalancedBatches` (in-batch miners ``batch`` / ``semihard`` / ``hard``): P classes x K images
+  per batch (``data.samplers.ClassBalancedBatchSampler``); the triplets are mined inside the batch from the
+  embeddings that carry the gradient.
+- :class:`MiningPoolBatches` (``algorithm1``): every ``refresh_every`` steps, or when the pool runs short, a
+  mining batch of ``classes`` x ``per_class`` training images is embedded without gradient and mined with
+  Algorithm 1; the pool then serves ``triplets_per_step`` triplets a step as fixed (a, p, n) tuples.
+
+Both are deterministic functions of the run seed and their own state (``state_dict``), and every process of
+a distributed run computes the same global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from data.samplers import ClassBalancedBatchSampler
+from miners import Algorithm1Miner, MiningPool, MiningSchedule
+
+from .data import derived_seed
+
+#: Mining rounds in a row that may find no triplet before the run stops (each with a new mining batch).
+MAX_EMPTY_MINING_ROUNDS = 10
+
+
+@dataclass
+class Batch:
+    """Dataset indices of a global batch; ``triplets`` index it (fixed tuples) or None (mine in the batch)."""
+
+    indices: list[int]
+    triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    #: statistics of a mining round run to produce this batch (Algorithm 1), else empty
+    mining_stats: dict = field(default_factory=dict)
+
+
+class ClassBalancedBatches:
+    def __init__(self, labels: np.ndarray, classes_per_batch: int, images_per_class: int, seed: int):
+        self.sampler = ClassBalancedBatchSampler(labels, classes_per_batch, images_per_class, seed=seed)
+        self._plan: tuple[int, np.ndarray] | None = None
+
+    def next(self, step: int) -> Batch:
+        sampler = self.sampler
+        if sampler.position >= len(sampler):
+            sampler.set_epoch(sampler.epoch + 1)
+        if self._plan is None or self._plan[0] != sampler.epoch:
+            self._plan = (sampler.epoch, sampler.class_plan(sampler.epoch))
+        indices = sampler.global_batch(sampler.epoch, sampler.position, self._plan[1])
+        sampler.position += 1
+        return Batch(indices)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def mining_batch(labels: np.ndarray, classes: int, per_class: int, seed: int) -> np.ndarray:
+    """Dataset indices of a mining batch: ``classes`` classes x ``per_class`` images (seeded), in random order
+    (the order in which Algorithm 1's one-per-class rule meets the queries does not favour any class)."""
+    rng = np.random.default_rng(seed)
+    unique = np.unique(labels)
+    chosen = rng.choice(unique, size=min(classes, len(unique)), replace=False)
+    picks = []
+    for label in chosen:
+        members = np.flatnonzero(labels == label)
+        picks.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
+    return rng.permutation(np.concatenate(picks))
+
+
+class MiningPoolBatches:
+    """Algorithm 1's mining rounds feeding a pool of triplets (see the module doc).
+
+    ``embed(indices) -> (N, D)`` embeds images without gradient (the same result on every process).
+    """
+
+    def __init__(self, labels: np.ndarray, miner: Algorithm1Miner, schedule: MiningSchedule, triplets_per_step: int,
+                 classes: int, per_class: int, seed: int, embed: Callable[[np.ndarray], torch.Tensor],
+                 follow_schedule: bool = True):
+        self.labels = labels
+        self.miner = miner
+        self.schedule = schedule
+        self.follow_schedule = follow_schedule
+        self.classes, self.per_class = classes, per_class
+        self.seed = seed
+        self.embed = embed
+        self.pool = MiningPool(triplets_per_step, schedule.refresh_every, seed=seed)
+        self.round = 0  # mining rounds so far: each draws a new mining batch
+
+    def refresh(self, step: int) -> dict:
+        if self.follow_schedule:
+            self.schedule.apply(self.miner, step, self.pool)
+        indices = mining_batch(self.labels, self.classes, self.per_class, derived_seed(self.seed, self.round, 1))
+        self.round += 1
+        embeddings = self.embed(indices)
+        labels = torch.as_tensor(self.labels[indices], device=embeddings.device)
+        triplets = self.miner(embeddings, labels)
+        count = self.pool.refill(indices, triplets)
+        return {**self.miner.last_stats, "triplets": count,
+                "semi_hard_probability": self.miner.semi_hard_probability}
+
+    def next(self, step: int) -> Batch:
+        stats: dict = {}
+        empty_rounds = 0
+        while self.pool.refresh_due:
+            stats = self.refresh(step)
+            if self.pool.remaining:
+                break
+            empty_rounds += 1
+            if empty_rounds == MAX_EMPTY_MINING_ROUNDS:
+                raise RuntimeError(f"step {step}: {empty_rounds} mining rounds in a row found no triplet (last: "
+                                   f"{stats}); check mining.classes / per_class and the schedule's hard_threshold")
+        indices = self.pool.next_batch()
+        return Batch(indices, MiningPool.indices_tuple(len(indices)), stats)
+
+    @property
+    def last_triplets(self) -> list[list[int]]:
+        return self.pool.triplets
+
+    def state_dict(self) -> dict:
+        return {"pool": self.pool.state_dict(), "miner": self.miner.state_dict(), "round": self.round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pool.load_state_dict(state["pool"])
+        self.miner.load_state_dict(state["miner"])
+        self.round = int(state["round"])

@@ -1,0 +1,257 @@
+"""The training loop: a retrieval network, triplets from a miner, one optimiser step at a time.
+
+Per optimiser step, for each of ``grad_accum`` micro-batches: the global batch (every process computes the
+same one) is split into contiguous shards; each process loads and embeds its shard on
+``accelerator.device``; the embeddings are gathered in global order with gradients
+(``training.distributed``), so every process mines the same triplets and computes the loss of the whole
+batch, exactly as a single process would. The loss's reducer therefore averages over the *global* non-zero
+triplets, and 1 and N processes give the same loss and the same update.
+
+Checkpoints (``last.pth``, and ``best.pth`` by validation mAP) hold the model in its self-describing format
+plus the whole training state (optimiser, scheduler, batch source and miner, RNGs, step), so a resumed run
+continues exactly. Validation uses classes held out of the training set; the test benchmark is not read here.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.transforms.functional import center_crop
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from data.images import load_image
+from data.transforms import EvalTransform
+from losses import create_loss
+from miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
+from models.retrieval_net import RetrievalNet, create_model
+from retrieval.benchmarks import LabelledBenchmark
+from retrieval.harness import EvalSettings, evaluate_method
+from retrieval.trained import TrainedModelMethod
+
+from .batches import Batch, ClassBalancedBatches, MiningPoolBatches
+from .checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
+from .data import ImageBatches, derived_seed, load_training_set, split_validation_classes
+from .distributed import gather_rows, gather_with_grad, shard_slice
+from .optimization import build_optimizer, freeze, set_train_mode
+
+log = logging.getLogger(__name__)
+
+
+def pair_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean squared distance over all positive pairs and over all negative pairs of a batch."""
+    dist = torch.cdist(embeddings, embeddings).pow(2)
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    mean = lambda mask: float(dist[mask].mean()) if bool(mask.any()) else float("nan")  # noqa: E731
+    return mean(positive), mean(~same)
+
+
+class Trainer:
+    def __init__(self, config: dict, run_dir: Path, data_root: Path, accelerator: Accelerator):
+        self.config, self.run_dir, self.accelerator = config, run_dir, accelerator
+        self.device = accelerator.device
+        self.seed = int(config["seed"])
+        dcfg, mcfg, tcfg, mining = config["data"], config["model"], config["train"], config["mining"]
+        images = load_training_set(dcfg["train"], data_root)
+        self.train_set, self.val_set = split_validation_classes(images, dcfg["val_classes"], self.seed)
+        self.labels = np.asarray(self.train_set.labels)
+        log.info("training on %d images of %d classes%s", len(self.train_set), self.train_set.num_classes,
+                 f"; validating on {len(self.val_set)} images of {self.val_set.num_classes} held-out classes"
+                 if self.val_set is not None else "; no validation classes (last checkpoint is evaluated)")
+        self.model = create_model(mcfg["architecture"], backbone=mcfg["backbone"], pretrained=mcfg["pretrained"],
+                                  weights=mcfg["weights"], **mcfg["head"])
+        trainable = freeze(self.model, mcfg["trainable"])
+        log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable),
+                 sum(p.numel() for p in self.model.parameters()))
+        self.model.to(self.device, memory_format=torch.channels_last)
+        pre = self.model.preprocessing
+        self.images = ImageBatches(self.train_set, dcfg["train_size"], pre.mean, pre.std, self.device,
+                                   dcfg["workers"], dcfg["crop_scale"])
+        self.loss = create_loss(config["loss"]["name"], margin=config["loss"]["margin"])
+        self.miner = create_miner(mining["miner"], self.loss, self.seed, one_per_class=mining["one_per_class"],
+                                  loss_band=mining["loss_band"])
+        self.schedule = MiningSchedule.from_config({"phases": mining["schedule"],
+                                                    "refresh_every": mining["refresh_every"]})
+        if not follows_schedule(mining["miner"]):  # semihard / hard pin the probability
+            self.schedule = MiningSchedule((MiningPhase(self.miner.semi_hard_probability),))
+        if mining["miner"] == "algorithm1":
+            self.batches = MiningPoolBatches(self.labels, self.miner, self.schedule, tcfg["triplets_per_step"],
+                                             mining["classes"], mining["per_class"], self.seed, self.embed_plain)
+        else:
+            self.batches = ClassBalancedBatches(self.labels, mining["classes_per_batch"],
+                                                mining["images_per_class"], self.seed)
+        self.step = 0
+        self.best = -1.0
+        self.timing = {"train_seconds": 0.0, "images": 0, "validation_seconds": 0.0}
+        self.writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
+        self.optimizer = self.scheduler = None
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> RetrievalNet:
+        return self.accelerator.unwrap_model(self.model)
+
+    def training_state(self) -> dict:
+        scaler = self.accelerator.scaler
+        return {"step": self.step, "best": self.best, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "batches": self.batches.state_dict(),
+                "miner": self.miner.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(), "config": self.config}
+
+    def save(self, name: str, metrics: dict | None = None) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.run_dir / name, self.unwrapped, self.training_state(), metrics)
+
+    def setup(self, resume_from: Path | None = None) -> None:
+        if resume_from is None and self.accelerator.is_main_process:
+            self.initialise_head()  # DDP copies the main process's parameters to the others in prepare()
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.config["optim"],
+                                                         self.config["train"]["steps"])
+        if resume_from is not None:
+            state_dict, state = load_training_state(resume_from)
+            self.model.load_state_dict(state_dict)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.batches.load_state_dict(state["batches"])
+            self.miner.load_state_dict(state["miner"])
+            set_rng_state(state["rng"])
+            self.step, self.best = state["step"], state["best"]
+            self._resumed_scaler = state.get("scaler")
+            log.info("resumed from %s at step %d", resume_from, self.step)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if resume_from is not None and self._resumed_scaler and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(self._resumed_scaler)
+
+    @torch.no_grad()
+    def initialise_head(self) -> None:
+        """k-means centroids (NetVLAD) and the projection's PCA from unaugmented training images."""
+        count = min(self.config["model"]["init_images"], len(self.train_set))
+        indices = np.random.default_rng(self.seed).choice(len(self.train_set), size=count, replace=False)
+        self.model.eval()
+        fmaps = [self.model.feature_map(self.images.load(indices[s:s + 32]))
+                 for s in tqdm(range(0, count, 32), desc="head set-up", unit="batch", leave=False)]
+        self.model.head.initialise(fmaps)
+
+    # -- embedding ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_plain(self, indices: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+        """Unaugmented embeddings of ``indices`` (a mining batch), sharded over processes and gathered; the
+        same (N, D) device tensor on every process."""
+        acc = self.accelerator
+        mine = np.asarray(indices)[shard_slice(len(indices), acc.process_index, acc.num_processes)]
+        model = self.unwrapped.eval()
+        parts = [model(self.images.load(mine[s:s + batch_size])).float() for s in range(0, len(mine), batch_size)]
+        local = torch.cat(parts) if parts else torch.zeros(0, model.out_dim, device=self.device)
+        return gather_rows(local, len(indices))
+
+    # -- one optimiser step -----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        acc, accum = self.accelerator, self.config["train"]["grad_accum"]
+        set_train_mode(self.model)
+        values: dict[str, float] = {"train/loss": 0.0}
+        for micro in range(accum):
+            batch = self.batches.next(self.step)
+            values.update({f"mining/{k}": float(v) for k, v in batch.mining_stats.items()})
+            count = len(batch.indices)
+            rows = shard_slice(count, acc.process_index, acc.num_processes)
+            seeds = [derived_seed(self.seed, self.step, micro, position) for position in range(count)]
+            images = self.images.load(batch.indices[rows], seeds[rows])
+            labels = torch.as_tensor(self.labels[batch.indices], device=self.device)
+            sync = acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with acc.autocast():
+                    local = self.model(images)
+                embeddings = gather_with_grad(local.float(), count)
+                if batch.triplets is not None:
+                    triplets = tuple(t.to(self.device) for t in batch.triplets)
+                else:
+                    triplets = self.miner(embeddings.detach(), labels)
+                    values.update({f"mining/{k}": float(v) for k, v in self.miner.last_stats.items()})
+                loss = self.loss(embeddings, labels, triplets)
+                acc.backward(loss / accum)
+            values["train/loss"] += float(loss.detach()) / accum
+            positive, negative = pair_distances(embeddings.detach(), labels)
+            values.update({"batch/mean_pos_distance": positive, "batch/mean_neg_distance": negative})
+            self.timing["images"] += count
+            self._last = (batch, triplets)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return values
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        tcfg = self.config["train"]
+        steps = tcfg["steps"]
+        progress = tqdm(total=steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not self.accelerator.is_main_process)
+        while self.step < steps:
+            tick = time.perf_counter()
+            values = self.train_step()
+            self.timing["train_seconds"] += time.perf_counter() - tick
+            self.step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+            if self.step % tcfg["log_every"] == 0 or self.step == 1:
+                values["train/lr"] = self.scheduler.get_last_lr()[0]
+                values["train/images_per_second"] = self.timing["images"] / max(self.timing["train_seconds"], 1e-9)
+                self.log_scalars(values)
+            if tcfg["triplet_grid_every"] and (self.step - 1) % tcfg["triplet_grid_every"] == 0:
+                self.log_triplet_grid()
+            if self.val_set is not None and ((tcfg["eval_every"] and self.step % tcfg["eval_every"] == 0)
+                                             or self.step == steps):
+                self.validate()
+            if self.step % tcfg["checkpoint_every"] == 0 or self.step == steps:
+                self.save("last.pth")
+        progress.close()
+        if self.writer is not None:
+            self.writer.flush()  # the last events would otherwise be lost when the process ends
+
+    def validate(self) -> None:
+        """Retrieval on the held-out validation classes; ``best.pth`` keeps the best mAP so far."""
+        tick = time.perf_counter()
+        if self.accelerator.is_main_process:
+            ecfg = self.config["eval"]
+            benchmark = LabelledBenchmark(name="validation", images=self.val_set)
+            method = TrainedModelMethod(self.unwrapped, name="model")
+            settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg["batch_size"],
+                                    device=str(self.device), cache_dir=None, num_workers=0)
+            metrics = evaluate_method(method, benchmark, settings).metrics
+            self.log_scalars({f"val/{k}": v for k, v in metrics.items()})
+            log.info("step %d: validation mAP %.4f, R@1 %.4f", self.step, metrics["mAP"], metrics["R@1"])
+            if metrics["mAP"] > self.best:
+                self.best = metrics["mAP"]
+                self.save("best.pth", metrics)
+        self.accelerator.wait_for_everyone()
+        self.timing["validation_seconds"] += time.perf_counter() - tick
+
+    # -- logging ----------------------------------------------------------------------------------------------
+    def log_scalars(self, values: dict) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, self.step)
+
+    def log_triplet_grid(self, count: int = 4, size: int = 96) -> None:
+        """TensorBoard image: triplets of the last step, one row each (anchor, positive, negative)."""
+        if self.writer is None or not hasattr(self, "_last"):
+            return
+        batch, triplets = self._last
+        rows = list(zip(*(t.tolist() for t in triplets)))[:count]
+        if not rows:
+            return
+        thumbnail = EvalTransform(size, "shorter", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        tiles = [center_crop(thumbnail(load_image(self.train_set.paths[batch.indices[i]])), [size, size])
+                 for row in rows for i in row]
+        self.writer.add_image("mining/triplets", make_grid(tiles, nrow=3, padding=2), self.step)
+
+    def close(self) -> None:
+        self.images.close()
+        if self.writer is not None:
+            self.writer.close()
