@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="run directory (or checkpoint) to resume")
     parser.add_argument("--skip-final-eval", action="store_true", help="train only")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def peak_memory_gb() -> tuple[float, float]:

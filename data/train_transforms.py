@@ -92,7 +92,8 @@ class TrainTransform:
         if not 0 <= self.color_jitter < 1:
             raise ValueError(f"colour jitter must be in [0, 1), got {self.color_jitter}")
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
+        """The random crop, flip and jitter alone (a PIL image of size x size), without tensor conversion."""
         top, left, height, width = random_resized_crop_box(image.width, image.height, self.scale, self.ratio,
                                                            generator)
         image = TF.resized_crop(image, top, left, height, width, [self.size, self.size],
@@ -101,7 +102,10 @@ class TrainTransform:
             image = TF.hflip(image)
         if self.color_jitter > 0:
             image = color_jitter(image, self.color_jitter, generator)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return image
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return TF.normalize(TF.to_tensor(self.augment(image, generator)), self.mean, self.std)
 
     def describe(self) -> str:
         jitter = f"-jitter{self.color_jitter:g}" if self.color_jitter else ""

@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override the benchmark's convention; shorter_max only shrinks (SCDA: 700)")
     parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"],
                         help="resize filter (default bilinear)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (grouped by size)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (grouped by size)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader worker processes (default 0: on a 2-core CPU a worker slows the network down)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
     parser.add_argument("--top-k", type=int, default=0, help="also save the FAISS top-k neighbours per query")

@@ -22,7 +22,7 @@ def final_evaluation(config: dict, run_dir: Path, data_root: Path, device: str =
     # eval.limit: N images of a labelled benchmark, dealt over its classes (quick checks; null = all)
     benchmark = create_benchmark(ecfg["benchmark"], data_root, limit=ecfg["limit"])
     settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg["batch_size"], device=device,
-                            cache_dir=ecfg["cache_dir"])
+                            num_workers=ecfg["workers"], cache_dir=ecfg["cache_dir"])
     context = MethodContext(backbone=mcfg["backbone"], pretrained=mcfg["pretrained"], weights=mcfg["weights"],
                             share_backbone=True)
     baselines = [create_method(name, context) for name in ecfg["baselines"]]

@@ -73,7 +73,7 @@ class Trainer:
         self.model.to(self.device, memory_format=torch.channels_last)
         pre = self.model.preprocessing
         self.images = ImageBatches(self.train_set, dcfg["train_size"], pre.mean, pre.std, self.device,
-                                   dcfg["workers"], dcfg["crop_scale"])
+                                   dcfg["workers"], dcfg["crop_scale"], dcfg["keep_decoded"])
         self.loss = create_loss(config["loss"]["name"], margin=config["loss"]["margin"])
         self.miner = create_miner(mining["miner"], self.loss, self.seed, one_per_class=mining["one_per_class"],
                                   loss_band=mining["loss_band"])
@@ -141,13 +141,15 @@ class Trainer:
 
     # -- embedding ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed_plain(self, indices: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    def embed_plain(self, indices: np.ndarray) -> torch.Tensor:
         """Unaugmented embeddings of ``indices`` (a mining batch), sharded over processes and gathered; the
         same (N, D) device tensor on every process."""
         acc = self.accelerator
         mine = np.asarray(indices)[shard_slice(len(indices), acc.process_index, acc.num_processes)]
         model = self.unwrapped.eval()
-        parts = [model(self.images.load(mine[s:s + batch_size])).float() for s in range(0, len(mine), batch_size)]
+        chunk = self.config["train"]["forward_chunk"] or 64
+        with acc.autocast():
+            parts = [model(self.images.load(mine[s:s + chunk])).float() for s in range(0, len(mine), chunk)]
         local = torch.cat(parts) if parts else torch.zeros(0, model.out_dim, device=self.device)
         return gather_rows(local, len(indices))
 
@@ -167,7 +169,7 @@ class Trainer:
             sync = acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext()
             with sync:
                 with acc.autocast():
-                    local = self.model(images)
+                    local = self.forward_chunks(images)
                 embeddings = gather_with_grad(local.float(), count)
                 if batch.triplets is not None:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
@@ -185,6 +187,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return values
+
+    def forward_chunks(self, images: torch.Tensor) -> torch.Tensor:
+        """The model on ``images`` in forward passes of at most ``train.forward_chunk`` images (null: one).
+
+        A convolution's float rounding depends slightly on its batch size, so a one-process run reproduces
+        an N-process run bit for bit when its chunk is the per-process shard (``tests/training``)."""
+        chunk = self.config["train"]["forward_chunk"] or max(len(images), 1)
+        return torch.cat([self.model(images[s:s + chunk]) for s in range(0, max(len(images), 1), chunk)])
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -222,7 +232,7 @@ class Trainer:
             benchmark = LabelledBenchmark(name="validation", images=self.val_set)
             method = TrainedModelMethod(self.unwrapped, name="model")
             settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg["batch_size"],
-                                    device=str(self.device), cache_dir=None, num_workers=0)
+                                    device=str(self.device), cache_dir=None, num_workers=ecfg["workers"])
             metrics = evaluate_method(method, benchmark, settings).metrics
             self.log_scalars({f"val/{k}": v for k, v in metrics.items()})
             log.info("step %d: validation mAP %.4f, R@1 %.4f", self.step, metrics["mAP"], metrics["R@1"])

@@ -15,6 +15,8 @@ from data.manifest import ManifestError
 from data.revisitop import RevisitopError
 from models.backbones import WeightsError
 
+from .memory import reuse_freed_memory
+
 #: Errors caused by inputs (files, data, flags), reported in one line with exit code 2.
 USER_ERRORS = (ImageLoadError, ManifestError, RevisitopError, WeightsError, FileNotFoundError, ValueError,
                KeyError)
@@ -36,6 +38,7 @@ def error_line(error: BaseException) -> str:
 
 def run_cli(main: Callable[[], int]) -> int:
     setup_logging()
+    reuse_freed_memory()
     try:
         return main()
     except USER_ERRORS as error:

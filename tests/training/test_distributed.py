@@ -1,0 +1,78 @@
+"""Distributed training on this CPU (gloo): the gathered embeddings and gradients, and whole runs of train.py
+under `accelerate launch` with 2 processes against one process with the same global batch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import REPO
+from training.distributed import gather_rows, gather_with_grad, shard_sizes, shard_slice
+
+
+def test_shards_cover_the_batch_in_order():
+    assert shard_sizes(7, 3) == [3, 2, 2] and shard_sizes(2, 3) == [1, 1, 0]
+    assert [shard_slice(7, r, 3) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
+
+
+def _worker(rank: int, world: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2)                      # the "model", the same on every process
+    inputs = torch.randn(5, 3)                      # the global batch
+    local_inputs = inputs[shard_slice(5, rank, world)]
+    w = weight.clone().requires_grad_()
+    gathered = gather_with_grad(local_inputs @ w, 5)
+    loss = (gathered.sin() * torch.arange(5.0)[:, None]).sum()  # any loss of the whole batch
+    loss.backward()
+    grad = w.grad.clone()
+    dist.all_reduce(grad)
+    grad /= world                                   # what DDP does with the parameter gradients
+    results[rank] = (gathered.detach(), grad, gather_rows(local_inputs, 5))
+    dist.destroy_process_group()
+
+
+def test_gather_with_grad_gives_the_single_process_gradient_after_ddp_averaging(tmp_path):
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(3, 2), torch.randn(5, 3)
+    w = weight.clone().requires_grad_()
+    expected = inputs @ w
+    (expected.sin() * torch.arange(5.0)[:, None]).sum().backward()
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    for rank in range(2):
+        gathered, grad, rows = results[rank]
+        assert torch.allclose(gathered, expected.detach()) and torch.equal(rows, inputs)
+        assert torch.allclose(grad, w.grad, atol=1e-6)
+
+
+def _losses(run_dir) -> list[float]:
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [event.value for event in events.Scalars("train/loss")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("miner", ["batch", "algorithm1"])
+def test_two_processes_train_exactly_like_one(tmp_path, flowers_root, miner):
+    """configs/smoke.yaml: global batch 12 (4 classes x 3 / 4 triplets), 2 processes x 6 images. One process
+    with the same thread count (accelerate launch gives each process one) and forward passes of 6 images does
+    the same arithmetic, so the per-step losses agree exactly."""
+    common = ["--config", "configs/smoke.yaml", "--skip-final-eval", "train.steps=4", f"mining.miner={miner}"]
+    env = {**os.environ, "DATA_ROOT": str(flowers_root), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for command, run in ((launch + ["train.py", *common, "--run-dir", str(tmp_path / "two")], "two"),
+                         ([sys.executable, "train.py", *common, "--run-dir", str(tmp_path / "one"),
+                           "train.forward_chunk=6"], "one")):
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4 and any(value > 0 for value in one)
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5

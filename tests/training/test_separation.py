@@ -1,0 +1,59 @@
+"""A short training run on real photos separates the classes: positives pulled together, negatives apart,
+nothing collapsed (the failure this guards against: both distances shrinking to the margin together)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from models.retrieval_net import load_model
+from training.config import resolve_config
+from training.data import ImageBatches, load_training_set
+from training.trainer import Trainer
+
+
+def mean_distances(model, images) -> tuple[float, float]:
+    """Mean squared distance of all positive pairs and of all negative pairs (unaugmented views)."""
+    pre = model.preprocessing
+    with torch.no_grad():
+        x = model.eval()(ImageBatches(images, 96, pre.mean, pre.std, torch.device("cpu")).load(range(len(images))))
+    d = torch.cdist(x, x).pow(2)
+    labels = torch.as_tensor(images.labels)
+    same = labels[:, None] == labels[None, :]
+    return float(d[same & ~torch.eye(len(labels), dtype=torch.bool)].mean()), float(d[~same].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("miner", ["batch", "algorithm1"])
+def test_training_pulls_positives_together_and_pushes_negatives_apart(tmp_path, flowers_subset, miner):
+    manifest = flowers_subset({"train": [3, 5, 12, 23, 37, 44]}, per_class=8)
+    config = {"run_dir": str(tmp_path / "run"),
+              "data": {"train": f"csv:{manifest}", "train_size": 96, "workers": 1, "val_classes": 0},
+              "model": {"architecture": "msnetvlad", "head": {"num_clusters": 4}, "init_images": 48},
+              "mining": {"miner": miner, "classes_per_batch": 3, "images_per_class": 4, "classes": 6, "per_class": 8,
+                         "refresh_every": 4},
+              "optim": {"lr": 0.0002, "head_lr": 0.001},
+              "train": {"steps": 16, "triplets_per_step": 4, "log_every": 1, "triplet_grid_every": 0,
+                        "checkpoint_every": 16, "eval_every": 0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert train.main(["--config", str(tmp_path / "config.yaml"), "--skip-final-eval"]) == 0
+    images = load_training_set(f"csv:{manifest}", tmp_path)
+    set_seed(0)  # the run's initial network: same seed, same head set-up
+    start = Trainer(resolve_config(tmp_path / "config.yaml"), tmp_path / "init", tmp_path, Accelerator(cpu=True))
+    start.setup(None)
+    before = mean_distances(start.unwrapped, images)
+    after = mean_distances(load_model(tmp_path / "run" / "last.pth"), images)
+    print(f"{miner}: positive / negative mean squared distance {before} -> {after}")
+    assert after[1] > after[0]  # negatives farther than positives
+    assert after[1] / after[0] > 1.25 * before[1] / before[0]  # relatively farther than before training
+    assert after[1] > 0.5 * before[1]  # no collapse: negatives were not pulled in
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    pos = [e.value for e in events.Scalars("batch/mean_pos_distance")]
+    neg = [e.value for e in events.Scalars("batch/mean_neg_distance")]
+    assert np.mean(neg[-4:]) > np.mean(pos[-4:])

