@@ -98,7 +98,7 @@ def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batc
     outputs: list[np.ndarray | None] = [None] * len(methods)
     start = time.perf_counter()
     with ExitStack() as stack, tqdm(total=len(dataset), desc=description, unit="img", dynamic_ncols=True,
-                                    leave=False) as bar:
+                                    leave=False, disable=None) as bar:
         if len(methods) > 1:
             for backbone in backbones.values():
                 stack.enter_context(backbone.reuse_forward())

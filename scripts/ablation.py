@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Run train.py once per variant of a config and print one table (mAP, R@1, training minutes).
+"""Run train.py once per variant of a config and print one table (validation mAP, test mAP and R@1,
+training minutes).
 
     python scripts/ablation.py                                   # the README's head and miner ablations
     python scripts/ablation.py --variant "gem: model.architecture=gem" --variant "K16: model.head.num_clusters=16"
@@ -56,22 +57,23 @@ def main(argv=None) -> int:
             command += ["--data-root", args.data_root]
         print(f"== {name}: {' '.join(overrides) or '(config as is)'}", flush=True)
         if subprocess.run(command, cwd=REPO).returncode != 0:
-            rows.append((name, None, None, None))
+            rows.append((name, None, None, None, None))
             continue
         # train.py never reuses a directory: the run is the newest folder with this name
         candidates = sorted(Path(run_dir).parent.glob(Path(run_dir).name + "*"), key=lambda p: p.stat().st_mtime)
         results = json.loads((candidates[-1] / "results.json").read_text())
         metrics = results["results"][-1]["metrics"]
         minutes = results["training"]["train_seconds"] / 60
-        rows.append((name, metrics["mAP"], metrics["R@1"], minutes))
-    table = ["| variant | mAP | R@1 | training min |", "|---|---|---|---|"]
-    for name, mean_ap, recall, minutes in rows:
-        cells = ["failed"] * 3 if mean_ap is None else [f"{mean_ap:.4f}", f"{recall:.4f}", f"{minutes:.1f}"]
+        rows.append((name, results["training"]["best_validation_mAP"], metrics["mAP"], metrics["R@1"], minutes))
+    table = ["| variant | validation mAP (best) | test mAP | test R@1 | training min |", "|---|---|---|---|---|"]
+    for name, val, mean_ap, recall, minutes in rows:
+        cells = ["failed"] * 4 if mean_ap is None else [
+            "-" if val is None else f"{val:.4f}", f"{mean_ap:.4f}", f"{recall:.4f}", f"{minutes:.1f}"]
         table.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(table))
     if args.table:
         Path(args.table).write_text("\n".join(table) + "\n")
-    return 0 if all(row[1] is not None for row in rows) else 1
+    return 0 if all(row[2] is not None for row in rows) else 1
 
 
 if __name__ == "__main__":

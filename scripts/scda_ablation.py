@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     loader = DataLoader(benchmark.database_dataset(transform), batch_size=1, num_workers=args.workers)
     descriptors: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
-        for images, _ in tqdm(loader, desc="features", unit="img"):
+        for images, _ in tqdm(loader, desc="features", unit="img", disable=None):
             maps = backbone.forward_taps(images, [last_tap, earlier_tap])
             for name, vector in variants(maps[last_tap], maps[earlier_tap]).items():
                 descriptors.setdefault(name, []).append(vector[0].numpy())

@@ -136,7 +136,8 @@ class Trainer:
         indices = np.random.default_rng(self.seed).choice(len(self.train_set), size=count, replace=False)
         self.model.eval()
         fmaps = [self.model.feature_map(self.images.load(indices[s:s + 32]))
-                 for s in tqdm(range(0, count, 32), desc="head set-up", unit="batch", leave=False)]
+                 for s in tqdm(range(0, count, 32), desc="head set-up", unit="batch", leave=False,
+                                disable=None)]
         self.model.head.initialise(fmaps)
 
     # -- embedding ---------------------------------------------------------------------------------------------
@@ -166,42 +167,70 @@ class Trainer:
             seeds = [derived_seed(self.seed, self.step, micro, position) for position in range(count)]
             images = self.images.load(batch.indices[rows], seeds[rows])
             labels = torch.as_tensor(self.labels[batch.indices], device=self.device)
-            sync = acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with acc.autocast():
-                    local = self.forward_chunks(images)
-                embeddings = gather_with_grad(local.float(), count)
+
+            def batch_loss(embeddings: torch.Tensor) -> torch.Tensor:
+                """The loss of the whole (gathered) batch, with this batch's triplets."""
                 if batch.triplets is not None:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
                 else:
                     triplets = self.miner(embeddings.detach(), labels)
                     values.update({f"mining/{k}": float(v) for k, v in self.miner.last_stats.items()})
-                loss = self.loss(embeddings, labels, triplets)
-                acc.backward(loss / accum)
-            values["train/loss"] += float(loss.detach()) / accum
-            positive, negative = pair_distances(embeddings.detach(), labels)
+                self._last = (batch, triplets)
+                return self.loss(embeddings, labels, triplets)
+
+            loss, embeddings = self.forward_backward(images, count, batch_loss, scale=1 / accum,
+                                                     last_micro_batch=micro == accum - 1)
+            values["train/loss"] += float(loss) / accum
+            positive, negative = pair_distances(embeddings, labels)
             values.update({"batch/mean_pos_distance": positive, "batch/mean_neg_distance": negative})
             self.timing["images"] += count
-            self._last = (batch, triplets)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return values
 
-    def forward_chunks(self, images: torch.Tensor) -> torch.Tensor:
-        """The model on ``images`` in forward passes of at most ``train.forward_chunk`` images (null: one).
+    def forward_backward(self, images: torch.Tensor, count: int, batch_loss, scale: float,
+                         last_micro_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed this process's shard, gather the global batch, backpropagate ``scale * batch_loss``.
+        Returns the loss and the gathered embeddings (both detached).
 
-        A convolution's float rounding depends slightly on its batch size, so a one-process run reproduces
-        an N-process run bit for bit when its chunk is the per-process shard (``tests/training``)."""
-        chunk = self.config["train"]["forward_chunk"] or max(len(images), 1)
-        return torch.cat([self.model(images[s:s + chunk]) for s in range(0, max(len(images), 1), chunk)])
+        ``train.forward_chunk`` = c smaller than the shard bounds activation memory to c images: the shard is
+        first embedded without gradient, the loss's gradient with respect to those embeddings is computed,
+        and each chunk is then embedded again with gradient and backpropagated with its part of that
+        gradient (gradient caching, Gao et al. 2021): the same gradient as one pass, one extra forward pass
+        without gradient. A convolution's float rounding depends slightly on its batch size, so a
+        one-process run with c = the per-process shard reproduces an N-process run bit for bit."""
+        acc = self.accelerator
+        chunk = self.config["train"]["forward_chunk"]
+        sync = contextlib.nullcontext if last_micro_batch else (lambda: acc.no_sync(self.model))
+        if not chunk or chunk >= len(images):
+            with sync():
+                with acc.autocast():
+                    local = self.model(images)
+                embeddings = gather_with_grad(local.float(), count)
+                loss = batch_loss(embeddings)
+                acc.backward(loss * scale)
+            return loss.detach(), embeddings.detach()
+        starts = range(0, len(images), chunk)
+        with torch.no_grad(), acc.autocast():
+            cached = torch.cat([self.model(images[s:s + chunk]) for s in starts]).float()
+        cached.requires_grad_(True)
+        embeddings = gather_with_grad(cached, count)
+        loss = batch_loss(embeddings)
+        acc.backward(loss * scale)  # d loss / d cached (scaled by fp16's GradScaler if one is active)
+        for i, s in enumerate(starts):
+            with (sync() if i == len(starts) - 1 else acc.no_sync(self.model)):
+                with acc.autocast():
+                    part = self.model(images[s:s + chunk]).float()
+                part.backward(cached.grad[s:s + chunk])
+        return loss.detach(), embeddings.detach()
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
         tcfg = self.config["train"]
         steps = tcfg["steps"]
         progress = tqdm(total=steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not self.accelerator.is_main_process)
+                        disable=None if self.accelerator.is_main_process else True)  # None: off unless a terminal
         while self.step < steps:
             tick = time.perf_counter()
             values = self.train_step()
@@ -220,6 +249,8 @@ class Trainer:
                 self.validate()
             if self.step % tcfg["checkpoint_every"] == 0 or self.step == steps:
                 self.save("last.pth")
+                log.info("step %d/%d: loss %.4f, %.1f img/s", self.step, steps, values["train/loss"],
+                         self.timing["images"] / max(self.timing["train_seconds"], 1e-9))
         progress.close()
         if self.writer is not None:
             self.writer.flush()  # the last events would otherwise be lost when the process ends

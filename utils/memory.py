@@ -25,5 +25,6 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+
     log.debug("malloc keeps freed memory for reuse: %s", ok)
     return ok

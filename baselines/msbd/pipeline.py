@@ -181,7 +181,8 @@ class MSBDPipeline(nn.Module):
         dim = self.fen.dim
         glob, salient = torch.zeros(len(dataset), dim), torch.zeros(len(dataset), dim)
         patches, owners = [], []
-        for images, indices in tqdm(loader, desc="msbd fit features", unit="batch", leave=False):
+        for images, indices in tqdm(loader, desc="msbd fit features", unit="batch", leave=False,
+                                    disable=None):
             raw = self.raw_features(images)
             glob[indices], salient[indices] = raw["global"], raw["salient"]
             patches.append(raw["patches"].half())  # half precision: tens of thousands of wide patch vectors
