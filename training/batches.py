@@ -4,14 +4,16 @@
   per batch (``data.samplers.ClassBalancedBatchSampler``); the triplets are mined inside the batch from the
   embeddings that carry the gradient.
 - :class:`MiningPoolBatches` (``algorithm1``): every ``refresh_every`` steps, or when the pool runs short, a
-  mining batch of ``classes`` x ``per_class`` training images is embedded without gradient and mined with
-  Algorithm 1; the pool then serves ``triplets_per_step`` triplets a step as fixed (a, p, n) tuples.
+  mining batch of ``classes`` x ``per_class`` training images (a P x K batch of the same sampler) is embedded
+  without gradient and mined with Algorithm 1; the pool then serves ``triplets_per_step`` triplets a step as
+  fixed (a, p, n) tuples.
 
 Both are deterministic functions of the run seed and their own state (``state_dict``), and every process of
 a distributed run computes the same global batch.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +25,7 @@ from miners import Algorithm1Miner, MiningPool, MiningSchedule
 
 from .data import derived_seed
 
+log = logging.getLogger(__name__)
 #: Mining rounds in a row that may find no triplet before the run stops (each with a new mining batch).
 MAX_EMPTY_MINING_ROUNDS = 10
 
@@ -59,19 +62,6 @@ class ClassBalancedBatches:
         self.sampler.load_state_dict(state)
 
 
-def mining_batch(labels: np.ndarray, classes: int, per_class: int, seed: int) -> np.ndarray:
-    """Dataset indices of a mining batch: ``classes`` classes x ``per_class`` images (seeded), in random order
-    (the order in which Algorithm 1's one-per-class rule meets the queries does not favour any class)."""
-    rng = np.random.default_rng(seed)
-    unique = np.unique(labels)
-    chosen = rng.choice(unique, size=min(classes, len(unique)), replace=False)
-    picks = []
-    for label in chosen:
-        members = np.flatnonzero(labels == label)
-        picks.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
-    return rng.permutation(np.concatenate(picks))
-
-
 class MiningPoolBatches:
     """Algorithm 1's mining rounds feeding a pool of triplets (see the module doc).
 
@@ -79,23 +69,23 @@ class MiningPoolBatches:
     """
 
     def __init__(self, labels: np.ndarray, miner: Algorithm1Miner, schedule: MiningSchedule, triplets_per_step: int,
-                 classes: int, per_class: int, seed: int, embed: Callable[[np.ndarray], torch.Tensor],
-                 follow_schedule: bool = True):
+                 classes: int, per_class: int, seed: int, embed: Callable[[np.ndarray], torch.Tensor]):
         self.labels = labels
         self.miner = miner
         self.schedule = schedule
-        self.follow_schedule = follow_schedule
-        self.classes, self.per_class = classes, per_class
-        self.seed = seed
+        available = len(np.unique(labels))
+        if classes > available:
+            log.info("mining.classes = %d but the training set has %d classes: mining batches hold all of them",
+                     classes, available)
+        # the mining batches are the P x K batches of their own sampler (P = classes, K = per_class)
+        self.mining_batches = ClassBalancedBatches(labels, min(classes, available), per_class,
+                                                   derived_seed(seed, 1))
         self.embed = embed
         self.pool = MiningPool(triplets_per_step, schedule.refresh_every, seed=seed)
-        self.round = 0  # mining rounds so far: each draws a new mining batch
 
     def refresh(self, step: int) -> dict:
-        if self.follow_schedule:
-            self.schedule.apply(self.miner, step, self.pool)
-        indices = mining_batch(self.labels, self.classes, self.per_class, derived_seed(self.seed, self.round, 1))
-        self.round += 1
+        self.schedule.apply(self.miner, step, self.pool)
+        indices = np.asarray(self.mining_batches.next(step).indices)
         embeddings = self.embed(indices)
         labels = torch.as_tensor(self.labels[indices], device=embeddings.device)
         triplets = self.miner(embeddings, labels)
@@ -122,9 +112,10 @@ class MiningPoolBatches:
         return self.pool.triplets
 
     def state_dict(self) -> dict:
-        return {"pool": self.pool.state_dict(), "miner": self.miner.state_dict(), "round": self.round}
+        return {"pool": self.pool.state_dict(), "miner": self.miner.state_dict(),
+                "mining_batches": self.mining_batches.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.pool.load_state_dict(state["pool"])
         self.miner.load_state_dict(state["miner"])
-        self.round = int(state["round"])
+        self.mining_batches.load_state_dict(state["mining_batches"])

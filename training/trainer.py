@@ -159,6 +159,8 @@ class Trainer:
         acc, accum = self.accelerator, self.config["train"]["grad_accum"]
         set_train_mode(self.model)
         values: dict[str, float] = {"train/loss": 0.0}
+        if isinstance(self.batches, ClassBalancedBatches):  # Algorithm 1 applies it at each mining round
+            self.schedule.apply(self.miner, self.step)
         for micro in range(accum):
             batch = self.batches.next(self.step)
             values.update({f"mining/{k}": float(v) for k, v in batch.mining_stats.items()})

@@ -61,6 +61,9 @@ def test_run_writes_config_checkpoints_tensorboard_and_results(tmp_path, flowers
             "mining/mean_neg_distance"} <= tags
     if miner == "algorithm1":
         assert {"mining/num_case_a", "mining/num_case_b", "mining/num_case_c"} <= tags
+    else:  # the schedule's probability 0.5 reaches the in-batch miner: both kinds of triplets are mined
+        assert sum(scalars(run, "mining/num_hard_triplets")) > 0
+        assert sum(scalars(run, "mining/num_semi_hard_triplets")) > 0
     grid = EventAccumulator(str(run / "tb")).Reload().Images("mining/triplets")[0]
     assert grid.width == 3 * 96 + 4 * 2  # rows of (anchor, positive, negative) thumbnails
 

@@ -1,0 +1,56 @@
+"""Batch sources: P x K batches for in-batch mining, Algorithm 1's mining rounds and pool."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from miners import Algorithm1Miner, MiningSchedule
+from training.batches import MAX_EMPTY_MINING_ROUNDS, ClassBalancedBatches, MiningPoolBatches
+
+LABELS = np.repeat(np.arange(10), 6)
+
+
+def test_class_balanced_batches_cross_epochs_and_resume():
+    batches = ClassBalancedBatches(LABELS, 4, 3, seed=1)
+    drawn = [batches.next(step).indices for step in range(12)]  # 5 batches an epoch: crosses two epochs
+    assert all(len(b) == 12 and len(set(LABELS[b])) == 4 for b in drawn)
+    resumed = ClassBalancedBatches(LABELS, 4, 3, seed=1)
+    for step in range(7):
+        resumed.next(step)
+    state = resumed.state_dict()
+    again = ClassBalancedBatches(LABELS, 4, 3, seed=1)
+    again.load_state_dict(state)
+    assert [again.next(s).indices for s in range(7, 12)] == drawn[7:]
+
+
+def pool_batches(miner, embed, classes=4, per_class=3):
+    schedule = MiningSchedule.from_config([{"semi_hard_probability": 1.0}])
+    return MiningPoolBatches(LABELS, miner, schedule, triplets_per_step=2, classes=classes, per_class=per_class,
+                             seed=0, embed=embed)
+
+
+def test_mining_rounds_use_p_by_k_mining_batches_and_serve_fixed_triplets():
+    seen = []
+
+    def embed(indices):
+        seen.append(indices)
+        return torch.nn.functional.normalize(torch.randn(len(indices), 8, generator=torch.Generator().manual_seed(
+            len(seen))), dim=1)
+
+    batches = pool_batches(Algorithm1Miner(one_per_class=False, seed=0), embed)
+    first = batches.next(0)
+    assert len(seen) == 1 and len(seen[0]) == 12 and len(set(LABELS[seen[0]])) == 4
+    assert first.mining_stats["num_queries"] == 12 and len(first.indices) == 6
+    anchors, positives, negatives = first.triplets  # indices laid out [anchors, positives, negatives]
+    assert anchors.tolist() == [0, 1] and positives.tolist() == [2, 3] and negatives.tolist() == [4, 5]
+    assert LABELS[first.indices[0]] == LABELS[first.indices[2]] != LABELS[first.indices[4]]
+
+
+def test_rounds_without_triplets_draw_new_mining_batches_then_stop():
+    seen = []
+    miner = Algorithm1Miner(one_per_class=False, loss_band=(50.0, 51.0), seed=0)  # no loss is ever that large
+    batches = pool_batches(miner, lambda indices: (seen.append(tuple(indices)), torch.randn(len(indices), 4))[1])
+    with pytest.raises(RuntimeError, match=f"{MAX_EMPTY_MINING_ROUNDS} mining rounds in a row found no triplet"):
+        batches.next(0)
+    assert len(seen) == MAX_EMPTY_MINING_ROUNDS and len(set(seen)) == MAX_EMPTY_MINING_ROUNDS
