@@ -34,6 +34,7 @@ from models.retrieval_net import RetrievalNet, create_model
 from retrieval.benchmarks import LabelledBenchmark
 from retrieval.harness import EvalSettings, evaluate_method
 from retrieval.trained import TrainedModelMethod
+from utils.memory import release_free_memory
 
 from .batches import Batch, ClassBalancedBatches, MiningPoolBatches
 from .checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
@@ -273,6 +274,7 @@ class Trainer:
                 self.best = metrics["mAP"]
                 self.save("best.pth", metrics)
         self.accelerator.wait_for_everyone()
+        release_free_memory()
         self.timing["validation_seconds"] += time.perf_counter() - tick
 
     # -- logging ----------------------------------------------------------------------------------------------
@@ -296,5 +298,7 @@ class Trainer:
 
     def close(self) -> None:
         self.images.close()
+        self.images.decoded = None
         if self.writer is not None:
             self.writer.close()
+        release_free_memory()
