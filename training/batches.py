@@ -107,15 +107,10 @@ class MiningPoolBatches:
         indices = self.pool.next_batch()
         return Batch(indices, MiningPool.indices_tuple(len(indices)), stats)
 
-    @property
-    def last_triplets(self) -> list[list[int]]:
-        return self.pool.triplets
-
     def state_dict(self) -> dict:
-        return {"pool": self.pool.state_dict(), "miner": self.miner.state_dict(),
-                "mining_batches": self.mining_batches.state_dict()}
+        """The pool and the mining-batch sampler (the miner's own state is the trainer's to save)."""
+        return {"pool": self.pool.state_dict(), "mining_batches": self.mining_batches.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.pool.load_state_dict(state["pool"])
-        self.miner.load_state_dict(state["miner"])
         self.mining_batches.load_state_dict(state["mining_batches"])

@@ -115,6 +115,7 @@ class Trainer:
             self.initialise_head()  # DDP copies the main process's parameters to the others in prepare()
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config["optim"],
                                                          self.config["train"]["steps"])
+        scaler_state = None
         if resume_from is not None:
             state_dict, state = load_training_state(resume_from)
             self.model.load_state_dict(state_dict)
@@ -123,12 +124,11 @@ class Trainer:
             self.batches.load_state_dict(state["batches"])
             self.miner.load_state_dict(state["miner"])
             set_rng_state(state["rng"])
-            self.step, self.best = state["step"], state["best"]
-            self._resumed_scaler = state.get("scaler")
+            self.step, self.best, scaler_state = state["step"], state["best"], state["scaler"]
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        if resume_from is not None and self._resumed_scaler and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(self._resumed_scaler)
+        if scaler_state is not None and self.accelerator.scaler is not None:  # fp16's loss scale
+            self.accelerator.scaler.load_state_dict(scaler_state)
 
     @torch.no_grad()
     def initialise_head(self) -> None:
