@@ -46,11 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
-def peak_memory_gb() -> tuple[float, float]:
-    """Peak resident memory of this process and of its largest finished child (Linux reports KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return own, children
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process (Linux reports KiB). Children are left out: a forked child's
+    peak counts the pages it shares with this process, so it would report this process's size again."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv=None) -> int:
@@ -91,9 +90,7 @@ def main(argv=None) -> int:
                                "best_validation_mAP": trainer.best if trainer.val_set is not None else None}
         write_report(summary, run_dir / "results.json")
         print(format_table(summary, columns=["mAP", "mAP@R", "R@1", "R@2", "R@4", "R@8"]))
-    own, children = peak_memory_gb()
-    log.info("wall time %.1f min; peak memory %.2f GB (this process), %.2f GB (largest child process)",
-             (time.perf_counter() - started) / 60, own, children)
+    log.info("wall time %.1f min; peak memory %.2f GB", (time.perf_counter() - started) / 60, peak_memory_gb())
     accelerator.end_training()
     return 0
 

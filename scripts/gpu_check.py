@@ -54,6 +54,8 @@ def main(argv=None) -> int:
         print(f"Flowers-102 not found under {data_root}; run: python scripts/prepare_flowers102.py")
         return 2
     env = {**os.environ, "DATA_ROOT": str(data_root)}
+    if gpus == 0:  # accelerate gives each CPU process one thread; the same for the one-process run: same rounding
+        env["OMP_NUM_THREADS"] = "1"
     common = ["--config", "configs/smoke.yaml", f"train.steps={args.steps}", "train.checkpoint_every=1"]
     verdicts: list[tuple[str, bool, str]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,15 +62,14 @@ def _losses(run_dir) -> list[float]:
 @pytest.mark.parametrize("miner", ["batch", "algorithm1"])
 def test_two_processes_train_exactly_like_one(tmp_path, flowers_root, miner):
     """configs/smoke.yaml: global batch 12 (4 classes x 3 / 4 triplets), 2 processes x 6 images. One process
-    with the same thread count (accelerate launch gives each process one) and forward passes of 6 images does
-    the same arithmetic, so the per-step losses agree exactly."""
+    with the same thread count (accelerate launch gives each process one) and the config's forward passes of 6
+    images does the same arithmetic, so the per-step losses agree exactly."""
     common = ["--config", "configs/smoke.yaml", "--skip-final-eval", "train.steps=4", f"mining.miner={miner}"]
     env = {**os.environ, "DATA_ROOT": str(flowers_root), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     for command, run in ((launch + ["train.py", *common, "--run-dir", str(tmp_path / "two")], "two"),
-                         ([sys.executable, "train.py", *common, "--run-dir", str(tmp_path / "one"),
-                           "train.forward_chunk=6"], "one")):
+                         ([sys.executable, "train.py", *common, "--run-dir", str(tmp_path / "one")], "one")):
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
