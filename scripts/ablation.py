@@ -2,7 +2,7 @@
 """Run train.py once per variant of a config and print one table (validation mAP, test mAP and R@1,
 training minutes).
 
-    python scripts/ablation.py                                   # the README's head and miner ablations
+    python scripts/ablation.py                                   # the README's head, miner and resolution rows
     python scripts/ablation.py --variant "gem: model.architecture=gem" --variant "K16: model.head.num_clusters=16"
 
 Each variant is ``NAME: override override ...`` applied to ``--config`` (default: the main job). The
@@ -28,6 +28,8 @@ DEFAULT_VARIANTS = [
     "algorithm1: mining.miner=algorithm1",
     "semihard: mining.miner=semihard",
     "hard: mining.miner=hard",
+    "train 128 px: data.train_size=128",
+    "train 192 px: data.train_size=192",
 ]
 
 
