@@ -83,7 +83,8 @@ retriever = load_release({str(release)!r})
 paths = {[str(p) for p in paths]!r}
 descriptors = retriever.encode(paths, batch_size=2)
 graph = torch.export.load({str(release / 'model.pt2')!r}).module()
-graph_out = np.concatenate([graph(retriever._prepare(p)[None]).detach().numpy() for p in paths])
+from data.images import load_image
+graph_out = np.concatenate([graph(retriever.transform(load_image(p))[None]).detach().numpy() for p in paths])
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('train', 'training', 'losses', 'miners'))
 print(json.dumps({{"descriptors": descriptors.tolist(), "graph": graph_out.tolist(), "loaded": loaded,
                    "dtype": str(descriptors.dtype)}}))
