@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", default=None, help="output folder (default: the config's run_dir)")
     parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
     parser.add_argument("--resume", default=None, help="run directory (or checkpoint) to resume")
+    parser.add_argument("--init-from", default=None, help="fine-tune a release directory (scripts/export.py) "
+                        "or a .pth; its architecture, head and input size are kept (= model.init_from=PATH)")
     parser.add_argument("--skip-final-eval", action="store_true", help="train only")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
         saved = load_training_state(resume_from)[1]["config"]
         config = resolve_config(base=saved, overrides=args.overrides)
     else:
-        config = resolve_config(args.config, args.overrides)
+        config = resolve_config(args.config, args.overrides, init_from=args.init_from)
     data_root = resolve_data_root(args.data_root or config["data"]["root"])
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["train"]["mixed_precision"])
     if resume_from is not None:

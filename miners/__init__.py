@@ -1,4 +1,5 @@
 """Triplet mining: Algorithm 1 (mining batch, semi-hard/hard, refreshed pool) and in-batch semi-hard/hard."""
+from .base import ScheduledMiner
 from .algorithm1 import STAT_NAMES, Algorithm1Miner, squared_euclidean
 from .batch import BatchTripletMiner
 from .factory import MINER_NAMES, create_miner, follows_schedule
@@ -6,4 +7,4 @@ from .pool import MiningPool
 from .schedule import MiningPhase, MiningSchedule
 
 __all__ = ["Algorithm1Miner", "BatchTripletMiner", "MINER_NAMES", "MiningPhase", "MiningPool", "MiningSchedule",
-           "STAT_NAMES", "create_miner", "follows_schedule", "squared_euclidean"]
+           "STAT_NAMES", "ScheduledMiner", "create_miner", "follows_schedule", "squared_euclidean"]

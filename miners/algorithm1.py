@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 
 import torch
-from pytorch_metric_learning.miners import BaseMiner
+
+from .base import ScheduledMiner
 
 #: Per call. Every query ends in exactly one of: case A, case B (triplets returned), case C (dropped by the
 #: threshold), outside the loss band, a class that already has its triplet (one_per_class), or no triplet.
@@ -66,7 +67,7 @@ def first_per_class(labels: torch.Tensor) -> torch.Tensor:
     return torch.sort(order[first]).values
 
 
-class Algorithm1Miner(BaseMiner):
+class Algorithm1Miner(ScheduledMiner):
     """PML miner returning (anchor, positive, negative) index tuples (see the module doc).
 
     ``hard_threshold`` t: a case-B positive is kept only if it ranks fewer than t places after the first
@@ -75,42 +76,22 @@ class Algorithm1Miner(BaseMiner):
     triplets.
     """
 
+    STAT_NAMES = STAT_NAMES
+
     def __init__(self, semi_hard_probability: float = 0.5, hard_threshold: int | None = None,
                  one_per_class: bool = True, margin: float = 0.1,
                  loss_band: tuple[float, float] | None = None, generator: torch.Generator | None = None,
                  seed: int | None = None, **kwargs):
         if "distance" in kwargs:
             raise TypeError("Algorithm1Miner ranks by squared Euclidean distance; it takes no `distance`")
-        super().__init__(**kwargs)
-        if generator is not None and seed is not None:
-            raise ValueError("pass either a generator or a seed, not both")
-        if generator is None:
-            generator = torch.Generator()
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed)
         if loss_band is not None and not (len(loss_band) == 2 and loss_band[0] < loss_band[1]):
             raise ValueError(f"loss_band must be (low, high) with low < high, got {loss_band!r}")
-        self.generator = generator
-        self.semi_hard_probability = semi_hard_probability
+        super().__init__(semi_hard_probability, generator=generator, seed=seed, **kwargs)
         self.hard_threshold = hard_threshold
         self.one_per_class = one_per_class
         self.margin = float(margin)
         self.loss_band = None if loss_band is None else (float(loss_band[0]), float(loss_band[1]))
-        self.add_to_recordable_attributes(list_of_names=[n for n in STAT_NAMES if n != "num_triplets"],
-                                          is_stat=True)
         self._reset_stats(0, 0)
-
-    @property
-    def semi_hard_probability(self) -> float:
-        return self._semi_hard_probability
-
-    @semi_hard_probability.setter
-    def semi_hard_probability(self, value: float) -> None:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"semi_hard_probability must be in [0, 1], got {value}")
-        self._semi_hard_probability = float(value)
 
     @property
     def hard_threshold(self) -> int | None:
@@ -121,17 +102,6 @@ class Algorithm1Miner(BaseMiner):
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
             raise ValueError(f"hard_threshold must be a positive integer rank distance or None, got {value!r}")
         self._hard_threshold = None if value is None else int(value)
-
-    @property
-    def last_stats(self) -> dict[str, float]:
-        """Statistics of the last call (counts as int, mean squared distances as float, NaN if no triplet)."""
-        return {name: getattr(self, name) for name in STAT_NAMES}
-
-    def get_extra_state(self) -> dict:
-        return {"generator_state": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator_state"])
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         order = torch.randperm(len(labels), generator=self.generator).to(labels.device)

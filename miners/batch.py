@@ -16,51 +16,27 @@ import math
 
 import torch
 from pytorch_metric_learning.distances import BaseDistance
-from pytorch_metric_learning.miners import BaseMiner, TripletMarginMiner
+from pytorch_metric_learning.miners import TripletMarginMiner
+
+from .base import ScheduledMiner
 
 STAT_NAMES = ("num_semi_hard_triplets", "num_hard_triplets", "num_triplets", "mean_pos_distance",
               "mean_neg_distance")
 
 
-class BatchTripletMiner(BaseMiner):
+class BatchTripletMiner(ScheduledMiner):
     """Semi-hard or hard in-batch triplets per anchor (see the module doc)."""
+
+    STAT_NAMES = STAT_NAMES
 
     def __init__(self, distance: BaseDistance, margin: float, semi_hard_probability: float = 1.0,
                  seed: int | None = None, **kwargs):
-        super().__init__(distance=distance, **kwargs)
+        super().__init__(semi_hard_probability, seed=seed, distance=distance, **kwargs)
         self.margin = float(margin)
         self.semi_hard = TripletMarginMiner(margin=margin, type_of_triplets="semihard", distance=distance)
         self.hard = TripletMarginMiner(margin=margin, type_of_triplets="hard", distance=distance)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
-        self.semi_hard_probability = semi_hard_probability
-        self.add_to_recordable_attributes(list_of_names=[n for n in STAT_NAMES if n != "num_triplets"],
-                                          is_stat=True)
         self.num_semi_hard_triplets = self.num_hard_triplets = self.num_triplets = 0
         self.mean_pos_distance = self.mean_neg_distance = math.nan
-
-    @property
-    def semi_hard_probability(self) -> float:
-        return self._semi_hard_probability
-
-    @semi_hard_probability.setter
-    def semi_hard_probability(self, value: float) -> None:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"semi_hard_probability must be in [0, 1], got {value}")
-        self._semi_hard_probability = float(value)
-
-    @property
-    def last_stats(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in STAT_NAMES}
-
-    def get_extra_state(self) -> dict:
-        return {"generator_state": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator_state"])
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         draws = torch.rand(len(embeddings), generator=self.generator).to(labels.device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,12 +32,14 @@ def multiscale_columns(fmap: torch.Tensor, window_sizes=(2, 3)) -> torch.Tensor:
         else:
             pooled = fmap.amax(dim=(-2, -1), keepdim=True)
         columns.append(pooled.flatten(2))
-    return torch.cat(columns, dim=2).transpose(1, 2)
+    # contiguous: a free no-op for channels-last maps; for others it keeps the (B*N, C) view of the assignment
+    # layer independent of B (an exported graph would otherwise be specialised away from batch size 1)
+    return torch.cat(columns, dim=2).transpose(1, 2).contiguous()
 
 
 def single_scale_columns(fmap: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C): the plain NetVLAD local descriptors."""
-    return fmap.flatten(2).transpose(1, 2)
+    return fmap.flatten(2).transpose(1, 2).contiguous()
 
 
 class NetVLAD(nn.Module):
@@ -67,6 +68,8 @@ class NetVLAD(nn.Module):
             x = F.normalize(x, dim=1)
         if len(x) < self.num_clusters:
             raise ValueError(f"k-means needs at least {self.num_clusters} descriptors, got {len(x)}")
+        import faiss  # only the k-means set-up needs it; a released model loads without it
+
         # nredo: keep the best of a few restarts (a single run can leave two centroids on one mode).
         kmeans = faiss.Kmeans(self.dim, self.num_clusters, niter=iterations, seed=seed, verbose=False, nredo=restarts,
                               spherical=self.normalize_input)

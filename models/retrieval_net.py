@@ -20,6 +20,7 @@ job uses K = 8, not the paper's K = 64 (designed for 512+ px inputs).
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -199,8 +200,22 @@ def model_from_config(config: dict) -> RetrievalNet:
                         tap=config.get("tap", FEATURES), **config.get("head", {}))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds pickled objects other than tensors and plain values: it is refused unread."""
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain Python values only, so a file that would run code
+    when unpickled is refused before anything in it executes."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsafeCheckpointError(f"refusing {path}: it is not a plain-tensor checkpoint ({reason})") from None
+
+
 def load_model(path: str | Path, map_location: str = "cpu") -> RetrievalNet:
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(path, map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     model = model_from_config(checkpoint["config"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet
+from models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet, read_checkpoint
 
 
 def rng_state() -> dict:
@@ -49,7 +49,7 @@ def save_checkpoint(path: str | Path, model: RetrievalNet, training_state: dict 
 
 def load_training_state(path: str | Path) -> tuple[dict, dict]:
     """(model state_dict, training state) of a checkpoint written by :func:`save_checkpoint`."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT or "training_state" not in checkpoint:
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT or "training_state" not in checkpoint:
         raise ValueError(f"{path} is not a resumable training checkpoint")
     return checkpoint["state_dict"], checkpoint["training_state"]

@@ -48,13 +48,35 @@ def check_types(config: dict, defaults: dict, path: tuple[str, ...] = ()) -> Non
 
 
 def resolve_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                   base: dict | None = None) -> dict:
-    """Defaults <- the YAML at ``path`` (or a saved config ``base``) <- ``key.sub=value`` overrides."""
+                   base: dict | None = None, init_from: str | Path | None = None) -> dict:
+    """Defaults <- the YAML at ``path`` (or a saved config ``base``) <- ``key.sub=value`` overrides <-
+    ``init_from`` (``model.init_from``, then the release's network is adopted)."""
     defaults = load_yaml(DEFAULT_CONFIG)
     given = base if base is not None else (load_yaml(path) if path is not None else {})
     config = apply_overrides(merge(defaults, given), overrides or [])
+    if init_from is not None:
+        config["model"]["init_from"] = str(init_from)
     check_types(config, defaults)
     validate(config)
+    return adopt_release(config)
+
+
+def adopt_release(config: dict) -> dict:
+    """``model.init_from``: the network of a release (or a training checkpoint) replaces the config's
+    architecture, backbone and head (projection/whitening included), and its input size the evaluation's, so
+    the saved config describes the network that is actually fine-tuned."""
+    source = config["model"]["init_from"]
+    if not source:
+        return config
+    from release.load import describe_release
+
+    described = describe_release(source)
+    model, head = described["model"], config["model"]["head"]
+    config["model"] = {**config["model"], "architecture": model["architecture"], "backbone": model["backbone"],
+                       "pretrained": False, "weights": None,
+                       "head": {**head, "out_dim": None, "whiten": False, **model["head"]}}
+    config["eval"] = {**config["eval"], "image_size": int(described["input"]["image_size"])}
+    log.info("fine-tuning %s on %s from %s", model["architecture"], model["backbone"], source)
     return config
 
 
@@ -87,6 +109,9 @@ def validate(config: dict) -> None:
     scale = data["crop_scale"]
     need(isinstance(scale, list) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
          f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+    source = config["model"]["init_from"]
+    need(source is None or (isinstance(source, str) and Path(source).exists()),
+         f"model.init_from: {source!r} not found (a release directory made by scripts/export.py, or a .pth)")
     need(isinstance(config["model"]["trainable"], list) and config["model"]["trainable"],
          "model.trainable must be a non-empty list of module names (or [all])")
 

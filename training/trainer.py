@@ -33,6 +33,7 @@ from miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
 from models.retrieval_net import RetrievalNet, create_model
 from retrieval.benchmarks import LabelledBenchmark
 from retrieval.harness import EvalSettings, evaluate_method
+from release.load import load_release
 from retrieval.trained import TrainedModelMethod
 from utils.memory import release_free_memory
 
@@ -66,8 +67,11 @@ class Trainer:
         log.info("training on %d images of %d classes%s", len(self.train_set), self.train_set.num_classes,
                  f"; validating on {len(self.val_set)} images of {self.val_set.num_classes} held-out classes"
                  if self.val_set is not None else "; no validation classes (last checkpoint is evaluated)")
-        self.model = create_model(mcfg["architecture"], backbone=mcfg["backbone"], pretrained=mcfg["pretrained"],
-                                  weights=mcfg["weights"], **mcfg["head"])
+        if mcfg["init_from"]:  # weights, head set-up and preprocessing of a release (config adopted its shape)
+            self.model = load_release(mcfg["init_from"]).model
+        else:
+            self.model = create_model(mcfg["architecture"], backbone=mcfg["backbone"],
+                                      pretrained=mcfg["pretrained"], weights=mcfg["weights"], **mcfg["head"])
         trainable = freeze(self.model, mcfg["trainable"])
         log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable),
                  sum(p.numel() for p in self.model.parameters()))
@@ -111,7 +115,7 @@ class Trainer:
             save_checkpoint(self.run_dir / name, self.unwrapped, self.training_state(), metrics)
 
     def setup(self, resume_from: Path | None = None) -> None:
-        if resume_from is None and self.accelerator.is_main_process:
+        if resume_from is None and not self.config["model"]["init_from"] and self.accelerator.is_main_process:
             self.initialise_head()  # DDP copies the main process's parameters to the others in prepare()
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config["optim"],
                                                          self.config["train"]["steps"])

@@ -18,8 +18,8 @@ from models.backbones import WeightsError
 from .memory import reuse_freed_memory
 
 #: Errors caused by inputs (files, data, flags), reported in one line with exit code 2.
-USER_ERRORS = (ImageLoadError, ManifestError, RevisitopError, WeightsError, FileNotFoundError, ValueError,
-               KeyError)
+USER_ERRORS = (ImageLoadError, ManifestError, RevisitopError, WeightsError, FileNotFoundError, FileExistsError,
+               ValueError, KeyError)
 
 
 def setup_logging(level: str | None = None) -> None:

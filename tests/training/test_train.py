@@ -176,3 +176,32 @@ def test_chunked_forward_gives_the_gradient_of_one_pass(tmp_path, flowers_subset
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 10
     for name, grad in gradients[0].items():  # equal up to float rounding (conv results depend on batch size)
         assert (gradients[1][name] - grad).norm() <= 1e-4 * grad.norm() + 1e-9, name
+
+
+def test_fine_tuning_starts_from_the_release_and_keeps_its_network(tmp_path, flowers_subset):
+    from release.export import export_release
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    released = create_model("msnetvlad", backbone="resnet18", num_clusters=3, out_dim=8, whiten=True).eval()
+    with torch.no_grad():
+        released.head.initialise([released.feature_map(torch.rand(16, 3, 96, 96))])
+    export_release(released, tmp_path / "release", image_size=80, graph=False)
+    config = tiny_config(tmp_path, flowers_subset({"train": [1, 2, 3]}), steps=1)
+    config["optim"] = {"lr": 0.0, "head_lr": 0.0}  # one step that changes nothing: the start is the release
+    assert train.main(["--config", write(tmp_path, config), "--init-from", str(tmp_path / "release"),
+                       "--skip-final-eval"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["init_from"] == str(tmp_path / "release")
+    assert (saved["model"]["architecture"], saved["model"]["head"]["num_clusters"], saved["model"]["head"]["out_dim"],
+            saved["model"]["head"]["whiten"], saved["eval"]["image_size"]) == ("msnetvlad", 3, 8, True, 80)
+    start = load_file(str(tmp_path / "release" / "model.safetensors"))
+    after = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["state_dict"]
+    assert set(after) == set(start) and all(torch.equal(after[k], start[k]) for k in start)  # no head re-set-up
+    config["optim"] = {"lr": 0.001, "head_lr": 0.001}
+    config["run_dir"] = str(tmp_path / "run2")
+    assert train.main(["--config", write(tmp_path, config), "--init-from", str(tmp_path / "release"),
+                       "--skip-final-eval"]) == 0
+    trained = torch.load(tmp_path / "run2" / "last.pth", weights_only=True)["state_dict"]
+    assert not torch.equal(trained["head.projection.linear.weight"], start["head.projection.linear.weight"])
+    assert load_model(tmp_path / "run2" / "last.pth").preprocessing == released.preprocessing

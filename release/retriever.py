@@ -1,0 +1,108 @@
+"""``Retriever``: a released network plus its own preprocessing; ``encode`` turns images into descriptors."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+from tqdm.auto import tqdm
+
+from data.images import image_size, load_image
+from data.transforms import EvalTransform
+from models.retrieval_net import RetrievalNet
+
+ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+
+
+class Retriever:
+    """Encode images with a released model, exactly as its evaluation did.
+
+    Paths and PIL images get the release's resize (``input.resize`` side to ``input.image_size``, aspect ratio
+    kept, no crop) and normalisation; tensors are taken as RGB in [0, 1], (3, H, W) or (N, 3, H, W), already at
+    the size the caller wants, and are only normalised. Images of one size are batched together; the output
+    keeps the input order.
+    """
+
+    def __init__(self, model: RetrievalNet, config: dict, device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        spec = config["input"]
+        self.mean, self.std = tuple(spec["mean"]), tuple(spec["std"])
+        self.transform = EvalTransform(size=int(spec["image_size"]), mode=spec["resize"], mean=self.mean,
+                                       std=self.std, interpolation=spec.get("interpolation", "bilinear"))
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["descriptor"]["dim"])
+
+    def __repr__(self) -> str:
+        model = self.config["model"]
+        return (f"Retriever({model['architecture']} on {model['backbone']}, {self.dim}-d, "
+                f"{self.config['input']['resize']} side {self.config['input']['image_size']} px, {self.device})")
+
+    @torch.no_grad()
+    def encode_tensor(self, images: torch.Tensor) -> np.ndarray:
+        """A normalised (N, 3, H, W) batch -> (N, D) float32 descriptors."""
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(images).float().cpu().numpy()
+
+    def encode(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
+               progress: bool | None = None) -> np.ndarray:
+        """(N, D) float32 L2-normalised descriptors of ``images`` (a path, PIL image or tensor, or a list of
+        them, or an (N, 3, H, W) tensor). ``progress``: a progress bar (None: only on a terminal)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        items = self._as_list(images)
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        output = np.empty((len(items), self.dim), dtype=np.float32)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[self._group_key(item, index)].append(index)
+        with tqdm(total=len(items), desc="encode", unit="img", leave=False,
+                  disable=None if progress is None else not progress) as bar:
+            for members in groups.values():
+                for start in range(0, len(members), batch_size):
+                    chunk = members[start:start + batch_size]
+                    output[chunk] = self.encode_tensor(torch.stack([self._prepare(items[i]) for i in chunk]))
+                    bar.update(len(chunk))
+        return output
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _as_list(images) -> list:
+        if isinstance(images, torch.Tensor):
+            if images.dim() == 3:
+                return [images]
+            if images.dim() == 4:
+                return list(images)
+            raise ValueError(f"an image tensor is (3, H, W) or (N, 3, H, W), got shape {tuple(images.shape)}")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            return [images]
+        if isinstance(images, Iterable):
+            return list(images)
+        raise TypeError(f"cannot encode {type(images).__name__}: give paths, PIL images or tensors")
+
+    def _group_key(self, item, index: int) -> tuple:
+        """Items that batch together: tensors and images of the same resized size."""
+        if isinstance(item, torch.Tensor):
+            if item.dim() != 3 or item.shape[0] != 3:
+                raise ValueError(f"image tensor {index} must be (3, H, W), got {tuple(item.shape)}")
+            return ("tensor", *item.shape[1:])
+        if isinstance(item, Image.Image):
+            return ("image", *self.transform.output_size(*item.size))
+        if isinstance(item, (str, os.PathLike)):
+            return ("image", *self.transform.output_size(*image_size(Path(item))))
+        raise TypeError(f"item {index}: cannot encode {type(item).__name__}; give paths, PIL images or tensors")
+
+    def _prepare(self, item) -> torch.Tensor:
+        if isinstance(item, torch.Tensor):
+            return TF.normalize(item.float(), self.mean, self.std)
+        image = item if isinstance(item, Image.Image) else load_image(item)
+        return self.transform(image.convert("RGB") if image.mode != "RGB" else image)

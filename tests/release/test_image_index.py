@@ -1,0 +1,84 @@
+"""Indexing a folder with a release: incremental updates equal a fresh build; the search CLI's JSON and sheet."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from release import load_release
+from release.export import export_release
+from release.image_index import ImageIndex
+from tests.release.test_release import small_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def release_and_folder(tmp_path, make_labelled_set):
+    export_release(small_model(), tmp_path / "rel", image_size=64, graph=False)
+    manifest = make_labelled_set(num_classes=3, per_class=4)
+    return tmp_path / "rel", manifest.parent / "images", manifest
+
+
+def test_updates_encode_only_new_or_changed_images_and_equal_a_fresh_build(tmp_path, release_and_folder):
+    release, folder, _ = release_and_folder
+    retriever = load_release(release)
+    index, update = ImageIndex.update(tmp_path / "idx", folder, retriever, release)
+    assert (update.added, update.kept, update.removed, len(index.paths)) == (12, 0, 0, 12)
+    _, update = ImageIndex.update(tmp_path / "idx", folder, retriever, release)
+    assert (update.added, update.kept, update.removed) == (0, 12, 0)
+    # one new image only: the flat index grows in place
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(folder / "new.png")
+    index, update = ImageIndex.update(tmp_path / "idx", folder, retriever, release)
+    assert (update.added, update.kept, update.removed, index.index.ntotal) == (1, 12, 0, 13)
+    # one removed, one rewritten with other pixels: the rewritten one is encoded again
+    (folder / "c0_0.jpg").unlink()
+    Image.new("RGB", (48, 40), (250, 250, 0)).save(folder / "c1_1.jpg")
+    index, update = ImageIndex.update(tmp_path / "idx", folder, retriever, release)
+    assert (update.added, update.kept, update.removed) == (1, 11, 2)
+    reopened = ImageIndex.open(tmp_path / "idx")
+    paths = reopened.paths
+    assert sorted(paths) == sorted(p.resolve() for p in folder.iterdir())
+    np.testing.assert_allclose(reopened.descriptors, retriever.encode(paths), atol=1e-6)
+    scores, rows = reopened.search(retriever.encode(paths), k=1)
+    assert rows[:, 0].tolist() == list(range(len(paths))) and np.allclose(scores[:, 0], 1, atol=1e-5)
+
+
+def test_an_index_refuses_another_release(tmp_path, release_and_folder):
+    release, folder, _ = release_and_folder
+    ImageIndex.update(tmp_path / "idx", folder, load_release(release), release)
+    other = tmp_path / "other"
+    model = small_model()
+    model.head.projection.linear.bias.data += 1
+    export_release(model, other, image_size=64, graph=False)
+    with pytest.raises(ValueError, match="another release"):
+        ImageIndex.update(tmp_path / "idx", folder, load_release(other), other)
+
+
+def test_index_and_search_command_lines(tmp_path, release_and_folder):
+    release, folder, manifest = release_and_folder
+    run = lambda script, *args: subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],  # noqa: E731
+                                               capture_output=True, text=True, timeout=300)
+    done = run("index.py", release, folder, "--out", tmp_path / "idx", "--factory", "Flat")
+    assert done.returncode == 0 and "12 images (12 added" in done.stdout, done.stderr[-2000:]
+    queries = [folder / "c0_1.jpg", folder / "c2_3.jpg"]
+    done = run("search.py", tmp_path / "idx", *queries, "--k", 3, "--labels", manifest, "--sheet",
+               tmp_path / "sheet.png", "--json", tmp_path / "out.json")
+    assert done.returncode == 0 and "ms per query" in done.stdout, done.stderr[-2000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert [q["query"] for q in result["queries"]] == [str(q.resolve()) for q in queries]
+    for query in result["queries"]:
+        assert len(query["results"]) == 3 and query["query"] not in [r["path"] for r in query["results"]]
+        assert all(r["correct"] == (r["label"] == query["label"]) for r in query["results"])
+        scores = [r["score"] for r in query["results"]]
+        assert scores == sorted(scores, reverse=True)
+    assert result["timing"]["index_size"] == 12 and result["timing"]["search_ms_per_query"] > 0
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.size == (4 * 138 + 12, 2 * (138 + 14))
+    done = run("search.py", tmp_path / "missing", *queries)
+    assert done.returncode == 2 and "scripts/index.py" in done.stderr

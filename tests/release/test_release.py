@@ -1,0 +1,158 @@
+"""Releases: export, load without training code, same descriptors, refused corruption and pickled code."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.images import load_image
+from data.transforms import EvalTransform
+from models.retrieval_net import create_model, load_model, save_model
+from release import ReleaseError, load_release
+from release.export import export_release
+from release.format import WEIGHTS_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def small_model():
+    """A randomly initialised MS-NetVLAD with a PCA-whitening projection (the parts a release must carry)."""
+    torch.manual_seed(0)
+    model = create_model("msnetvlad", backbone="resnet18", num_clusters=3, out_dim=8, whiten=True).eval()
+    with torch.no_grad():
+        model.head.initialise([model.feature_map(torch.rand(16, 3, 96, 96))])
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model, release dir, image paths of several sizes) - one export shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("release")
+    model = small_model()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(120, 90), (90, 120), (120, 90), (100, 100), (150, 80)]):
+        path = root / "images" / f"img{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    evaluation = {"benchmark": "toy", "method": "msnetvlad (trained)",
+                  "table": [{"method": "msnetvlad (trained)", "metrics": {"mAP": 0.5, "R@1": 0.75}}]}
+    export_release(model, root / "rel", image_size=128, training={"data": "toy", "classes": [1, 2]},
+                   evaluation=evaluation)
+    return model, root / "rel", paths
+
+
+def reference_descriptors(model, paths, size=128) -> np.ndarray:
+    """The training-time network on the evaluation pipeline: shorter side to ``size``, one image at a time."""
+    pre = model.preprocessing
+    transform = EvalTransform(size, "shorter", pre.mean, pre.std)
+    with torch.no_grad():
+        return np.concatenate([model(transform(load_image(p))[None]).numpy() for p in paths])
+
+
+def test_release_directory_describes_itself(exported):
+    model, release, _ = exported
+    assert sorted(p.name for p in release.iterdir()) == ["README.md", "config.json", "model.pt2", "model.safetensors"]
+    config = json.loads((release / "config.json").read_text())
+    assert config["model"] == {"architecture": "msnetvlad", "backbone": "resnet18", "tap": "features",
+                               "head": {"num_clusters": 3, "out_dim": 8, "whiten": True}}
+    assert config["input"] == {"mean": list(model.preprocessing.mean), "std": list(model.preprocessing.std),
+                               "image_size": 128, "resize": "shorter", "interpolation": "bilinear"}
+    assert config["descriptor"]["dim"] == 8 and config["training"]["classes"] == [1, 2]
+    assert len(config["weights_sha256"]) == 64 and config["code_version"]
+    card = (release / "README.md").read_text()
+    assert "| msnetvlad (trained) | 0.5000 | 0.7500 |" in card and config["weights_sha256"] in card
+
+
+def test_fresh_process_without_training_code_gives_the_same_descriptors(exported):
+    model, release, paths = exported
+    expected = reference_descriptors(model, paths)
+    script = f"""
+import json, sys
+import numpy as np, torch
+sys.path.insert(0, {str(REPO)!r})
+from release import load_release
+retriever = load_release({str(release)!r})
+paths = {[str(p) for p in paths]!r}
+descriptors = retriever.encode(paths, batch_size=2)
+graph = torch.export.load({str(release / 'model.pt2')!r}).module()
+from data.images import load_image
+graph_out = np.concatenate([graph(retriever.transform(load_image(p))[None]).detach().numpy() for p in paths])
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('train', 'training', 'losses', 'miners'))
+print(json.dumps({{"descriptors": descriptors.tolist(), "graph": graph_out.tolist(), "loaded": loaded,
+                   "dtype": str(descriptors.dtype)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == [] and result["dtype"] == "float32"
+    np.testing.assert_allclose(np.array(result["descriptors"]), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.array(result["graph"]), expected, atol=1e-5, rtol=0)
+
+
+def test_encode_accepts_paths_images_and_tensors_in_order(exported):
+    model, release, paths = exported
+    retriever = load_release(release)
+    from_paths = retriever.encode([str(p) for p in paths])
+    assert from_paths.shape == (5, 8)
+    np.testing.assert_allclose(retriever.encode([load_image(p) for p in paths]), from_paths, atol=1e-6)
+    np.testing.assert_allclose(retriever.encode(paths[1]), from_paths[1:2], atol=1e-6)
+    # a tensor in [0, 1] already at the release's size is only normalised
+    image = load_image(paths[3]).resize((128, 128), Image.BILINEAR)
+    tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    np.testing.assert_allclose(retriever.encode(tensor), from_paths[3:4], atol=1e-5)
+    np.testing.assert_allclose(retriever.encode(torch.stack([tensor, tensor])), from_paths[[3, 3]], atol=1e-5)
+    assert retriever.encode([]).shape == (0, 8)
+    with pytest.raises(ValueError, match="shape"):
+        retriever.encode(torch.zeros(2, 2))
+
+
+def test_torch_hub_loads_the_release(exported):
+    _, release, paths = exported
+    retriever = torch.hub.load(str(REPO), "retriever", source="local", release=str(release))
+    np.testing.assert_allclose(retriever.encode(paths), load_release(release).encode(paths), atol=0)
+
+
+def test_a_flipped_byte_in_the_weights_is_refused(exported, tmp_path):
+    _, release, _ = exported
+    copy = tmp_path / "rel"
+    copy.mkdir()
+    for name in ("config.json", WEIGHTS_FILE):
+        (copy / name).write_bytes((release / name).read_bytes())
+    data = bytearray((copy / WEIGHTS_FILE).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ReleaseError, match=r"checksum mismatch for .*model\.safetensors"):
+        load_release(copy)
+
+
+def test_incomplete_or_foreign_release_directories_are_named(tmp_path, exported):
+    with pytest.raises(ReleaseError, match="config.json not found"):
+        load_release(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ReleaseError, match="expected 'msretrieval-release-v1'"):
+        load_release(tmp_path)
+    config = json.loads((exported[1] / "config.json").read_text())
+    del config["input"]["resize"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReleaseError, match=r"missing input\.resize"):
+        load_release(tmp_path)
+
+
+def test_a_training_checkpoint_loads_as_a_retriever(tmp_path, exported):
+    model, _, paths = exported
+    save_model(model, tmp_path / "model.pth")
+    retriever = load_release(tmp_path / "model.pth")
+    pre = model.preprocessing
+    transform = EvalTransform(pre.input_size, "shorter", pre.mean, pre.std)
+    with torch.no_grad():
+        expected = np.concatenate([model(transform(load_image(p))[None]).numpy() for p in paths])
+    np.testing.assert_allclose(retriever.encode(paths), expected, atol=1e-5)
+    assert load_model(tmp_path / "model.pth").config() == model.config()
