@@ -80,5 +80,11 @@ def test_index_and_search_command_lines(tmp_path, release_and_folder):
     assert result["timing"]["index_size"] == 12 and result["timing"]["search_ms_per_query"] > 0
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.size == (4 * 138 + 12, 2 * (138 + 14))
+        for row, query in enumerate(result["queries"]):  # frames: query blue, results green / red by label
+            top = row * (138 + 14)
+            assert sheet.getpixel((1, top + 1)) == (40, 90, 220)
+            for i, entry in enumerate(query["results"]):
+                expected = (30, 160, 60) if entry["correct"] else (210, 40, 40)
+                assert sheet.getpixel((12 + (i + 1) * 138 + 1, top + 1)) == expected
     done = run("search.py", tmp_path / "missing", *queries)
     assert done.returncode == 2 and "scripts/index.py" in done.stderr
