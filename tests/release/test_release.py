@@ -106,7 +106,7 @@ def test_encode_accepts_paths_images_and_tensors_in_order(exported):
     np.testing.assert_allclose(retriever.encode(paths[1]), from_paths[1:2], atol=1e-6)
     # a tensor in [0, 1] already at the release's size is only normalised
     image = load_image(paths[3]).resize((128, 128), Image.BILINEAR)
-    tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     np.testing.assert_allclose(retriever.encode(tensor), from_paths[3:4], atol=1e-5)
     np.testing.assert_allclose(retriever.encode(torch.stack([tensor, tensor])), from_paths[[3, 3]], atol=1e-5)
     assert retriever.encode([]).shape == (0, 8)

@@ -204,4 +204,5 @@ def test_fine_tuning_starts_from_the_release_and_keeps_its_network(tmp_path, flo
                        "--skip-final-eval"]) == 0
     trained = torch.load(tmp_path / "run2" / "last.pth", weights_only=True)["state_dict"]
     assert not torch.equal(trained["head.projection.linear.weight"], start["head.projection.linear.weight"])
-    assert load_model(tmp_path / "run2" / "last.pth").preprocessing == released.preprocessing
+    pre = load_model(tmp_path / "run2" / "last.pth").preprocessing  # the release's, with its input size
+    assert (pre.mean, pre.std, pre.input_size) == (released.preprocessing.mean, released.preprocessing.std, 80)
