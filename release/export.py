@@ -90,7 +90,7 @@ def model_card(config: dict) -> str:
 
 
 def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, resize: str = "shorter",
-                   training: dict | None = None, evaluation: dict | None = None, graph: bool = True) -> Path:
+                   training: dict | None = None, evaluation: dict | None = None, graph: bool = False) -> Path:
     """Write ``out_dir`` (created; an existing non-empty directory is an error) and return it.
 
     ``image_size`` / ``resize``: the evaluation input the model was measured with (the release encodes the

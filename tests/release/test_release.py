@@ -45,7 +45,7 @@ def exported(tmp_path_factory):
     evaluation = {"benchmark": "toy", "method": "msnetvlad (trained)",
                   "table": [{"method": "msnetvlad (trained)", "metrics": {"mAP": 0.5, "R@1": 0.75}}]}
     export_release(model, root / "rel", image_size=128, training={"data": "toy", "classes": [1, 2]},
-                   evaluation=evaluation)
+                   evaluation=evaluation, graph=True)
     return model, root / "rel", paths
 
 
