@@ -214,10 +214,16 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
         raise UnsafeCheckpointError(f"refusing {path}: it is not a plain-tensor checkpoint ({reason})") from None
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> RetrievalNet:
+def read_model_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """:func:`read_checkpoint`, checked to be this repository's self-describing format."""
     checkpoint = read_checkpoint(path, map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return checkpoint
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> RetrievalNet:
+    checkpoint = read_model_checkpoint(path, map_location)
     model = model_from_config(checkpoint["config"])
     model.load_state_dict(checkpoint["state_dict"])
     # Preprocessing travels with the checkpoint (it may differ from the architecture's default).

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from models.retrieval_net import RetrievalNet
 
 from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE, sha256_file
-from .load import checkpoint_release_config
+from .load import release_config
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, re
     model = model.eval().cpu()
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": RELEASE_FORMAT})
-    config = {"format": RELEASE_FORMAT, "name": out_dir.name, **checkpoint_release_config(model, resize)}
+    config = {"format": RELEASE_FORMAT, "name": out_dir.name, **release_config(model.config(), resize)}
     config["input"]["image_size"] = int(image_size)
     config["descriptor"]["binary"] = False
     config.update({"training": training or {}, "evaluation": evaluation or {}, "code_version": code_version(),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from models.backbones import Preprocessing
-from models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet, load_model, model_from_config, read_checkpoint
+from models.retrieval_net import RetrievalNet, load_model, model_from_config, read_model_checkpoint
 
 from .format import CONFIG_FILE, ReleaseError, read_config, sha256_file, verify_weights
 from .retriever import Retriever
@@ -36,13 +36,14 @@ def model_from_release(directory: Path, config: dict) -> RetrievalNet:
     return model.eval()
 
 
-def checkpoint_release_config(model: RetrievalNet, resize: str = "shorter") -> dict:
-    """The release config of a training checkpoint's network (no training or evaluation record)."""
-    pre = model.preprocessing
-    return {"model": {k: v for k, v in model.config().items() if k not in ("preprocessing", "out_dim")},
-            "input": {"mean": list(pre.mean), "std": list(pre.std), "image_size": pre.input_size,
+def release_config(model_config: dict, resize: str = "shorter") -> dict:
+    """The release config (no training or evaluation record) of a network described by ``model.config()``,
+    as a training checkpoint stores it."""
+    pre = model_config["preprocessing"]
+    return {"model": {k: v for k, v in model_config.items() if k not in ("preprocessing", "out_dim")},
+            "input": {"mean": list(pre["mean"]), "std": list(pre["std"]), "image_size": pre["input_size"],
                       "resize": resize, "interpolation": "bilinear"},
-            "descriptor": {"dim": model.out_dim, "dtype": "float32", "normalisation": "l2",
+            "descriptor": {"dim": model_config["out_dim"], "dtype": "float32", "normalisation": "l2",
                            "similarity": "inner_product"}}
 
 
@@ -51,13 +52,7 @@ def describe_release(path: str | Path) -> dict:
     without building the network."""
     path = Path(path)
     if path.is_file() and path.suffix == ".pth":
-        checkpoint = read_checkpoint(path)
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ReleaseError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-        model, pre = checkpoint["config"], checkpoint["config"]["preprocessing"]
-        return {"model": {k: v for k, v in model.items() if k not in ("preprocessing", "out_dim")},
-                "input": {"mean": list(pre["mean"]), "std": list(pre["std"]), "image_size": pre["input_size"],
-                          "resize": "shorter", "interpolation": "bilinear"}}
+        return release_config(read_model_checkpoint(path)["config"])
     return read_config(path.parent if path.is_file() and path.name == CONFIG_FILE else path)
 
 
@@ -67,7 +62,7 @@ def load_release(path: str | Path, device: str | torch.device = "cpu") -> Retrie
     path = Path(path)
     if path.is_file() and path.suffix == ".pth":
         model = load_model(path)  # weights_only: a pickle that would run code is refused (UnsafeCheckpointError)
-        return Retriever(model, {**checkpoint_release_config(model), "weights_sha256": sha256_file(path)}, device)
+        return Retriever(model, {**release_config(model.config()), "weights_sha256": sha256_file(path)}, device)
     directory = path.parent if path.is_file() and path.name == CONFIG_FILE else path
     if not directory.is_dir():
         raise ReleaseError(f"release not found: {path} (a directory made by scripts/export.py, or a .pth)")
