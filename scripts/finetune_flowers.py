@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--train-fraction", type=float, default=0.7, help="of each new class, for fine-tuning")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="evaluate on N images of each set (a quick check of the script; not for numbers)")
     return parser.parse_args(argv)
 
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     table = {}
     for title, spec in (("classes 26-51, held-out images", f"csv:{new_csv}:heldout"),
                         ("test classes 52-102", "flowers102")):
-        benchmark = create_benchmark(spec, data_root)
+        benchmark = create_benchmark(spec, data_root, limit=args.eval_limit)
         methods = [create_method("gem", MethodContext(backbone="tf_efficientnet_lite0", pretrained=True)),
                    TrainedModelMethod.from_spec(f"run:{out / 'base'}"),
                    TrainedModelMethod.from_spec(f"run:{out / 'finetuned'}")]
