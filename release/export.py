@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -37,6 +38,31 @@ def code_version() -> str:
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
+def same_padding(size, kernel_size: int, stride: int, dilation: int):
+    """TensorFlow "SAME" padding in integer arithmetic: equal to timm's ``get_same_padding`` for every int,
+    but on a symbolic size it stays a small expression. timm's ``math.ceil(size / stride)`` and ``max(.., 0)``
+    nest a float ceiling and a Max into every later layer's size, and tf_efficientnet's stride-2 layers made
+    the expression tree so large that a dynamic-size export did not finish in 10 minutes (5 s with this)."""
+    total = ((size + stride - 1) // stride - 1) * stride + (kernel_size - 1) * dilation + 1 - size
+    if (kernel_size - 1) * dilation + 1 >= stride:  # total >= span - stride >= 0: the max() is a no-op
+        return total
+    return torch.sym_max(total, 0) if isinstance(total, torch.SymInt) else max(total, 0)
+
+
+@contextlib.contextmanager
+def _integer_same_padding():
+    """timm's dynamic "same" padding (``pad_same``, used by tf_* backbones' convolutions and pools) computes
+    its amounts with :func:`same_padding` while the graph is traced; restored afterwards."""
+    from timm.layers import padding
+
+    original = padding.get_same_padding
+    padding.get_same_padding = same_padding
+    try:
+        yield
+    finally:
+        padding.get_same_padding = original
+
+
 def export_graph(model: RetrievalNet, path: Path) -> None:
     """A ``torch.export`` program of the network: (N, 3, H, W) normalised images -> (N, D) descriptors, for
     any N and any H, W in :data:`GRAPH_SIDE_RANGE`; loads with ``torch.export.load(path).module()``."""
@@ -44,7 +70,8 @@ def export_graph(model: RetrievalNet, path: Path) -> None:
             2: torch.export.Dim("height", min=GRAPH_SIDE_RANGE[0], max=GRAPH_SIDE_RANGE[1]),
             3: torch.export.Dim("width", min=GRAPH_SIDE_RANGE[0], max=GRAPH_SIDE_RANGE[1])}
     example = torch.zeros(2, 3, 224, 256)  # sizes far from the range's ends: no 0/1 specialisation
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({**dims},), strict=False)
+    with _integer_same_padding():
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({**dims},), strict=False)
     torch.export.save(program, str(path))
 
 
@@ -90,7 +117,7 @@ def model_card(config: dict) -> str:
 
 
 def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, resize: str = "shorter",
-                   training: dict | None = None, evaluation: dict | None = None, graph: bool = False) -> Path:
+                   training: dict | None = None, evaluation: dict | None = None, graph: bool = True) -> Path:
     """Write ``out_dir`` (created; an existing non-empty directory is an error) and return it.
 
     ``image_size`` / ``resize``: the evaluation input the model was measured with (the release encodes the

@@ -2,11 +2,11 @@
 """Export a training run as a release that downstream code loads without the training code.
 
     python scripts/export.py runs/flowers102 releases/flowers102          # best.pth, else last.pth
-    python scripts/export.py runs/flowers102 releases/flowers102-last --checkpoint last --graph
+    python scripts/export.py runs/flowers102 releases/flowers102-last --checkpoint last
 
 Writes OUT_DIR/model.safetensors, config.json (network, input, descriptor, training data and classes,
-evaluation table from the run's results.json, code version, weights SHA-256), README.md (model card) and,
-with ``--graph``, model.pt2 (a torch.export graph). Load it with ``release.load_release(OUT_DIR)`` or
+evaluation table from the run's results.json, code version, weights SHA-256), README.md (model card) and
+model.pt2 (a torch.export graph; ``--no-graph`` skips it). Load it with ``release.load_release(OUT_DIR)`` or
 ``torch.hub.load(REPO_DIR, "retriever", source="local", release=OUT_DIR)``.
 """
 from __future__ import annotations
@@ -37,9 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("out_dir", help="the release directory to create (must be new or empty)")
     parser.add_argument("--checkpoint", choices=["best", "last"], default=None,
                         help="default: best.pth if the run has one (validation-selected), else last.pth")
-    parser.add_argument("--graph", action="store_true",
-                        help="also write model.pt2, a torch.export graph with dynamic batch and image size (fast for "
-                             "ResNets; for tf_efficientnet backbones it does not finish in 8 min on this CPU yet)")
+    parser.add_argument("--no-graph", dest="graph", action="store_false",
+                        help="skip model.pt2, the torch.export graph (dynamic batch and image size; a few seconds)")
     parser.add_argument("--data-root", default=None, help="to list the training classes (default: the run's)")
     return parser.parse_args(argv)
 

@@ -156,3 +156,36 @@ def test_a_training_checkpoint_loads_as_a_retriever(tmp_path, exported):
         expected = np.concatenate([model(transform(load_image(p))[None]).numpy() for p in paths])
     np.testing.assert_allclose(retriever.encode(paths), expected, atol=1e-5)
     assert load_model(tmp_path / "model.pth").config() == model.config()
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_integer_same_padding_equals_timms(kernel_size, stride, dilation):
+    from timm.layers.padding import get_same_padding
+
+    from release.export import same_padding
+
+    for size in range(1, 300):
+        assert same_padding(size, kernel_size, stride, dilation) == get_same_padding(size, kernel_size, stride, dilation)
+
+
+def test_graph_of_a_same_padded_backbone_matches_at_odd_sizes(tmp_path):
+    """tf_efficientnet_lite0 pads "same" from each input's size: the graph must follow odd and even sides
+    (the padding moves by one pixel with the parity of every stride-2 layer's input), not bake in the example."""
+    import timm.layers.padding
+
+    from release.export import export_graph
+
+    original = timm.layers.padding.get_same_padding
+    torch.manual_seed(0)
+    model = create_model("msnetvlad", backbone="tf_efficientnet_lite0", num_clusters=2).eval()
+    with torch.no_grad():
+        model.head.initialise([model.feature_map(torch.rand(2, 3, 128, 128))])
+    export_graph(model, tmp_path / "model.pt2")
+    assert timm.layers.padding.get_same_padding is original  # the tracing patch is undone
+    graph = torch.export.load(str(tmp_path / "model.pt2")).module()
+    for shape in [(1, 3, 128, 129), (2, 3, 161, 130), (1, 3, 225, 193)]:
+        images = torch.rand(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(graph(images), model(images), atol=1e-6, rtol=0)
