@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def export_graph(model: RetrievalNet, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
+def _readable_by_all(path: Path) -> None:
+    """safetensors writes its file owner-only (0600); a release is meant to be shared: the umask decides."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def model_card(config: dict) -> str:
     """README.md of a release: what the model is, how to use it, how it was trained and how it scored."""
     model, spec, descriptor = config["model"], config["input"], config["descriptor"]
@@ -96,10 +104,12 @@ def model_card(config: dict) -> str:
     training = config.get("training") or {}
     if training:
         lines += ["## Training", ""]
-        lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in training.items()
-                  if not isinstance(value, (dict, list))]
-        if training.get("classes"):
-            lines += [f"- classes ({len(training['classes'])}): {', '.join(map(str, training['classes']))}"]
+        lines += [f"- {key.replace('_', ' ')}: {value:.4f}" if isinstance(value, float) else
+                  f"- {key.replace('_', ' ')}: {value}" for key, value in training.items()
+                  if not isinstance(value, (dict, list)) and value is not None]
+        for key in ("classes", "validation_classes"):
+            if training.get(key):
+                lines += [f"- {key.replace('_', ' ')} ({len(training[key])}): {', '.join(map(str, training[key]))}"]
         lines.append("")
     evaluation = config.get("evaluation") or {}
     if evaluation.get("table"):
@@ -130,6 +140,7 @@ def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, re
     model = model.eval().cpu()
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": RELEASE_FORMAT})
+    _readable_by_all(out_dir / WEIGHTS_FILE)
     config = {"format": RELEASE_FORMAT, "name": out_dir.name, **release_config(model.config(), resize)}
     config["input"]["image_size"] = int(image_size)
     config["descriptor"]["binary"] = False

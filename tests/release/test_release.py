@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def exported(tmp_path_factory):
         paths.append(path)
     evaluation = {"benchmark": "toy", "method": "msnetvlad (trained)",
                   "table": [{"method": "msnetvlad (trained)", "metrics": {"mAP": 0.5, "R@1": 0.75}}]}
-    export_release(model, root / "rel", image_size=128, training={"data": "toy", "classes": [1, 2]},
+    export_release(model, root / "rel", image_size=128,
+                   training={"data": "toy", "classes": [1, 2], "validation_classes": [3], "best_mAP": 0.123456},
                    evaluation=evaluation, graph=True)
     return model, root / "rel", paths
 
@@ -69,6 +71,14 @@ def test_release_directory_describes_itself(exported):
     assert len(config["weights_sha256"]) == 64 and config["code_version"]
     card = (release / "README.md").read_text()
     assert "| msnetvlad (trained) | 0.5000 | 0.7500 |" in card and config["weights_sha256"] in card
+    assert "- classes (2): 1, 2\n- validation classes (1): 3\n" in card and "- best mAP: 0.1235\n" in card
+    assert (release / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_fresh_process_without_training_code_gives_the_same_descriptors(exported):
