@@ -2,7 +2,7 @@
 
 A release directory holds ``model.safetensors`` (the weights: tensors only, no pickle), ``config.json`` (how
 to rebuild and feed the network, what it was trained on, how it scored, the weights' SHA-256), ``README.md``
-(a model card) and, on request, ``model.pt2`` (a ``torch.export`` graph that computes the same descriptors with torch
+(a model card) and ``model.pt2`` (a ``torch.export`` graph that computes the same descriptors with torch
 alone). Loading needs ``models/`` and ``data/`` of this repository, never its training code::
 
     from release import load_release

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 from data.images import image_size, load_image
 from data.transforms import EvalTransform
 from models.retrieval_net import RetrievalNet
+from retrieval.extract import SizeBucketBatchSampler
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 
@@ -62,16 +62,12 @@ class Retriever:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         output = np.empty((len(items), self.dim), dtype=np.float32)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, item in enumerate(items):
-            groups[self._group_key(item, index)].append(index)
+        batches = SizeBucketBatchSampler([self._group_key(item, i) for i, item in enumerate(items)], batch_size)
         with tqdm(total=len(items), desc="encode", unit="img", leave=False,
                   disable=None if progress is None else not progress) as bar:
-            for members in groups.values():
-                for start in range(0, len(members), batch_size):
-                    chunk = members[start:start + batch_size]
-                    output[chunk] = self.encode_tensor(torch.stack([self._prepare(items[i]) for i in chunk]))
-                    bar.update(len(chunk))
+            for chunk in batches:
+                output[chunk] = self.encode_tensor(torch.stack([self._prepare(items[i]) for i in chunk]))
+                bar.update(len(chunk))
         return output
 
     # -- inputs ------------------------------------------------------------------------------------------------

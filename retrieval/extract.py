@@ -14,6 +14,7 @@ from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -31,10 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class SizeBucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices whose images resize to the same (width, height)."""
+    """Batches of indices whose images resize to the same (width, height) (any hashable key per index)."""
 
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int):
-        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    def __init__(self, sizes: list[Hashable], batch_size: int):
+        buckets: dict[Hashable, list[int]] = defaultdict(list)
         for index, size in enumerate(sizes):
             buckets[size].append(index)
         self.batches = [members[i:i + batch_size] for members in buckets.values()

@@ -5,13 +5,13 @@ the training flags.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from models.backbones import Preprocessing
 from models.retrieval_net import RetrievalNet, load_model
+from release.format import sha256_file
 
 from .methods import RetrievalMethod
 
@@ -37,11 +37,7 @@ def resolve_checkpoint(spec: str) -> Path:
 
 def file_fingerprint(path: Path) -> str:
     """Content hash of a checkpoint (keys the descriptor cache, so retraining invalidates it)."""
-    digest = hashlib.sha1()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 class TrainedModelMethod(RetrievalMethod):
