@@ -1,7 +1,8 @@
 """Benchmarks: which images are queries and database, how they are resized, and which metrics apply.
 
 - ``flowers102`` (and ``csv:PATH[:SPLIT]`` for any manifest): a labelled, class-disjoint test split; every
-  image is a query against all the others (leave-one-out); Recall@K, mAP@R and mAP. Shorter side -> N.
+  image is a query against all the others (leave-one-out); Recall@K, mAP@R and mAP (optionally mAP@K), all
+  tie-aware. Shorter side -> N.
 - ``revisitop:NAME`` (roxford5k, rparis6k or a user's set in that layout): queries cropped to their box;
   Easy / Medium / Hard mAP with junk and mP@k. Longer side -> N, the convention of those benchmarks.
 """
@@ -43,7 +44,8 @@ class Benchmark:
     def query_dataset(self, transform) -> ImageDataset:
         return ImageDataset(self.query_paths(), transform, boxes=self.query_boxes)
 
-    def evaluate(self, scores: ScoreSource) -> dict[str, float]:
+    def evaluate(self, scores: ScoreSource, map_at_k: int | None = None) -> dict[str, float]:
+        """The benchmark's metrics; ``map_at_k`` adds AP over the top K where the benchmark defines it."""
         raise NotImplementedError
 
     def train_set(self) -> LabelledImageSet | None:
@@ -62,8 +64,8 @@ class LabelledBenchmark(Benchmark):
     def database_paths(self) -> list[Path]:
         return list(self.images.paths)
 
-    def evaluate(self, scores: ScoreSource) -> dict[str, float]:
-        return labelled_metrics(scores, self.images.labels, self.images.labels, exclude_self=True)
+    def evaluate(self, scores: ScoreSource, map_at_k: int | None = None) -> dict[str, float]:
+        return labelled_metrics(scores, self.images.labels, self.images.labels, exclude_self=True, map_at_k=map_at_k)
 
     def train_set(self) -> LabelledImageSet | None:
         return self.training
@@ -83,7 +85,9 @@ class RevisitopBenchmark(Benchmark):
     def query_paths(self) -> list[Path]:
         return self.dataset.query_paths
 
-    def evaluate(self, scores: ScoreSource) -> dict[str, float]:
+    def evaluate(self, scores: ScoreSource, map_at_k: int | None = None) -> dict[str, float]:
+        if map_at_k is not None:
+            raise ValueError("mAP@K is a labelled-set metric; revisitop benchmarks report mAP and mP@k")
         return revisitop_metrics(scores, {p: self.dataset.protocol(p) for p in PROTOCOLS})
 
 

@@ -39,6 +39,7 @@ class EvalSettings:
     top_k: int = 0  # >0: also search the top-k neighbours of every query with FAISS and save them
     interpolation: str = "bilinear"  # PIL filter for resizing (bilinear reproduces the published numbers)
     channels_last: bool = True  # NHWC convolutions (much faster on CPU)
+    map_at_k: int | None = None  # labelled benchmarks: also report mAP@K (AP over the top K)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, setti
     queries = database if benchmark.queries_are_database else _descriptors(methods, "query", benchmark, settings, cache)
     results = []
     for method, db, q in zip(methods, database, queries):
-        metrics = benchmark.evaluate(method.scores(q.descriptors, db.descriptors))
+        metrics = benchmark.evaluate(method.scores(q.descriptors, db.descriptors), map_at_k=settings.map_at_k)
         if settings.top_k > 0:
             _save_top_k(method, q.descriptors, db.descriptors, settings, benchmark)
         results.append(MethodResult(

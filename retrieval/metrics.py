@@ -1,20 +1,29 @@
 """Ranking metrics from a score source.
 
-Every metric here (revisitop AP with junk and mP@k, standard AP, mAP@R, Recall@K) depends only on where each
-positive lands in the ranking once junk is removed. :func:`rank_items` finds exactly those ranks without an
-argsort: each query row's *values* are sorted (NumPy's SIMD sort, several times faster than argsort), and
-each positive or junk item is placed in it with a binary search. Rows are processed in bounded blocks on
-several threads, so memory stays at one block of scores whatever the database size.
+Labelled sets (standard AP over the full ranking, mAP@R, Recall@K, AP over the top K) need, for each positive,
+only its tie group once junk is removed: how many items score strictly higher and how many score the same
+(:func:`tied_positives`). The revisitop metrics (AP with junk, mP@k) need each positive's rank
+(:func:`positive_ranks`, :func:`rank_items`). Both are found without an argsort: each query row's *values* are
+sorted (NumPy's SIMD sort, several times faster than argsort), and each positive or junk item is placed in it
+with a binary search. Rows are processed in bounded blocks on several threads, so memory stays at one block of
+scores whatever the database size.
 
-Ties: the ranking is descending score, ties broken by ascending database index (the order a stable sort
-gives). Ties are resolved exactly.
+Ties: the labelled metrics are tie-aware: each is its expected value over all orders of tied items (McSherry &
+Najork, "Computing information retrieval performance measures efficiently in the presence of tied scores",
+ECIR 2008), computed exactly in closed form (see :func:`_expected_precision_sum` and :func:`recall_at_k`).
+Breaking ties by database index would reward the database order, and Hamming distances tie massively (a
+manifest sorted by class then scores better than a shuffled one). Without ties the values are those of the
+single ranking. The revisitop metrics (trapezoid-rule AP and mP@k, as the official revisitop code) are NOT
+tie-aware: they rank ties by ascending database index (the order a stable sort gives), exactly; mP@k's cutoff
+depends on where the last positive lands, which has no cheap exact expectation, and these benchmarks are
+evaluated on float descriptors, where exact ties are rare.
 """
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +64,83 @@ class RankedPositives:
         return cls(indptr=indptr, ranks=ranks.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class TiedPositives:
+    """Per query, the tie group of each positive once junk is removed: ``above`` items score strictly higher
+    than it, ``tied`` items (itself included) score the same.
+
+    Query ``q`` owns entries ``indptr[q]:indptr[q + 1]``, sorted by ``above``, so the positives of one group are
+    adjacent. A strict ranking is the case ``tied == 1``, ``above == rank`` (:meth:`from_ranks`).
+    """
+
+    indptr: np.ndarray
+    above: np.ndarray
+    tied: np.ndarray
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def num_positives(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    @classmethod
+    def from_lists(cls, above_per_query: Sequence[Sequence[int]], tied_per_query: Sequence[Sequence[int]]
+                   ) -> "TiedPositives":
+        if len(above_per_query) != len(tied_per_query):
+            raise ValueError(f"{len(above_per_query)} 'above' lists but {len(tied_per_query)} 'tied' lists")
+        above = [np.asarray(a, dtype=np.int64).reshape(-1) for a in above_per_query]
+        tied = [np.asarray(t, dtype=np.int64).reshape(-1) for t in tied_per_query]
+        if any(len(a) != len(t) for a, t in zip(above, tied)):
+            raise ValueError("'above' and 'tied' lists differ in length")
+        orders = [np.argsort(a, kind="stable") for a in above]
+        indptr = np.concatenate([[0], np.cumsum([len(a) for a in above])]).astype(np.int64)
+        flat_above = np.concatenate([a[o] for a, o in zip(above, orders)]) if above else np.zeros(0, np.int64)
+        flat_tied = np.concatenate([t[o] for t, o in zip(tied, orders)]) if tied else np.zeros(0, np.int64)
+        return cls(indptr=indptr, above=flat_above.astype(np.int64), tied=flat_tied.astype(np.int64))
+
+    @classmethod
+    def from_ranks(cls, ranked: RankedPositives) -> "TiedPositives":
+        return cls(indptr=ranked.indptr, above=ranked.ranks, tied=np.ones_like(ranked.ranks))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Score rows -> ranks / tie groups, block by block.
+
+def _check_items(items: Sequence[np.ndarray], num_queries: int, num_items: int) -> None:
+    if len(items) != num_queries:
+        raise ValueError(f"ground truth for {len(items)} queries, scores for {num_queries}")
+    for q, ids in enumerate(items):
+        if len(ids) and (ids.min() < 0 or ids.max() >= num_items):
+            raise ValueError(f"query {q}: ground-truth index out of range [0, {num_items})")
+
+
+def _map_rows(scores: ScoreSource, function: Callable, per_query_args: Sequence[Sequence],
+              block_elements: int, threads: int | None) -> list:
+    """``function(row, *args of that query)`` for every query row, in order.
+
+    Query rows are fetched in blocks of about ``block_elements`` scores and processed on ``threads`` threads
+    (NumPy's sort releases the GIL).
+    """
+    num_queries, num_items = scores.shape
+    rows_per_block = max(1, block_elements // max(num_items, 1))
+    threads = threads or min(os.cpu_count() or 1, 8)
+    results: list = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, num_queries, rows_per_block):
+            stop = min(num_queries, start + rows_per_block)
+            block = scores.rows(start, stop)
+            if isinstance(block, torch.Tensor):
+                block = block.detach().cpu()
+                block = (block.float() if block.dtype in (torch.float16, torch.bfloat16) else block).numpy()
+            block = np.asarray(block)
+            if not np.isfinite(block).all():
+                raise ValueError(f"scores of queries {start}:{stop} contain NaN or infinity")
+            results += pool.map(function, block, *[args[start:stop] for args in per_query_args])
+    return results
+
+
 def _rank_in_row(row: np.ndarray, items: np.ndarray) -> np.ndarray:
     """0-based rank of ``row[items]`` in the descending order of ``row``, ties by ascending index."""
     ascending = np.sort(row)
@@ -78,32 +164,14 @@ def rank_items(scores: ScoreSource, items: Sequence[np.ndarray], block_elements:
     (NumPy's sort releases the GIL).
     """
     num_queries, num_items = scores.shape
-    if len(items) != num_queries:
-        raise ValueError(f"ground truth for {len(items)} queries, scores for {num_queries}")
     items = [np.asarray(i, dtype=np.int64).reshape(-1) for i in items]
-    for q, ids in enumerate(items):
-        if len(ids) and (ids.min() < 0 or ids.max() >= num_items):
-            raise ValueError(f"query {q}: ground-truth index out of range [0, {num_items})")
-    rows_per_block = max(1, block_elements // max(num_items, 1))
-    threads = threads or min(os.cpu_count() or 1, 8)
-    ranks: list[np.ndarray] = []
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for start in range(0, num_queries, rows_per_block):
-            stop = min(num_queries, start + rows_per_block)
-            block = scores.rows(start, stop)
-            if isinstance(block, torch.Tensor):
-                block = block.detach().cpu()
-                block = (block.float() if block.dtype in (torch.float16, torch.bfloat16) else block).numpy()
-            block = np.asarray(block)
-            if not np.isfinite(block).all():
-                raise ValueError(f"scores of queries {start}:{stop} contain NaN or infinity")
-            ranks += pool.map(_rank_in_row, block, items[start:stop])
-    return ranks
+    _check_items(items, num_queries, num_items)
+    return _map_rows(scores, _rank_in_row, [items], block_elements, threads)
 
 
 def positive_ranks(scores: ScoreSource, positives: Sequence[np.ndarray], junk: Sequence[np.ndarray] | None = None,
                    block_elements: int = BLOCK_ELEMENTS) -> RankedPositives:
-    """Ranks of each query's positives once its junk items are removed from the ranking.
+    """Ranks of each query's positives once its junk items are removed from the ranking (ties by index).
 
     ``positives[q]`` and ``junk[q]`` are database indices; an index in both counts as a positive (as in the
     revisitop code). Scores must be finite.
@@ -126,8 +194,53 @@ def _drop_junk(positive_ranks_per_query: list[np.ndarray], junk_ranks_per_query:
     return RankedPositives.from_lists(adjusted)
 
 
+def _tie_groups_in_row(row: np.ndarray, positives: np.ndarray, junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each positive, by increasing ``above``: the non-junk items scoring strictly higher (``above``) and
+    those scoring the same, itself included (``tied``). ``junk`` must be unique and hold no positive."""
+    ascending = np.sort(row)
+    values = row[positives]
+    above = len(row) - np.searchsorted(ascending, values, side="right")
+    above_or_tied = len(row) - np.searchsorted(ascending, values, side="left")
+    if len(junk):
+        junk_ascending = np.sort(row[junk])
+        above -= len(junk) - np.searchsorted(junk_ascending, values, side="right")
+        above_or_tied -= len(junk) - np.searchsorted(junk_ascending, values, side="left")
+    order = np.argsort(above, kind="stable")
+    return above[order], (above_or_tied - above)[order]
+
+
+def _not_in(items: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """``items`` not in ``sorted_unique`` (a binary search: much cheaper than np.setdiff1d for short lists)."""
+    if not len(sorted_unique):
+        return items
+    found = sorted_unique[np.minimum(np.searchsorted(sorted_unique, items), len(sorted_unique) - 1)] == items
+    return items[~found]
+
+
+def tied_positives(scores: ScoreSource, positives: Sequence[np.ndarray], junk: Sequence[np.ndarray] | None = None,
+                   block_elements: int = BLOCK_ELEMENTS, threads: int | None = None) -> TiedPositives:
+    """Each query's positives with their tie groups once its junk items are removed (for the tie-aware metrics).
+
+    ``positives[q]`` and ``junk[q]`` are database indices; an index in both counts as a positive. Scores must
+    be finite; 0.0 and -0.0 are one tie group.
+    """
+    junk = junk if junk is not None else [np.zeros(0, np.int64)] * len(positives)
+    if len(junk) != len(positives):
+        raise ValueError(f"{len(positives)} positive lists but {len(junk)} junk lists")
+    positives = [np.unique(np.asarray(p, dtype=np.int64)) for p in positives]
+    junk = [_not_in(np.unique(np.asarray(j, dtype=np.int64)), p) for j, p in zip(junk, positives)]
+    num_queries, num_items = scores.shape
+    _check_items(positives, num_queries, num_items)
+    _check_items(junk, num_queries, num_items)
+    groups = _map_rows(scores, _tie_groups_in_row, [positives, junk], block_elements, threads)
+    indptr = np.concatenate([[0], np.cumsum([len(p) for p in positives])]).astype(np.int64)
+    above = np.concatenate([a for a, _ in groups]).astype(np.int64) if groups else np.zeros(0, np.int64)
+    tied = np.concatenate([t for _, t in groups]).astype(np.int64) if groups else np.zeros(0, np.int64)
+    return TiedPositives(indptr=indptr, above=above, tied=tied)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Metrics over ranked positives. Queries without positives give NaN and are left out of every mean.
+# Metrics. Queries without positives give NaN and are left out of every mean.
 
 def _positions(ranked: RankedPositives) -> tuple[np.ndarray, np.ndarray]:
     """(query id, 0-based position among the query's positives) for every entry of ``ranked.ranks``."""
@@ -141,10 +254,112 @@ def _per_query_sum(ranked: RankedPositives, values: np.ndarray, query_ids: np.nd
     return np.bincount(query_ids, weights=values, minlength=ranked.num_queries)
 
 
-def _with_nan(ranked: RankedPositives, values: np.ndarray) -> np.ndarray:
+def _with_nan(ranked: RankedPositives | TiedPositives, values: np.ndarray) -> np.ndarray:
     values = values.astype(np.float64)
     values[ranked.num_positives == 0] = np.nan
     return values
+
+
+def _as_tied(positives: RankedPositives | TiedPositives) -> TiedPositives:
+    return TiedPositives.from_ranks(positives) if isinstance(positives, RankedPositives) else positives
+
+
+def _tie_groups(positives: TiedPositives) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every entry: its query, the positives strictly above its group (r) and the positives in it (p)."""
+    query_ids = np.repeat(np.arange(positives.num_queries), positives.num_positives)
+    # Within a query, one group's positives share ``above`` and are adjacent; distinct groups differ in it.
+    starts = np.ones(len(positives.above), dtype=bool)
+    starts[1:] = (query_ids[1:] != query_ids[:-1]) | (positives.above[1:] != positives.above[:-1])
+    group_ids = np.cumsum(starts) - 1
+    relevant_above = np.flatnonzero(starts)[group_ids] - positives.indptr[:-1][query_ids]
+    relevant_tied = np.bincount(group_ids)[group_ids]
+    return query_ids, relevant_above, relevant_tied
+
+
+def _harmonic_numbers(n: int) -> np.ndarray:
+    """H_0 .. H_n, accumulated in long double so differences of large harmonic numbers keep float64 precision."""
+    return np.concatenate([np.zeros(1, np.longdouble), np.cumsum(1 / np.arange(1, n + 1, dtype=np.longdouble))])
+
+
+def _expected_precision_sum(positives: TiedPositives, cutoff: np.ndarray | None = None) -> np.ndarray:
+    """Per query, the expectation over all orders of tied items of the sum of precision@i over the relevant
+    1-based positions i <= ``cutoff[q]`` (None: the whole ranking).
+
+    A group with c items and r positives strictly above it holds t items, p of them positives. Each of its
+    positions i = c+1 .. c+t is relevant with probability p/t; given that, the group's other p-1 positives
+    fill its other t-1 slots uniformly, so the expected number of relevant items at positions <= i is
+    r + 1 + (i-c-1) s with s = (p-1)/(t-1) (0 if t = 1). The group adds
+
+        sum_{i=c+1..b} (p/t) (r + 1 + (i-c-1) s) / i = (p/t) [(r + 1 - (c+1) s)(H_b - H_c) + s (b - c)],
+
+    b = min(c+t, cutoff), H the harmonic numbers; each of its p entries carries 1/p of that.
+    """
+    query_ids, relevant_above, relevant_tied = _tie_groups(positives)
+    above, tied = positives.above, positives.tied
+    last = above + tied
+    if cutoff is not None:
+        last = np.maximum(np.minimum(last, cutoff[query_ids]), above)  # a group past the cutoff adds nothing
+    harmonic = _harmonic_numbers(int(last.max(initial=0)))
+    harmonic_span = (harmonic[last] - harmonic[above]).astype(np.float64)
+    slope = (relevant_tied - 1) / np.maximum(tied - 1, 1)
+    contribution = ((relevant_above + 1 - (above + 1) * slope) * harmonic_span + slope * (last - above)) / tied
+    return np.bincount(query_ids, weights=contribution, minlength=positives.num_queries)
+
+
+def average_precision(positives: TiedPositives | RankedPositives, k: int | None = None) -> np.ndarray:
+    """Standard (non-interpolated) AP, expected over the orders of tied items: mean precision at each positive.
+
+    With ``k``, AP over the top k (the Hamming-ranking mAP@K of deep hashing papers): E[sum of precision at the
+    relevant positions <= k] / min(R, k), R = number of positives; ``k`` = None (or >= the database size) is plain
+    AP. DeepHash-pytorch's ``CalcTopMap`` divides by the number of positives retrieved in the top k instead (a
+    query with none counts as 0). We do not: that denominator is random under ties, so its expectation is that of
+    a ratio, which is not linear and has no closed form from per-position expectations; and it scores a query
+    whose only retrieved positive comes first as 1 however many positives it missed. min(R, k) is the largest
+    sum any ranking reaches, so this AP@K lies in [0, 1], is 1 only for an ideal top k, and is exactly tie-aware
+    by linearity.
+    """
+    positives = _as_tied(positives)
+    num_positives = positives.num_positives
+    if k is None:
+        return _with_nan(positives, _expected_precision_sum(positives) / np.maximum(num_positives, 1))
+    if k < 1:
+        raise ValueError(f"AP@k needs k >= 1, got {k}")
+    cutoff = np.full(positives.num_queries, k, dtype=np.int64)
+    total = _expected_precision_sum(positives, cutoff)
+    return _with_nan(positives, total / np.maximum(np.minimum(num_positives, k), 1))
+
+
+def map_at_r(positives: TiedPositives | RankedPositives) -> np.ndarray:
+    """mAP@R (Musgrave et al. 2020): precision at each positive within the top R, R = number of positives;
+    expected over the orders of tied items."""
+    positives = _as_tied(positives)
+    num_positives = positives.num_positives
+    total = _expected_precision_sum(positives, num_positives)
+    return _with_nan(positives, total / np.maximum(num_positives, 1))
+
+
+def recall_at_k(positives: TiedPositives | RankedPositives, k: int) -> np.ndarray:
+    """The metric-learning Recall@K (1 if a positive is among the top k, else 0), expected over the orders of
+    tied items: the probability that a positive is among the top k.
+
+    Only the first group holding a positive matters. With c items above it, t items and p positives in it,
+    k' = clip(k - c, 0, t) of its slots are in the top k, and they all miss its positives with probability
+    C(t-p, k') / C(t, k') = prod_{s < k'} (t-p-s) / (t-s): 1 for k' = 0, 0 for k' = t.
+    """
+    positives = _as_tied(positives)
+    _, _, relevant_tied = _tie_groups(positives)
+    has = positives.num_positives > 0
+    first = positives.indptr[:-1][has]
+    above, tied, relevant = positives.above[first], positives.tied[first], relevant_tied[first]
+    slots = np.clip(k - above, 0, tied)
+    miss = np.ones(len(first))
+    # Drawing the k' slots one by one without replacement; from s = t - p on the factor is 0.
+    for s in range(int(np.minimum(slots, tied - relevant + 1).max(initial=0))):
+        factor = np.maximum(tied - relevant - s, 0) / np.maximum(tied - s, 1)
+        miss *= np.where(s < slots, factor, 1.0)
+    recall = np.zeros(positives.num_queries)
+    recall[has] = 1 - miss
+    return _with_nan(positives, recall)
 
 
 def revisitop_average_precision(ranked: RankedPositives) -> np.ndarray:
@@ -155,30 +370,6 @@ def revisitop_average_precision(ranked: RankedPositives) -> np.ndarray:
     at = (j + 1) / (r + 1)
     total = _per_query_sum(ranked, (before + at) / 2, query_ids)
     return _with_nan(ranked, total / np.maximum(ranked.num_positives, 1))
-
-
-def average_precision(ranked: RankedPositives) -> np.ndarray:
-    """Standard (non-interpolated) AP over the full ranking: mean precision at each positive."""
-    query_ids, j = _positions(ranked)
-    total = _per_query_sum(ranked, (j + 1) / (ranked.ranks + 1.0), query_ids)
-    return _with_nan(ranked, total / np.maximum(ranked.num_positives, 1))
-
-
-def map_at_r(ranked: RankedPositives) -> np.ndarray:
-    """mAP@R (Musgrave et al. 2020): precision at each positive within the top R, R = number of positives."""
-    query_ids, j = _positions(ranked)
-    num_pos = ranked.num_positives
-    inside = ranked.ranks < num_pos[query_ids]
-    total = _per_query_sum(ranked, np.where(inside, (j + 1) / (ranked.ranks + 1.0), 0.0), query_ids)
-    return _with_nan(ranked, total / np.maximum(num_pos, 1))
-
-
-def recall_at_k(ranked: RankedPositives, k: int) -> np.ndarray:
-    """1 if a positive is among the top k, else 0 (the metric-learning Recall@K)."""
-    first = np.full(ranked.num_queries, np.iinfo(np.int64).max)
-    has = ranked.num_positives > 0
-    first[has] = ranked.ranks[ranked.indptr[:-1][has]]
-    return _with_nan(ranked, (first < k).astype(np.float64))
 
 
 def revisitop_precision_at_k(ranked: RankedPositives, k: int) -> np.ndarray:
@@ -234,8 +425,10 @@ def revisitop_metrics(scores: ScoreSource, truth_by_protocol: dict[str, tuple[li
 
 
 def labelled_metrics(scores: ScoreSource, query_labels: np.ndarray, database_labels: np.ndarray,
-                     exclude_self: bool = True, ks: Sequence[int] = (1, 2, 4, 8)) -> dict[str, float]:
-    """Recall@K, mAP@R and mAP over the full ranking for a labelled set.
+                     exclude_self: bool = True, ks: Sequence[int] = (1, 2, 4, 8), map_at_k: int | None = None
+                     ) -> dict[str, float]:
+    """Recall@K, mAP@R and mAP over the full ranking for a labelled set, tie-aware (expected over the orders
+    of tied items); with ``map_at_k``, also ``mAP@<map_at_k>`` (AP over the top K, see :func:`average_precision`).
 
     With ``exclude_self`` the queries are the database (leave-one-out): each query's own entry is junk.
     """
@@ -252,8 +445,10 @@ def labelled_metrics(scores: ScoreSource, query_labels: np.ndarray, database_lab
             raise ValueError("exclude_self needs queries == database")
         positives = [p[p != q] for q, p in enumerate(positives)]
         junk = [np.array([q]) for q in range(len(query_labels))]
-    ranked = positive_ranks(scores, positives, junk)
-    metrics = {"mAP": nan_mean(average_precision(ranked)), "mAP@R": nan_mean(map_at_r(ranked))}
+    tied = tied_positives(scores, positives, junk)
+    metrics = {"mAP": nan_mean(average_precision(tied)), "mAP@R": nan_mean(map_at_r(tied))}
+    if map_at_k is not None:
+        metrics[f"mAP@{map_at_k}"] = nan_mean(average_precision(tied, k=map_at_k))
     for k in ks:
-        metrics[f"R@{k}"] = nan_mean(recall_at_k(ranked, k))
+        metrics[f"R@{k}"] = nan_mean(recall_at_k(tied, k))
     return metrics

@@ -1,10 +1,14 @@
 """Slow, obviously-correct metrics written straight from the protocol descriptions.
 
 The oracle for tests and the baseline for ``scripts/bench_metrics.py``: a full (stable) argsort per query,
-then membership tests of positives and junk along the ranking, as the revisitop code does. Do not use it
-for real evaluations; :mod:`retrieval.metrics` gives the same values much faster.
+then membership tests of positives and junk along the ranking, as the revisitop code does (ties by index).
+The labelled metrics are expectations over the orders of tied items, from pairwise relevance probabilities
+(O(N^2) per query). Do not use it for real evaluations; :mod:`retrieval.metrics` gives the same values much
+faster.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -52,22 +56,59 @@ def revisitop_evaluate(scores: np.ndarray, positives, junk, ks=(1, 5, 10)):
     return np.nanmean(aps), np.nanmean(prs, axis=0), aps
 
 
-def labelled_evaluate(scores: np.ndarray, labels: np.ndarray, ks=(1, 2, 4, 8)) -> dict[str, float]:
-    """Leave-one-out metrics of a labelled set (queries == database)."""
-    aps, maprs, recalls = [], [], {k: [] for k in ks}
+def expected_relevance(scores_row: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over all orders of tied items, for the ranking by descending score: P(positions i and j are both
+    relevant) (P(i relevant) on the diagonal), and each position's tie group (0 = best).
+
+    Within a tie group of t items holding p relevant ones, every set of p slots is equally likely: one slot is
+    relevant with probability p/t, two distinct slots with p(p-1)/(t(t-1)); slots of different groups are
+    independent.
+    """
+    scores_row = np.asarray(scores_row, dtype=np.float64)
+    order = ranking(scores_row)
+    distinct, group = np.unique(-scores_row[order], return_inverse=True)  # ascending -score: best group first
+    size = np.bincount(group, minlength=len(distinct)).astype(np.float64)
+    hits = np.bincount(group, weights=relevant[order], minlength=len(distinct))
+    single = (hits / size)[group]
+    pair_same = (hits * (hits - 1) / np.maximum(size * (size - 1), 1))[group]
+    same_group = group[:, None] == group[None, :]
+    both = np.where(same_group, pair_same[:, None], single[:, None] * single[None, :])
+    np.fill_diagonal(both, single)
+    return both, group
+
+
+def labelled_evaluate(scores: np.ndarray, labels: np.ndarray, ks=(1, 2, 4, 8), map_at_k: int | None = None
+                      ) -> dict[str, float]:
+    """Leave-one-out metrics of a labelled set (queries == database), expected over the orders of tied items.
+
+    By linearity: E[precision@i if i is relevant] = sum_{j <= i} P(i and j relevant) / i; Recall@K is
+    1 - P(no relevant item in the top K), a product over tie groups of C(t-p, k_g) / C(t, k_g) for the k_g
+    slots of each group inside the top K. O(N^2) per query.
+    """
+    aps, maprs, apks, recalls = [], [], [], {k: [] for k in ks}
     for q in range(scores.shape[0]):
-        order = ranking(scores[q])
-        order = order[order != q]
-        relevant = labels[order] == labels[q]
+        others = np.flatnonzero(np.arange(scores.shape[1]) != q)
+        relevant = (labels[others] == labels[q]).astype(np.float64)
         num_pos = int(relevant.sum())
         if num_pos == 0:
             continue
-        hits = np.cumsum(relevant)
-        precision = hits / np.arange(1, len(order) + 1)
-        aps.append(float((precision * relevant).sum() / num_pos))
-        maprs.append(float((precision[:num_pos] * relevant[:num_pos]).sum() / num_pos))
+        both, group = expected_relevance(scores[q, others], relevant)
+        positions = np.arange(1, len(others) + 1)
+        precision_at_hits = np.tril(both).sum(axis=1) / positions
+        aps.append(float(precision_at_hits.sum() / num_pos))
+        maprs.append(float(precision_at_hits[:num_pos].sum() / num_pos))
+        if map_at_k is not None:
+            apks.append(float(precision_at_hits[:map_at_k].sum() / min(num_pos, map_at_k)))
+        relevant_in_order = relevant[ranking(scores[q, others])]
         for k in ks:
-            recalls[k].append(float(relevant[:k].any()))
+            miss = 1.0
+            for g in np.unique(group):
+                in_group = group == g
+                t, p, slots = int(in_group.sum()), int(relevant_in_order[in_group].sum()), int(in_group[:k].sum())
+                miss *= math.comb(t - p, slots) / math.comb(t, slots)
+            recalls[k].append(1.0 - miss)
     out = {"mAP": float(np.mean(aps)), "mAP@R": float(np.mean(maprs))}
+    if map_at_k is not None:
+        out[f"mAP@{map_at_k}"] = float(np.mean(apks))
     out.update({f"R@{k}": float(np.mean(v)) for k, v in recalls.items()})
     return out

@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
     parser.add_argument("--top-k", type=int, default=0, help="also save the FAISS top-k neighbours per query")
+    parser.add_argument("--map-at-k", type=int, default=None,
+                        help="labelled benchmarks: also report mAP@K, AP over the top K (deep hashing's mAP@K)")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N images of a labelled set only (smoke tests; not for reported numbers)")
     parser.add_argument("--together", action="store_true",
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
                             device=args.device, share_backbone=args.together)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size, num_workers=args.workers,
                             device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k,
-                            interpolation=args.interpolation)
+                            interpolation=args.interpolation, map_at_k=args.map_at_k)
     methods = [create_method(name, context) for name in args.method]
     results = evaluate_methods(methods, benchmark, settings, together=args.together)
     for result in results:

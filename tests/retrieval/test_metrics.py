@@ -265,13 +265,14 @@ def test_labelled_metrics_by_hand():
     scores = np.array([
         [9.0, 1.0, 3.0, 2.0],   # q0 (self junk): 2, 3, 1 -> positive 1 at rank 2 -> AP 1/3, R@1 0, R@4 1
         [5.0, 9.0, 1.0, 0.0],   # q1: 0, 2, 3 -> rank 0 -> AP 1
-        [0.0, 0.0, 9.0, 0.0],   # q2: ties 0, 1, 3 by index -> 3 at rank 2 -> AP 1/3
+        [0.0, 0.0, 9.0, 0.0],   # q2: 0, 1, 3 all tied; positive 3 at rank 0, 1, 2 with probability 1/3 each
         [0.0, 0.0, 1.0, 9.0],   # q3: 2 first -> AP 1
     ])
     metrics = labelled_metrics(DenseScores(scores), labels, labels, ks=(1, 3))
-    assert metrics["mAP"] == pytest.approx((1 / 3 + 1 + 1 / 3 + 1) / 4)
-    assert metrics["mAP@R"] == pytest.approx(0.5)
-    assert metrics["R@1"] == pytest.approx(0.5) and metrics["R@3"] == pytest.approx(1.0)
+    # q2 (tie-aware): AP = (1/1 + 1/2 + 1/3) / 3 = 11/18, AP@R = R@1 = 1/3, R@3 = 1.
+    assert metrics["mAP"] == pytest.approx((1 / 3 + 1 + 11 / 18 + 1) / 4)
+    assert metrics["mAP@R"] == pytest.approx((0 + 1 + 1 / 3 + 1) / 4)
+    assert metrics["R@1"] == pytest.approx((0 + 1 + 1 / 3 + 1) / 4) and metrics["R@3"] == pytest.approx(1.0)
     # Queries separate from the database: nothing is excluded.
     separate = labelled_metrics(DenseScores(scores[:2]), labels[:2], labels, exclude_self=False, ks=(1,))
     # q0: 0 first (rank 0), 1 at rank 3 -> (1 + 2/4)/2; q1: 1 first, 0 second -> 1
