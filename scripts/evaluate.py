@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="DataLoader worker processes (default 0: on a 2-core CPU a worker slows the network down)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
-    parser.add_argument("--top-k", type=int, default=0, help="also save the FAISS top-k neighbours per query")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="also save each query's top-k neighbours, ranked by the method's own scores")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N images of a labelled set only (smoke tests; not for reported numbers)")
     parser.add_argument("--together", action="store_true",
