@@ -3,13 +3,14 @@
 Codes are stored packed (``np.packbits``, 8 bits per byte, most significant bit first), which is what the
 FAISS binary index searches and what a descriptor's storage honestly is. Hamming distances are popcounts of
 XORed words (``np.bitwise_count`` on 64-bit words when the code length allows it), computed block by block
-so no query x database x bytes array is ever large.
+so no query x database x bytes array is ever large. Top-k search over codes is FAISS's exact binary index.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .index import SearchIndex
 from .scores import ScoreSource
 
 #: bound on query x database x word elements held at once by :func:`hamming_distances`
@@ -66,3 +67,9 @@ class HammingScores(ScoreSource):
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(-hamming_distances(self.queries[start:stop], self.database).astype(np.float32))
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact ranking of :meth:`rows` from FAISS's flat binary index: its integer distances are the same
+        counts, and its heap orders (distance, database index) pairs, so equal distances come in ascending
+        index and the lowest indices make the cut (tests/retrieval/test_top_k_search.py checks both)."""
+        return SearchIndex(self.database, "hamming").search(self.queries, k)

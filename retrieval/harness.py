@@ -22,7 +22,6 @@ from data.transforms import EvalTransform
 
 from .benchmarks import Benchmark
 from .extract import DescriptorCache, Extraction, extract_together, safe_name
-from .index import SearchIndex
 from .methods import RetrievalMethod
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ class EvalSettings:
     num_workers: int = 0  # decoding processes; 0 is fastest on a 2-core CPU (a worker competes with the network)
     device: str = "cpu"
     cache_dir: str | None = "cache/descriptors"
-    top_k: int = 0  # >0: also search the top-k neighbours of every query with FAISS and save them
+    top_k: int = 0  # >0: also save every query's top-k neighbours, ranked by the method's own scores
     interpolation: str = "bilinear"  # PIL filter for resizing (bilinear reproduces the published numbers)
     channels_last: bool = True  # NHWC convolutions (much faster on CPU)
     map_at_k: int | None = None  # labelled benchmarks: also report mAP@K (AP over the top K)
@@ -131,9 +130,10 @@ def evaluate_method(method: RetrievalMethod, benchmark: Benchmark, settings: Eva
     return evaluate_methods([method], benchmark, settings)[0]
 
 
-def _save_top_k(method, queries, database, settings: EvalSettings, benchmark: Benchmark) -> None:
-    metric = "hamming" if method.descriptor_kind == "binary" else "inner_product"
-    scores, indices = SearchIndex(database, metric).search(queries, settings.top_k + benchmark.queries_are_database)
+def _save_top_k(method: RetrievalMethod, queries: np.ndarray, database: np.ndarray, settings: EvalSettings,
+                benchmark: Benchmark) -> None:
+    # the method searches: only it knows how its descriptor rows compare (MSBD's hold codes + probabilities)
+    scores, indices = method.search(queries, database, settings.top_k + benchmark.queries_are_database)
     if benchmark.queries_are_database:  # drop each query's own entry
         keep = indices != np.arange(len(indices))[:, None]
         indices = np.stack([row[k][:settings.top_k] for row, k in zip(indices, keep)])

@@ -2,8 +2,9 @@
 
 A method turns a batch of preprocessed images into descriptors (``encode``), may learn something from the
 training images first (``fit``: PCA, codebooks, ITQ...), and says how two descriptor sets are compared
-(``scores``: inner product by default; Hamming codes or custom dissimilarities override it). Everything a
-method needs to rebuild itself is in ``config()``, which also keys the descriptor cache.
+(``scores``: inner product by default; Hamming codes or custom dissimilarities override it); ``search`` finds
+each query's top k with those same scores. Everything a method needs to rebuild itself is in ``config()``,
+which also keys the descriptor cache.
 
 Methods are registered by name (``@register_method("gem")``) and built by :func:`create_method` from a
 :class:`MethodContext` (the backbone and weights chosen on the command line).
@@ -76,6 +77,11 @@ class RetrievalMethod(nn.Module):
     def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
         """How query and database descriptors compare (higher = more similar)."""
         return InnerProductScores(queries, database)
+
+    def search(self, queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices) of the k best database items per query, best first, equal scores in ascending
+        database index: the ranking :meth:`scores` gives, whatever the descriptor layout."""
+        return self.scores(queries, database).top_k(k)
 
     def descriptor_bytes(self, descriptors: np.ndarray) -> int:
         """Storage per image."""

@@ -3,11 +3,21 @@
 Metrics never need the whole query x database matrix at once; they ask a score source for the rows of a
 few queries against the whole database. Higher score = more similar. New kinds of similarity (Hamming,
 MSBD's dissimilarity, max over regions) plug in by implementing :meth:`ScoreSource.rows`.
+
+:meth:`ScoreSource.top_k` is the search that goes with the scores: the k best database items of every query,
+exactly as the rows rank them, equal scores in ascending database index. A source whose similarity FAISS
+computes bit for bit (Hamming counts) overrides it with a faster index search that keeps that rule; FAISS's
+float inner products are not bit for bit torch's, so float sources keep the exact blockwise search. Float
+sums can also differ in the last bit between row blocks of different sizes (BLAS picks kernels by size), so
+scores closer than rounding may order differently in rows fetched in other blocks.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+#: bound on the query x database scores held at once by :meth:`ScoreSource.top_k`
+_SEARCH_BLOCK_ELEMENTS = 1 << 22
 
 
 def as_tensor(array) -> torch.Tensor:
@@ -27,6 +37,38 @@ class ScoreSource:
     @property
     def shape(self) -> tuple[int, int]:
         return self.num_queries, self.num_database
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices), each (num_queries, min(k, num_database)), best first, equal scores in ascending
+        database index: exactly the ranking of :meth:`rows`, computed a block of query rows at a time."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if self.num_database == 0:
+            raise ValueError("cannot search an empty database")
+        k = min(k, self.num_database)
+        step = max(1, _SEARCH_BLOCK_ELEMENTS // self.num_database)
+        blocks = [top_k_rows(as_tensor(self.rows(start, min(start + step, self.num_queries))).detach().cpu(), k)
+                  for start in range(0, self.num_queries, step)]
+        if not blocks:  # no queries
+            return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
+        return torch.cat([b[0] for b in blocks]).numpy(), torch.cat([b[1] for b in blocks]).numpy()
+
+
+def top_k_rows(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores of every row and their column indices, best first; equal scores in ascending column
+    order (torch.topk alone leaves the order of ties, and which tied items make the cut, unspecified)."""
+    if torch.isnan(rows).any():
+        raise ValueError("scores contain NaN: the ranking is undefined")
+    kth = torch.topk(rows, k, dim=1).values[:, -1:]
+    above = rows > kth
+    tied = rows == kth
+    # every score above the k-th makes the cut; the remaining places go to the first items tied with it
+    places = k - above.sum(dim=1, keepdim=True)
+    keep = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= places))
+    indices = keep.nonzero()[:, 1].view(len(rows), k)  # ascending column within each row
+    scores = rows.gather(1, indices)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), indices.gather(1, order)
 
 
 class DenseScores(ScoreSource):

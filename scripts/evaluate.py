@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="DataLoader worker processes (default 0: on a 2-core CPU a worker slows the network down)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
-    parser.add_argument("--top-k", type=int, default=0, help="also save the FAISS top-k neighbours per query")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="also save each query's top-k neighbours, ranked by the method's own scores")
     parser.add_argument("--map-at-k", type=int, default=None,
                         help="labelled benchmarks: also report mAP@K, AP over the top K (deep hashing's mAP@K)")
     parser.add_argument("--limit", type=int, default=None,

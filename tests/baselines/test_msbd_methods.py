@@ -65,7 +65,12 @@ def test_all_variants_build_fit_encode_and_score(toy):
         assert len(descriptors) == 36
         scores = method.scores(descriptors[:5], descriptors).rows(0, 5).numpy()
         assert scores.shape == (5, 36) and np.isfinite(scores).all()
-        assert (scores.argmax(1) == np.arange(5)).all() or method.name != "msbd_float"
+        # every method ranks the query itself first (ties allowed: two images may share a code)
+        assert (scores[np.arange(5), np.arange(5)] == scores.max(1)).all()
+        # and its search returns exactly that ranking's top 3, whatever its descriptor rows hold
+        top_scores, top_indices = method.search(descriptors[:5], descriptors, 3)
+        np.testing.assert_array_equal(top_scores, -np.sort(-scores, axis=1)[:, :3])
+        np.testing.assert_array_equal(np.take_along_axis(scores, top_indices, axis=1), top_scores)
         if method.name == "msbd_float":
             assert descriptors.shape[1] == 36
             np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, rtol=1e-5)
