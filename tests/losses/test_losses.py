@@ -184,7 +184,7 @@ def test_factory_builds_defaults():
     assert isinstance(triplet.reducer, AvgNonZeroReducer)
     assert isinstance(contrastive, CirtorchContrastiveLoss) and contrastive.margin == 0.7
     assert all(isinstance(r, SumReducer) for r in contrastive.reducer.reducers.values())
-    assert set(LOSS_NAMES) == {"triplet", "contrastive"}
+    assert set(LOSS_NAMES) == {"triplet", "contrastive", "csq", "dpsh"}
 
 
 def test_factory_passes_margin_and_reducer():
