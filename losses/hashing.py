@@ -93,13 +93,19 @@ class QuantizedLoss(HashingLoss):
     Loss dict keys: ``metric_loss``, ``quantization_loss``, ``balance_loss``.
     """
 
-    def __init__(self, base_loss: BaseMetricLossFunction, quantization_weight: float, balance_weight: float):
+    def __init__(self, base_loss: BaseMetricLossFunction, quantization_weight: float, balance_weight: float,
+                 code_scale: float = 1.0):
         quantization_weight = _check_weight("quantization_weight", quantization_weight)
         balance_weight = _check_weight("balance_weight", balance_weight)
+        if not (math.isfinite(code_scale) and code_scale > 0):
+            raise ValueError(f"code_scale must be finite and > 0, got {code_scale}")
         super().__init__(distance=base_loss.distance)
         self.base_loss = base_loss
         self.quantization_weight = quantization_weight
         self.balance_weight = balance_weight
+        # the embeddings are codes / code_scale (a RetrievalNet's hash output is u / sqrt(bits), unit length
+        # once binary, so the base loss's margin keeps its meaning); the regularisers act on u itself
+        self.code_scale = float(code_scale)
 
     def _sub_loss_names(self) -> list[str]:
         return ["metric_loss", "quantization_loss", "balance_loss"]
@@ -114,8 +120,9 @@ class QuantizedLoss(HashingLoss):
         own_reference = ref_emb is embeddings
         metric = self.base_loss(embeddings, labels, indices_tuple,
                                 None if own_reference else ref_emb, None if own_reference else ref_labels)
-        errors = quantization_errors(embeddings)
-        balance = bit_balance(embeddings)
+        codes = embeddings * self.code_scale
+        errors = quantization_errors(codes)
+        balance = bit_balance(codes)
         self._record(metric=metric, quantization=errors.mean(), balance=balance)
         return {"metric_loss": _already_reduced(metric),
                 "quantization_loss": _per_sample(self.quantization_weight * errors, embeddings),

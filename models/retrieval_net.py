@@ -12,6 +12,11 @@ Heads (all end in an L2-normalised descriptor):
   column -> NetVLAD -> intra-normalisation -> L2. No reduction happens before aggregation.
 - ``out_dim`` (any head): a linear map after aggregation, initialised as PCA (``whiten``: PCA-whitening) of
   the training descriptors and then trained with the network; null keeps the aggregated descriptor.
+- ``hash_bits`` (any head): a deep-hashing layer last (``models.hashing.HashHead``: linear -> tanh(beta x)
+  in training, sign in eval), initialised as PCA-whitening of the descriptors (sign of PCA = the classical
+  PCA hash to start from). The network then outputs K-bit codes scaled by 1/sqrt(K): unit vectors once the
+  codes are binary, so the triplet margin, the miners and inner-product ranking work unchanged
+  (<b1, b2> / K = 1 - 2 Hamming / K); ``RetrievalNet.codes`` gives the bits to pack.
 
 Columns must outnumber clusters or some centroids see nothing: a w x h map gives (w-1)(h-1) + (w-2)(h-2)
 columns (160 px crops of EfficientNet-Lite0: 5 x 5 -> 25; a 224 x 299 test image: 7 x 9 -> 83), so the main
@@ -30,12 +35,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
+from .hashing import HashHead
 from .netvlad import NetVLAD, multiscale_columns, single_scale_columns
 from .pooling import GeM
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "msretrieval-model-v2"
+
+
+@torch.no_grad()
+def init_linear_pca(linear: nn.Linear, descriptors: torch.Tensor, whiten: bool, option: str,
+                    eps: float = 1e-6) -> None:
+    """``linear`` := the principal axes (scaled by 1/sqrt(variance) when whitening) of ``descriptors``.
+
+    A PCA to k dimensions from fewer than 2k descriptors is badly posed (the trailing axes are noise, and
+    whitening blows them up), so that is an error naming what to raise (``option`` sets k)."""
+    k = linear.out_features
+    if len(descriptors) < 2 * k:
+        raise ValueError(f"PCA to {k} dimensions needs at least {2 * k} training descriptors, got "
+                         f"{len(descriptors)}: raise model.init_images or lower {option}")
+    x = descriptors.double()
+    mean = x.mean(0)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    weight = vt[:k]
+    if len(weight) < k:
+        raise ValueError(f"PCA to {k} dimensions of {x.shape[1]}-d descriptors: lower {option}")
+    if whiten:
+        weight = weight / (s[:k] / np.sqrt(len(x) - 1)).clamp(min=eps).unsqueeze(1)
+    linear.weight.copy_(weight.float())
+    linear.bias.copy_((-weight @ mean).float())
 
 
 class Projection(nn.Module):
@@ -47,35 +76,22 @@ class Projection(nn.Module):
         self.whiten = whiten
 
     @torch.no_grad()
-    def init_pca(self, descriptors: torch.Tensor, eps: float = 1e-6) -> None:
-        """Principal axes (scaled by 1/sqrt(variance) when whitening) of ``descriptors`` (N, in_dim).
-
-        A PCA to k dimensions from fewer than 2k descriptors is badly posed (the trailing axes are noise,
-        and whitening blows them up), so that is an error naming what to raise."""
-        k = self.linear.out_features
-        if len(descriptors) < 2 * k:
-            raise ValueError(f"PCA to {k} dimensions needs at least {2 * k} training descriptors, got "
-                             f"{len(descriptors)}: raise model.init_images or lower model.head.out_dim")
-        x = descriptors.double()
-        mean = x.mean(0)
-        _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        weight = vt[:k]
-        if self.whiten:
-            weight = weight / (s[:k] / np.sqrt(len(x) - 1)).clamp(min=eps).unsqueeze(1)
-        self.linear.weight.copy_(weight.float())
-        self.linear.bias.copy_((-weight @ mean).float())
+    def init_pca(self, descriptors: torch.Tensor) -> None:
+        init_linear_pca(self.linear, descriptors, self.whiten, "model.head.out_dim")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.linear(x), dim=-1)
 
 
 class Head(nn.Module):
-    """Aggregation (``aggregate``: feature map -> L2-normalised vector) plus the optional projection."""
+    """Aggregation (``aggregate``: feature map -> L2-normalised vector), the optional projection and the
+    optional hashing layer (codes scaled by 1/sqrt(bits))."""
 
-    def __init__(self, aggregated_dim: int, out_dim: int | None, whiten: bool):
+    def __init__(self, aggregated_dim: int, out_dim: int | None, whiten: bool, hash_bits: int | None = None):
         super().__init__()
         self.projection = Projection(aggregated_dim, out_dim, whiten) if out_dim else None
-        self.out_dim = out_dim or aggregated_dim
+        self.hash = HashHead(out_dim or aggregated_dim, hash_bits) if hash_bits else None
+        self.out_dim = hash_bits or out_dim or aggregated_dim
 
     def aggregate(self, fmap: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -90,15 +106,31 @@ class Head(nn.Module):
         self.initialise_aggregation(fmaps)
         if self.projection is not None:
             self.projection.init_pca(torch.cat([self.aggregate(fmap) for fmap in fmaps]))
+        if self.hash is not None:
+            self.initialise_hash(fmaps)
 
-    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def initialise_hash(self, fmaps: list[torch.Tensor]) -> None:
+        """The hashing layer as PCA-whitening of the float descriptors (its signs: the PCA hash)."""
+        init_linear_pca(self.hash.linear, torch.cat([self.descriptor(fmap) for fmap in fmaps]), True,
+                        "model.head.hash_bits")
+
+    def descriptor(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The float descriptor (before any hashing layer)."""
         x = self.aggregate(fmap)
         return self.projection(x) if self.projection is not None else x
 
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        x = self.descriptor(fmap)
+        if self.hash is None:
+            return x
+        return self.hash(x) * self.hash.bits ** -0.5  # unit length once the codes are +-1
+
 
 class GeMHead(Head):
-    def __init__(self, in_channels: int, p: float = 3.0, out_dim: int | None = None, whiten: bool = False):
-        super().__init__(in_channels, out_dim, whiten)
+    def __init__(self, in_channels: int, p: float = 3.0, out_dim: int | None = None, whiten: bool = False,
+                 hash_bits: int | None = None):
+        super().__init__(in_channels, out_dim, whiten, hash_bits)
         self.pool = GeM(p=p)
 
     def aggregate(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -107,10 +139,10 @@ class GeMHead(Head):
 
 class NetVLADHead(Head):
     def __init__(self, in_channels: int, num_clusters: int = 8, multiscale: bool = True,
-                 out_dim: int | None = None, whiten: bool = False):
+                 out_dim: int | None = None, whiten: bool = False, hash_bits: int | None = None):
         self.multiscale = multiscale
         vlad = NetVLAD(in_channels, num_clusters)
-        super().__init__(vlad.out_dim, out_dim, whiten)
+        super().__init__(vlad.out_dim, out_dim, whiten, hash_bits)
         self.vlad = vlad
 
     def local_descriptors(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -150,22 +182,46 @@ class RetrievalNet(nn.Module):
     def config(self) -> dict:
         return {**self._config, "preprocessing": self.preprocessing.to_dict(), "out_dim": self.out_dim}
 
+    def add_hash_head(self, bits: int) -> None:
+        """Give a float network a (not yet initialised) hashing layer: fine-tuning a float release into a
+        hashing one. ``head.initialise_hash`` sets it up from training images."""
+        if self.hash_bits is not None:
+            raise ValueError(f"the network already hashes ({self.hash_bits} bits)")
+        device = next(self.head.parameters(), torch.zeros(0)).device
+        self.head.hash = HashHead(self.head.out_dim, bits).to(device)
+        self.head.out_dim = bits
+        self._config = {**self._config, "head": {**self._config["head"], "hash_bits": bits}}
+
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         if self.tap == FEATURES:
             return self.backbone.forward_features(images)
         return self.backbone.forward_taps(images, [self.tap])[self.tap]
 
+    @property
+    def hash_bits(self) -> int | None:
+        """Code length of a hashing network, None for a float one."""
+        return self.head.hash.bits if getattr(self.head, "hash", None) is not None else None
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.feature_map(images))
+
+    @torch.no_grad()
+    def codes(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, bits) booleans (True = +1) of a hashing network, for ``retrieval.binary.pack_bits``."""
+        if self.hash_bits is None:
+            raise ValueError("codes() needs a hashing network (model.head.hash_bits)")
+        return self.head.hash.codes(self.head.descriptor(self.feature_map(images)))
 
 
 #: architecture -> (head factory, the options it takes)
 _HEADS: dict[str, tuple[Callable[..., Head], tuple[str, ...]]] = {
-    "gem": (lambda c, **kw: GeMHead(c, **kw), ("p", "out_dim", "whiten")),
-    "netvlad": (lambda c, **kw: NetVLADHead(c, multiscale=False, **kw), ("num_clusters", "out_dim", "whiten")),
-    "msnetvlad": (lambda c, **kw: NetVLADHead(c, multiscale=True, **kw), ("num_clusters", "out_dim", "whiten")),
+    "gem": (lambda c, **kw: GeMHead(c, **kw), ("p", "out_dim", "whiten", "hash_bits")),
+    "netvlad": (lambda c, **kw: NetVLADHead(c, multiscale=False, **kw),
+                ("num_clusters", "out_dim", "whiten", "hash_bits")),
+    "msnetvlad": (lambda c, **kw: NetVLADHead(c, multiscale=True, **kw),
+                  ("num_clusters", "out_dim", "whiten", "hash_bits")),
 }
-HEAD_OPTIONS = ("p", "num_clusters", "out_dim", "whiten")
+HEAD_OPTIONS = ("p", "num_clusters", "out_dim", "whiten", "hash_bits")
 
 
 def available_models() -> list[str]:

@@ -88,12 +88,16 @@ def model_card(config: dict) -> str:
     model, spec, descriptor = config["model"], config["input"], config["descriptor"]
     head = ", ".join(f"{k}={v}" for k, v in model["head"].items()) or "defaults"
     lines = [f"# {config['name']}", "",
-             f"{model['architecture']} on {model['backbone']} ({head}): {descriptor['dim']}-d "
-             f"L2-normalised {descriptor['dtype']} descriptors, compared by inner product.", "",
+             f"{model['architecture']} on {model['backbone']} ({head}): " + (
+                 f"{descriptor['bits']}-bit binary codes packed in {descriptor['dim']} bytes (uint8), compared by "
+                 "Hamming distance." if descriptor.get("binary") else
+                 f"{descriptor['dim']}-d L2-normalised {descriptor['dtype']} descriptors, compared by inner "
+                 "product."), "",
              "## Use", "", "```python",
              "from release import load_release          # this repository's models/ and data/; no training code",
              f"retriever = load_release(\"{config['name']}\")",
-             "descriptors = retriever.encode([\"query.jpg\", \"db1.jpg\"])   # (N, D) float32",
+             "descriptors = retriever.encode([\"query.jpg\", \"db1.jpg\"])   # " + (
+                 "(N, bytes) uint8 packed codes" if descriptor.get("binary") else "(N, D) float32"),
              "# or: torch.hub.load(REPO_DIR, \"retriever\", source=\"local\", release=PATH)",
              "```", "",
              f"Input: RGB, {spec['resize']} side resized to {spec['image_size']} px ({spec['interpolation']}, "
@@ -143,7 +147,6 @@ def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, re
     _readable_by_all(out_dir / WEIGHTS_FILE)
     config = {"format": RELEASE_FORMAT, "name": out_dir.name, **release_config(model.config(), resize)}
     config["input"]["image_size"] = int(image_size)
-    config["descriptor"]["binary"] = False
     config.update({"training": training or {}, "evaluation": evaluation or {}, "code_version": code_version(),
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE),
@@ -152,6 +155,7 @@ def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, re
         export_graph(model, out_dir / GRAPH_FILE)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / CARD_FILE).write_text(model_card(config))
-    log.info("release written to %s (%d-d descriptors, weights SHA-256 %s)", out_dir,
-             config["descriptor"]["dim"], config["weights_sha256"][:12])
+    log.info("release written to %s (%s, weights SHA-256 %s)", out_dir,
+             f"{config['descriptor']['bits']}-bit codes" if config["descriptor"]["binary"] else
+             f"{config['descriptor']['dim']}-d descriptors", config["weights_sha256"][:12])
     return out_dir

@@ -43,8 +43,15 @@ def release_config(model_config: dict, resize: str = "shorter") -> dict:
     return {"model": {k: v for k, v in model_config.items() if k not in ("preprocessing", "out_dim")},
             "input": {"mean": list(pre["mean"]), "std": list(pre["std"]), "image_size": pre["input_size"],
                       "resize": resize, "interpolation": "bilinear"},
-            "descriptor": {"dim": model_config["out_dim"], "dtype": "float32", "normalisation": "l2",
-                           "similarity": "inner_product"}}
+            "descriptor": _descriptor(model_config)}
+
+
+def _descriptor(model_config: dict) -> dict:
+    bits = model_config.get("head", {}).get("hash_bits")
+    if bits:  # packed sign codes, most significant bit first (numpy.packbits)
+        return {"dim": bits // 8, "dtype": "uint8", "bits": bits, "binary": True, "similarity": "hamming"}
+    return {"dim": model_config["out_dim"], "dtype": "float32", "normalisation": "l2",
+            "similarity": "inner_product", "binary": False}
 
 
 def describe_release(path: str | Path) -> dict:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from data.images import image_size, load_image
 from data.transforms import EvalTransform
 from models.retrieval_net import RetrievalNet
+from retrieval.binary import pack_bits
 from retrieval.extract import SizeBucketBatchSampler
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
@@ -39,7 +40,17 @@ class Retriever:
 
     @property
     def dim(self) -> int:
+        """Descriptor width: floats, or bytes of packed codes for a hashing release."""
         return int(self.config["descriptor"]["dim"])
+
+    @property
+    def binary(self) -> bool:
+        """A hashing release: ``encode`` returns packed codes (uint8, most significant bit first)."""
+        return bool(self.config["descriptor"].get("binary"))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if self.binary else np.float32)
 
     def __repr__(self) -> str:
         model = self.config["model"]
@@ -48,20 +59,23 @@ class Retriever:
 
     @torch.no_grad()
     def encode_tensor(self, images: torch.Tensor) -> np.ndarray:
-        """A normalised (N, 3, H, W) batch -> (N, D) float32 descriptors."""
+        """A normalised (N, 3, H, W) batch -> (N, D) float32 descriptors (packed uint8 codes if binary)."""
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        if self.binary:
+            return pack_bits(self.model.codes(images).cpu().numpy())
         return self.model(images).float().cpu().numpy()
 
     def encode(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
                progress: bool | None = None) -> np.ndarray:
         """(N, D) float32 L2-normalised descriptors of ``images`` (a path, PIL image or tensor, or a list of
-        them, or an (N, 3, H, W) tensor). ``progress``: a progress bar (None: only on a terminal)."""
+        them, or an (N, 3, H, W) tensor); (N, bits / 8) uint8 packed codes for a hashing release.
+        ``progress``: a progress bar (None: only on a terminal)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         items = self._as_list(images)
         if not items:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        output = np.empty((len(items), self.dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        output = np.empty((len(items), self.dim), dtype=self.dtype)
         batches = SizeBucketBatchSampler([self._group_key(item, i) for i, item in enumerate(items)], batch_size)
         with tqdm(total=len(items), desc="encode", unit="img", leave=False,
                   disable=None if progress is None else not progress) as bar:

@@ -64,7 +64,8 @@ def resolve_config(path: str | Path | None = None, overrides: list[str] | None =
 def adopt_release(config: dict) -> dict:
     """``model.init_from``: the network of a release (or a training checkpoint) replaces the config's
     architecture, backbone and head (projection/whitening included), and its input size the evaluation's, so
-    the saved config describes the network that is actually fine-tuned."""
+    the saved config describes the network that is actually fine-tuned. The one head option a float release
+    leaves to the config is ``hash_bits``: a hashing layer added on top (fine-tuning it into a hashing net)."""
     source = config["model"]["init_from"]
     if not source:
         return config
@@ -112,6 +113,16 @@ def validate(config: dict) -> None:
     source = config["model"]["init_from"]
     need(source is None or (isinstance(source, str) and Path(source).exists()),
          f"model.init_from: {source!r} not found (a release directory made by scripts/export.py, or a .pth)")
+    loss, bits = config["loss"], config["model"]["head"]["hash_bits"]
+    need(bits is None or (bits >= 8 and bits % 8 == 0),
+         f"model.head.hash_bits must be a positive multiple of 8 (codes are packed in bytes), got {bits}")
+    need(bits is not None or (loss["name"] not in ("csq", "dpsh") and loss["quantization_weight"] is None
+                              and loss["balance_weight"] is None),
+         f"loss.name={loss['name']}, loss.quantization_weight and loss.balance_weight train hash codes: "
+         "set model.head.hash_bits")
+    need(loss["name"] not in ("csq", "dpsh") or (loss["balance_weight"] is None and mining["miner"] != "algorithm1"),
+         f"the {loss['name']} loss takes no loss.balance_weight and no triplets (use mining.miner=batch: "
+         "class-balanced batches)")
     need(isinstance(config["model"]["trainable"], list) and config["model"]["trainable"],
          "model.trainable must be a non-empty list of module names (or [all])")
 

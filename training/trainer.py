@@ -29,7 +29,10 @@ from tqdm.auto import tqdm
 from data.images import load_image
 from data.transforms import EvalTransform
 from losses import create_loss
+from losses.factory import HASHING_LOSSES
+from losses.hashing import QuantizedLoss
 from miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
+from models.hashing import BetaSchedule
 from models.retrieval_net import RetrievalNet, create_model
 from retrieval.benchmarks import LabelledBenchmark
 from retrieval.harness import EvalSettings, evaluate_method
@@ -44,6 +47,19 @@ from .distributed import gather_rows, gather_with_grad, shard_slice
 from .optimization import build_optimizer, freeze, set_train_mode
 
 log = logging.getLogger(__name__)
+
+
+def build_loss(lcfg: dict, hash_bits: int | None, num_classes: int):
+    """The config's loss; on a hashing network with quantization / bit-balance terms (``QuantizedLoss``
+    around triplet / contrastive, whose embeddings are the codes scaled by 1/sqrt(bits)) or CSQ / DPSH."""
+    name, quantization, balance = lcfg["name"], lcfg["quantization_weight"], lcfg["balance_weight"]
+    if name in HASHING_LOSSES:
+        return create_loss(name, quantization_weight=quantization, bits=hash_bits,
+                           num_classes=num_classes if name == "csq" else None)
+    loss = create_loss(name, margin=lcfg["margin"])
+    if quantization is None and balance is None:
+        return loss
+    return QuantizedLoss(loss, quantization or 0.0, balance or 0.0, code_scale=hash_bits ** 0.5)
 
 
 def pair_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -67,8 +83,12 @@ class Trainer:
         log.info("training on %d images of %d classes%s", len(self.train_set), self.train_set.num_classes,
                  f"; validating on {len(self.val_set)} images of {self.val_set.num_classes} held-out classes"
                  if self.val_set is not None else "; no validation classes (last checkpoint is evaluated)")
+        self.new_hash_head = False
         if mcfg["init_from"]:  # weights, head set-up and preprocessing of a release (config adopted its shape)
             self.model = load_release(mcfg["init_from"]).model
+            if mcfg["head"]["hash_bits"] and self.model.hash_bits is None:  # a float release learns to hash
+                self.model.add_hash_head(mcfg["head"]["hash_bits"])
+                self.new_hash_head = True
         else:
             self.model = create_model(mcfg["architecture"], backbone=mcfg["backbone"],
                                       pretrained=mcfg["pretrained"], weights=mcfg["weights"], **mcfg["head"])
@@ -79,8 +99,15 @@ class Trainer:
         pre = self.model.preprocessing
         self.images = ImageBatches(self.train_set, dcfg["train_size"], pre.mean, pre.std, self.device,
                                    dcfg["workers"], dcfg["crop_scale"], dcfg["keep_decoded"])
-        self.loss = create_loss(config["loss"]["name"], margin=config["loss"]["margin"])
-        self.miner = create_miner(mining["miner"], self.loss, self.seed, one_per_class=mining["one_per_class"],
+        self.hash_bits = self.model.hash_bits
+        self.beta_schedule = BetaSchedule(**mcfg["hash_beta"]) if self.hash_bits else None
+        self.loss = build_loss(config["loss"], self.hash_bits, self.train_set.num_classes)
+        # csq / dpsh train the codes u themselves from class labels (no triplets): labels as 0..C-1
+        self.code_loss = config["loss"]["name"] in HASHING_LOSSES
+        self.class_index = np.searchsorted(np.unique(self.labels), self.labels)
+        # csq / dpsh use no triplets: the (idle) miner keeps the checkpoint and schedule code uniform
+        miner_loss = create_loss("triplet", margin=config["loss"]["margin"]) if self.code_loss else self.loss
+        self.miner = create_miner(mining["miner"], miner_loss, self.seed, one_per_class=mining["one_per_class"],
                                   loss_band=mining["loss_band"])
         self.schedule = MiningSchedule.from_config({"phases": mining["schedule"],
                                                     "refresh_every": mining["refresh_every"]})
@@ -115,8 +142,12 @@ class Trainer:
             save_checkpoint(self.run_dir / name, self.unwrapped, self.training_state(), metrics)
 
     def setup(self, resume_from: Path | None = None) -> None:
-        if resume_from is None and not self.config["model"]["init_from"] and self.accelerator.is_main_process:
-            self.initialise_head()  # DDP copies the main process's parameters to the others in prepare()
+        if resume_from is None and self.accelerator.is_main_process:
+            # DDP copies the main process's parameters to the others in prepare()
+            if not self.config["model"]["init_from"]:
+                self.initialise_head()
+            elif self.new_hash_head:
+                self.initialise_head(hash_only=True)
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config["optim"],
                                                          self.config["train"]["steps"])
         scaler_state = None
@@ -135,15 +166,19 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(scaler_state)
 
     @torch.no_grad()
-    def initialise_head(self) -> None:
-        """k-means centroids (NetVLAD) and the projection's PCA from unaugmented training images."""
+    def initialise_head(self, hash_only: bool = False) -> None:
+        """k-means centroids (NetVLAD), the projection's PCA and the hashing layer's PCA from unaugmented
+        training images (``hash_only``: the hashing layer added to a released network)."""
         count = min(self.config["model"]["init_images"], len(self.train_set))
         indices = np.random.default_rng(self.seed).choice(len(self.train_set), size=count, replace=False)
         self.model.eval()
         fmaps = [self.model.feature_map(self.images.load(indices[s:s + 32]))
                  for s in tqdm(range(0, count, 32), desc="head set-up", unit="batch", leave=False,
                                 disable=None)]
-        self.model.head.initialise(fmaps)
+        if hash_only:
+            self.model.head.initialise_hash(fmaps)
+        else:
+            self.model.head.initialise(fmaps)
 
     # -- embedding ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -166,6 +201,8 @@ class Trainer:
         values: dict[str, float] = {"train/loss": 0.0}
         if isinstance(self.batches, ClassBalancedBatches):  # Algorithm 1 applies it at each mining round
             self.schedule.apply(self.miner, self.step)
+        if self.beta_schedule is not None:
+            values["hash/beta"] = self.beta_schedule.apply(self.unwrapped.head.hash, self.step)
         for micro in range(accum):
             batch = self.batches.next(self.step)
             values.update({f"mining/{k}": float(v) for k, v in batch.mining_stats.items()})
@@ -177,6 +214,9 @@ class Trainer:
 
             def batch_loss(embeddings: torch.Tensor) -> torch.Tensor:
                 """The loss of the whole (gathered) batch, with this batch's triplets."""
+                if self.code_loss:  # the network outputs u / sqrt(bits)
+                    classes = torch.as_tensor(self.class_index[batch.indices], device=self.device)
+                    return self.loss(embeddings * self.hash_bits ** 0.5, classes)
                 if batch.triplets is not None:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
                 else:
@@ -188,6 +228,7 @@ class Trainer:
             loss, embeddings = self.forward_backward(images, count, batch_loss, scale=1 / accum,
                                                      last_micro_batch=micro == accum - 1)
             values["train/loss"] += float(loss) / accum
+            values.update({f"loss/{k}": v for k, v in getattr(self.loss, "last_terms", {}).items()})
             positive, negative = pair_distances(embeddings, labels)
             values.update({"batch/mean_pos_distance": positive, "batch/mean_neg_distance": negative})
             self.timing["images"] += count

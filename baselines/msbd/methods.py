@@ -6,7 +6,7 @@
 - ``msbd_s``: binary learning without sparsity, dissimilarity ranking (ablation MSBD-s);
 - ``itq``: classical ITQ on msbd_float, Hamming ranking.
 
-Code length: ``NAME@BITS`` for BITS in 32, 64, 128, 256, 512 (``msbd@64``); the bare name means 256 bits.
+Code length: ``NAME@BITS`` for BITS in 16, 32, 64, 128, 256, 512 (``msbd@64``); the bare name means 256 bits.
 Descriptors: Hamming methods store packed codes (uint8, L/8 bytes, searchable with FAISS); the
 dissimilarity methods also need the class probabilities, so their descriptor is one float32 row
 [code bytes as 0..255 values, probabilities], split again by :meth:`scores`; its reported size is the real
@@ -26,7 +26,7 @@ from .dissimilarity import DissimilarityScores
 from .pipeline import MSBDPipeline
 from .settings import MSBDSettings
 
-BIT_CHOICES = (32, 64, 128, 256, 512)
+BIT_CHOICES = (16, 32, 64, 128, 256, 512)
 DEFAULT_BITS = 256
 #: variant -> (binary learner, ranked by the dissimilarity?)
 VARIANTS = {"msbd": ("msbd", True), "msbd_h": ("msbd", False), "msbd_s": ("msbd_s", True), "itq": ("itq", False)}
