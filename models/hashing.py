@@ -61,12 +61,59 @@ class HashHead(nn.Module):
         return torch.tanh(self.beta * logits) if self.training else sign_codes(logits)
 
     @torch.no_grad()
+    def init_itq(self, descriptors: torch.Tensor, iterations: int = 50, seed: int = 0) -> None:
+        """Start from ITQ (Gong & Lazebnik, CVPR 2011) on ``descriptors`` (N, in_dim): PCA to ``bits``, then the
+        rotation that minimises the quantisation loss, so the initial codes are ITQ's codes; scaled so the
+        pre-tanh values have unit mean variance. Training then starts at the unsupervised baseline."""
+        k = self.bits
+        if len(descriptors) < 2 * k:
+            raise ValueError(f"ITQ to {k} bits needs at least {2 * k} training descriptors, got {len(descriptors)}: "
+                             "raise model.init_images or lower model.head.hash_bits")
+        x = descriptors.double().cpu()
+        mean = x.mean(0)
+        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
+        if len(vt) < k:
+            raise ValueError(f"ITQ to {k} bits of {x.shape[1]}-d descriptors: lower model.head.hash_bits")
+        projected = (x - mean) @ vt[:k].T
+        rotation, _ = itq_rotation(projected, iterations, torch.Generator().manual_seed(seed))
+        weight = rotation.T @ vt[:k]
+        weight = weight / (projected @ rotation).std(0).mean()
+        self.linear.weight.copy_(weight.float())
+        self.linear.bias.copy_((-weight @ mean).float())
+
+    @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, bits) booleans, True where the code bit is +1 (the eval-mode codes, in any mode)."""
         return self.linear(x) >= 0
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, beta={self.beta:.4g}"
+
+
+def procrustes(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """argmin_W ||x W - target||_F with W^T W = I: W = U V^T from the SVD of x^T target."""
+    u, _, vh = torch.linalg.svd(x.T @ target, full_matrices=False)
+    return u @ vh
+
+
+def itq_loss(v: torch.Tensor, rotation: torch.Tensor) -> float:
+    projected = v @ rotation
+    return float(((torch.sign(projected) + (projected == 0).float()) - projected).pow(2).sum())
+
+
+def itq_rotation(v: torch.Tensor, iterations: int = 50, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, list[float]]:
+    """ITQ on PCA-projected rows ``v`` (N, L): an L x L rotation and the loss ||B - V R||^2 per iteration."""
+    dims = v.shape[1]
+    rotation, _ = torch.linalg.qr(torch.randn(dims, dims, generator=generator, dtype=v.dtype))
+    history = []
+    for _ in range(iterations):
+        codes = torch.where(v @ rotation >= 0, 1.0, -1.0).to(v.dtype)
+        # min ||B - V R||: R = U V^T from the SVD of V^T B
+        rotation = procrustes(v, codes)
+        history.append(itq_loss(v, rotation))
+    return rotation, history
+
 
 
 @dataclass(frozen=True)

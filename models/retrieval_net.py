@@ -13,8 +13,8 @@ Heads (all end in an L2-normalised descriptor):
 - ``out_dim`` (any head): a linear map after aggregation, initialised as PCA (``whiten``: PCA-whitening) of
   the training descriptors and then trained with the network; null keeps the aggregated descriptor.
 - ``hash_bits`` (any head): a deep-hashing layer last (``models.hashing.HashHead``: linear -> tanh(beta x)
-  in training, sign in eval), initialised as PCA-whitening of the descriptors (sign of PCA = the classical
-  PCA hash to start from). The network then outputs K-bit codes scaled by 1/sqrt(K): unit vectors once the
+  in training, sign in eval), initialised by ITQ on the training descriptors (training starts from the
+  unsupervised ITQ codes). The network then outputs K-bit codes scaled by 1/sqrt(K): unit vectors once the
   codes are binary, so the triplet margin, the miners and inner-product ranking work unchanged
   (<b1, b2> / K = 1 - 2 Hamming / K); ``RetrievalNet.codes`` gives the bits to pack.
 
@@ -111,9 +111,8 @@ class Head(nn.Module):
 
     @torch.no_grad()
     def initialise_hash(self, fmaps: list[torch.Tensor]) -> None:
-        """The hashing layer as PCA-whitening of the float descriptors (its signs: the PCA hash)."""
-        init_linear_pca(self.hash.linear, torch.cat([self.descriptor(fmap) for fmap in fmaps]), True,
-                        "model.head.hash_bits")
+        """The hashing layer as ITQ of the float descriptors (PCA + rotation: ITQ's codes to start from)."""
+        self.hash.init_itq(torch.cat([self.descriptor(fmap) for fmap in fmaps]))
 
     def descriptor(self, fmap: torch.Tensor) -> torch.Tensor:
         """The float descriptor (before any hashing layer)."""

@@ -4,7 +4,9 @@
 modification time), ``descriptors.npy`` (N, D float32, the rows of the index) and ``index.faiss``. Updating
 an index encodes only the images that are new or changed since; removed images are dropped. A flat index
 (exact inner product, the default) grows by ``add``; other factories (``IVF64,Flat``, ``HNSW32``...) are
-rebuilt from the stored descriptors, which costs no image decoding.
+rebuilt from the stored descriptors, which costs no image decoding. A hashing release stores packed codes
+(uint8) in a FAISS binary index (Hamming distance; ``Flat`` means ``BFlat``, or ``BIVF64``, ``BHash4x16``...)
+and scores are negated Hamming distances.
 """
 from __future__ import annotations
 
@@ -39,9 +41,13 @@ def file_stamp(path: Path) -> list[int]:
 
 
 def build_faiss(descriptors: np.ndarray, factory: str):
+    """Inner product over float descriptors; Hamming over packed codes (uint8 rows)."""
     import faiss
 
-    index = faiss.index_factory(descriptors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if descriptors.dtype == np.uint8:
+        index = faiss.index_binary_factory(descriptors.shape[1] * 8, "BFlat" if factory == "Flat" else factory)
+    else:
+        index = faiss.index_factory(descriptors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(descriptors)
     index.add(descriptors)
@@ -77,7 +83,8 @@ class ImageIndex:
             raise FileNotFoundError(f"{meta_path} not found: build the index with scripts/index.py first")
         meta = json.loads(meta_path.read_text())
         descriptors = np.load(directory / DESCRIPTORS_FILE, allow_pickle=False)
-        index = faiss.read_index(str(directory / FAISS_FILE))
+        binary = meta.get("binary", False)
+        index = (faiss.read_index_binary if binary else faiss.read_index)(str(directory / FAISS_FILE))
         if not len(meta["images"]) == len(descriptors) == index.ntotal:
             raise ValueError(f"{directory}: {len(meta['images'])} images, {len(descriptors)} descriptors and "
                              f"{index.ntotal} index rows disagree; rebuild it into a new directory")
@@ -103,12 +110,12 @@ class ImageIndex:
         new_paths = [p for p in stamps if p not in kept_paths]
         encode_start = time.perf_counter()
         new = retriever.encode(new_paths, batch_size=batch_size) if new_paths else \
-            np.zeros((0, retriever.dim), dtype=np.float32)
+            np.zeros((0, retriever.dim), dtype=retriever.dtype)
         encode_seconds = time.perf_counter() - encode_start
         removed = (len(old.meta["images"]) - len(kept_rows)) if old else 0
         entries = ([old.meta["images"][row] for row in kept_rows] if old else []) + \
             [{"path": p, "stamp": stamps[p]} for p in new_paths]
-        descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(np.float32)
+        descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(retriever.dtype)
         if old is not None and removed == 0 and factory == "Flat":
             index = old.index  # rows kept in order: grow the flat index in place
             index.add(new)
@@ -117,6 +124,7 @@ class ImageIndex:
         if index is None:
             raise ValueError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
         meta = {"release": str(Path(release).resolve()), "weights_sha256": release_id, "factory": factory,
+                "binary": retriever.binary,
                 "dim": int(descriptors.shape[1]), "folder": str(Path(folder).resolve()), "images": entries}
         directory.mkdir(parents=True, exist_ok=True)
         cls._write(directory, meta, descriptors, index)
@@ -133,14 +141,19 @@ class ImageIndex:
             with path.open("wb") as handle:  # a handle: np.save would append .npy to the temporary name
                 np.save(handle, descriptors)
 
-        for name, write in ((DESCRIPTORS_FILE, save_array), (FAISS_FILE, lambda p: faiss.write_index(index, str(p))),
+        write_index = faiss.write_index_binary if meta.get("binary") else faiss.write_index
+        for name, write in ((DESCRIPTORS_FILE, save_array), (FAISS_FILE, lambda p: write_index(index, str(p))),
                             (META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))):
             temporary = directory / (name + ".tmp")
             write(temporary)
             os.replace(temporary, directory / name)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (Q, k), best first (inner products of L2-normalised descriptors)."""
+        """(scores, rows), each (Q, k), best first (inner products of L2-normalised descriptors, or negated
+        Hamming distances of packed codes)."""
         k = min(k, self.index.ntotal)
+        if self.meta.get("binary"):
+            distances, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.uint8), k)
+            return -distances.astype(np.float32), rows
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, rows

@@ -37,37 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from models.hashing import itq_loss, itq_rotation, procrustes  # noqa: F401  (ITQ lives with the hash head)
+
 from .pca import pca_basis
 
 log = logging.getLogger(__name__)
 
 #: bound on codes x trials x bits elements per sparsification chunk
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def procrustes(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """argmin_W ||x W - target||_F with W^T W = I: W = U V^T from the SVD of x^T target."""
-    u, _, vh = torch.linalg.svd(x.T @ target, full_matrices=False)
-    return u @ vh
-
-
-def itq_loss(v: torch.Tensor, rotation: torch.Tensor) -> float:
-    projected = v @ rotation
-    return float(((torch.sign(projected) + (projected == 0).float()) - projected).pow(2).sum())
-
-
-def itq_rotation(v: torch.Tensor, iterations: int = 50, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, list[float]]:
-    """ITQ on PCA-projected rows ``v`` (N, L): an L x L rotation and the loss ||B - V R||^2 per iteration."""
-    dims = v.shape[1]
-    rotation, _ = torch.linalg.qr(torch.randn(dims, dims, generator=generator, dtype=v.dtype))
-    history = []
-    for _ in range(iterations):
-        codes = torch.where(v @ rotation >= 0, 1.0, -1.0).to(v.dtype)
-        # min ||B - V R||: R = U V^T from the SVD of V^T B
-        rotation = procrustes(v, codes)
-        history.append(itq_loss(v, rotation))
-    return rotation, history
 
 
 def sparse_loss(v: torch.Tensor, bits: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -64,3 +64,55 @@ def test_training_pulls_positives_together_and_pushes_negatives_apart(tmp_path, 
     pos = [e.value for e in events.Scalars("batch/mean_pos_distance")]
     neg = [e.value for e in events.Scalars("batch/mean_neg_distance")]
     assert np.mean(neg[-4:]) > np.mean(pos[-4:])
+
+
+def hamming_separation(model, images) -> tuple[float, float]:
+    """Mean AP of each image against the others ranked by Hamming distance of the packed codes, ties counted
+    as their expectation over orders (the harness's rule), and the mean Hamming gap negative - positive."""
+    from retrieval.binary import HammingScores, pack_bits
+    from retrieval.metrics import labelled_metrics
+
+    pre = model.preprocessing
+    batch = ImageBatches(images, 96, pre.mean, pre.std, torch.device("cpu")).load(range(len(images)))
+    codes = pack_bits(model.eval().codes(batch).numpy())
+    labels = np.asarray(images.labels)
+    scores = HammingScores(codes, codes)
+    distances = -scores.rows(0, len(codes)).numpy()
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    metrics = labelled_metrics(scores, labels, labels, exclude_self=True)
+    return metrics["mAP"], float(distances[~same].mean() - distances[same & off].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["triplet", "csq"])
+def test_hash_training_separates_the_codes(tmp_path, flowers_subset, loss):
+    """16-bit codes from the PCA-hash start: training widens the Hamming gap and ranks the classes better."""
+    manifest = flowers_subset({"train": [3, 5, 12, 23, 37, 44]}, per_class=8)
+    config = {"run_dir": str(tmp_path / "run"),
+              "data": {"train": f"csv:{manifest}", "train_size": 96, "workers": 1, "val_classes": 0},
+              "model": {"architecture": "msnetvlad", "head": {"num_clusters": 4, "hash_bits": 16},
+                        "init_images": 48, "hash_beta": {"beta0": 1.0, "gamma": 0.2, "power": 0.5, "step_size": 1}},
+              "loss": {"name": loss, "quantization_weight": 0.1,
+                       **({"balance_weight": 0.1} if loss == "triplet" else {})},
+              "mining": {"miner": "batch", "classes_per_batch": 3, "images_per_class": 4},
+              "optim": {"lr": 0.0002, "head_lr": 0.001},
+              "train": {"steps": 16, "log_every": 1, "triplet_grid_every": 0, "checkpoint_every": 16,
+                        "eval_every": 0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert train.main(["--config", str(tmp_path / "config.yaml"), "--skip-final-eval"]) == 0
+    images = load_training_set(f"csv:{manifest}", tmp_path)
+    set_seed(0)
+    start = Trainer(resolve_config(tmp_path / "config.yaml"), tmp_path / "init", tmp_path, Accelerator(cpu=True))
+    start.setup(None)
+    before = hamming_separation(start.unwrapped, images)
+    trained = load_model(tmp_path / "run" / "last.pth")
+    after = hamming_separation(trained, images)
+    print(f"{loss}: Hamming mAP, gap {before} -> {after}")
+    assert trained.hash_bits == 16 and after[1] > 0
+    assert after[0] > before[0] + 0.03 and after[1] > before[1]
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    betas = [e.value for e in events.Scalars("hash/beta")]
+    assert betas[0] == 1.0 and betas[-1] == pytest.approx((1 + 0.2 * 15) ** 0.5)  # HashNet's continuation
+    assert "loss/quantization" in events.Tags()["scalars"]
