@@ -54,8 +54,9 @@ def build_loss(lcfg: dict, hash_bits: int | None, num_classes: int):
     around triplet / contrastive, whose embeddings are the codes scaled by 1/sqrt(bits)) or CSQ / DPSH."""
     name, quantization, balance = lcfg["name"], lcfg["quantization_weight"], lcfg["balance_weight"]
     if name in HASHING_LOSSES:
-        return create_loss(name, quantization_weight=quantization, bits=hash_bits,
-                           num_classes=num_classes if name == "csq" else None)
+        csq = name == "csq"  # dpsh needs neither the code length nor the classes
+        return create_loss(name, quantization_weight=quantization, bits=hash_bits if csq else None,
+                           num_classes=num_classes if csq else None)
     loss = create_loss(name, margin=lcfg["margin"])
     if quantization is None and balance is None:
         return loss

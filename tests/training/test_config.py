@@ -31,6 +31,13 @@ def test_a_partial_config_is_completed_from_the_defaults(tmp_path):
     ({"train": {"grad_accum": 0}}, "train.grad_accum must be >= 1"),
     ({"data": {"crop_scale": [0.9, 0.5]}}, "data.crop_scale"),
     ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision"),
+    ({"model": {"head": {"hash_bits": 12}}}, "model.head.hash_bits must be a positive multiple of 8"),
+    ({"loss": {"name": "csq"}}, "set model.head.hash_bits"),
+    ({"loss": {"quantization_weight": 0.1}}, "set model.head.hash_bits"),
+    ({"model": {"head": {"hash_bits": 16}}, "loss": {"name": "dpsh", "balance_weight": 0.1}},
+     "takes no loss.balance_weight"),
+    ({"model": {"head": {"hash_bits": 16}}, "loss": {"name": "csq"}, "mining": {"miner": "algorithm1"}},
+     "no triplets"),
 ])
 def test_bad_configs_fail_naming_the_key(tmp_path, given, message):
     with pytest.raises(ConfigError, match=message):
@@ -60,3 +67,19 @@ def test_run_directories_are_never_reused(tmp_path):
     (tmp_path / "run-2").mkdir()
     (tmp_path / "run-2" / "x").write_bytes(b"")
     assert unique_run_dir(tmp_path / "run") == tmp_path / "run-3"
+
+
+def test_hashing_losses_are_built_for_the_code_length():
+    from losses.contrastive import CirtorchContrastiveLoss
+    from losses.hashing import CSQLoss, DPSHLoss, QuantizedLoss
+    from losses.triplet import SquaredEuclideanTripletLoss
+    from training.trainer import build_loss
+
+    base = {"name": "triplet", "margin": 0.1, "quantization_weight": None, "balance_weight": None}
+    assert type(build_loss(base, None, 5)) is SquaredEuclideanTripletLoss
+    quantized = build_loss({**base, "name": "contrastive", "margin": 0.7, "quantization_weight": 0.1}, 16, 5)
+    assert isinstance(quantized, QuantizedLoss) and isinstance(quantized.base_loss, CirtorchContrastiveLoss)
+    assert quantized.code_scale == 4.0 and quantized.balance_weight == 0.0  # codes / sqrt(16) -> codes
+    csq = build_loss({**base, "name": "csq"}, 16, 5)
+    assert isinstance(csq, CSQLoss) and tuple(csq.centres.shape) == (5, 16)
+    assert isinstance(build_loss({**base, "name": "dpsh", "quantization_weight": 0.2}, 16, 5), DPSHLoss)
