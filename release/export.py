@@ -104,7 +104,9 @@ def model_card(config: dict) -> str:
              f"aspect ratio kept, no crop), normalised with mean {spec['mean']} and std {spec['std']}.", ""]
     if config["files"].get("graph"):
         lines += [f"`{GRAPH_FILE}` needs torch alone: `torch.export.load(\"{GRAPH_FILE}\").module()(images)` "
-                  f"on normalised (N, 3, H, W) images, H and W in {list(GRAPH_SIDE_RANGE)}.", ""]
+                  f"on normalised (N, 3, H, W) images, H and W in {list(GRAPH_SIDE_RANGE)}" + (
+                      "; it outputs the codes as +-1/sqrt(bits) floats (bit = value > 0, packed with "
+                      "`numpy.packbits`)." if descriptor.get("binary") else "."), ""]
     training = config.get("training") or {}
     if training:
         lines += ["## Training", ""]
