@@ -34,15 +34,10 @@ from .scores import ScoreSource
 BLOCK_ELEMENTS = 8_000_000
 
 
-@dataclass(frozen=True)
-class RankedPositives:
-    """Per query, the 0-based ranks of its positives after junk removal, ascending.
-
-    Query ``q`` owns ``ranks[indptr[q]:indptr[q + 1]]``.
-    """
+class _PerQuery:
+    """Entries grouped by query through ``indptr`` (query ``q`` owns ``indptr[q]:indptr[q + 1]``)."""
 
     indptr: np.ndarray
-    ranks: np.ndarray
 
     @property
     def num_queries(self) -> int:
@@ -51,6 +46,17 @@ class RankedPositives:
     @property
     def num_positives(self) -> np.ndarray:
         return np.diff(self.indptr)
+
+
+@dataclass(frozen=True)
+class RankedPositives(_PerQuery):
+    """Per query, the 0-based ranks of its positives after junk removal, ascending.
+
+    Query ``q`` owns ``ranks[indptr[q]:indptr[q + 1]]``.
+    """
+
+    indptr: np.ndarray
+    ranks: np.ndarray
 
     def query(self, q: int) -> np.ndarray:
         return self.ranks[self.indptr[q]:self.indptr[q + 1]]
@@ -65,7 +71,7 @@ class RankedPositives:
 
 
 @dataclass(frozen=True)
-class TiedPositives:
+class TiedPositives(_PerQuery):
     """Per query, the tie group of each positive once junk is removed: ``above`` items score strictly higher
     than it, ``tied`` items (itself included) score the same.
 
@@ -76,14 +82,6 @@ class TiedPositives:
     indptr: np.ndarray
     above: np.ndarray
     tied: np.ndarray
-
-    @property
-    def num_queries(self) -> int:
-        return len(self.indptr) - 1
-
-    @property
-    def num_positives(self) -> np.ndarray:
-        return np.diff(self.indptr)
 
     @classmethod
     def from_lists(cls, above_per_query: Sequence[Sequence[int]], tied_per_query: Sequence[Sequence[int]]

@@ -78,3 +78,15 @@ def flowers_subset(tmp_path, flowers_root):
     """``flowers_subset({"train": [1, 2, 3]}, per_class=5)`` -> manifest of real photos (skips without the pack)."""
     return lambda classes, per_class=5: write_flowers_subset(tmp_path / "flowers" / "labels.csv", flowers_root,
                                                              classes, per_class)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for tiny tensors (extra threads only contend on a shared 2-core machine),
+    restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,6 @@ def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, None, :] != b[None, :, :]).sum(-1)
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- shared terms -----------------------------------------------------------------------------------------

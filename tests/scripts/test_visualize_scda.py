@@ -85,13 +85,6 @@ def script():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch for the in-process run (see _run), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_seeded_choice_without_boxes(script, one_thread, make_labelled_set, tmp_path, capsys, caplog):
