@@ -141,7 +141,7 @@ def available_methods() -> list[str]:
 
 def create_method(name: str, context: MethodContext | None = None) -> RetrievalMethod:
     context = context or MethodContext()
-    if name.startswith(("run:", "model:")) or re.match(r"itq@\d+:(run|model):", name):
+    if name.startswith(("run:", "model:")) or re.match(r"(itq|pca)@\d+(s\d+)?:(run|model):", name):
         from .trained import TrainedModelMethod  # trained networks describe themselves; no context needed
         return TrainedModelMethod.from_spec(name)
     _load_plugins()

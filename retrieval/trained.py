@@ -4,6 +4,9 @@ The checkpoint describes itself (architecture, backbone, head, preprocessing), s
 the training flags. A hashing network (``model.head.hash_bits``) stores packed codes and is ranked by
 Hamming distance. ``itq@BITS:run:RUN_DIR`` binarises a float network's descriptors with ITQ (Gong & Lazebnik)
 learned on the benchmark's training images: the unsupervised baseline a learned hash head must beat.
+``pca@DIMS:run:RUN_DIR`` keeps the float PCA projection instead (no binarisation): what any linear
+DIMS-dimensional code of those descriptors can reach, the bound that separates the cost of the dimension
+from the cost of the sign. A suffix ``sSEED`` (``itq@64s3:run:DIR``) changes ITQ's random start.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from .methods import RetrievalMethod
 from .scores import ScoreSource
 
 CHECKPOINT_NAMES = ("best.pth", "last.pth")
+#: ``itq@64:run:DIR``, ``itq@64s3:model:FILE``, ``pca@64:run:DIR``
+PROJECTED_SPEC = re.compile(r"(?P<kind>itq|pca)@(?P<dims>\d+)(?:s(?P<seed>\d+))?:(?P<target>(?:run|model):.+)")
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -59,12 +64,17 @@ class TrainedModelMethod(RetrievalMethod):
 
     @classmethod
     def from_spec(cls, spec: str) -> "TrainedModelMethod":
-        """``run:DIR`` / ``model:FILE``, or ``itq@BITS:run:DIR`` / ``itq@BITS:model:FILE``."""
-        itq = re.fullmatch(r"itq@(\d+):(.+)", spec)
-        path = resolve_checkpoint(itq.group(2) if itq else spec)
-        if itq:
-            return ITQTrainedMethod(load_model(path), name=spec, checkpoint=path, bits=int(itq.group(1)))
-        return cls(load_model(path), name=spec, checkpoint=path)
+        """``run:DIR`` / ``model:FILE``, or ``itq@BITS[sSEED]:`` / ``pca@DIMS:`` before either."""
+        projected = PROJECTED_SPEC.fullmatch(spec)
+        path = resolve_checkpoint(projected.group("target") if projected else spec)
+        if projected is None:
+            return cls(load_model(path), name=spec, checkpoint=path)
+        kind, dims, seed = projected.group("kind"), int(projected.group("dims")), projected.group("seed")
+        if kind == "pca":
+            if seed is not None:
+                raise ValueError(f"{spec}: PCA is deterministic; the sSEED suffix is for itq@")
+            return PCATrainedMethod(load_model(path), name=spec, checkpoint=path, dims=dims)
+        return ITQTrainedMethod(load_model(path), name=spec, checkpoint=path, bits=dims, seed=int(seed or 0))
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -86,36 +96,76 @@ class TrainedModelMethod(RetrievalMethod):
         return HammingScores(queries, database)
 
 
-class ITQTrainedMethod(TrainedModelMethod):
-    """A float network's descriptors -> ITQ codes of ``bits`` bits (PCA to ``bits`` + learned rotation, 50
-    iterations), fitted on the benchmark's training images; Hamming ranking."""
-
-    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, bits: int):
-        if model.hash_bits is not None:
-            raise ValueError(f"{name}: ITQ binarises float descriptors; this network already hashes")
-        if bits < 8 or bits % 8 or bits > model.out_dim:
-            raise ValueError(f"{name}: ITQ bits must be a multiple of 8 in [8, {model.out_dim}], got {bits}")
-        super().__init__(model, name, checkpoint)
-        self.bits, self.descriptor_kind, self.itq = bits, "binary", None
-
-    def config(self) -> dict:
-        return {**super().config(), "itq_bits": self.bits}
+class _FittedProjection(TrainedModelMethod):
+    """A float network's descriptors through a projection fitted on the benchmark's training images."""
 
     def needs_fit(self) -> bool:
         return True
 
-    def fit(self, train_images, labels=None) -> None:
-        from baselines.msbd.binary import learn_itq  # the MSBD baseline's ITQ (Gong & Lazebnik, 2011)
-
+    def _training_descriptors(self, train_images) -> np.ndarray:
         from .extract import extract
 
         device = next(self.model.parameters()).device
-        floats = extract(TrainedModelMethod(self.model, f"{self.name} (float)"), train_images, batch_size=16,
-                         device=str(device), description="ITQ training descriptors").descriptors
-        self.itq = learn_itq(floats, self.bits)
+        return extract(TrainedModelMethod(self.model, f"{self.name} (float)"), train_images, batch_size=16,
+                       device=str(device), description=f"{self.name}: training descriptors").descriptors
+
+    def _check_float(self, dims: int, what: str) -> None:
+        if self.model.hash_bits is not None:
+            raise ValueError(f"{self.name}: {what} needs float descriptors; this network already hashes")
+        if dims < 1 or dims > self.model.out_dim:
+            raise ValueError(f"{self.name}: {what} needs 1 to {self.model.out_dim} dimensions, got {dims}")
+
+
+class ITQTrainedMethod(_FittedProjection):
+    """A float network's descriptors -> ITQ codes of ``bits`` bits (PCA to ``bits`` + learned rotation, 50
+    iterations from a random rotation drawn with ``seed``), fitted on the benchmark's training images;
+    Hamming ranking."""
+
+    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, bits: int, seed: int = 0):
+        super().__init__(model, name, checkpoint)
+        self._check_float(bits, "ITQ")
+        if bits % 8:
+            raise ValueError(f"{name}: ITQ bits must be a multiple of 8 (codes are packed in bytes), got {bits}")
+        self.bits, self.seed, self.descriptor_kind, self.itq = bits, seed, "binary", None
+
+    def config(self) -> dict:
+        return {**super().config(), "itq_bits": self.bits, "itq_seed": self.seed}
+
+    def fit(self, train_images, labels=None) -> None:
+        from baselines.msbd.binary import learn_itq  # the MSBD baseline's ITQ (Gong & Lazebnik, 2011)
+
+        # pca_lowrank draws from the global generator: fork it so the codes depend on the seed alone
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            self.itq = learn_itq(self._training_descriptors(train_images), self.bits, seed=self.seed)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.itq is None:
             raise RuntimeError(f"{self.name} is not fitted: call fit() on training images first")
         return torch.from_numpy(pack_bits(self.itq.encode(self.model(images).float().cpu().numpy())))
+
+
+class PCATrainedMethod(_FittedProjection):
+    """A float network's descriptors -> PCA to ``dims`` (fitted on the training images) -> L2; inner product."""
+
+    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, dims: int):
+        super().__init__(model, name, checkpoint)
+        self._check_float(dims, "PCA")
+        self.dims, self.pca = dims, None
+
+    def config(self) -> dict:
+        return {**super().config(), "pca_dims": self.dims}
+
+    def fit(self, train_images, labels=None) -> None:
+        from baselines.msbd.pca import PCA
+
+        with torch.random.fork_rng():  # randomised SVD for few components of wide data
+            torch.manual_seed(0)
+            self.pca = PCA.fit(torch.from_numpy(self._training_descriptors(train_images)), self.dims, self.name)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pca is None:
+            raise RuntimeError(f"{self.name} is not fitted: call fit() on training images first")
+        return self.pca(self.model(images).float().cpu())

@@ -32,7 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="flowers102 | revisitop:NAME (roxford5k, rparis6k, ...) | csv:PATH[:SPLIT]")
     parser.add_argument("--method", action="append", required=True,
                         help=f"repeatable; one of: {', '.join(available_methods())}, "
-                             "run:RUN_DIR (a trained run's best/last checkpoint) or model:FILE")
+                             "run:RUN_DIR (a trained run's best/last checkpoint) or model:FILE; "
+                             "itq@BITS[sSEED]:run:RUN_DIR / pca@DIMS:run:RUN_DIR (its descriptors binarised by "
+                             "ITQ / PCA-projected, fitted on the training split)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm architecture name")
     parser.add_argument("--weights", default=None, help="local weights file for the backbone (else pretrained)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")

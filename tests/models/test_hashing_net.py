@@ -9,7 +9,7 @@ from PIL import Image
 
 from models.retrieval_net import create_model, load_model, save_model
 from retrieval.binary import HammingScores, hamming_distances, pack_bits
-from retrieval.trained import ITQTrainedMethod, TrainedModelMethod
+from retrieval.trained import PROJECTED_SPEC, ITQTrainedMethod, PCATrainedMethod, TrainedModelMethod
 
 
 def hashing_net(bits=16, seed=0):
@@ -96,7 +96,7 @@ def test_harness_method_stores_packed_codes_and_ranks_by_hamming():
     assert np.array_equal(-scores.rows(0, 6).numpy(), hamming_distances(codes, codes))
 
 
-def test_itq_on_a_float_network_gives_codes_of_the_requested_length(tmp_path):
+def float_net_and_images(tmp_path, count=40):
     from data.datasets import ImageDataset
     from data.transforms import EvalTransform
 
@@ -105,22 +105,70 @@ def test_itq_on_a_float_network_gives_codes_of_the_requested_length(tmp_path):
     model.head.initialise([model.feature_map(torch.rand(70, 3, 64, 64))])
     rng = np.random.default_rng(0)
     paths = []
-    for i in range(40):
+    for i in range(count):
         path = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
         paths.append(str(path))
     pre = model.preprocessing
+    return model, ImageDataset(paths, EvalTransform(64, "shorter", pre.mean, pre.std))
+
+
+def test_itq_on_a_float_network_gives_codes_of_the_requested_length(tmp_path):
+    model, images = float_net_and_images(tmp_path)
     method = ITQTrainedMethod(model, "itq@16:test", None, bits=16)
     assert method.needs_fit()
     with pytest.raises(RuntimeError, match="not fitted"):
         method.encode(torch.rand(1, 3, 64, 64))
-    method.fit(ImageDataset(paths, EvalTransform(64, "shorter", pre.mean, pre.std)))
-    codes = method.encode(torch.rand(4, 3, 64, 64)).numpy()
+    method.fit(images)
+    queries = torch.rand(4, 3, 64, 64)
+    codes = method.encode(queries).numpy()
     assert codes.dtype == np.uint8 and codes.shape == (4, 2)
+    # the seed alone decides the codes, whatever the global generator did before
+    again, other = ITQTrainedMethod(model, "x", None, bits=16), ITQTrainedMethod(model, "y", None, bits=16, seed=1)
+    torch.manual_seed(123)
+    again.fit(images)
+    other.fit(images)
+    assert np.array_equal(again.encode(queries).numpy(), codes)
+    assert not np.array_equal(other.itq.projection, again.itq.projection)
     with pytest.raises(ValueError, match="multiple of 8"):
         ITQTrainedMethod(model, "itq@12:test", None, bits=12)
     with pytest.raises(ValueError, match="already hashes"):
         ITQTrainedMethod(hashing_net(16), "itq@16:test", None, bits=16)
+
+
+def test_pca_method_is_the_principal_projection_of_the_training_descriptors(tmp_path):
+    model, images = float_net_and_images(tmp_path)
+    method = PCATrainedMethod(model, "pca@8:test", None, dims=8)
+    assert method.needs_fit() and method.descriptor_kind == "float32"
+    method.fit(images)
+    with torch.no_grad():
+        train = torch.cat([model(images[i][0][None]) for i in range(len(images))]).double().numpy()
+        queries = torch.rand(3, 3, 64, 64)
+        query_descriptors = model(queries).double().numpy()
+    # reference: numpy SVD of the centred (already L2-normalised) training descriptors
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    mean = train.mean(0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    reference = (query_descriptors / np.linalg.norm(query_descriptors, axis=1, keepdims=True) - mean) @ vt[:8].T
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    got = method.encode(queries).double().numpy()
+    # principal directions are defined up to sign: compare |cos| per dimension
+    assert got.shape == (3, 8)
+    np.testing.assert_allclose(np.abs(got), np.abs(reference), atol=2e-3)
+    signs = np.sign(got[0] * reference[0])
+    np.testing.assert_allclose(got * signs, reference, atol=2e-3)
+    with pytest.raises(ValueError, match="1 to 32"):
+        PCATrainedMethod(model, "pca@64:test", None, dims=64)
+
+
+@pytest.mark.parametrize("spec, parts", [
+    ("itq@64:run:runs/a", ("itq", "64", None, "run:runs/a")),
+    ("itq@64s3:model:w.pth", ("itq", "64", "3", "model:w.pth")),
+    ("pca@128:run:/x/y", ("pca", "128", None, "run:/x/y")),
+    ("itq@64:runs/a", None), ("lsh@64:run:a", None), ("itq@s3:run:a", None)])
+def test_projected_method_specs(spec, parts):
+    match = PROJECTED_SPEC.fullmatch(spec)
+    assert (match.group("kind", "dims", "seed", "target") if match else None) == parts
 
 
 def test_hashing_release_encodes_packed_codes(tmp_path):
