@@ -30,6 +30,8 @@ from .methods import RetrievalMethod
 
 log = logging.getLogger(__name__)
 
+ROLES = ("query", "database")
+
 
 class SizeBucketBatchSampler(Sampler[list[int]]):
     """Batches of indices whose images resize to the same (width, height) (any hashable key per index)."""
@@ -71,23 +73,29 @@ class Extraction:
 
 @torch.no_grad()
 def extract(method: RetrievalMethod, dataset: ImageDataset, batch_size: int = 1, num_workers: int = 0,
-            device: str = "cpu", description: str = "extract", channels_last: bool = True) -> Extraction:
+            device: str = "cpu", description: str = "extract", channels_last: bool = True,
+            role: str = "query") -> Extraction:
     """Encode every image of ``dataset`` in order; returns (N, D) descriptors."""
-    return extract_together([method], dataset, batch_size, num_workers, device, description, channels_last)[0]
+    return extract_together([method], dataset, batch_size, num_workers, device, description, channels_last,
+                            role)[0]
 
 
 @torch.no_grad()
 def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batch_size: int = 1,
                      num_workers: int = 0, device: str = "cpu", description: str = "extract",
-                     channels_last: bool = True) -> list[Extraction]:
-    """Encode the dataset with several methods in one pass over the images.
+                     channels_last: bool = True, role: str = "query") -> list[Extraction]:
+    """Encode the dataset with several methods in one pass over the images, as queries (``encode``) or as
+    the database (``role="database"``: ``encode_database``).
 
     Images are decoded once, and methods that share a backbone object run it once per batch
     (:meth:`Backbone.reuse_forward`). The reported images/s is that of the whole pass. ``channels_last``
     runs the networks in NHWC memory layout (2-2.5x faster convolutions on CPU; same values up to float
     rounding).
     """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    encoders = [m.encode_database if role == "database" else m.encode for m in methods]
     for method in methods:
         method.eval().to(device, memory_format=layout)
     if batch_size > 1:
@@ -105,8 +113,8 @@ def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batc
                 stack.enter_context(backbone.reuse_forward())
         for images, indices in loader:
             images = images.to(device).contiguous(memory_format=layout)
-            for i, method in enumerate(methods):
-                encoded = method.encode(images).cpu().numpy()
+            for i, encode in enumerate(encoders):
+                encoded = encode(images).cpu().numpy()
                 if outputs[i] is None:
                     outputs[i] = np.empty((len(dataset), *encoded.shape[1:]), dtype=encoded.dtype)
                 outputs[i][indices.numpy()] = encoded

@@ -4,7 +4,7 @@ data (benchmark images) -> method.encode (descriptors, cached) -> method.scores 
 -> report (printed table + JSON with the schema below, which other tools read):
 
     {"benchmark": str, "results": [{"method": str, "metrics": {name: float}, "descriptor_bytes": int,
-                                    "images_per_second": float, ...}]}
+                                    "images_per_second": float, "query_ms": float, ...}]}
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ class MethodResult:
     images_per_second: float
     seconds: float
     config: dict = field(default_factory=dict)
+    #: milliseconds to answer one query: encode it + search the database (top 10)
+    query_ms: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,7 +88,8 @@ def _descriptors(methods: list[RetrievalMethod], role: str, benchmark: Benchmark
         group = [methods[i] for i in members]
         names = ", ".join(m.name for m in group)
         extracted = extract_together(group, dataset, settings.batch_size, settings.num_workers, settings.device,
-                                     description=f"{names} {role}", channels_last=settings.channels_last)
+                                     description=f"{names} {role}", channels_last=settings.channels_last,
+                                     role=role)
         for i, extraction in zip(members, extracted):
             results[i] = extraction
             cache.save(benchmark.name, methods[i].name,
@@ -113,7 +116,12 @@ def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, setti
             log.info("fitting %s on %d training images", method.name, len(train))
             method.fit(ImageDataset(train.paths, _transform(method, benchmark, settings)), train.labels)
     database = _descriptors(methods, "database", benchmark, settings, cache)
-    queries = database if benchmark.queries_are_database else _descriptors(methods, "query", benchmark, settings, cache)
+    if benchmark.queries_are_database:  # leave-one-out: asymmetric methods still describe queries as queries
+        asymmetric = [m for m in methods if m.asymmetric]
+        as_queries = dict(zip(map(id, asymmetric), _descriptors(asymmetric, "query", benchmark, settings, cache)))
+        queries = [as_queries.get(id(m), db) for m, db in zip(methods, database)]
+    else:
+        queries = _descriptors(methods, "query", benchmark, settings, cache)
     results = []
     for method, db, q in zip(methods, database, queries):
         metrics = benchmark.evaluate(method.scores(q.descriptors, db.descriptors), map_at_k=settings.map_at_k)
@@ -121,8 +129,20 @@ def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, setti
             _save_top_k(method, q.descriptors, db.descriptors, settings, benchmark)
         results.append(MethodResult(
             method=method.name, metrics=metrics, descriptor_bytes=method.descriptor_bytes(db.descriptors),
-            images_per_second=db.images_per_second, seconds=time.perf_counter() - start, config=method.config()))
+            images_per_second=db.images_per_second, seconds=time.perf_counter() - start, config=method.config(),
+            query_ms=_query_milliseconds(method, q, db)))
     return results
+
+
+def _query_milliseconds(method: RetrievalMethod, queries: Extraction, database: Extraction,
+                        sample: int = 256) -> float:
+    """Time to answer one query: encoding it (the query pass's rate) + a top-10 search of the database
+    with the method's own scores, timed on up to ``sample`` queries."""
+    sample_queries = queries.descriptors[:sample]
+    start = time.perf_counter()
+    method.search(sample_queries, database.descriptors, min(10, len(database.descriptors)))
+    search_seconds = (time.perf_counter() - start) / max(len(sample_queries), 1)
+    return 1000.0 * (1.0 / max(queries.images_per_second, 1e-9) + search_seconds)
 
 
 def evaluate_method(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSettings | None = None
@@ -162,9 +182,10 @@ def format_table(report_dict: dict, columns: list[str] | None = None) -> str:
         columns = []
         for result in results:
             columns += [name for name in result["metrics"] if name not in columns]
-    header = ["method", *columns, "bytes", "img/s"]
+    header = ["method", *columns, "bytes", "img/s", "query ms"]
     rows = [[r["method"], *[_fmt(r["metrics"].get(c)) for c in columns], str(r["descriptor_bytes"]),
-             f"{r['images_per_second']:.1f}"] for r in results]
+             f"{r['images_per_second']:.1f}",
+             "-" if r.get("query_ms") is None else f"{r['query_ms']:.1f}"] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))

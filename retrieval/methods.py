@@ -1,6 +1,7 @@
 """The method interface of the evaluation harness, and its registry.
 
-A method turns a batch of preprocessed images into descriptors (``encode``), may learn something from the
+A method turns a batch of preprocessed images into descriptors (``encode``; ``encode_database`` for the
+database side, which differs only for asymmetric methods such as regional ones), may learn something from the
 training images first (``fit``: PCA, codebooks, ITQ...), and says how two descriptor sets are compared
 (``scores``: inner product by default; Hamming codes or custom dissimilarities override it); ``search`` finds
 each query's top k with those same scores. Everything a method needs to rebuild itself is in ``config()``,
@@ -36,6 +37,9 @@ class MethodContext:
     device: str = "cpu"
     #: with share_backbone, methods built from this context use one backbone object (frozen methods only)
     share_backbone: bool = False
+    #: landmark detector checkpoint for the regional methods, and how many boxes it may add per image
+    detector: str | None = None
+    max_regions: int = 4
     _shared: dict = field(default_factory=dict, compare=False, repr=False)
 
     def create_backbone(self) -> Backbone:
@@ -51,6 +55,8 @@ class RetrievalMethod(nn.Module):
 
     #: descriptor element type: "float32" or "binary" (packed bits, uint8)
     descriptor_kind = "float32"
+    #: database images are described differently from queries (encode_database != encode)
+    asymmetric = False
 
     def __init__(self, name: str):
         super().__init__()
@@ -74,6 +80,10 @@ class RetrievalMethod(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, D) descriptors."""
         raise NotImplementedError
+
+    def encode_database(self, images: torch.Tensor) -> torch.Tensor:
+        """Database-side descriptors; the same as :meth:`encode` unless the method is asymmetric."""
+        return self.encode(images)
 
     def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
         """How query and database descriptors compare (higher = more similar)."""
@@ -116,7 +126,7 @@ class PooledFeatures(RetrievalMethod):
 MethodFactory = Callable[[MethodContext], RetrievalMethod]
 _REGISTRY: dict[str, MethodFactory] = {}
 # Packages whose import registers more methods; imported on first use (they import this module).
-_PLUGIN_PACKAGES = ("baselines",)
+_PLUGIN_PACKAGES = ("baselines", "retrieval.regional")
 
 
 def _load_plugins() -> None:

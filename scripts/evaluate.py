@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--together", action="store_true",
                         help="extract all methods in one pass (shared decoding and backbone forward; faster, "
                              "but images/s is then the whole pass's)")
+    parser.add_argument("--detector", default=None,
+                        help="landmark detector checkpoint (scripts/train_detector.py) for the regional methods")
+    parser.add_argument("--max-regions", type=int, default=4,
+                        help="regional methods: detected boxes per database image, besides the full image")
     parser.add_argument("--out", default=None, help="results JSON path")
     return parser.parse_args(argv)
 
@@ -67,7 +71,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
-                            device=args.device, share_backbone=args.together)
+                            device=args.device, share_backbone=args.together, detector=args.detector,
+                            max_regions=args.max_regions)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size, num_workers=args.workers,
                             device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k,
                             interpolation=args.interpolation, map_at_k=args.map_at_k)

@@ -1,0 +1,194 @@
+"""Regional search (Detect-to-Retrieve §4.2): database images are described by several regions, the full
+image always first, and a query scores an image by the max (or average) of its regional similarities.
+
+Regions come from a trained landmark detector (``--detector CHECKPOINT``; :class:`RegionProposer`) and exist
+on the database side only: queries are well-localised regions already (the benchmarks crop them to their
+box), so the methods here are *asymmetric*.
+
+Database rows are fixed-width arrays (the harness cache stores (N, D) arrays):
+``[region count, region 1 (D) ... region R (D)]`` with unused regions zero; ``descriptor_bytes`` counts the
+regions an image really has.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.backbones import Preprocessing
+
+from .methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
+from .scores import ScoreSource, as_tensor
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("max", "avg")
+
+
+class DetectorMissing(ValueError):
+    """A regional method was asked for without a detector checkpoint."""
+
+
+class RegionProposer:
+    """A trained detector's boxes (normalised [x1, y1, x2, y2], the full image first) for normalised image
+    tensors, remembered per image content so that several regional methods detect each image once."""
+
+    def __init__(self, checkpoint: str | Path, max_regions: int = 4, score_threshold: float = 0.3,
+                 nms_threshold: float = 0.5, device: str = "cpu"):
+        from models.detector import load_detector  # torchvision detection: only when regions are asked for
+
+        self.checkpoint = Path(checkpoint)
+        if not self.checkpoint.is_file():
+            raise DetectorMissing(f"detector checkpoint not found: {self.checkpoint}")
+        self.detector = load_detector(self.checkpoint, device=device)
+        self.max_regions, self.score_threshold, self.nms_threshold = max_regions, score_threshold, nms_threshold
+        with open(self.checkpoint, "rb") as handle:
+            self.fingerprint = hashlib.sha256(handle.read()).hexdigest()[:16]
+        self._memo: dict[str, np.ndarray] = {}
+
+    def config(self) -> dict:
+        return {"detector": str(self.checkpoint), "detector_fingerprint": self.fingerprint,
+                "max_regions": self.max_regions, "score_threshold": self.score_threshold,
+                "nms_threshold": self.nms_threshold}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, preprocessing: Preprocessing) -> list[np.ndarray]:
+        """(B, 3, H, W) images normalised with ``preprocessing`` -> per image an (n, 4) box array."""
+        mean = torch.tensor(preprocessing.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(preprocessing.std, device=images.device).view(1, 3, 1, 1)
+        pixels = (images.float() * std + mean).clamp(0, 1).contiguous()
+        keys = [hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest() for image in pixels]
+        missing = [i for i, key in enumerate(keys) if key not in self._memo]
+        if missing:
+            boxes = self.detector.propose([pixels[i] for i in missing], max_boxes=self.max_regions,
+                                          score_threshold=self.score_threshold, nms_threshold=self.nms_threshold)
+            for i, image_boxes in zip(missing, boxes):
+                self._memo[keys[i]] = np.asarray(image_boxes, dtype=np.float32)
+        return [self._memo[key] for key in keys]
+
+
+def proposer_from_context(context: MethodContext, method: str) -> RegionProposer:
+    if context.detector is None:
+        raise DetectorMissing(
+            f"{method} needs a landmark detector: train one with `python scripts/train_detector.py` and pass "
+            f"--detector RUN_DIR/best.pt")
+    key = ("proposer", context.detector, context.max_regions)
+    if key not in context._shared:  # one detector (and one memo of its boxes) for every regional method
+        context._shared[key] = RegionProposer(context.detector, max_regions=context.max_regions,
+                                              device=context.device)
+    return context._shared[key]
+
+
+def crop_region(image: torch.Tensor, box, shorter_side: int) -> torch.Tensor:
+    """(3, H, W) -> the box's pixels resized (bilinear, aspect kept) so the shorter side is ``shorter_side``."""
+    height, width = image.shape[-2:]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    left, top = int(np.floor(x1 * width)), int(np.floor(y1 * height))
+    right, bottom = max(left + 1, int(np.ceil(x2 * width))), max(top + 1, int(np.ceil(y2 * height)))
+    crop = image[:, top:bottom, left:right]
+    scale = shorter_side / min(crop.shape[-2:])
+    size = (max(1, round(crop.shape[-2] * scale)), max(1, round(crop.shape[-1] * scale)))
+    return F.interpolate(crop[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def pack_regions(regions: list[torch.Tensor], slots: int, dim: int) -> torch.Tensor:
+    """Per image an (n, D) tensor -> (B, 1 + slots * D) rows ``[n, regions..., zeros]``."""
+    rows = torch.zeros(len(regions), 1 + slots * dim)
+    for i, descriptors in enumerate(regions):
+        count = min(len(descriptors), slots)
+        rows[i, 0] = count
+        rows[i, 1:1 + count * dim] = descriptors[:count].reshape(-1).float().cpu()
+    return rows
+
+
+def unpack_regions(rows: np.ndarray, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_regions`: (N, slots, D) descriptors and an (N, slots) validity mask."""
+    rows = as_tensor(rows).float()
+    slots = (rows.shape[1] - 1) // dim
+    if rows.shape[1] != 1 + slots * dim:
+        raise ValueError(f"regional rows of width {rows.shape[1]} do not hold {dim}-d regions")
+    counts = rows[:, 0].long()
+    mask = torch.arange(slots)[None, :] < counts[:, None]
+    return rows[:, 1:].reshape(len(rows), slots, dim), mask
+
+
+class RegionalScores(ScoreSource):
+    """Query descriptors (Q, D) against regional database rows: max or mean of the regional inner products."""
+
+    def __init__(self, queries, database_rows, dim: int, pooling: str):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.queries = as_tensor(queries).float()
+        self.regions, self.mask = unpack_regions(database_rows, dim)
+        self.pooling = pooling
+        self.num_queries, self.num_database = len(self.queries), len(self.regions)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        similarities = torch.einsum("qd,nrd->qnr", self.queries[start:stop], self.regions)
+        if self.pooling == "max":
+            return similarities.masked_fill(~self.mask[None], float("-inf")).amax(dim=2)
+        return (similarities * self.mask[None]).sum(dim=2) / self.mask.sum(dim=1).clamp(min=1)[None]
+
+
+class RegionalSearch(RetrievalMethod):
+    """A global descriptor per region (the full image and each detected box, re-encoded from its pixels at
+    the image's shorter side); image score = max / average of the region similarities."""
+
+    asymmetric = True
+
+    def __init__(self, name: str, describer: RetrievalMethod, proposer: RegionProposer, pooling: str):
+        super().__init__(name)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.describer, self.proposer, self.pooling = describer, proposer, pooling
+        self.slots = 1 + proposer.max_regions
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.describer.preprocessing
+
+    def config(self) -> dict:
+        return {"name": self.name, "describer": self.describer.config(), "pooling": self.pooling,
+                **self.proposer.config()}
+
+    @property
+    def dim(self) -> int:
+        with torch.no_grad():
+            return int(self.describer.encode(torch.zeros(1, 3, 32, 32)).shape[1])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.describer.encode(images)
+
+    def encode_database(self, images: torch.Tensor) -> torch.Tensor:
+        boxes = self.proposer(images, self.preprocessing)
+        shorter = min(images.shape[-2:])
+        regions = []
+        for image, image_boxes in zip(images, boxes):
+            full = self.describer.encode(image[None])
+            crops = [self.describer.encode(crop_region(image, box, shorter)[None]) for box in image_boxes[1:]]
+            regions.append(torch.cat([full, *crops]))
+        return pack_regions(regions, self.slots, regions[0].shape[1])
+
+    def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
+        return RegionalScores(queries, database, queries.shape[1], self.pooling)
+
+    def descriptor_bytes(self, descriptors: np.ndarray) -> int:
+        dim = (descriptors.shape[1] - 1) // self.slots
+        return int(round(float(descriptors[:, 0].mean()) * dim * 4))
+
+
+def _regional_gem(pooling: str):
+    def factory(context: MethodContext) -> RetrievalMethod:
+        name = f"regional_search_{pooling}"
+        gem = PooledFeatures("gem", context.create_backbone(), "gem", p=3.0, learn_p=False)
+        return RegionalSearch(name, gem, proposer_from_context(context, name), pooling)
+    factory.__doc__ = f"GeM per detected region (and the full image), image score = {pooling} over regions."
+    return factory
+
+
+for _pooling in POOLINGS:
+    register_method(f"regional_search_{_pooling}")(_regional_gem(_pooling))

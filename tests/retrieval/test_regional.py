@@ -1,0 +1,107 @@
+"""Regional search: packed regional rows, max / average pooling of region similarities (hand-computed), region
+crops, and the harness's asymmetric path (database regions, plain queries, also on leave-one-out sets)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.backbones import Preprocessing
+from retrieval.methods import MethodContext, RetrievalMethod, create_method
+from retrieval.regional import (DetectorMissing, RegionalScores, RegionalSearch, crop_region, pack_regions,
+                                unpack_regions)
+
+
+def test_pack_and_unpack_regions_round_trip():
+    regions = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])]
+    rows = pack_regions(regions, slots=3, dim=2).numpy()
+    np.testing.assert_allclose(rows, [[1, 1, 0, 0, 0, 0, 0], [3, 0, 1, 0.6, 0.8, 0.8, 0.6]], atol=1e-7)
+    descriptors, mask = unpack_regions(rows, dim=2)
+    assert mask.tolist() == [[True, False, False], [True, True, True]]
+    assert torch.equal(descriptors[1], regions[1])
+    with pytest.raises(ValueError, match="do not hold"):
+        unpack_regions(rows[:, :-1], dim=2)
+
+
+def test_regional_scores_take_the_max_or_mean_over_the_real_regions_only():
+    # image 0: one region (1, 0); image 1: regions (0, 1), (0.6, 0.8); the padding slot must not count
+    rows = pack_regions([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.6, 0.8]])], 3, 2).numpy()
+    query = np.array([[0.8, 0.6]], dtype=np.float32)
+    # similarities: image 0 -> [0.8]; image 1 -> [0.6, 0.48 + 0.48 = 0.96]
+    assert RegionalScores(query, rows, 2, "max").rows(0, 1)[0].tolist() == pytest.approx([0.8, 0.96])
+    assert RegionalScores(query, rows, 2, "avg").rows(0, 1)[0].tolist() == pytest.approx([0.8, 0.78])
+    # a negative-similarity query: max must not pick the zero padding
+    assert RegionalScores(-query, rows, 2, "max").rows(0, 1)[0].tolist() == pytest.approx([-0.8, -0.6])
+    with pytest.raises(ValueError, match="pooling"):
+        RegionalScores(query, rows, 2, "sum")
+
+
+def test_crop_region_takes_the_box_pixels_and_scales_the_shorter_side():
+    image = torch.arange(3 * 10 * 20, dtype=torch.float32).reshape(3, 10, 20)
+    crop = crop_region(image, (0.5, 0.0, 1.0, 0.5), shorter_side=5)  # x 10..20, y 0..5: already 5 x 10
+    assert crop.shape == (3, 5, 10)
+    assert torch.allclose(crop, image[:, 0:5, 10:20])
+    assert crop_region(image, (0.0, 0.0, 0.25, 0.5), shorter_side=10).shape == (3, 10, 10)  # 5 x 5 -> 10 x 10
+
+
+class MeanColour(RetrievalMethod):
+    """A 3-d descriptor: the mean colour of the image (so a region's descriptor shows where it was cut)."""
+
+    def encode(self, images):
+        return torch.nn.functional.normalize(images.mean(dim=(2, 3)) + 1e-3, dim=1)
+
+
+class FixedBoxes:
+    max_regions = 2
+
+    def __init__(self):
+        self.calls = 0
+
+    def config(self):
+        return {"detector": "fixed"}
+
+    def __call__(self, images, preprocessing):
+        self.calls += len(images)
+        return [np.array([[0, 0, 1, 1], [0, 0, 0.5, 0.5]], dtype=np.float32)] * len(images)
+
+
+def test_regional_search_describes_database_images_by_their_regions_and_queries_whole():
+    images = torch.zeros(2, 3, 8, 8)
+    images[:, 0, :4, :4] = 1.0   # a red top-left quarter
+    method = RegionalSearch("rs", MeanColour("colour"), FixedBoxes(), "max")
+    assert method.asymmetric
+    rows = method.encode_database(images).numpy()
+    assert rows.shape == (2, 1 + 3 * 3) and rows[:, 0].tolist() == [2, 2]
+    regions, _ = unpack_regions(rows, 3)
+    assert torch.allclose(regions[0, 0], MeanColour("c").encode(images[:1])[0])  # the full image
+    assert regions[0, 1].argmax() == 0 and regions[0, 1, 0] > 0.99                # the red quarter alone
+    assert method.encode(images).shape == (2, 3)
+    assert method.descriptor_bytes(rows) == 2 * 3 * 4
+
+
+def test_the_harness_encodes_queries_as_queries_on_leave_one_out_sets(tmp_path):
+    from PIL import Image
+
+    from data.manifest import LabelledImageSet
+    from retrieval.benchmarks import LabelledBenchmark
+    from retrieval.harness import EvalSettings, evaluate_methods
+
+    paths = []
+    for i, colour in enumerate([(250, 10, 10), (240, 20, 10), (10, 10, 250), (10, 20, 240)]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (16, 16), colour).save(path)
+        paths.append(path)
+    images = LabelledImageSet("toy", tuple(paths), np.array([0, 0, 1, 1]))
+    boxes = FixedBoxes()
+    method = RegionalSearch("rs", MeanColour("colour"), boxes, "avg")
+    result = evaluate_methods([method], LabelledBenchmark(name="toy", images=images),
+                              EvalSettings(image_size=16, cache_dir=None))[0]
+    assert boxes.calls == 4          # regions for the database side only
+    assert result.metrics["mAP"] == pytest.approx(1.0) and result.metrics["R@1"] == pytest.approx(1.0)
+    assert result.query_ms is not None and result.query_ms > 0
+    assert result.descriptor_bytes == 2 * 3 * 4
+
+
+def test_regional_methods_without_a_detector_say_how_to_get_one():
+    with pytest.raises(DetectorMissing, match="train_detector.py"):
+        create_method("regional_search_max", MethodContext(pretrained=False, backbone="resnet18"))
