@@ -5,6 +5,13 @@
   tie-aware. Shorter side -> N.
 - ``revisitop:NAME`` (roxford5k, rparis6k or a user's set in that layout): queries cropped to their box;
   Easy / Medium / Hard mAP with junk and mP@k. Longer side -> N, the convention of those benchmarks.
+- ``flowers102-clutter``: clean Flowers-102 photos of the test classes (5 per class) as queries against
+  cluttered composites, each holding 1-3 small pasted flower photos on a mosaic of train-class photos
+  (:mod:`data.clutter`; built into ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` on first
+  use). A query's positives are the composites that contain its class; mAP, mAP@R (R = number of positives),
+  R@1/2/4/8, tie-aware, as the labelled sets. Images are used at their own size (resize mode ``none``: the
+  objects were pasted at the photos' pixel scale); ``train_set()`` is the train composites, and
+  ``database_boxes`` the ground-truth object boxes of the database (for oracle experiments).
 """
 from __future__ import annotations
 
@@ -13,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from data.clutter import DEFAULT_DIRNAME as CLUTTER_NAME
+from data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, load_clutter_set
 from data.datasets import ImageDataset
 from data.manifest import LabelledImageSet, flowers102, read_csv_manifest
 from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
 
-from .metrics import labelled_metrics, revisitop_metrics
+from .metrics import (average_precision, labelled_metrics, map_at_r, nan_mean, recall_at_k, revisitop_metrics,
+                      tied_positives)
 from .scores import ScoreSource
 
 
@@ -91,16 +101,111 @@ class RevisitopBenchmark(Benchmark):
         return revisitop_metrics(scores, {p: self.dataset.protocol(p) for p in PROTOCOLS})
 
 
-def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None) -> Benchmark:
-    """``flowers102`` | ``csv:PATH[:SPLIT]`` | ``revisitop:NAME``.
+def positive_list_metrics(scores: ScoreSource, positives: list[np.ndarray], ks=(1, 2, 4, 8),
+                          map_at_k: int | None = None) -> dict[str, float]:
+    """mAP, mAP@R (R = the query's number of positives), optionally mAP@K, and R@k from each query's positive
+    database indices, tie-aware (the metrics of :func:`retrieval.metrics.labelled_metrics`, for ground truth
+    that is not one label per image). Queries without positives are left out of the means."""
+    if scores.shape[0] != len(positives):
+        raise ValueError(f"scores for {scores.shape[0]} queries, ground truth for {len(positives)}")
+    tied = tied_positives(scores, positives)
+    metrics = {"mAP": nan_mean(average_precision(tied)), "mAP@R": nan_mean(map_at_r(tied))}
+    if map_at_k is not None:
+        metrics[f"mAP@{map_at_k}"] = nan_mean(average_precision(tied, k=map_at_k))
+    for k in ks:
+        metrics[f"R@{k}"] = nan_mean(recall_at_k(tied, k))
+    return metrics
 
-    ``limit`` keeps N images of a labelled set, taken round-robin over its classes (smoke tests only: never
-    for reported numbers).
+
+@dataclass
+class ClutterBenchmark(Benchmark):
+    """Clean query photos against cluttered composites (:mod:`data.clutter`); see the module docstring.
+
+    ``database.labels[i]`` are the classes pasted into database image ``i`` and ``database_boxes[i]`` their
+    (n, 4) normalised ``[x1, y1, x2, y2]`` boxes (paste order; multiply by the image side for pixels).
+    """
+
+    queries: LabelledImageSet | None = None
+    database: ImageBoxes | None = None
+    training: ImageBoxes | None = None
+
+    def __post_init__(self):
+        self.queries_are_database = False
+        self.resize_mode, self.default_size = "none", 448
+
+    @classmethod
+    def from_folder(cls, root: str | Path, name: str | None = None) -> "ClutterBenchmark":
+        clutter = load_clutter_set(root)
+        canvas = clutter.params.get("params", {}).get("canvas", 448)
+        bench = cls(name=name or Path(root).name, queries=clutter.queries, database=clutter.test,
+                    training=clutter.train if len(clutter.train) else None)
+        bench.default_size = int(canvas)
+        return bench
+
+    @property
+    def database_boxes(self) -> list[np.ndarray]:
+        return list(self.database.boxes)
+
+    @property
+    def database_classes(self) -> list[np.ndarray]:
+        return list(self.database.labels)
+
+    def database_paths(self) -> list[Path]:
+        return list(self.database.paths)
+
+    def query_paths(self) -> list[Path]:
+        return list(self.queries.paths)
+
+    def positives(self) -> list[np.ndarray]:
+        """Per query, the (sorted) database indices of the composites that contain its class."""
+        members: dict[int, list[int]] = {}
+        for i, classes in enumerate(self.database.labels):
+            for c in np.unique(classes):
+                members.setdefault(int(c), []).append(i)
+        return [np.asarray(members.get(int(c), []), dtype=np.int64) for c in self.queries.labels]
+
+    def evaluate(self, scores: ScoreSource, map_at_k: int | None = None) -> dict[str, float]:
+        if scores.shape != (len(self.queries), len(self.database)):
+            raise ValueError(f"scores of shape {scores.shape}, benchmark {self.name} has "
+                             f"{len(self.queries)} queries x {len(self.database)} database images")
+        return positive_list_metrics(scores, self.positives(), map_at_k=map_at_k)
+
+    def train_set(self) -> LabelledImageSet | None:
+        """The train composites, each labelled by the class of its first pasted object (``extra["class_ids"]``
+        lists all of them)."""
+        if self.training is None:
+            return None
+        keep = [i for i, labels in enumerate(self.training.labels) if len(labels)]
+        return LabelledImageSet(
+            name=f"{self.name}-train", paths=tuple(self.training.paths[i] for i in keep),
+            labels=np.asarray([self.training.labels[i][0] for i in keep], dtype=np.int64),
+            extra={"class_ids": tuple(" ".join(map(str, self.training.labels[i])) for i in keep)})
+
+    def limit(self, count: int) -> None:
+        """Keep the first ``count`` database composites and ``count`` queries dealt round-robin over their
+        classes (smoke tests only)."""
+        self.database = self.database.subset(range(min(count, len(self.database))))
+        self.queries = self.queries.subset(_spread_over_classes(self.queries.labels, count))
+        self.name = f"{self.name}[:{count}]"
+
+
+def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None) -> Benchmark:
+    """``flowers102`` | ``flowers102-clutter`` | ``csv:PATH[:SPLIT]`` | ``revisitop:NAME``.
+
+    ``flowers102-clutter`` is built (seed 0, default parameters, about a minute) into
+    ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` the first time it is used.
+    ``limit`` keeps N images of a labelled set, taken round-robin over its classes (for the clutter set: the
+    first N composites and N queries round-robin over classes); smoke tests only, never for reported numbers.
     """
     data_root = Path(data_root)
     if spec == "flowers102":
         images, training = flowers102(data_root, "test"), flowers102(data_root, "train")
         bench = LabelledBenchmark(name="flowers102", images=images, training=training)
+    elif spec == CLUTTER_NAME:
+        root = build_clutter_set(data_root / "flowers102", default_clutter_dir(data_root))
+        bench = ClutterBenchmark.from_folder(root, name=CLUTTER_NAME)
+        if limit is not None:
+            bench.limit(limit)
     elif spec.startswith("csv:"):
         path, _, split = spec[4:].partition(":")
         images = read_csv_manifest(path, split=split or None)
@@ -109,7 +214,8 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None)
         name = spec.split(":", 1)[1]
         bench = RevisitopBenchmark(name=name, dataset=load_revisitop(data_root, name))
     else:
-        raise ValueError(f"unknown benchmark {spec!r}; use flowers102, csv:PATH[:SPLIT] or revisitop:NAME")
+        raise ValueError(f"unknown benchmark {spec!r}; use flowers102, {CLUTTER_NAME}, csv:PATH[:SPLIT] or "
+                         "revisitop:NAME")
     if limit is not None and isinstance(bench, LabelledBenchmark):
         bench.images = bench.images.subset(_spread_over_classes(bench.images.labels, limit))
         bench.name = f"{bench.name}[:{limit}]"

@@ -29,7 +29,9 @@ log = logging.getLogger("evaluate")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", required=True,
-                        help="flowers102 | revisitop:NAME (roxford5k, rparis6k, ...) | csv:PATH[:SPLIT]")
+                        help="flowers102 | flowers102-clutter (clean queries vs cluttered composites, built "
+                             "into DATA_ROOT/flowers102-clutter on first use; native image sizes) | "
+                             "revisitop:NAME (roxford5k, rparis6k, ...) | csv:PATH[:SPLIT]")
     parser.add_argument("--method", action="append", required=True,
                         help=f"repeatable; one of: {', '.join(available_methods())}, "
                              "run:RUN_DIR (a trained run's best/last checkpoint) or model:FILE; "
@@ -40,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")
     parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="labelled sets: shorter side (default 224); revisitop: longer side (default 1024)")
+                        help="labelled sets: shorter side (default 224); revisitop: longer side (default 1024); "
+                             "flowers102-clutter: images keep their size unless --resize-mode is given")
     parser.add_argument("--resize-mode", default=None, choices=["shorter", "longer", "shorter_max", "none"],
                         help="override the benchmark's convention; shorter_max only shrinks (SCDA: 700)")
     parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"],
