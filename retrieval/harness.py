@@ -79,7 +79,7 @@ def _descriptors(methods: list[RetrievalMethod], role: str, benchmark: Benchmark
     for i, method in enumerate(methods):
         transform = _transform(method, benchmark, settings)
         dataset = benchmark.database_dataset(transform) if role == "database" else benchmark.query_dataset(transform)
-        results[i] = cache.load(benchmark.name, method.name,
+        results[i] = cache.load(benchmark.name, method.cache_name,
                                 _cache_key(cache, method, benchmark, role, len(dataset), transform), len(dataset))
         if results[i] is None:
             pending.setdefault(transform, []).append(i)
@@ -92,7 +92,7 @@ def _descriptors(methods: list[RetrievalMethod], role: str, benchmark: Benchmark
                                      role=role)
         for i, extraction in zip(members, extracted):
             results[i] = extraction
-            cache.save(benchmark.name, methods[i].name,
+            cache.save(benchmark.name, methods[i].cache_name,
                        _cache_key(cache, methods[i], benchmark, role, len(dataset), transform), extraction,
                        methods[i].config())
     return results

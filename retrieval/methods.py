@@ -71,6 +71,11 @@ class RetrievalMethod(nn.Module):
         """Everything that changes the descriptors (keys the cache; saved in results)."""
         return {"name": self.name}
 
+    @property
+    def cache_name(self) -> str:
+        """Names the cache files; methods that differ only in how they score share descriptors under one."""
+        return self.name
+
     def needs_fit(self) -> bool:
         return False
 

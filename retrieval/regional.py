@@ -152,8 +152,12 @@ class RegionalSearch(RetrievalMethod):
         return self.describer.preprocessing
 
     def config(self) -> dict:
-        return {"name": self.name, "describer": self.describer.config(), "pooling": self.pooling,
-                **self.proposer.config()}
+        # no pooling here: max and avg share the database descriptors (and their cache entry)
+        return {"name": "regional_search", "describer": self.describer.config(), **self.proposer.config()}
+
+    @property
+    def cache_name(self) -> str:
+        return "regional_search"
 
     @property
     def dim(self) -> int:
