@@ -158,7 +158,7 @@ def create_method(name: str, context: MethodContext | None = None) -> RetrievalM
     context = context or MethodContext()
     if name.startswith(("run:", "model:")) or re.match(r"(itq|pca)@\d+(s\d+)?:(run|model):", name):
         from .trained import TrainedModelMethod  # trained networks describe themselves; no context needed
-        return TrainedModelMethod.from_spec(name)
+        return TrainedModelMethod.from_spec(name, shared=context._shared)
     _load_plugins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")

@@ -10,6 +10,7 @@ from the cost of the sign. A suffix ``sSEED`` (``itq@64s3:run:DIR``) changes ITQ
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -63,18 +64,26 @@ class TrainedModelMethod(RetrievalMethod):
         self.descriptor_kind = "float32" if self.bits is None else "binary"
 
     @classmethod
-    def from_spec(cls, spec: str) -> "TrainedModelMethod":
-        """``run:DIR`` / ``model:FILE``, or ``itq@BITS[sSEED]:`` / ``pca@DIMS:`` before either."""
+    def from_spec(cls, spec: str, shared: dict | None = None) -> "TrainedModelMethod":
+        """``run:DIR`` / ``model:FILE``, or ``itq@BITS[sSEED]:`` / ``pca@DIMS:`` before either.
+
+        Methods built with one ``shared`` dict (a harness run's) load each checkpoint once, so they share
+        its backbone forward when extracted together and its training descriptors when fitted."""
+        shared = {} if shared is None else shared
         projected = PROJECTED_SPEC.fullmatch(spec)
         path = resolve_checkpoint(projected.group("target") if projected else spec)
+        key = ("trained model", str(path.resolve()), path.stat().st_mtime_ns)
+        if key not in shared:
+            shared[key] = load_model(path)
+        model = shared[key]
         if projected is None:
-            return cls(load_model(path), name=spec, checkpoint=path)
+            return cls(model, name=spec, checkpoint=path)
         kind, dims, seed = projected.group("kind"), int(projected.group("dims")), projected.group("seed")
         if kind == "pca":
             if seed is not None:
                 raise ValueError(f"{spec}: PCA is deterministic; the sSEED suffix is for itq@")
-            return PCATrainedMethod(load_model(path), name=spec, checkpoint=path, dims=dims)
-        return ITQTrainedMethod(load_model(path), name=spec, checkpoint=path, bits=dims, seed=int(seed or 0))
+            return PCATrainedMethod(model, name=spec, checkpoint=path, dims=dims, shared=shared)
+        return ITQTrainedMethod(model, name=spec, checkpoint=path, bits=dims, seed=int(seed or 0), shared=shared)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -99,15 +108,25 @@ class TrainedModelMethod(RetrievalMethod):
 class _FittedProjection(TrainedModelMethod):
     """A float network's descriptors through a projection fitted on the benchmark's training images."""
 
+    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, shared: dict | None = None):
+        super().__init__(model, name, checkpoint)
+        self._shared = {} if shared is None else shared
+
     def needs_fit(self) -> bool:
         return True
 
     def _training_descriptors(self, train_images) -> np.ndarray:
+        """The float descriptors of the training images (computed once per model and image set)."""
         from .extract import extract
 
-        device = next(self.model.parameters()).device
-        return extract(TrainedModelMethod(self.model, f"{self.name} (float)"), train_images, batch_size=16,
-                       device=str(device), description=f"{self.name}: training descriptors").descriptors
+        paths = hashlib.sha1("\n".join(map(str, train_images.paths)).encode()).hexdigest()
+        key = ("training descriptors", id(self.model), paths, train_images.transform.describe())
+        if key not in self._shared:
+            device = next(self.model.parameters()).device
+            self._shared[key] = extract(TrainedModelMethod(self.model, f"{self.name} (float)"), train_images,
+                                        batch_size=16, device=str(device),
+                                        description=f"{self.name}: training descriptors").descriptors
+        return self._shared[key]
 
     def _check_float(self, dims: int, what: str) -> None:
         if self.model.hash_bits is not None:
@@ -121,8 +140,9 @@ class ITQTrainedMethod(_FittedProjection):
     iterations from a random rotation drawn with ``seed``), fitted on the benchmark's training images;
     Hamming ranking."""
 
-    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, bits: int, seed: int = 0):
-        super().__init__(model, name, checkpoint)
+    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, bits: int, seed: int = 0,
+                 shared: dict | None = None):
+        super().__init__(model, name, checkpoint, shared)
         self._check_float(bits, "ITQ")
         if bits % 8:
             raise ValueError(f"{name}: ITQ bits must be a multiple of 8 (codes are packed in bytes), got {bits}")
@@ -149,8 +169,9 @@ class ITQTrainedMethod(_FittedProjection):
 class PCATrainedMethod(_FittedProjection):
     """A float network's descriptors -> PCA to ``dims`` (fitted on the training images) -> L2; inner product."""
 
-    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, dims: int):
-        super().__init__(model, name, checkpoint)
+    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, dims: int,
+                 shared: dict | None = None):
+        super().__init__(model, name, checkpoint, shared)
         self._check_float(dims, "PCA")
         self.dims, self.pca = dims, None
 

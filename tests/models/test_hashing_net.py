@@ -208,3 +208,25 @@ def test_folder_index_of_a_hashing_release_is_a_binary_faiss_index(tmp_path):
     for q in range(6):
         assert np.array_equal(scores[q], np.sort(expected[q])[::-1])  # exact Hamming ranking
         assert scores[q][0] == 0
+
+
+def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_descriptors(tmp_path, monkeypatch):
+    import retrieval.extract
+
+    model, images = float_net_and_images(tmp_path, count=20)
+    save_model(model, tmp_path / "float.pth")
+    shared = {}
+    itq = TrainedModelMethod.from_spec(f"itq@16:model:{tmp_path / 'float.pth'}", shared=shared)
+    pca = TrainedModelMethod.from_spec(f"pca@8:model:{tmp_path / 'float.pth'}", shared=shared)
+    other = TrainedModelMethod.from_spec(f"pca@8:model:{tmp_path / 'float.pth'}")
+    assert isinstance(itq, ITQTrainedMethod) and isinstance(pca, PCATrainedMethod)
+    assert itq.model is pca.model and other.model is not pca.model
+    calls = []
+    real_extract = retrieval.extract.extract
+    monkeypatch.setattr(retrieval.extract, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    itq.fit(images)
+    pca.fit(images)
+    assert len(calls) == 1
+    other.fit(images)
+    assert len(calls) == 2
+    np.testing.assert_allclose(other.encode(torch.rand(2, 3, 64, 64)).shape, (2, 8))
