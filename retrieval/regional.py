@@ -44,7 +44,7 @@ class RegionProposer:
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():
             raise DetectorMissing(f"detector checkpoint not found: {self.checkpoint}")
-        self.detector = load_detector(self.checkpoint, device=device)
+        self.detector = load_detector(self.checkpoint, map_location=device)
         self.max_regions, self.score_threshold, self.nms_threshold = max_regions, score_threshold, nms_threshold
         with open(self.checkpoint, "rb") as handle:
             self.fingerprint = hashlib.sha256(handle.read()).hexdigest()[:16]
