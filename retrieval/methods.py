@@ -40,6 +40,8 @@ class MethodContext:
     #: landmark detector checkpoint for the regional methods, and how many boxes it may add per image
     detector: str | None = None
     max_regions: int = 4
+    #: where fitted state that is worth keeping (codebooks) is cached; None: nowhere
+    cache_dir: str | None = None
     _shared: dict = field(default_factory=dict, compare=False, repr=False)
 
     def create_backbone(self) -> Backbone:
@@ -131,7 +133,7 @@ class PooledFeatures(RetrievalMethod):
 MethodFactory = Callable[[MethodContext], RetrievalMethod]
 _REGISTRY: dict[str, MethodFactory] = {}
 # Packages whose import registers more methods; imported on first use (they import this module).
-_PLUGIN_PACKAGES = ("baselines", "retrieval.regional")
+_PLUGIN_PACKAGES = ("baselines", "retrieval.regional", "retrieval.match_kernels")
 
 
 def _load_plugins() -> None:

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
                             device=args.device, share_backbone=args.together, detector=args.detector,
-                            max_regions=args.max_regions)
+                            max_regions=args.max_regions, cache_dir=args.cache_dir or None)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size, num_workers=args.workers,
                             device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k,
                             interpolation=args.interpolation, map_at_k=args.map_at_k)
