@@ -135,16 +135,20 @@ class RegionalScores(ScoreSource):
 
 
 class RegionalSearch(RetrievalMethod):
-    """A global descriptor per region (the full image and each detected box, re-encoded from its pixels at
-    the image's shorter side); image score = max / average of the region similarities."""
+    """A global descriptor per region: the full image as it is, and each detected box re-encoded from its
+    pixels with the shorter side at ``region_size`` (a small object is enlarged to about the scale of a query;
+    224 keeps a region as cheap as a standard query); image score = max / average of the region similarities."""
 
     asymmetric = True
 
-    def __init__(self, name: str, describer: RetrievalMethod, proposer: RegionProposer, pooling: str):
+    def __init__(self, name: str, describer: RetrievalMethod, proposer: RegionProposer, pooling: str,
+                 region_size: int = 224):
         super().__init__(name)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.describer, self.proposer, self.pooling = describer, proposer, pooling
+        if region_size < 16:
+            raise ValueError(f"region_size must be at least 16 pixels, got {region_size}")
+        self.describer, self.proposer, self.pooling, self.region_size = describer, proposer, pooling, region_size
         self.slots = 1 + proposer.max_regions
 
     @property
@@ -153,7 +157,8 @@ class RegionalSearch(RetrievalMethod):
 
     def config(self) -> dict:
         # no pooling here: max and avg share the database descriptors (and their cache entry)
-        return {"name": "regional_search", "describer": self.describer.config(), **self.proposer.config()}
+        return {"name": "regional_search", "describer": self.describer.config(), "region_size": self.region_size,
+                **self.proposer.config()}
 
     @property
     def cache_name(self) -> str:
@@ -169,11 +174,10 @@ class RegionalSearch(RetrievalMethod):
 
     def encode_database(self, images: torch.Tensor) -> torch.Tensor:
         boxes = self.proposer(images, self.preprocessing)
-        shorter = min(images.shape[-2:])
         regions = []
         for image, image_boxes in zip(images, boxes):
             full = self.describer.encode(image[None])
-            crops = [self.describer.encode(crop_region(image, box, shorter)[None]) for box in image_boxes[1:]]
+            crops = [self.describer.encode(crop_region(image, box, self.region_size)[None]) for box in image_boxes[1:]]
             regions.append(torch.cat([full, *crops]))
         return pack_regions(regions, self.slots, regions[0].shape[1])
 
