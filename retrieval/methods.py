@@ -40,6 +40,8 @@ class MethodContext:
     #: landmark detector checkpoint for the regional methods, and how many boxes it may add per image
     detector: str | None = None
     max_regions: int = 4
+    region_score_threshold: float | None = None  # None: the detector checkpoint's
+    region_nms_threshold: float | None = None
     #: where fitted state that is worth keeping (codebooks) is cached; None: nowhere
     cache_dir: str | None = None
     _shared: dict = field(default_factory=dict, compare=False, repr=False)

@@ -37,15 +37,19 @@ class RegionProposer:
     """A trained detector's boxes (normalised [x1, y1, x2, y2], the full image first) for normalised image
     tensors, remembered per image content so that several regional methods detect each image once."""
 
-    def __init__(self, checkpoint: str | Path, max_regions: int = 4, score_threshold: float = 0.3,
-                 nms_threshold: float = 0.5, device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, max_regions: int = 4, score_threshold: float | None = None,
+                 nms_threshold: float | None = None, device: str = "cpu"):
         from models.detector import load_detector  # torchvision detection: only when regions are asked for
 
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():
             raise DetectorMissing(f"detector checkpoint not found: {self.checkpoint}")
         self.detector = load_detector(self.checkpoint, map_location=device)
-        self.max_regions, self.score_threshold, self.nms_threshold = max_regions, score_threshold, nms_threshold
+        # thresholds: the detector checkpoint's own (0.3 score, 0.5 NMS by default) unless given
+        config = self.detector.config
+        self.max_regions = max_regions
+        self.score_threshold = config.score_threshold if score_threshold is None else score_threshold
+        self.nms_threshold = config.nms_threshold if nms_threshold is None else nms_threshold
         with open(self.checkpoint, "rb") as handle:
             self.fingerprint = hashlib.sha256(handle.read()).hexdigest()[:16]
         self._memo: dict[str, np.ndarray] = {}
@@ -76,10 +80,12 @@ def proposer_from_context(context: MethodContext, method: str) -> RegionProposer
         raise DetectorMissing(
             f"{method} needs a landmark detector: train one with `python scripts/train_detector.py` and pass "
             f"--detector RUN_DIR/best.pt")
-    key = ("proposer", context.detector, context.max_regions)
+    key = ("proposer", context.detector, context.max_regions, context.region_score_threshold,
+           context.region_nms_threshold)
     if key not in context._shared:  # one detector (and one memo of its boxes) for every regional method
         context._shared[key] = RegionProposer(context.detector, max_regions=context.max_regions,
-                                              device=context.device)
+                                              score_threshold=context.region_score_threshold,
+                                              nms_threshold=context.region_nms_threshold, device=context.device)
     return context._shared[key]
 
 

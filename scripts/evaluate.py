@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="landmark detector checkpoint (scripts/train_detector.py) for the regional methods")
     parser.add_argument("--max-regions", type=int, default=4,
                         help="regional methods: detected boxes per database image, besides the full image")
+    parser.add_argument("--region-score-threshold", type=float, default=None,
+                        help="regional methods: keep detections scoring above this (default: the detector's, 0.3)")
+    parser.add_argument("--region-nms-threshold", type=float, default=None,
+                        help="regional methods: NMS IoU threshold (default: the detector's, 0.5)")
     parser.add_argument("--out", default=None, help="results JSON path")
     return parser.parse_args(argv)
 
@@ -75,7 +79,8 @@ def main(argv=None) -> int:
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
                             device=args.device, share_backbone=args.together, detector=args.detector,
-                            max_regions=args.max_regions, cache_dir=args.cache_dir or None)
+                            max_regions=args.max_regions, region_score_threshold=args.region_score_threshold,
+                            region_nms_threshold=args.region_nms_threshold, cache_dir=args.cache_dir or None)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size, num_workers=args.workers,
                             device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k,
                             interpolation=args.interpolation, map_at_k=args.map_at_k)

@@ -105,3 +105,32 @@ def test_the_harness_encodes_queries_as_queries_on_leave_one_out_sets(tmp_path):
 def test_regional_methods_without_a_detector_say_how_to_get_one():
     with pytest.raises(DetectorMissing, match="train_detector.py"):
         create_method("regional_search_max", MethodContext(pretrained=False, backbone="resnet18"))
+
+
+def test_region_proposer_uses_the_checkpoint_thresholds_and_detects_each_image_once(tmp_path):
+    from models.detector import create_detector, save_detector
+    from retrieval.regional import RegionProposer
+
+    torch.manual_seed(0)
+    detector = create_detector(pretrained=False, min_size=64, max_size=64, rpn_pre_nms_top_n_test=50,
+                               rpn_post_nms_top_n_test=20, representation_size=32, score_threshold=0.0,
+                               nms_threshold=0.4)
+    save_detector(detector, tmp_path / "det.pth")
+    proposer = RegionProposer(tmp_path / "det.pth", max_regions=2)
+    assert (proposer.score_threshold, proposer.nms_threshold) == (0.0, 0.4)
+    assert RegionProposer(tmp_path / "det.pth", score_threshold=0.9).score_threshold == 0.9
+    calls = []
+    real_propose = proposer.detector.propose
+    proposer.detector.propose = lambda images, **kw: calls.append(len(images)) or real_propose(images, **kw)
+    pre = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    boxes = proposer(images, pre)
+    assert calls == [3]
+    for image_boxes in boxes:
+        assert image_boxes.shape[1] == 4 and 1 <= len(image_boxes) <= 3
+        np.testing.assert_array_equal(image_boxes[0], [0, 0, 1, 1])
+        assert (image_boxes >= 0).all() and (image_boxes <= 1).all()
+    again = proposer(images[1:], pre)           # already seen: no detector call
+    assert calls == [3] and all(np.array_equal(a, b) for a, b in zip(again, boxes[1:]))
+    with pytest.raises(DetectorMissing, match="not found"):
+        RegionProposer(tmp_path / "missing.pth")
