@@ -193,6 +193,11 @@ class Backbone(nn.Module):
             for handle in handles:
                 handle.remove()
 
+    @property
+    def sharing_forward(self) -> bool:
+        """Inside :meth:`reuse_forward`: calls should go through :meth:`forward_taps` to share the pass."""
+        return self._memo is not None
+
     def forward_taps(self, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
         """Feature maps of the named taps (``features`` = the last conv map) in one forward pass."""
         names = list(names)

@@ -192,7 +192,7 @@ class RetrievalNet(nn.Module):
         self._config = {**self._config, "head": {**self._config["head"], "hash_bits": bits}}
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        if self.tap == FEATURES:
+        if self.tap == FEATURES and not self.backbone.sharing_forward:  # the plain call (traced by exports)
             return self.backbone.forward_features(images)
         return self.backbone.forward_taps(images, [self.tap])[self.tap]
 

@@ -230,3 +230,27 @@ def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_de
     other.fit(images)
     assert len(calls) == 2
     np.testing.assert_allclose(other.encode(torch.rand(2, 3, 64, 64)).shape, (2, 8))
+
+
+def test_projected_methods_extracted_together_run_the_shared_backbone_once_per_batch(tmp_path):
+    from data.datasets import ImageDataset
+    from data.transforms import EvalTransform
+    from retrieval.extract import extract_together
+
+    model, images = float_net_and_images(tmp_path, count=12)
+    save_model(model, tmp_path / "float.pth")
+    shared = {}
+    methods = [TrainedModelMethod.from_spec(f"{kind}:model:{tmp_path / 'float.pth'}", shared=shared)
+               for kind in ("pca@8", "itq@8", "pca@4")]
+    for method in methods:
+        method.fit(images)
+    alone = [extract_together([m], images, batch_size=4)[0].descriptors for m in methods]
+    calls = []
+    backbone = methods[0].model.backbone
+    first_conv = next(m for m in backbone.model.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = first_conv.register_forward_hook(lambda *args: calls.append(1))
+    joint = extract_together(methods, images, batch_size=4)
+    handle.remove()
+    assert len(calls) == 3                       # 12 images, batches of 4: one backbone pass each
+    for a, b in zip(alone, joint):
+        np.testing.assert_array_equal(a, b.descriptors)
