@@ -182,51 +182,24 @@ def _read_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     return rows
 
 
-def _box_row(path: Path, line: int, row: dict) -> tuple[np.ndarray, int]:
-    where = f"{path}, line {line} (file {row['file']!r})"
-    try:
-        box = np.array([float(row[c]) for c in ("x1", "y1", "x2", "y2")], dtype=np.float64)
-    except ValueError:
-        raise ClutterError(f"{where}: box coordinates must be numbers, got "
-                           f"{[row[c] for c in ('x1', 'y1', 'x2', 'y2')]}") from None
-    if not np.isfinite(box).all() or box.min() < 0 or box.max() > 1:
-        raise ClutterError(f"{where}: box coordinates must lie in [0, 1] (normalised), got {box.tolist()}")
-    if not (box[0] < box[2] and box[1] < box[3]):
-        raise ClutterError(f"{where}: need x1 < x2 and y1 < y2, got {box.tolist()}")
-    try:
-        label = int(row["class_id"])
-    except ValueError:
-        raise ClutterError(f"{where}: class_id {row['class_id']!r} is not an integer") from None
-    if not row["file"]:
-        raise ClutterError(f"{path}, line {line}: empty file name")
-    return box, label
-
-
 def read_boxes_csv(path: str | os.PathLike, split: str | None = None) -> ImageBoxes:
     """Read ``boxes.csv`` (``file,x1,y1,x2,y2,class_id,split``, one row per object) into per-image box arrays.
 
-    Images come in the order of their first row; ``split`` keeps only rows of that split. Paths are resolved
-    relative to the CSV's folder. A malformed row (non-numeric or out-of-range coordinates, ``x1 >= x2``, a
-    non-integer class, one image in two splits) raises :class:`ClutterError` naming the file and line.
+    Parsed by :func:`data.boxes.read_box_csv` (the detector's reader: a malformed row, a non-integer class or
+    one image in two splits raises an error naming the file and line); here ``class_id`` and ``split`` are
+    required. Images come in the order of their first row; ``split`` keeps only that split's images.
     """
+    from .boxes import read_box_csv
+
     path = Path(path)
-    grouped: OrderedDict[str, tuple[list, list, str]] = OrderedDict()
-    for line, row in _read_rows(path, BOX_COLUMNS):
-        box, label = _box_row(path, line, row)
-        boxes, labels, row_split = grouped.setdefault(row["file"], ([], [], row["split"]))
-        if row["split"] != row_split:
-            raise ClutterError(f"{path}, line {line}: image {row['file']!r} is in split {row['split']!r} here "
-                               f"but {row_split!r} on an earlier line")
-        boxes.append(box)
-        labels.append(label)
-    if split is not None:
-        grouped = OrderedDict((f, v) for f, v in grouped.items() if v[2] == split)
-    if not grouped:
+    _read_rows(path, BOX_COLUMNS)  # the header check: a clutter set always labels and splits its boxes
+    images = [image for image in read_box_csv(path, check_files=False) if split is None or image.split == split]
+    if not images:
         raise ClutterError(f"{path}: no boxes" + (f" with split == {split!r}" if split is not None else ""))
-    return ImageBoxes(paths=tuple(path.parent / f for f in grouped),
-                      boxes=tuple(np.stack(b).reshape(-1, 4) for b, _, _ in grouped.values()),
-                      labels=tuple(np.asarray(lbl, dtype=np.int64) for _, lbl, _ in grouped.values()),
-                      splits=tuple(s for _, _, s in grouped.values()))
+    return ImageBoxes(paths=tuple(image.path for image in images),
+                      boxes=tuple(image.boxes.astype(np.float64) for image in images),
+                      labels=tuple(image.class_ids.astype(np.int64) for image in images),
+                      splits=tuple(image.split for image in images))
 
 
 @dataclass(frozen=True)

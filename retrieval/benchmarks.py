@@ -26,8 +26,7 @@ from data.datasets import ImageDataset
 from data.manifest import LabelledImageSet, flowers102, read_csv_manifest
 from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
 
-from .metrics import (average_precision, labelled_metrics, map_at_r, nan_mean, recall_at_k, revisitop_metrics,
-                      tied_positives)
+from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
 from .scores import ScoreSource
 
 
@@ -99,22 +98,6 @@ class RevisitopBenchmark(Benchmark):
         if map_at_k is not None:
             raise ValueError("mAP@K is a labelled-set metric; revisitop benchmarks report mAP and mP@k")
         return revisitop_metrics(scores, {p: self.dataset.protocol(p) for p in PROTOCOLS})
-
-
-def positive_list_metrics(scores: ScoreSource, positives: list[np.ndarray], ks=(1, 2, 4, 8),
-                          map_at_k: int | None = None) -> dict[str, float]:
-    """mAP, mAP@R (R = the query's number of positives), optionally mAP@K, and R@k from each query's positive
-    database indices, tie-aware (the metrics of :func:`retrieval.metrics.labelled_metrics`, for ground truth
-    that is not one label per image). Queries without positives are left out of the means."""
-    if scores.shape[0] != len(positives):
-        raise ValueError(f"scores for {scores.shape[0]} queries, ground truth for {len(positives)}")
-    tied = tied_positives(scores, positives)
-    metrics = {"mAP": nan_mean(average_precision(tied)), "mAP@R": nan_mean(map_at_r(tied))}
-    if map_at_k is not None:
-        metrics[f"mAP@{map_at_k}"] = nan_mean(average_precision(tied, k=map_at_k))
-    for k in ks:
-        metrics[f"R@{k}"] = nan_mean(recall_at_k(tied, k))
-    return metrics
 
 
 @dataclass

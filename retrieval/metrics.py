@@ -443,6 +443,16 @@ def labelled_metrics(scores: ScoreSource, query_labels: np.ndarray, database_lab
             raise ValueError("exclude_self needs queries == database")
         positives = [p[p != q] for q, p in enumerate(positives)]
         junk = [np.array([q]) for q in range(len(query_labels))]
+    return positive_list_metrics(scores, positives, junk, ks, map_at_k)
+
+
+def positive_list_metrics(scores: ScoreSource, positives: Sequence[np.ndarray],
+                          junk: Sequence[np.ndarray] | None = None, ks: Sequence[int] = (1, 2, 4, 8),
+                          map_at_k: int | None = None) -> dict[str, float]:
+    """mAP, mAP@R (R = the query's number of positives), optionally mAP@K, and R@k from each query's positive
+    (and junk) database indices, tie-aware. Queries without positives are left out of the means."""
+    if scores.shape[0] != len(positives):
+        raise ValueError(f"scores for {scores.shape[0]} queries, ground truth for {len(positives)}")
     tied = tied_positives(scores, positives, junk)
     metrics = {"mAP": nan_mean(average_precision(tied)), "mAP@R": nan_mean(map_at_r(tied))}
     if map_at_k is not None:
