@@ -168,7 +168,7 @@ def _read_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line number, row) of a CSV with ``required`` columns; the header is line 1."""
     if not path.is_file():
         raise ClutterError(f"manifest not found: {path}")
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]

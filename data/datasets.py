@@ -41,11 +41,18 @@ class ImageDataset(Dataset):
         return (self.transform(image) if self.transform is not None else image), index
 
 
-def crop_to_box(image, box: Box, path: str | Path = "<image>"):
-    """Crop to [x1, y1, x2, y2] (clipped to the image); an empty box is an error naming the file."""
+def box_pixels(box: Box, width: int, height: int, path: str | Path = "<image>") -> tuple[int, int, int, int]:
+    """[x1, y1, x2, y2] clipped to a width x height image and rounded to pixels; a box that leaves less than
+    one pixel is an error naming the file."""
     x1, y1, x2, y2 = (float(v) for v in box)
     x1, y1 = max(0.0, x1), max(0.0, y1)
-    x2, y2 = min(float(image.width), x2), min(float(image.height), y2)
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        raise ImageLoadError(path, f"box {list(box)} is empty inside the {image.width}x{image.height} image")
-    return image.crop((round(x1), round(y1), round(x2), round(y2)))
+    x2, y2 = min(float(width), x2), min(float(height), y2)
+    left, top, right, bottom = round(x1), round(y1), round(x2), round(y2)
+    if x2 - x1 < 1 or y2 - y1 < 1 or right <= left or bottom <= top:
+        raise ImageLoadError(path, f"box {list(box)} is empty inside the {width}x{height} image")
+    return left, top, right, bottom
+
+
+def crop_to_box(image, box: Box, path: str | Path = "<image>"):
+    """Crop to [x1, y1, x2, y2] (clipped to the image); an empty box is an error naming the file."""
+    return image.crop(box_pixels(box, image.width, image.height, path))

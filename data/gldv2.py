@@ -53,7 +53,7 @@ def read_gldv2_pairs(csv_path: str | Path) -> list[tuple[str, int]]:
     if not csv_path.is_file():
         raise ManifestError(f"GLDv2 manifest not found: {csv_path}")
     pairs = []
-    with csv_path.open(newline="", encoding="utf-8") as handle:
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         per_image = all(c in columns for c in PER_IMAGE_COLUMNS)

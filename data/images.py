@@ -73,7 +73,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageLoadError(path, f"{type(error).__name__}: {error}") from None
     # Orientations 5-8 swap width and height.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -55,7 +55,7 @@ def read_csv_manifest(csv_path: str | Path, split: str | None = None, name: str 
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ManifestError(f"manifest not found: {csv_path}")
-    with csv_path.open(newline="", encoding="utf-8") as handle:
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from data.datasets import ImageDataset
+from data.datasets import ImageDataset, box_pixels
 from data.images import image_size
 
 from models.backbones import Backbone
@@ -56,10 +56,9 @@ def output_sizes(dataset: ImageDataset) -> list[tuple[int, int]]:
     for i, path in enumerate(dataset.paths):
         width, height = image_size(path)
         box = dataset.boxes[i] if dataset.boxes is not None else None
-        if box is not None:
-            x1, y1 = max(0.0, box[0]), max(0.0, box[1])
-            x2, y2 = min(float(width), box[2]), min(float(height), box[3])
-            width, height = round(x2) - round(x1), round(y2) - round(y1)
+        if box is not None:  # the size of the crop the dataset will take (same rounding, same error)
+            left, top, right, bottom = box_pixels(box, width, height, path)
+            width, height = right - left, bottom - top
         sizes.append(dataset.transform.output_size(width, height))
     return sizes
 

@@ -40,6 +40,15 @@ class EvalSettings:
     channels_last: bool = True  # NHWC convolutions (much faster on CPU)
     map_at_k: int | None = None  # labelled benchmarks: also report mAP@K (AP over the top K)
 
+    def __post_init__(self):
+        for name in ("image_size", "map_at_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"EvalSettings.{name} must be at least 1 (or None for the default), got {value}")
+        if self.batch_size < 1 or self.num_workers < 0 or self.top_k < 0:
+            raise ValueError(f"EvalSettings: batch_size >= 1, num_workers >= 0 and top_k >= 0 are needed, got "
+                             f"{self.batch_size}, {self.num_workers}, {self.top_k}")
+
 
 @dataclass
 class MethodResult:
@@ -58,7 +67,7 @@ class MethodResult:
 
 def _transform(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSettings) -> EvalTransform:
     pre = method.preprocessing
-    return EvalTransform(size=settings.image_size or benchmark.default_size,
+    return EvalTransform(size=benchmark.default_size if settings.image_size is None else settings.image_size,
                          mode=settings.resize_mode or benchmark.resize_mode,
                          mean=tuple(pre.mean), std=tuple(pre.std), interpolation=settings.interpolation)
 

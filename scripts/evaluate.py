@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.roots import resolve_data_root  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
@@ -41,30 +41,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="local weights file for the backbone (else pretrained)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")
     parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="labelled sets: shorter side (default 224); revisitop: longer side (default 1024); "
                              "flowers102-clutter: images keep their size unless --resize-mode is given")
     parser.add_argument("--resize-mode", default=None, choices=["shorter", "longer", "shorter_max", "none"],
                         help="override the benchmark's convention; shorter_max only shrinks (SCDA: 700)")
     parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"],
                         help="resize filter (default bilinear)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (grouped by size)")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (grouped by size)")
+    parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="DataLoader worker processes (default 0: on a 2-core CPU a worker slows the network down)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
-    parser.add_argument("--top-k", type=int, default=0,
+    parser.add_argument("--top-k", type=non_negative_int, default=0,
                         help="also save each query's top-k neighbours, ranked by the method's own scores")
-    parser.add_argument("--map-at-k", type=int, default=None,
+    parser.add_argument("--map-at-k", type=positive_int, default=None,
                         help="labelled benchmarks: also report mAP@K, AP over the top K (deep hashing's mAP@K)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="first N images of a labelled set only (smoke tests; not for reported numbers)")
     parser.add_argument("--together", action="store_true",
                         help="extract all methods in one pass (shared decoding and backbone forward; faster, "
                              "but images/s is then the whole pass's)")
     parser.add_argument("--detector", default=None,
                         help="landmark detector checkpoint (scripts/train_detector.py) for the regional methods")
-    parser.add_argument("--max-regions", type=int, default=4,
+    parser.add_argument("--max-regions", type=non_negative_int, default=4,
                         help="regional methods: detected boxes per database image, besides the full image")
     parser.add_argument("--region-score-threshold", type=float, default=None,
                         help="regional methods: keep detections scoring above this (default: the detector's, 0.3)")

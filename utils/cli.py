@@ -22,6 +22,28 @@ USER_ERRORS = (ImageLoadError, ManifestError, RevisitopError, WeightsError, File
                ValueError, KeyError)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--image-size 0`` is an error, not "use the default")."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 def setup_logging(level: str | None = None) -> None:
     logging.basicConfig(level=(level or os.environ.get("LOGLEVEL", "INFO")).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -262,3 +262,43 @@ def test_dataset_boxes_crop_and_validate(tmp_path):
     with pytest.raises(ImageLoadError) as info:
         ImageDataset([path], boxes=[(70, 0, 80, 10)])[0]
     assert str(path) in str(info.value)
+
+
+def decompression_bomb_png(path, side=40000):
+    """A valid PNG header claiming side x side pixels (PIL refuses it as a decompression bomb on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_one_error_naming_the_file_when_sizing_and_loading(tmp_path):
+    bomb = decompression_bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)                     # the file really is what PIL refuses
+    for read in (image_size, load_image):
+        with pytest.raises(ImageLoadError, match="bomb.png.*DecompressionBombError"):
+            read(bomb)
+    # batched extraction sizes every image from its header first: the bomb must not end in a traceback there
+    from retrieval.extract import output_sizes
+    dataset = ImageDataset([bomb], EvalTransform(64, "shorter"))
+    with pytest.raises(ImageLoadError, match="bomb.png"):
+        output_sizes(dataset)
+
+
+@pytest.mark.parametrize("mode", ["shorter", "longer", "none"])
+@pytest.mark.parametrize("box", [(70, 0, 80, 10), (10, 10, 10, 30), (10.4, 0, 10.6, 40)])
+def test_an_empty_query_box_is_the_box_error_in_every_resize_mode_and_in_batched_sizing(tmp_path, mode, box):
+    from retrieval.extract import output_sizes
+
+    path = _oriented_jpeg(tmp_path / "plain.jpg", 1)     # 60 x 40
+    dataset = ImageDataset([path], transform=EvalTransform(size=32, mode=mode), boxes=[box])
+    for read in (lambda: dataset[0], lambda: output_sizes(dataset)):
+        with pytest.raises(ImageLoadError, match=r"plain.jpg.*box .* is empty inside the 60x40 image"):
+            read()

@@ -135,3 +135,17 @@ def test_flowers102_layout(tmp_path):
     assert len(flowers102(tmp_path, split=None)) == 6
     with pytest.raises(ManifestError, match="not found"):
         flowers102(tmp_path / "elsewhere")
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with U+FEFF, which would otherwise glue onto the first column name
+    (tmp_path / "labels.csv").write_bytes("\ufefffile,class_id\na.jpg,3\nb.jpg,4\n".encode("utf-8"))
+    images = read_csv_manifest(tmp_path / "labels.csv")
+    assert [p.name for p in images.paths] == ["a.jpg", "b.jpg"] and images.labels.tolist() == [3, 4]
+
+
+def test_a_gldv2_csv_with_a_byte_order_mark_reads(tmp_path):
+    from data.gldv2 import read_gldv2_pairs
+
+    (tmp_path / "train.csv").write_bytes("\ufeffid,url,landmark_id\nabc1,u,7\nabc2,u,7\nabd3,u,8\n".encode())
+    assert read_gldv2_pairs(tmp_path / "train.csv") == [("abc1", 7), ("abc2", 7), ("abd3", 8)]

@@ -78,3 +78,22 @@ def test_broken_files_stop_with_one_line_naming_the_file(tmp_path, name, payload
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and str(tmp_path / "set" / name) in error_lines[0], done.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--image-size", "0"), ("--batch-size", "0"), ("--map-at-k", "-3"),
+                                         ("--top-k", "-1"), ("--image-size", "big")])
+def test_impossible_numbers_are_refused_before_any_work(flag, value):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--benchmark", "flowers102", "--method", "gem", flag, value])
+    assert exit_info.value.code == 2
+
+
+def test_settings_refuse_a_zero_image_size_instead_of_using_the_default():
+    from retrieval.harness import EvalSettings
+
+    with pytest.raises(ValueError, match="image_size must be at least 1"):
+        EvalSettings(image_size=0)
+    assert EvalSettings(image_size=None).image_size is None
