@@ -36,12 +36,9 @@ class Preprocessing:
         return asdict(self)
 
 
-# Named taps per architecture family: tap name -> module path inside the timm model. Layers are taken after
-# their ReLU, as the Caffe blobs of the papers are.
-_VGG16_TAPS = {"conv5_1": "features.25", "relu5_2": "features.27", "conv5_3": "features.29",
-               "pool5": "features.30"}
-_VGG19_TAPS = {"conv5_1": "features.28", "relu5_2": "features.30", "conv5_4": "features.34",
-               "pool5": "features.36"}
+# Named taps per architecture family: tap name -> module path inside the timm model. VGG layers are taken after
+# their ReLU, as the Caffe blobs of the papers are, and found by walking the module structure (vgg16_bn puts a
+# BatchNorm between each conv and its ReLU, so positions differ by variant).
 _RESNET_TAPS = {"layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
 # blocks5_expand: the ReLU6 output of the expansion conv that opens stage 6, i.e. the last non-negative
 # stride-16 map - the role relu5_2 plays in VGG-16 (block outputs themselves are linear, so signed).
@@ -49,12 +46,36 @@ _EFFICIENTNET_TAPS = {"blocks4": "blocks.4", "blocks5": "blocks.5", "blocks6": "
                       "blocks5_expand": "blocks.5.0.bn1"}
 
 
+def vgg_taps(model: nn.Module) -> dict[str, str]:
+    """conv5_1, relu5_2, the last conv of block 5 (conv5_3 / conv5_4) — each the output of its ReLU — and
+    pool5, located in ``model.features`` by module type: convolutions are counted per block, blocks end at
+    max-pooling layers, and a conv's tap is the first ReLU after it (past any BatchNorm)."""
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        raise ValueError("not a VGG network: no `features` Sequential to find conv5_x / pool5 in")
+    block, conv, pending, relu_of = 1, 0, None, {}
+    taps: dict[str, str] = {}
+    for index, layer in enumerate(features):
+        path = f"features.{index}"
+        if isinstance(layer, nn.Conv2d):
+            conv, pending = conv + 1, (block, conv + 1)
+        elif isinstance(layer, nn.ReLU) and pending is not None:
+            relu_of[pending], pending = path, None
+        elif isinstance(layer, nn.MaxPool2d):
+            if block == 5:
+                taps["pool5"] = path
+            block, conv, pending = block + 1, 0, None
+    last = max((c for b, c in relu_of if b == 5), default=0)
+    if "pool5" not in taps or last < 3 or (5, 1) not in relu_of or (5, 2) not in relu_of:
+        raise ValueError("VGG features without the expected 5 blocks of >= 3 convolutions, ReLUs and pooling")
+    taps.update({"conv5_1": relu_of[(5, 1)], "relu5_2": relu_of[(5, 2)], f"conv5_{last}": relu_of[(5, last)]})
+    return taps
+
+
 def default_taps(name: str, model: nn.Module) -> dict[str, str]:
     arch = name.split(".")[0]
-    if arch.startswith("vgg16"):
-        return dict(_VGG16_TAPS)
-    if arch.startswith("vgg19"):
-        return dict(_VGG19_TAPS)
+    if arch.startswith("vgg"):
+        return vgg_taps(model)
     if arch.startswith(("resnet", "resnext", "wide_resnet", "seresnet", "seresnext")):
         return dict(_RESNET_TAPS)
     if "efficientnet" in arch or arch.startswith("mobilenet"):

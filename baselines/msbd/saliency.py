@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,21 @@ def _normalise(saliency: np.ndarray) -> np.ndarray:
     return (saliency - low) / (high - low)
 
 
-def _opencv(factory: Callable) -> Callable[[], SaliencyFn]:
+class SaliencyUnavailable(ImportError):
+    """OpenCV's saliency module (opencv-contrib) is missing: only the salient branch needs it."""
+
+
+def _opencv(factory_name: str) -> Callable[[], SaliencyFn]:
+    """OpenCV's static saliency detector ``cv2.saliency.<factory_name>``, looked up only when built, so that a
+    missing opencv-contrib breaks the salient branch alone (not ``gem``, not ``--help``)."""
     def build() -> SaliencyFn:
+        try:
+            import cv2
+            factory = getattr(cv2.saliency, factory_name)
+        except (ImportError, AttributeError) as error:
+            raise SaliencyUnavailable(
+                f"MSBD's default saliency needs OpenCV's contrib modules ({error}); install them with "
+                f"`pip install opencv-contrib-python-headless`, or pick saliency: torchscript:PATH") from None
         detector = factory()
 
         def saliency(rgb: np.ndarray) -> np.ndarray:
@@ -53,8 +65,8 @@ def _torchscript(path: str) -> SaliencyFn:
 
 
 SALIENCY: dict[str, Callable[[], SaliencyFn]] = {
-    "spectral_residual": _opencv(cv2.saliency.StaticSaliencySpectralResidual_create),
-    "fine_grained": _opencv(cv2.saliency.StaticSaliencyFineGrained_create),
+    "spectral_residual": _opencv("StaticSaliencySpectralResidual_create"),
+    "fine_grained": _opencv("StaticSaliencyFineGrained_create"),
 }
 
 

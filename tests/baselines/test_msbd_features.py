@@ -107,3 +107,24 @@ def test_settings_from_yaml(tmp_path, monkeypatch):
     path.write_text("pathces: 3\n")
     with pytest.raises(ConfigError, match="pathces"):
         MSBDSettings.from_env()
+
+
+def test_a_missing_opencv_saliency_module_breaks_only_the_salient_branch(monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cv2
+
+    from baselines.msbd.saliency import SaliencyUnavailable, create_saliency
+
+    monkeypatch.delattr(cv2, "saliency")
+    with pytest.raises(SaliencyUnavailable, match="opencv-contrib-python-headless"):
+        create_saliency("spectral_residual")
+    # a fresh process without cv2.saliency still imports every method (gem, msbd's registry) and lists them
+    repo = Path(__file__).resolve().parents[2]
+    code = ("import cv2, sys; del cv2.saliency; sys.path.insert(0, '.');"
+            "from retrieval.methods import available_methods; names = available_methods();"
+            "assert 'gem' in names and 'msbd' in names, names")
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -50,3 +50,36 @@ def test_local_weights_file_round_trip_and_mismatch(tmp_path):
         load_weights(create_backbone("resnet34").model, path)
     with pytest.raises(WeightsError, match="not found"):
         create_backbone("resnet18", weights=tmp_path / "missing.pth")
+
+
+def _layers_before(model, path, count):
+    index = int(path.split(".")[1])
+    return [type(model.features[i]).__name__ for i in range(index - count + 1, index + 1)]
+
+
+@pytest.mark.parametrize("name, last_conv, paths", [
+    # torchvision/timm vgg16 layout: conv5_1 = features.24, its ReLU 25; conv5_2 26/27; conv5_3 28/29; pool 30
+    ("vgg16", "conv5_3", {"conv5_1": "features.25", "relu5_2": "features.27", "conv5_3": "features.29",
+                          "pool5": "features.30"}),
+    # vgg19: block 5 = conv 28, ReLU 29, ..., conv5_4 34, ReLU 35, pool 36 (the positional table this replaced
+    # pointed at the convolutions 28/30/34, before their ReLU)
+    ("vgg19", "conv5_4", {"conv5_1": "features.29", "relu5_2": "features.31", "conv5_4": "features.35",
+                          "pool5": "features.36"}),
+    # vgg16_bn: conv, BatchNorm, ReLU per layer: block 5 starts at features.34
+    ("vgg16_bn", "conv5_3", {"conv5_1": "features.36", "relu5_2": "features.39", "conv5_3": "features.42",
+                             "pool5": "features.43"}),
+])
+def test_vgg_taps_are_found_by_module_structure(name, last_conv, paths):
+    from models.backbones import vgg_taps
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    taps = vgg_taps(model)
+    assert taps == paths
+    # the types say what the names mean: a ReLU right after its conv (and BatchNorm), pool5 a max-pooling
+    expected = ["Conv2d", "BatchNorm2d", "ReLU"] if name.endswith("_bn") else ["Conv2d", "ReLU"]
+    for tap in ("conv5_1", "relu5_2", last_conv):
+        assert _layers_before(model, taps[tap], len(expected)) == expected
+    assert type(model.features[int(taps["pool5"].split(".")[1])]).__name__ == "MaxPool2d"
+    with pytest.raises(ValueError, match="not a VGG"):
+        vgg_taps(torch.nn.Linear(2, 2))
