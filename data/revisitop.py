@@ -20,6 +20,31 @@ class RevisitopError(ValueError):
     """The ground-truth file is missing or malformed."""
 
 
+#: the only globals a ground-truth pickle may name: NumPy arrays, scalars and dtypes (plain containers and
+#: numbers need no global). Anything else - os.system, builtins.eval, a class with __reduce__ - is refused.
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, numbers, strings and NumPy arrays only: a downloaded .pkl cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: ground truth holds only lists, dicts, "
+                                     f"numbers and arrays")
+
+
+def load_ground_truth_pickle(path: Path) -> object:
+    """``pickle.load`` restricted to data (see :class:`_GroundTruthUnpickler`)."""
+    with path.open("rb") as handle:
+        return _GroundTruthUnpickler(handle).load()
+
+
 @dataclass(frozen=True)
 class QueryTruth:
     bbox: tuple[float, float, float, float]
@@ -81,9 +106,10 @@ def load_revisitop(data_root: str | Path, name: str) -> RevisitopSet:
             f"DATA_ROOT/{name}/gnd_{name}.pkl and DATA_ROOT/{name}/jpg/; "
             f"scripts/download_revisitop.py fetches roxford5k / rparis6k.")
     try:
-        with gnd_path.open("rb") as handle:
-            cfg = pickle.load(handle)
-    except Exception as error:  # a corrupt pickle can raise nearly anything
+        cfg = load_ground_truth_pickle(gnd_path)
+        if not isinstance(cfg, dict):
+            raise TypeError(f"expected a dict, got {type(cfg).__name__}")
+    except Exception as error:  # a corrupt or hostile pickle can raise nearly anything
         raise RevisitopError(f"cannot read {gnd_path}: {type(error).__name__}: {error}") from None
     for key in ("imlist", "qimlist", "gnd"):
         if key not in cfg:

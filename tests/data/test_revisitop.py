@@ -204,3 +204,34 @@ def test_corrupt_pickle(tmp_path):
     with pytest.raises(RevisitopError, match="cannot read") as info:
         load_revisitop(tmp_path, "bad")
     assert str(path) in str(info.value)
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, 'w')``: proof that a loader executed code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_ground_truth_pickle_that_would_run_code_is_refused_without_running_it(toy, tmp_path):
+    root, gnd_path = toy
+    marker = tmp_path / "payload-ran"
+    hostile = {"imlist": DATABASE, "qimlist": QUERIES, "gnd": TRUTH, "extra": _Payload(marker)}
+    gnd_path.write_bytes(pickle.dumps(hostile))
+    pickle.loads(gnd_path.read_bytes())          # the payload is live: a plain pickle.load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(RevisitopError, match="refusing to load .*open"):
+        load_revisitop(root, NAME)
+    assert not marker.exists()
+
+
+def test_ground_truth_with_numpy_arrays_still_loads(toy):
+    root, gnd_path = toy
+    arrays = [{k: (np.asarray(v, dtype=np.float64 if k == "bbx" else np.int64)) for k, v in t.items()} for t in TRUTH]
+    gnd_path.write_bytes(pickle.dumps({"imlist": DATABASE, "qimlist": QUERIES, "gnd": arrays}))
+    data = load_revisitop(root, NAME)
+    assert [len(p) for p in data.protocol("medium")[0]] == [3, 3]
