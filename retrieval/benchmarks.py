@@ -23,7 +23,7 @@ import numpy as np
 from data.clutter import DEFAULT_DIRNAME as CLUTTER_NAME
 from data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, load_clutter_set
 from data.datasets import ImageDataset
-from data.manifest import LabelledImageSet, flowers102, read_csv_manifest
+from data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
 from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
 
 from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
@@ -192,7 +192,8 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None)
     elif spec.startswith("csv:"):
         path, _, split = spec[4:].partition(":")
         images = read_csv_manifest(path, split=split or None)
-        bench = LabelledBenchmark(name=f"csv:{Path(path).parent.name}{':' + split if split else ''}", images=images)
+        bench = LabelledBenchmark(name=f"csv:{Path(path).parent.name}{':' + split if split else ''}", images=images,
+                                  training=_training_rows(path, split))
     elif spec.startswith("revisitop:"):
         name = spec.split(":", 1)[1]
         bench = RevisitopBenchmark(name=name, dataset=load_revisitop(data_root, name))
@@ -204,6 +205,17 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None)
         bench.name = f"{bench.name}[:{limit}]"
     return bench
 
+
+
+def _training_rows(path: str, split: str) -> LabelledImageSet | None:
+    """The manifest's ``train`` rows, for methods that fit on training images, when the evaluated split is
+    another one (``csv:PATH:test``); None otherwise."""
+    if not split or split == "train":
+        return None
+    try:
+        return read_csv_manifest(path, split="train")
+    except ManifestError:  # no split column, or no train rows
+        return None
 
 
 def _spread_over_classes(labels: np.ndarray, limit: int) -> np.ndarray:

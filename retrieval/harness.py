@@ -121,7 +121,10 @@ def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, setti
         if method.needs_fit():
             train = benchmark.train_set()
             if train is None:
-                raise ValueError(f"method {method.name} needs training images but {benchmark.name} has none")
+                raise ValueError(
+                    f"method {method.name} is fitted on training images but {benchmark.name} has none: use a "
+                    f"benchmark with a training split (flowers102, flowers102-clutter, or csv:PATH:SPLIT on a "
+                    f"manifest whose split column also has 'train' rows, which are then used for fitting)")
             log.info("fitting %s on %d training images", method.name, len(train))
             method.fit(ImageDataset(train.paths, _transform(method, benchmark, settings)), train.labels)
     database = _descriptors(methods, "database", benchmark, settings, cache)

@@ -30,7 +30,8 @@ def finetune_fen(fen: FEN, dataset: ImageDataset, labels, steps: int, lr: float,
     classes, targets = np.unique(np.asarray(labels), return_inverse=True)
     if len(targets) != len(dataset):
         raise ValueError(f"{len(targets)} labels for {len(dataset)} training images")
-    head = nn.Linear(fen.dim, len(classes))
+    device = next(fen.parameters()).device
+    head = nn.Linear(fen.dim, len(classes)).to(device)
     optimiser = torch.optim.SGD([*fen.parameters(), *head.parameters()], lr=lr, momentum=0.9, weight_decay=5e-4)
     batches = SizeBucketBatchSampler(output_sizes(dataset), batch_size).batches
     rng = np.random.default_rng(seed)
@@ -41,10 +42,10 @@ def finetune_fen(fen: FEN, dataset: ImageDataset, labels, steps: int, lr: float,
     with torch.enable_grad():
         for step in range(steps):
             batch = batches[rng.integers(len(batches))]
-            images = torch.stack([dataset[i][0] for i in batch])
-            flip = torch.from_numpy(rng.random(len(batch)) < 0.5)
+            images = torch.stack([dataset[i][0] for i in batch]).to(device)
+            flip = torch.from_numpy(rng.random(len(batch)) < 0.5).to(device)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            loss = F.cross_entropy(_LOGIT_SCALE * head(fen(images)), torch.from_numpy(targets[batch]))
+            loss = F.cross_entropy(_LOGIT_SCALE * head(fen(images)), torch.from_numpy(targets[batch]).to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

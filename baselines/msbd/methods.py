@@ -14,6 +14,8 @@ storage, L/8 bytes of code + 4 bytes per class probability.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -37,7 +39,12 @@ def shared_pipeline(context: MethodContext, settings: MSBDSettings | None = None
     settings = settings or MSBDSettings.from_env()
     key = ("msbd-pipeline", repr(settings))
     if key not in context._shared:
-        context._shared[key] = MSBDPipeline(context.create_backbone(), settings)
+        backbone = context.create_backbone()
+        if settings.finetune_steps > 0 and context.share_backbone:
+            # fine-tuning changes the FEN's weights: on a copy, so that the other methods of a --together run
+            # keep the pretrained backbone their cache keys describe
+            backbone = copy.deepcopy(backbone)
+        context._shared[key] = MSBDPipeline(backbone, settings)
     return context._shared[key]
 
 

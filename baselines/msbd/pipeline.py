@@ -98,17 +98,27 @@ class MSBDPipeline(nn.Module):
 
     # ---- raw branch features -------------------------------------------------------------------------
 
-    def _pixels01(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def device(self) -> torch.device:
+        """Where the network is: images are described there, fitted state (PCA, codebook) stays on the CPU."""
+        return next(self.fen.parameters()).device
+
+    def _stats(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = self.preprocessing
-        return images * torch.tensor(pre.std).view(1, 3, 1, 1) + torch.tensor(pre.mean).view(1, 3, 1, 1)
+        return (torch.tensor(pre.mean, device=images.device).view(1, 3, 1, 1),
+                torch.tensor(pre.std, device=images.device).view(1, 3, 1, 1))
+
+    def _pixels01(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(images)
+        return images * std + mean
 
     def _normalise(self, pixels01: torch.Tensor) -> torch.Tensor:
-        pre = self.preprocessing
-        return (pixels01 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+        mean, std = self._stats(pixels01)
+        return (pixels01 - mean) / std
 
     def _rgb(self, images: torch.Tensor) -> list[np.ndarray]:
         """The batch as uint8 RGB arrays (H, W, 3), what OpenCV's detectors take."""
-        pixels = (self._pixels01(images).clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = (self._pixels01(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         return [np.ascontiguousarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
     def global_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -126,7 +136,8 @@ class MSBDPipeline(nn.Module):
         s = self.settings
         start = time.perf_counter()
         boxes = [torch.from_numpy(multi_scale_boxes(rgb, self.proposer, s.proposal_side, s.proposal_scales,
-                                                    s.patches, s.min_box_area)).float() for rgb in rgbs]
+                                                    s.patches, s.min_box_area)).float().to(images.device)
+                 for rgb in rgbs]
         self.timer.add("object:proposals", time.perf_counter() - start, len(rgbs))
         crops = roi_align(images, boxes, output_size=(s.patch_size, s.patch_size), spatial_scale=1.0,
                           sampling_ratio=2, aligned=True)
@@ -139,11 +150,13 @@ class MSBDPipeline(nn.Module):
         height, width = images.shape[-2:]
         maps = [cv2.resize(self.saliency(cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)),
                            (width, height), interpolation=cv2.INTER_LINEAR) for rgb in rgbs]
-        masks = torch.from_numpy(np.stack(maps)).float()[:, None]
+        masks = torch.from_numpy(np.stack(maps)).float()[:, None].to(images.device)
         return self.fen(self._normalise(masks * self._pixels01(images)))
 
     def raw_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Branch features before fusion: global (B, dim), patches (n, dim) + owners (n,), salient (B, dim)."""
+        """Branch features before fusion: global (B, dim), patches (n, dim) + owners (n,), salient (B, dim);
+        computed on the network's device, returned on the CPU."""
+        images = images.to(self.device)
         timed = {}
         start = time.perf_counter()
         timed["global"] = self.global_features(images)
@@ -155,7 +168,7 @@ class MSBDPipeline(nn.Module):
         start = time.perf_counter()
         timed["salient"] = self.salient_features(images, rgbs)
         self.timer.add("salient", time.perf_counter() - start, len(images))
-        return timed
+        return {name: value.cpu() for name, value in timed.items()}
 
     # ---- fitting ---------------------------------------------------------------------------------------
 
@@ -236,7 +249,7 @@ class MSBDPipeline(nn.Module):
         keys = [hashlib.blake2b(image.numpy().tobytes() + repr(tuple(image.shape)).encode(), digest_size=16).digest()
                 for image in images.cpu()]
         if not all(k in self._memo for k in keys):
-            raw = self.raw_features(images.cpu())
+            raw = self.raw_features(images)
             parts = {"global": raw["global"], "salient": raw["salient"],
                      "object": self._object_vlad(raw["patches"], raw["owners"], len(images))}
             fused = self._fuse(parts).numpy()

@@ -109,3 +109,27 @@ def test_methods_need_fitting_first(toy):
 def test_paper_config_loads():
     settings = MSBDSettings.from_dict(load_yaml(REPO / "configs" / "msbd_paper.yaml"))
     assert settings.patches == 50 and settings.patch_size == 340 and settings.trials == 1000
+
+
+def test_fine_tuning_msbd_in_a_together_run_leaves_the_shared_backbone_alone():
+    from baselines.msbd.methods import shared_pipeline
+    from baselines.msbd.settings import MSBDSettings
+    from retrieval.methods import MethodContext, create_method
+
+    context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True)
+    gem = create_method("gem", context)
+    assert shared_pipeline(context, MSBDSettings(finetune_steps=0)).backbone is gem.backbone
+    tuned = shared_pipeline(context, MSBDSettings(finetune_steps=5)).backbone
+    assert tuned is not gem.backbone
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), gem.backbone.state_dict().values()))
+
+
+def test_a_csv_benchmark_offers_its_train_rows_for_fitting_and_says_how_when_there_are_none(tmp_path):
+    from retrieval.benchmarks import create_benchmark
+
+    rows = ["file,class_id,split"] + [f"{s}{i}.jpg,{i % 2},{s}" for s in ("train", "test") for i in range(4)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    bench = create_benchmark(f"csv:{tmp_path / 'labels.csv'}:test", tmp_path)
+    assert [p.name for p in bench.train_set().paths] == [f"train{i}.jpg" for i in range(4)]
+    assert create_benchmark(f"csv:{tmp_path / 'labels.csv'}:train", tmp_path).train_set() is None
+    assert create_benchmark(f"csv:{tmp_path / 'labels.csv'}", tmp_path).train_set() is None

@@ -100,3 +100,16 @@ def test_methods_extracted_together_equal_separately(make_labelled_set, tmp_path
     results = evaluate_methods(methods, bench, settings, together=True)
     assert [r.method for r in results] == ["gem", "scda_plus", "scda_flip_plus"]
     assert {p.name.split("-")[0] for p in (tmp_path / "cache").rglob("*.npy")} == {"gem", "scda_plus", "scda_flip_plus"}
+
+
+def test_a_method_that_fits_on_a_benchmark_without_training_images_is_told_how_to_get_some(make_labelled_set):
+    from retrieval.harness import evaluate_methods
+    from retrieval.methods import RetrievalMethod
+
+    class NeedsFit(RetrievalMethod):
+        def needs_fit(self):
+            return True
+
+    bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=2, per_class=2)))
+    with pytest.raises(ValueError, match=r"toy has none: .*csv:PATH:SPLIT .*'train' rows"):
+        evaluate_methods([NeedsFit("fitter")], bench, EvalSettings(cache_dir=None))
