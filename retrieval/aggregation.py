@@ -260,7 +260,20 @@ def with_full_image(boxes) -> list[tuple[float, float, float, float]]:
 
 
 def _regional_residuals(descriptors, positions, boxes, codebook, words, assignments):
-    """Per region: (words, V, norms) of its present words."""
+    """Per region: (words, V, norms) of its present words.
+
+    ``boxes`` select each region's features from one feature set by position; or pass ``positions=None`` and
+    ``descriptors`` = one (descriptors, words or None) pair per region (DELF: features extracted from each
+    region's crop), ``boxes`` then unused."""
+    if positions is None:
+        if len(descriptors) == 0:
+            raise ValueError("regional aggregation needs at least one region (the full image first)")
+        out = []
+        for region_descriptors, region_words in descriptors:
+            x = np.asarray(region_descriptors, dtype=np.float32).reshape(len(region_descriptors), codebook.dims)
+            out.append(_present(*residual_sums(x, _word_matrix(x, codebook, region_words, assignments),
+                                               codebook.centroids)))
+        return out
     if len(boxes) == 0:
         raise ValueError("regional aggregation needs at least one region (the full image first)")
     x = np.asarray(descriptors, dtype=np.float32).reshape(len(descriptors), codebook.dims)

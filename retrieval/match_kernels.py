@@ -7,7 +7,8 @@ disk) -> the kernel's per-word aggregation (:mod:`retrieval.aggregation`). ``fit
 codebook on the benchmark's training images, once for every kernel built from one :class:`MethodContext`.
 
 The regional kernels aggregate the database image over its detected regions (the full image first; regions on
-the database side only, as in the paper); queries are aggregated whole. Descriptors are the padded rows of
+the database side only, as in the paper), each detected region described by the local features of its crop
+(as DELF does); queries are aggregated whole. Descriptors are the padded rows of
 :func:`retrieval.aggregation.to_rows`; ``descriptor_bytes`` counts an image's real words (2-byte word id +
 float32 vector, or d bits for the starred kernels).
 """
@@ -28,7 +29,7 @@ from . import aggregation as agg
 from .codebook import Codebook, fit_or_load_codebook
 from .local_features import LocalFeatureExtractor
 from .methods import MethodContext, RetrievalMethod, register_method
-from .regional import RegionProposer, proposer_from_context
+from .regional import RegionProposer, crop_region, proposer_from_context
 from .scores import ScoreSource
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class KernelSettings:
     dims: int = 128
     max_features: int = 300
     fit_images: int = 300        # training images whose local features fit the PCA and the codebook
+    # regional kernels: a detected region's features come from its crop, resized to this shorter side (DELF
+    # re-extracts each region: a small object gets as many features as a query); 0 = select the whole image's
+    # features inside the box instead (no extra forward pass, but a small object keeps only a few of them)
+    region_size: int = 224
     kmeans_iterations: int = 20
     seed: int = 0
 
@@ -66,6 +71,7 @@ class LocalVocabulary:
 
     def config(self) -> dict:
         return {"local_features": self.extractor.config(), "words": self.settings.words,
+                "region_size": self.settings.region_size,
                 "fit_images": self.settings.fit_images, "kmeans_iterations": self.settings.kmeans_iterations,
                 "seed": self.settings.seed, "fitted_on": self.fitted_on}
 
@@ -133,6 +139,7 @@ class MatchKernelMethod(RetrievalMethod):
         self.vocabulary.fit(train_images)
 
     def _aggregate(self, kernel: str, descriptors, positions, words, boxes=None) -> agg.Aggregated:
+        """``positions=None``: ``descriptors`` is one (descriptors, words) pair per region."""
         codebook = self.vocabulary.codebook
         if kernel == "vlad":
             return agg.vlad(descriptors, codebook, words=words)
@@ -156,8 +163,19 @@ class MatchKernelMethod(RetrievalMethod):
         if self.regional is None:
             return self.encode(images)
         boxes = self.proposer(images, self.preprocessing)
-        return self._rows([self._aggregate(self.regional, *features, boxes=[tuple(b) for b in image_boxes])
-                           for features, image_boxes in zip(self.vocabulary(images), boxes)])
+        size = self.vocabulary.settings.region_size
+        items = []
+        for image, (descriptors, positions, words), image_boxes in zip(images, self.vocabulary(images), boxes):
+            if size <= 0:
+                items.append(self._aggregate(self.regional, descriptors, positions, words,
+                                             boxes=[tuple(b) for b in image_boxes]))
+                continue
+            regions = [(descriptors, words)]  # the full image (box 0) as it is, then each detected crop
+            for box in image_boxes[1:]:
+                crop_descriptors, _, crop_words = self.vocabulary(crop_region(image, box, size)[None])[0]
+                regions.append((crop_descriptors, crop_words))
+            items.append(self._aggregate(self.regional, regions, None, None))
+        return self._rows(items)
 
     def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
         dims, words = self.vocabulary.settings.dims, self.vocabulary.settings.words

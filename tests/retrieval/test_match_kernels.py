@@ -91,3 +91,30 @@ def test_match_kernels_in_the_harness_report_real_bytes_and_find_near_duplicates
     assert 18 <= results["asmk"].descriptor_bytes <= 8 * 66
     assert results["asmk_star"].descriptor_bytes <= 8 * 4
     assert results["asmk_star"].descriptor_bytes * 10 < results["asmk"].descriptor_bytes
+
+
+def test_regional_kernels_describe_a_small_detected_object_by_its_crop(tmp_path, vocabulary):
+    """A database image of texture A holding a small patch of texture B (the detected box): querying with B,
+    R-ASMK over the box's crop scores it higher than over the whole image's features inside the box (too few
+    at this scale), and than ASMK of the whole image."""
+    from dataclasses import replace
+
+    images = near_duplicates(tmp_path)
+    pre = vocabulary.extractor.backbone.preprocessing
+    dataset = ImageDataset(images.paths, EvalTransform(64, "shorter", pre.mean, pre.std))
+    MatchKernelMethod("asmk", vocabulary).fit(dataset)
+    texture_a, texture_b = dataset[0][0], dataset[len(dataset) - 1][0]
+    database = texture_a.repeat(1, 2, 2).clone()                   # 128 x 128 of texture A
+    database[:, :24, :24] = texture_b[:, :24, :24]                 # a small patch of B in the top-left corner
+    box = Boxes([[0, 0, 1, 1], [0, 0, 24 / 128, 24 / 128]])
+    query = texture_b[None]
+    scores = {}
+    for label, size in (("crop", 64), ("select", 0)):
+        vocabulary.settings = replace(vocabulary.settings, region_size=size)
+        method = MatchKernelMethod("r_asmk", vocabulary, box)
+        scores[label] = float(method.scores(method.encode(query).numpy(),
+                                            method.encode_database(database[None]).numpy()).rows(0, 1)[0, 0])
+    vocabulary.settings = replace(vocabulary.settings, region_size=224)
+    asmk = MatchKernelMethod("asmk", vocabulary)
+    scores["whole"] = float(asmk.scores(asmk.encode(query).numpy(), asmk.encode(database[None]).numpy()).rows(0, 1)[0, 0])
+    assert scores["crop"] > scores["select"] and scores["crop"] > scores["whole"], scores
