@@ -3,18 +3,24 @@
 
     python train.py                                   # the main job (configs/default.yaml)
     python train.py --config configs/smoke.yaml train.steps=100 mining.miner=algorithm1
-    python train.py --resume runs/flowers102          # continue a run exactly where its last.pth left it
+    python train.py --resume runs/flowers102          # continue a run exactly where its newest checkpoint left it
     accelerate launch --multi_gpu --num_processes 2 train.py --config configs/smoke.yaml
 
 The loop lives in ``training/`` (``training.trainer.Trainer``); this script reads the config, picks the run
 directory, runs the trainer and prints the final table (also written to RUN_DIR/results.json). The resolved
 config is saved as RUN_DIR/config.yaml; TensorBoard logs go to RUN_DIR/tb.
+
+The config is checked against the data (``training.config.check_inputs``) before a run directory is made, an
+image is read or a model is built. SIGINT / SIGTERM during training write a checkpoint and exit with 128 +
+the signal number (130 / 143) and a line saying how to resume; a run stopped by unreadable training images or
+a diverged loss exits with 2 and a one-line reason.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,8 +31,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from data.roots import resolve_data_root
 from retrieval.harness import format_table, write_report
-from training.checkpoint import load_training_state
-from training.config import DEFAULT_CONFIG, resolve_config, unique_run_dir
+from training.checkpoint import LAST, load_resumable
+from training.config import DEFAULT_CONFIG, check_inputs, resolve_config, unique_run_dir
 from training.evaluation import final_evaluation
 from training.trainer import Trainer
 from utils.cli import run_cli
@@ -40,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--run-dir", default=None, help="output folder (default: the config's run_dir)")
     parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
-    parser.add_argument("--resume", default=None, help="run directory (or checkpoint) to resume")
+    parser.add_argument("--resume", default=None, help="run directory (its newest checkpoint that loads) or a "
+                        "checkpoint file to resume")
     parser.add_argument("--init-from", default=None, help="fine-tune a release directory (scripts/export.py) "
                         "or a .pth; its architecture, head and input size are kept (= model.init_from=PATH)")
     parser.add_argument("--skip-final-eval", action="store_true", help="train only")
@@ -59,15 +66,13 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     resume_from = None
     if args.resume:
-        resume_path = Path(args.resume)
-        resume_from = resume_path if resume_path.is_file() else resume_path / "last.pth"
-        if not resume_from.is_file():
-            raise FileNotFoundError(f"nothing to resume: {resume_from} does not exist")
-        saved = load_training_state(resume_from)[1]["config"]
-        config = resolve_config(base=saved, overrides=args.overrides)
+        resume_from, _, state = load_resumable(args.resume)
+        log.info("resuming from %s (step %d)", resume_from, state["step"])
+        config = resolve_config(base=state["config"], overrides=args.overrides)
     else:
         config = resolve_config(args.config, args.overrides, init_from=args.init_from)
     data_root = resolve_data_root(args.data_root or config["data"]["root"])
+    images = check_inputs(config, data_root, final_eval=not args.skip_final_eval)  # before any real work
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["train"]["mixed_precision"])
     if resume_from is not None:
         run_dir = resume_from.parent
@@ -78,18 +83,29 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml({**config, "run_dir": str(run_dir)}, run_dir / "config.yaml")
     set_seed(int(config["seed"]))
-    trainer = Trainer(config, run_dir, data_root, accelerator)
-    trainer.setup(resume_from)
-    trainer.fit()
-    trainer.close()
+    trainer = Trainer(config, run_dir, data_root, accelerator, images=images)
+    try:
+        trainer.setup(resume_from)
+        trainer.fit()
+    finally:
+        trainer.close()
     accelerator.wait_for_everyone()
+    if trainer.interrupted:
+        code = 128 + int(signal.Signals[trainer.interrupted])
+        message = (f"training interrupted by {trainer.interrupted} at step {trainer.step}/{config['train']['steps']}; "
+                   f"checkpoint {run_dir / LAST}; resume with: python train.py --resume {run_dir}")
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr)
+        accelerator.end_training()
+        return code
     timing = trainer.timing
     log.info("training: %.1f min of steps (%.1f img/s), %.1f min of validation", timing["train_seconds"] / 60,
              timing["images"] / max(timing["train_seconds"], 1e-9), timing["validation_seconds"] / 60)
     if accelerator.is_main_process and not args.skip_final_eval:
         summary = final_evaluation(config, run_dir, data_root, device=str(accelerator.device))
         summary["training"] = {"run_dir": str(run_dir), "steps": trainer.step, **timing,
-                               "best_validation_mAP": trainer.best if trainer.val_set is not None else None}
+                               "best_validation_mAP": trainer.best if trainer.val_set is not None else None,
+                               **trainer.reliability_report()}
         write_report(summary, run_dir / "results.json")
         print(format_table(summary, columns=["mAP", "mAP@R", "R@1", "R@2", "R@4", "R@8"]))
     log.info("wall time %.1f min; peak memory %.2f GB", (time.perf_counter() - started) / 60, peak_memory_gb())

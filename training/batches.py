@@ -73,10 +73,10 @@ class MiningPoolBatches:
         self.labels = labels
         self.miner = miner
         self.schedule = schedule
-        available = len(np.unique(labels))
+        available = int((np.unique(labels, return_counts=True)[1] >= 2).sum())  # the sampler's eligible classes
         if classes > available:
-            log.info("mining.classes = %d but the training set has %d classes: mining batches hold all of them",
-                     classes, available)
+            log.info("mining.classes = %d but the training set has %d classes with 2 or more images: mining "
+                     "batches hold all of them", classes, available)
         # the mining batches are the P x K batches of their own sampler (P = classes, K = per_class)
         self.mining_batches = ClassBalancedBatches(labels, min(classes, available), per_class,
                                                    derived_seed(seed, 1))

@@ -34,17 +34,35 @@ def merge(defaults: dict, given: dict, path: tuple[str, ...] = ()) -> dict:
     return merged
 
 
+#: Keys with a non-null default that also take null (its meaning is in configs/default.yaml).
+_NULLABLE = {("train", "forward_chunk"), ("optim", "head_lr"), ("eval", "cache_dir")}
+#: The type of keys whose default is null.
+_NULL_DEFAULT_TYPES = {("data", "root"): str, ("model", "weights"): str, ("model", "init_from"): str,
+                       ("model", "head", "out_dim"): int, ("model", "head", "hash_bits"): int,
+                       ("loss", "quantization_weight"): float, ("loss", "balance_weight"): float,
+                       ("eval", "limit"): int}
+
+
 def check_types(config: dict, defaults: dict, path: tuple[str, ...] = ()) -> None:
-    """Each value has its default's type (an int where a float is expected is fine; null defaults accept
-    anything)."""
+    """Each value has its default's type (an int where a float is expected is fine); null only where the
+    default is null or null has a meaning (``_NULLABLE``); keys with a null default have the type of
+    ``_NULL_DEFAULT_TYPES`` (or are checked by :func:`validate`)."""
     for key, default in defaults.items():
-        value, where = config[key], ".".join((*path, key))
-        if isinstance(default, dict) and (*path, key) not in _OPAQUE:
-            check_types(value, default, (*path, key))
-        elif default is not None and value is not None:
-            expected = (int, float) if isinstance(default, float) else type(default)
-            if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
-                raise ConfigError(f"config key {where!r} must be {type(default).__name__}, got {value!r}")
+        value, where, here = config[key], ".".join((*path, key)), (*path, key)
+        if isinstance(default, dict) and here not in _OPAQUE:
+            check_types(value, default, here)
+            continue
+        if default is None:
+            default = {str: "", int: 0, float: 0.0}[_NULL_DEFAULT_TYPES[here]] if here in _NULL_DEFAULT_TYPES else None
+            if default is None or value is None:
+                continue
+        elif value is None:
+            if here in _NULLABLE:
+                continue
+            raise ConfigError(f"config key {where!r} must be {type(default).__name__}, got null")
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
+            raise ConfigError(f"config key {where!r} must be {type(default).__name__}, got {value!r}")
 
 
 def resolve_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -81,10 +99,15 @@ def adopt_release(config: dict) -> dict:
     return config
 
 
+TRAINING_SETS = "flowers102[:SPLIT], csv:PATH[:SPLIT] or gldv2:PATH"
+BENCHMARKS = "flowers102, flowers102-clutter, csv:PATH[:SPLIT] or revisitop:NAME"
+
+
 def validate(config: dict) -> None:
-    """Values that cannot work, caught before any image is read or a model is built."""
+    """Values that cannot work, caught before any image is read or a model is built. Each message names the
+    key, the value and what is accepted. (Checks that need the data: :func:`check_inputs`.)"""
     from losses import LOSS_NAMES
-    from miners import MINER_NAMES
+    from miners import MINER_NAMES, MiningSchedule
     from models.retrieval_net import available_models
 
     def need(condition: bool, message: str) -> None:
@@ -92,28 +115,66 @@ def validate(config: dict) -> None:
             raise ConfigError(message)
 
     mining, train, data = config["mining"], config["train"], config["data"]
-    need(mining["miner"] in MINER_NAMES, f"mining.miner must be one of {MINER_NAMES}, got {mining['miner']!r}")
-    need(config["loss"]["name"] in LOSS_NAMES, f"loss.name must be one of {LOSS_NAMES}")
-    need(config["model"]["architecture"] in available_models(),
-         f"model.architecture must be one of {available_models()}")
-    for key in ("steps", "grad_accum", "log_every", "checkpoint_every", "triplets_per_step"):
+    optim, ecfg = config["optim"], config["eval"]
+    model, head = config["model"], config["model"]["head"]
+    need(isinstance(config["run_dir"], str) and config["run_dir"].strip() != "", "run_dir must be a folder name")
+    need(config["seed"] >= 0, f"seed must be >= 0, got {config['seed']}")
+    need(mining["miner"] in MINER_NAMES, f"mining.miner must be one of {list(MINER_NAMES)}, got {mining['miner']!r}")
+    need(config["loss"]["name"] in LOSS_NAMES,
+         f"loss.name must be one of {list(LOSS_NAMES)}, got {config['loss']['name']!r}")
+    need(model["architecture"] in available_models(),
+         f"model.architecture must be one of {available_models()}, got {model['architecture']!r}")
+    for key in ("steps", "grad_accum", "log_every", "checkpoint_every", "triplets_per_step", "max_bad_steps",
+                "keep_checkpoints"):
         need(train[key] >= 1, f"train.{key} must be >= 1, got {train[key]}")
-    need(train["eval_every"] >= 0 and train["triplet_grid_every"] >= 0, "train.eval_every and "
-         "train.triplet_grid_every must be >= 0 (0: never)")
-    need(train["mixed_precision"] in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
+    for key in ("eval_every", "triplet_grid_every"):
+        need(train[key] >= 0, f"train.{key} must be >= 0 (0: never), got {train[key]}")
+    need(train["forward_chunk"] is None or train["forward_chunk"] >= 1,
+         f"train.forward_chunk must be >= 1 or null (a whole shard), got {train['forward_chunk']}")
+    need(train["mixed_precision"] in ("no", "fp16", "bf16"),
+         f"train.mixed_precision must be one of ['no', 'fp16', 'bf16'], got {train['mixed_precision']!r}")
     need(mining["classes_per_batch"] >= 2 and mining["images_per_class"] >= 2,
          "mining.classes_per_batch and mining.images_per_class must be >= 2 (a triplet needs a positive and a "
-         "negative class)")
-    need(mining["classes"] >= 2 and mining["per_class"] >= 2, "mining.classes and mining.per_class must be >= 2")
-    need(data["val_classes"] >= 0, "data.val_classes must be >= 0")
+         f"negative class), got {mining['classes_per_batch']} x {mining['images_per_class']}")
+    need(mining["classes"] >= 2 and mining["per_class"] >= 2,
+         f"mining.classes and mining.per_class must be >= 2, got {mining['classes']} x {mining['per_class']}")
+    need(mining["refresh_every"] >= 1, f"mining.refresh_every must be >= 1, got {mining['refresh_every']}")
+    try:
+        MiningSchedule.from_config({"phases": mining["schedule"], "refresh_every": mining["refresh_every"]})
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ConfigError(f"mining.schedule: {error} (a list of phases {{until_step, semi_hard_probability, "
+                          f"hard_threshold, refresh_every}}, the last without until_step)") from None
+    band = mining["loss_band"]
+    need(band is None or (isinstance(band, list) and len(band) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in band) and band[0] < band[1]),
+         f"mining.loss_band must be null or [low, high] with low < high, got {band!r}")
+    need(data["train"].partition(":")[0] in ("flowers102", "csv", "gldv2"),
+         f"data.train must be {TRAINING_SETS}, got {data['train']!r}")
+    need(data["val_classes"] >= 0, f"data.val_classes must be >= 0, got {data['val_classes']}")
     need(data["train_size"] >= 32, f"data.train_size must be >= 32 pixels, got {data['train_size']}")
+    need(data["workers"] >= 0, f"data.workers must be >= 0, got {data['workers']}")
+    need(0.0 <= data["max_bad_fraction"] <= 1.0,
+         f"data.max_bad_fraction must be in [0, 1] (0: any unreadable training image stops the run), got "
+         f"{data['max_bad_fraction']}")
     scale = data["crop_scale"]
-    need(isinstance(scale, list) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+    need(isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
+         and 0 < scale[0] <= scale[1] <= 1,
          f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
-    source = config["model"]["init_from"]
+    source = model["init_from"]
     need(source is None or (isinstance(source, str) and Path(source).exists()),
          f"model.init_from: {source!r} not found (a release directory made by scripts/export.py, or a .pth)")
-    loss, bits = config["loss"], config["model"]["head"]["hash_bits"]
+    need(model["init_images"] >= 1, f"model.init_images must be >= 1, got {model['init_images']}")
+    need(head["num_clusters"] >= 1, f"model.head.num_clusters must be >= 1, got {head['num_clusters']}")
+    need(head["p"] > 0, f"model.head.p must be > 0, got {head['p']}")
+    need(head["out_dim"] is None or head["out_dim"] >= 1,
+         f"model.head.out_dim must be >= 1 or null (no projection), got {head['out_dim']}")
+    beta = model["hash_beta"]
+    need(beta["beta0"] > 0 and beta["gamma"] >= 0 and beta["power"] >= 0 and beta["step_size"] >= 1,
+         f"model.hash_beta needs beta0 > 0, gamma >= 0, power >= 0 and step_size >= 1, got {beta}")
+    loss, bits = config["loss"], head["hash_bits"]
+    need(loss["margin"] >= 0, f"loss.margin must be >= 0, got {loss['margin']}")
+    for key in ("quantization_weight", "balance_weight"):
+        need(loss[key] is None or loss[key] >= 0, f"loss.{key} must be >= 0 or null, got {loss[key]}")
     need(bits is None or (bits >= 8 and bits % 8 == 0),
          f"model.head.hash_bits must be a positive multiple of 8 (codes are packed in bytes), got {bits}")
     need(bits is not None or (loss["name"] not in ("csq", "dpsh") and loss["quantization_weight"] is None
@@ -123,8 +184,92 @@ def validate(config: dict) -> None:
     need(loss["name"] not in ("csq", "dpsh") or (loss["balance_weight"] is None and mining["miner"] != "algorithm1"),
          f"the {loss['name']} loss takes no loss.balance_weight and no triplets (use mining.miner=batch: "
          "class-balanced batches)")
-    need(isinstance(config["model"]["trainable"], list) and config["model"]["trainable"],
-         "model.trainable must be a non-empty list of module names (or [all])")
+    trainable = model["trainable"]
+    need(isinstance(trainable, list) and trainable and all(isinstance(name, str) for name in trainable),
+         f"model.trainable must be a non-empty list of module names (or [all]), got {trainable!r}")
+    for key in ("lr", "weight_decay"):
+        need(optim[key] >= 0, f"optim.{key} must be >= 0, got {optim[key]}")
+    need(optim["head_lr"] is None or optim["head_lr"] >= 0,
+         f"optim.head_lr must be >= 0 or null (optim.lr), got {optim['head_lr']}")
+    need(optim["warmup_steps"] >= 0, f"optim.warmup_steps must be >= 0, got {optim['warmup_steps']}")
+    need(optim["scheduler"] in ("cosine", "constant"),
+         f"optim.scheduler must be one of ['cosine', 'constant'], got {optim['scheduler']!r}")
+    benchmark = ecfg["benchmark"]
+    need(benchmark in ("flowers102", "flowers102-clutter") or benchmark.startswith(("csv:", "revisitop:")),
+         f"eval.benchmark must be {BENCHMARKS}, got {benchmark!r}")
+    need(ecfg["image_size"] >= 32, f"eval.image_size must be >= 32 pixels, got {ecfg['image_size']}")
+    need(ecfg["batch_size"] >= 1, f"eval.batch_size must be >= 1, got {ecfg['batch_size']}")
+    need(ecfg["workers"] >= 0, f"eval.workers must be >= 0, got {ecfg['workers']}")
+    need(ecfg["limit"] is None or ecfg["limit"] >= 1, f"eval.limit must be >= 1 or null (all), got {ecfg['limit']}")
+    baselines = ecfg["baselines"]
+    need(isinstance(baselines, list) and all(isinstance(name, str) for name in baselines),
+         f"eval.baselines must be a list of method names, got {baselines!r}")
+
+
+def check_inputs(config: dict, data_root: str | Path, final_eval: bool = True):
+    """The checks that need the data, run before any image is read or a model is built: the training set and
+    (``final_eval``) the benchmark exist under ``data_root``, the baselines exist, and the training classes
+    (validation classes held out) can fill the configured batches. Reads the training manifest only; returns
+    the training set (``training.data.load_training_set``)."""
+    import numpy as np
+
+    from .data import load_training_set, split_validation_classes
+
+    data_root = Path(data_root)
+    data, mining, ecfg = config["data"], config["mining"], config["eval"]
+
+    def where_flowers(key: str, value: str) -> None:
+        labels = data_root / "flowers102" / "labels.csv"
+        if not labels.is_file():
+            raise ConfigError(f"{key} = {value!r} needs {labels}, which does not exist: the data root is {data_root} "
+                              "(set it with --data-root, $DATA_ROOT or data.root; scripts/prepare_flowers102.py "
+                              "builds the pack)")
+
+    def where_file(key: str, value: str, path: str) -> None:
+        if not Path(path).is_file():
+            raise ConfigError(f"{key} = {value!r}: {path} not found")
+
+    kind, _, rest = data["train"].partition(":")
+    if kind == "flowers102":
+        where_flowers("data.train", data["train"])
+    else:
+        where_file("data.train", data["train"], rest.partition(":")[0] if kind == "csv" else rest)
+    if final_eval:
+        benchmark = ecfg["benchmark"]
+        if benchmark in ("flowers102", "flowers102-clutter"):
+            where_flowers("eval.benchmark", benchmark)
+        elif benchmark.startswith("csv:"):
+            where_file("eval.benchmark", benchmark, benchmark[4:].partition(":")[0])
+        else:
+            name = benchmark.partition(":")[2]
+            where_file("eval.benchmark", benchmark, str(data_root / name / f"gnd_{name}.pkl"))
+        if ecfg["baselines"]:
+            from retrieval.methods import available_methods
+
+            unknown = [name for name in ecfg["baselines"] if name not in available_methods()]
+            if unknown:
+                raise ConfigError(f"eval.baselines: unknown method(s) {unknown}; available: {available_methods()}")
+    images = load_training_set(data["train"], data_root)
+    fit = split_validation_classes(images, data["val_classes"], int(config["seed"]))[0]
+    sizes = np.unique(np.asarray(fit.labels), return_counts=True)[1]
+    usable = int((sizes >= 2).sum())  # a class needs two images to give a positive
+    largest = int(sizes.max()) if len(sizes) else 0
+    held_out = f" once data.val_classes = {data['val_classes']} are held out" if data["val_classes"] else ""
+    if mining["miner"] == "algorithm1":
+        if usable < 2:
+            raise ConfigError(f"mining.miner = algorithm1 needs 2 training classes with 2 or more images; "
+                              f"{images.name} has {usable}{held_out}")
+        pairs = (("mining.per_class", mining["per_class"]),)
+    else:
+        if mining["classes_per_batch"] > usable:
+            raise ConfigError(f"mining.classes_per_batch = {mining['classes_per_batch']}, but {images.name} has "
+                              f"{usable} classes with 2 or more images{held_out}: use at most {usable}")
+        pairs = (("mining.images_per_class", mining["images_per_class"]),)
+    for key, value in pairs:
+        if value > largest:
+            raise ConfigError(f"{key} = {value}, but no training class of {images.name} has more than {largest} "
+                              f"images (every class would repeat images): use at most {largest}")
+    return images
 
 
 def unique_run_dir(path: str | Path) -> Path:

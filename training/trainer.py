@@ -7,26 +7,46 @@ same one) is split into contiguous shards; each process loads and embeds its sha
 batch, exactly as a single process would. The loss's reducer therefore averages over the *global* non-zero
 triplets, and 1 and N processes give the same loss and the same update.
 
-Checkpoints (``last.pth``, and ``best.pth`` by validation mAP) hold the model in its self-describing format
-plus the whole training state (optimiser, scheduler, batch source and miner, RNGs, step), so a resumed run
-continues exactly. Validation uses classes held out of the training set; the test benchmark is not read here.
+Checkpoints (``step-N.pth`` with ``last.pth`` naming the newest, and ``best.pth`` by validation mAP) hold the
+model in its self-describing format plus the whole training state (optimiser, scheduler, batch source and
+miner, RNGs, step, unreadable files and skipped steps), so a resumed run continues exactly. Validation uses
+classes held out of the training set; the test benchmark is not read here.
+
+Reliability (README, "Reliability"):
+
+- an unreadable training image is skipped and a readable one of its class takes its place
+  (``training.data.ImageBatches``); more than ``data.max_bad_fraction`` of the training images unreadable
+  stops the run (:class:`training.data.BadTrainingData`);
+- a step whose loss or gradient is not finite changes nothing (no optimiser step; the learning-rate schedule
+  still advances with the step count); ``train.max_bad_steps`` of them in a row stop the run
+  (:class:`TrainingDiverged`). Checkpoints are not written during such a run of bad steps (a due one waits
+  for the next good step), so ``last.pth`` stays the last checkpoint before it. Under fp16 the GradScaler
+  skips steps with overflowing gradients itself (that is how it calibrates), so only the loss is checked;
+- SIGINT / SIGTERM during :meth:`Trainer.fit` finish the current step, write ``last.pth`` and return with
+  ``interrupted`` set (a second signal stops at once). In a distributed run the stop request and the
+  unreadable files found by each process are shared after every step, so all processes agree.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms.functional import center_crop
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from data.images import load_image
+from data.manifest import LabelledImageSet
 from data.transforms import EvalTransform
 from losses import create_loss
 from losses.factory import HASHING_LOSSES
@@ -38,15 +58,23 @@ from retrieval.benchmarks import LabelledBenchmark
 from retrieval.harness import EvalSettings, evaluate_method
 from release.load import load_release
 from retrieval.trained import TrainedModelMethod
+from utils.cli import RunStopped
 from utils.memory import release_free_memory
 
 from .batches import Batch, ClassBalancedBatches, MiningPoolBatches
-from .checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
-from .data import ImageBatches, derived_seed, load_training_set, split_validation_classes
+from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, save_checkpoint, save_step_checkpoint,
+                         set_rng_state)
+from .data import BadTrainingData, ImageBatches, derived_seed, load_training_set, split_validation_classes
 from .distributed import gather_rows, gather_with_grad, shard_slice
 from .optimization import build_optimizer, freeze, set_train_mode
 
 log = logging.getLogger(__name__)
+#: What stops training gracefully (the first time; a second one stops at once).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingDiverged(RunStopped):
+    """``train.max_bad_steps`` optimiser steps in a row had a non-finite loss or gradient."""
 
 
 def build_loss(lcfg: dict, hash_bits: int | None, num_classes: int):
@@ -73,12 +101,14 @@ def pair_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[floa
 
 
 class Trainer:
-    def __init__(self, config: dict, run_dir: Path, data_root: Path, accelerator: Accelerator):
-        self.config, self.run_dir, self.accelerator = config, run_dir, accelerator
+    def __init__(self, config: dict, run_dir: Path, data_root: Path, accelerator: Accelerator,
+                 images: LabelledImageSet | None = None):
+        """``images``: the training set if already read (``training.config.check_inputs``), else read here."""
+        self.config, self.run_dir, self.accelerator = config, Path(run_dir), accelerator
         self.device = accelerator.device
         self.seed = int(config["seed"])
         dcfg, mcfg, tcfg, mining = config["data"], config["model"], config["train"], config["mining"]
-        images = load_training_set(dcfg["train"], data_root)
+        images = images if images is not None else load_training_set(dcfg["train"], data_root)
         self.train_set, self.val_set = split_validation_classes(images, dcfg["val_classes"], self.seed)
         self.labels = np.asarray(self.train_set.labels)
         log.info("training on %d images of %d classes%s", len(self.train_set), self.train_set.num_classes,
@@ -99,7 +129,9 @@ class Trainer:
         self.model.to(self.device, memory_format=torch.channels_last)
         pre = self.model.preprocessing
         self.images = ImageBatches(self.train_set, dcfg["train_size"], pre.mean, pre.std, self.device,
-                                   dcfg["workers"], dcfg["crop_scale"], dcfg["keep_decoded"])
+                                   dcfg["workers"], dcfg["crop_scale"], dcfg["keep_decoded"], seed=self.seed)
+        #: unreadable training images tolerated (more stop the run)
+        self.max_bad_images = math.floor(dcfg["max_bad_fraction"] * len(self.train_set) + 1e-9)
         self.hash_bits = self.model.hash_bits
         self.beta_schedule = BetaSchedule(**mcfg["hash_beta"]) if self.hash_bits else None
         self.loss = build_loss(config["loss"], self.hash_bits, self.train_set.num_classes)
@@ -123,6 +155,12 @@ class Trainer:
         self.step = 0
         self.best = -1.0
         self.timing = {"train_seconds": 0.0, "images": 0, "validation_seconds": 0.0}
+        self.skipped_steps = 0      # optimiser steps skipped for a non-finite loss or gradient, in all
+        self.bad_streak = 0         # ... and in a row up to the current step
+        self.last_saved_step: int | None = None
+        self.stop_signal: int | None = None  # set by a SIGINT / SIGTERM handler during fit()
+        self.interrupted: str | None = None  # the signal's name once fit() stopped for it
+        self._logged_counts = (0, 0)          # (unreadable images, skipped steps) last sent to TensorBoard
         self.writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
         self.optimizer = self.scheduler = None
 
@@ -136,11 +174,29 @@ class Trainer:
         return {"step": self.step, "best": self.best, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "batches": self.batches.state_dict(),
                 "miner": self.miner.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_state(), "config": self.config}
+                "rng": rng_state(), "config": self.config,
+                "reliability": {"bad_images": [[index, str(self.train_set.paths[index]), reason]
+                                               for index, reason in self.images.bad.items()],
+                                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak}}
 
     def save(self, name: str, metrics: dict | None = None) -> None:
         if self.accelerator.is_main_process:
             save_checkpoint(self.run_dir / name, self.unwrapped, self.training_state(), metrics)
+
+    def checkpoint(self) -> None:
+        """``step-N.pth`` and ``last.pth`` -> it, keeping the newest ``train.keep_checkpoints``."""
+        if self.accelerator.is_main_process:
+            save_step_checkpoint(self.run_dir, self.step, self.unwrapped, self.training_state(),
+                                 self.config["train"]["keep_checkpoints"])
+        self.last_saved_step = self.step
+
+    def restore_reliability(self, saved: dict) -> None:
+        """Unreadable files and skipped steps of the run so far (checkpoints written before they existed have
+        none): a resumed run keeps skipping the files found unreadable, so it continues exactly."""
+        for index, path, reason in saved.get("bad_images", []):
+            if index < len(self.train_set) and str(self.train_set.paths[index]) == path:
+                self.images.mark_bad(index, reason, found_here=False)
+        self.skipped_steps, self.bad_streak = saved.get("skipped_steps", 0), saved.get("bad_streak", 0)
 
     def setup(self, resume_from: Path | None = None) -> None:
         if resume_from is None and self.accelerator.is_main_process:
@@ -161,6 +217,8 @@ class Trainer:
             self.miner.load_state_dict(state["miner"])
             set_rng_state(state["rng"])
             self.step, self.best, scaler_state = state["step"], state["best"], state["scaler"]
+            self.restore_reliability(state.get("reliability", {}))
+            self.last_saved_step = self.step
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if scaler_state is not None and self.accelerator.scaler is not None:  # fp16's loss scale
@@ -173,7 +231,7 @@ class Trainer:
         count = min(self.config["model"]["init_images"], len(self.train_set))
         indices = np.random.default_rng(self.seed).choice(len(self.train_set), size=count, replace=False)
         self.model.eval()
-        fmaps = [self.model.feature_map(self.images.load(indices[s:s + 32]))
+        fmaps = [self.model.feature_map(self.images.load(indices[s:s + 32], batch=indices))
                  for s in tqdm(range(0, count, 32), desc="head set-up", unit="batch", leave=False,
                                 disable=None)]
         if hash_only:
@@ -191,7 +249,8 @@ class Trainer:
         model = self.unwrapped.eval()
         chunk = self.config["train"]["forward_chunk"] or 64
         with acc.autocast():
-            parts = [model(self.images.load(mine[s:s + chunk])).float() for s in range(0, len(mine), chunk)]
+            parts = [model(self.images.load(mine[s:s + chunk], batch=indices)).float()
+                     for s in range(0, len(mine), chunk)]
         local = torch.cat(parts) if parts else torch.zeros(0, model.out_dim, device=self.device)
         return gather_rows(local, len(indices))
 
@@ -210,7 +269,7 @@ class Trainer:
             count = len(batch.indices)
             rows = shard_slice(count, acc.process_index, acc.num_processes)
             seeds = [derived_seed(self.seed, self.step, micro, position) for position in range(count)]
-            images = self.images.load(batch.indices[rows], seeds[rows])
+            images = self.images.load(batch.indices[rows], seeds[rows], batch=batch.indices)
             labels = torch.as_tensor(self.labels[batch.indices], device=self.device)
 
             def batch_loss(embeddings: torch.Tensor) -> torch.Tensor:
@@ -233,10 +292,37 @@ class Trainer:
             positive, negative = pair_distances(embeddings, labels)
             values.update({"batch/mean_pos_distance": positive, "batch/mean_neg_distance": negative})
             self.timing["images"] += count
-        self.optimizer.step()
-        self.scheduler.step()
+        problem = self.numerical_problem(values["train/loss"])
+        if problem is None:
+            self.optimizer.step()
+            self.bad_streak = 0
+        else:  # parameters and optimiser state stay as they are
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            log.warning("step %d: %s; optimiser step skipped (%d in a row, train.max_bad_steps = %d)", self.step + 1,
+                        problem, self.bad_streak, self.config["train"]["max_bad_steps"])
+        with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        values["train/skipped_steps"] = self.skipped_steps
         return values
+
+    def numerical_problem(self, loss: float) -> str | None:
+        """Why this step's update must not be applied (a non-finite loss or gradient), or None. The loss is
+        the whole batch's and the gradients are already averaged over processes, so every process agrees."""
+        if not math.isfinite(loss):
+            return f"the loss is {loss}"
+        if self.accelerator.scaler is not None:  # fp16: the GradScaler skips overflowing steps itself
+            return None
+        named = [(name, p.grad) for name, p in self.unwrapped.named_parameters() if p.grad is not None]
+        if not named:
+            return None
+        finite = torch.stack([torch.isfinite(grad).all() for _, grad in named])
+        if bool(finite.all()):
+            return None
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        return f"non-finite gradient in {len(bad)} parameter tensor(s) ({', '.join(bad[:3])})"
 
     def forward_backward(self, images: torch.Tensor, count: int, batch_loss, scale: float,
                          last_micro_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,33 +362,134 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
+        """Train up to ``train.steps``. Returns early, with ``interrupted`` set and ``last.pth`` written, after
+        a SIGINT / SIGTERM; raises :class:`TrainingDiverged` / :class:`BadTrainingData` (a :class:`RunStopped`)
+        when the run cannot go on."""
         tcfg = self.config["train"]
         steps = tcfg["steps"]
         progress = tqdm(total=steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                         disable=None if self.accelerator.is_main_process else True)  # None: off unless a terminal
-        while self.step < steps:
-            tick = time.perf_counter()
-            values = self.train_step()
-            self.timing["train_seconds"] += time.perf_counter() - tick
-            self.step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{values['train/loss']:.4f}")
-            if self.step % tcfg["log_every"] == 0 or self.step == 1:
-                values["train/lr"] = self.scheduler.get_last_lr()[0]
-                values["train/images_per_second"] = self.timing["images"] / max(self.timing["train_seconds"], 1e-9)
-                self.log_scalars(values)
-            if tcfg["triplet_grid_every"] and (self.step - 1) % tcfg["triplet_grid_every"] == 0:
-                self.log_triplet_grid()
-            if self.val_set is not None and ((tcfg["eval_every"] and self.step % tcfg["eval_every"] == 0)
-                                             or self.step == steps):
-                self.validate()
-            if self.step % tcfg["checkpoint_every"] == 0 or self.step == steps:
-                self.save("last.pth")
-                log.info("step %d/%d: loss %.4f, %.1f img/s", self.step, steps, values["train/loss"],
-                         self.timing["images"] / max(self.timing["train_seconds"], 1e-9))
-        progress.close()
-        if self.writer is not None:
-            self.writer.flush()  # the last events would otherwise be lost when the process ends
+        previous_handlers = self._catch_stop_signals()
+        checkpoint_due = False
+        try:
+            self.share_events()  # unreadable files met while setting up the head
+            while self.step < steps:
+                tick = time.perf_counter()
+                values = self.train_step()
+                self.timing["train_seconds"] += time.perf_counter() - tick
+                self.step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+                stop = self.share_events()
+                values["data/bad_images"] = len(self.images.bad)
+                counts = (len(self.images.bad), self.skipped_steps)  # logged whenever they change
+                if self.step % tcfg["log_every"] == 0 or self.step == 1 or counts != self._logged_counts:
+                    values["train/lr"] = self.scheduler.get_last_lr()[0]
+                    values["train/images_per_second"] = self.timing["images"] / max(self.timing["train_seconds"], 1e-9)
+                    self.log_scalars(values)
+                    self._logged_counts = counts
+                if self.bad_streak >= tcfg["max_bad_steps"]:
+                    raise TrainingDiverged(self.diverged_message())
+                if tcfg["triplet_grid_every"] and (self.step - 1) % tcfg["triplet_grid_every"] == 0:
+                    self.log_triplet_grid()
+                if self.val_set is not None and ((tcfg["eval_every"] and self.step % tcfg["eval_every"] == 0)
+                                                 or self.step == steps):
+                    self.validate()
+                checkpoint_due |= self.step % tcfg["checkpoint_every"] == 0 or self.step == steps
+                # during a run of skipped steps a due checkpoint waits for the next good step (or the end)
+                if checkpoint_due and (self.bad_streak == 0 or self.step == steps):
+                    self.checkpoint()
+                    checkpoint_due = False
+                    log.info("step %d/%d: loss %.4f, %.1f img/s", self.step, steps, values["train/loss"],
+                             self.timing["images"] / max(self.timing["train_seconds"], 1e-9))
+                if stop is None and self.accelerator.num_processes == 1:
+                    stop = self.stop_signal  # one received during validation or the checkpoint
+                if stop:
+                    if self.last_saved_step != self.step:
+                        self.checkpoint()
+                    self.interrupted = signal.Signals(stop).name
+                    log.warning("%s: stopped after step %d/%d; %s is written", self.interrupted, self.step, steps,
+                                self.run_dir / LAST)
+                    break
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            progress.close()
+            if self.writer is not None:
+                self.writer.flush()  # the last events would otherwise be lost when the process ends
+        self.report_reliability()
+
+    def _catch_stop_signals(self) -> dict:
+        """The first SIGINT / SIGTERM asks the loop to stop after the current step; a second one stops at once
+        (KeyboardInterrupt). Returns the handlers to put back. Only the main thread can set handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            log.warning("%s received: finishing step %d, then writing a checkpoint and stopping (send it again to "
+                        "stop at once, without a checkpoint)", signal.Signals(signum).name, self.step + 1)
+
+        previous = {}
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, on_signal)
+        return previous
+
+    def share_events(self) -> int | None:
+        """After each step: the unreadable files every process found (merged into every process's record,
+        listed in RUN_DIR/bad_images.txt) and any stop signal (so all processes stop at the same step).
+        Raises :class:`BadTrainingData` beyond ``data.max_bad_fraction``. Returns the stop signal or None."""
+        local = {"bad": [(index, self.images.bad[index]) for index in self.images.new_bad],
+                 "signal": self.stop_signal}
+        self.images.new_bad.clear()
+        everyone = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+        for events in everyone:
+            for index, reason in events["bad"]:
+                self.images.mark_bad(index, reason, found_here=False)
+        if any(events["bad"] for events in everyone) and self.accelerator.is_main_process:
+            listing = "".join(f"{path}\t{reason}\n" for path, reason in zip(self.images.bad_paths(),
+                                                                               self.images.bad.values()))
+            atomic_write(self.run_dir / "bad_images.txt", lambda handle: handle.write(listing.encode()))
+        if len(self.images.bad) > self.max_bad_images:
+            raise BadTrainingData(self.too_many_bad_message())
+        return next((events["signal"] for events in everyone if events["signal"]), None)
+
+    def too_many_bad_message(self) -> str:
+        paths, total = self.images.bad_paths(), len(self.train_set)
+        fraction = self.config["data"]["max_bad_fraction"]
+        shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+        return (f"{len(paths)} of the {total} training images are unreadable, more than data.max_bad_fraction = "
+                f"{fraction} allows ({self.max_bad_images}): {shown} (all in {self.run_dir / 'bad_images.txt'}); "
+                f"{self.checkpoint_note()}")
+
+    def diverged_message(self) -> str:
+        return (f"stopping at step {self.step}: {self.bad_streak} optimiser steps in a row had a non-finite loss or "
+                f"gradient and were skipped (train.max_bad_steps = {self.config['train']['max_bad_steps']}); "
+                f"{self.checkpoint_note()}")
+
+    def checkpoint_note(self) -> str:
+        if self.last_saved_step is None:
+            return "no checkpoint was written"
+        return (f"the last checkpoint, {self.run_dir / LAST} (step {self.last_saved_step}), is intact: fix the cause, "
+                f"then resume with --resume {self.run_dir}")
+
+    def reliability_report(self) -> dict:
+        """For results.json: unreadable training images (count, the first 100 paths) and skipped steps."""
+        paths = self.images.bad_paths()
+        return {"bad_images": len(paths), "bad_image_paths": paths[:100],
+                "bad_image_list": str(self.run_dir / "bad_images.txt") if paths else None,
+                "skipped_steps": self.skipped_steps}
+
+    def report_reliability(self) -> None:
+        paths = self.images.bad_paths()
+        if paths:
+            log.warning("%d unreadable training image(s) were skipped (listed in %s): %s%s", len(paths),
+                        self.run_dir / "bad_images.txt", ", ".join(paths[:5]), ", ..." if len(paths) > 5 else "")
+        if self.skipped_steps:
+            log.warning("%d optimiser step(s) were skipped for a non-finite loss or gradient", self.skipped_steps)
 
     def validate(self) -> None:
         """Retrieval on the held-out validation classes; ``best.pth`` keeps the best mAP so far."""
@@ -338,8 +525,9 @@ class Trainer:
         if not rows:
             return
         thumbnail = EvalTransform(size, "shorter", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        tiles = [center_crop(thumbnail(load_image(self.train_set.paths[batch.indices[i]])), [size, size])
-                 for row in rows for i in row]
+        decoded = [self.images.decode_or_none(batch.indices[i]) for row in rows for i in row]
+        tiles = [center_crop(thumbnail(image), [size, size]) if image is not None
+                 else torch.zeros(3, size, size) for image in decoded]  # black: an unreadable file
         self.writer.add_image("mining/triplets", make_grid(tiles, nrow=3, padding=2), self.step)
 
     def close(self) -> None:

@@ -17,9 +17,16 @@ from models.backbones import WeightsError
 
 from .memory import reuse_freed_memory
 
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (too many unreadable training images, a diverged loss...); the message says
+    why and what was kept, in one line."""
+
+
 #: Errors caused by inputs (files, data, flags), reported in one line with exit code 2.
 USER_ERRORS = (ImageLoadError, ManifestError, RevisitopError, WeightsError, FileNotFoundError, FileExistsError,
-               ValueError, KeyError)
+               ValueError, KeyError, RunStopped)
 
 
 def positive_int(text: str) -> int:

@@ -83,3 +83,103 @@ def test_hashing_losses_are_built_for_the_code_length():
     csq = build_loss({**base, "name": "csq"}, 16, 5)
     assert isinstance(csq, CSQLoss) and tuple(csq.centres.shape) == (5, 16)
     assert isinstance(build_loss({**base, "name": "dpsh", "quantization_weight": 0.2}, 16, 5), DPSHLoss)
+
+
+# -- values that cannot work: the exact message names the key, the value and what is accepted ------------------
+@pytest.mark.parametrize("given, message", [
+    ({"train": {"steps": -3}}, "train.steps must be >= 1, got -3"),
+    ({"train": {"steps": None}}, "config key 'train.steps' must be int, got null"),
+    ({"train": {"max_bad_steps": 0}}, "train.max_bad_steps must be >= 1, got 0"),
+    ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints must be >= 1, got 0"),
+    ({"train": {"keep_checkpoints": 1.5}}, "config key 'train.keep_checkpoints' must be int, got 1.5"),
+    ({"train": {"forward_chunk": 0}}, "train.forward_chunk must be >= 1 or null (a whole shard), got 0"),
+    ({"train": {"eval_every": -1}}, "train.eval_every must be >= 0 (0: never), got -1"),
+    ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision must be one of ['no', 'fp16', 'bf16'], got 'fp8'"),
+    ({"data": {"max_bad_fraction": 1.5}}, "data.max_bad_fraction must be in [0, 1] (0: any unreadable training image "
+                                          "stops the run), got 1.5"),
+    ({"data": {"max_bad_fraction": "1%"}}, "config key 'data.max_bad_fraction' must be float, got '1%'"),
+    ({"data": {"train": "imagenet:train"}}, "data.train must be flowers102[:SPLIT], csv:PATH[:SPLIT] or gldv2:PATH, "
+                                           "got 'imagenet:train'"),
+    ({"data": {"root": 5}}, "config key 'data.root' must be str, got 5"),
+    ({"data": {"workers": -1}}, "data.workers must be >= 0, got -1"),
+    ({"mining": {"miner": "semi_hard"}}, "mining.miner must be one of ['algorithm1', 'batch', 'semihard', 'hard'], "
+                                         "got 'semi_hard'"),
+    ({"loss": {"name": "arcface"}},
+     "loss.name must be one of ['triplet', 'contrastive', 'csq', 'dpsh'], got 'arcface'"),
+    ({"model": {"architecture": "vit"}},
+     "model.architecture must be one of ['gem', 'msnetvlad', 'netvlad'], got 'vit'"),
+    ({"model": {"head": {"out_dim": "big"}}}, "config key 'model.head.out_dim' must be int, got 'big'"),
+    ({"model": {"head": {"out_dim": 0}}}, "model.head.out_dim must be >= 1 or null (no projection), got 0"),
+    ({"mining": {"refresh_every": 0}}, "mining.refresh_every must be >= 1, got 0"),
+    ({"mining": {"schedule": [{"semi_hard_probability": 2.0}]}},
+     "mining.schedule: semi_hard_probability must be in [0, 1], got 2.0 (a list of phases {until_step, "
+     "semi_hard_probability, hard_threshold, refresh_every}, the last without until_step)"),
+    ({"mining": {"loss_band": [0.5, 0.1]}}, "mining.loss_band must be null or [low, high] with low < high, "
+                                            "got [0.5, 0.1]"),
+    ({"optim": {"scheduler": "linear"}}, "optim.scheduler must be one of ['cosine', 'constant'], got 'linear'"),
+    ({"optim": {"lr": -0.1}}, "optim.lr must be >= 0, got -0.1"),
+    ({"eval": {"benchmark": "oxford5k"}}, "eval.benchmark must be flowers102, flowers102-clutter, csv:PATH[:SPLIT] or "
+                                          "revisitop:NAME, got 'oxford5k'"),
+    ({"eval": {"limit": 0}}, "eval.limit must be >= 1 or null (all), got 0"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+])
+def test_impossible_values_fail_with_the_exact_message(tmp_path, given, message):
+    with pytest.raises(ConfigError) as error:
+        resolve_config(write(tmp_path, given))
+    assert str(error.value) == message
+
+
+def test_null_is_accepted_where_it_means_something(tmp_path):
+    config = resolve_config(write(tmp_path, {"train": {"forward_chunk": None}, "optim": {"head_lr": None},
+                                             "eval": {"cache_dir": None}}))
+    assert config["train"]["forward_chunk"] is None and config["optim"]["head_lr"] is None
+
+
+# -- checks against the data, before any image is read or a model is built ----------------------------------------
+def data_config(tmp_path, manifest, **mining) -> dict:
+    return {"run_dir": str(tmp_path / "run"), "data": {"train": f"csv:{manifest}", "val_classes": 0},
+            "mining": {"classes_per_batch": 3, "images_per_class": 2, **mining},
+            "eval": {"benchmark": f"csv:{manifest}", "baselines": []}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mining": {"classes_per_batch": 4}},
+     "mining.classes_per_batch = 4, but toy has 3 classes with 2 or more images: use at most 3"),
+    ({"data": {"val_classes": 1}}, "mining.classes_per_batch = 3, but toy has 2 classes with 2 or more images once "
+                                   "data.val_classes = 1 are held out: use at most 2"),
+    ({"mining": {"images_per_class": 5}}, "mining.images_per_class = 5, but no training class of toy has more than 4 "
+                                          "images (every class would repeat images): use at most 4"),
+    ({"mining": {"miner": "algorithm1", "per_class": 6}}, "mining.per_class = 6, but no training class of toy has "
+                                                         "more than 4 images (every class would repeat images): use "
+                                                         "at most 4"),
+    ({"eval": {"baselines": ["gem", "nope"]}}, "eval.baselines: unknown method(s) ['nope']; available: "),
+    ({"data": {"train": "csv:{root}/missing.csv"}}, "data.train = 'csv:{root}/missing.csv': {root}/missing.csv "
+                                                    "not found"),
+    ({"eval": {"benchmark": "csv:{root}/gone.csv:test"}}, "eval.benchmark = 'csv:{root}/gone.csv:test': "
+                                                          "{root}/gone.csv not found"),
+    ({"data": {"train": "flowers102:train"}}, "data.train = 'flowers102:train' needs {root}/flowers102/labels.csv, "
+                                              "which does not exist: the data root is {root} (set it with "
+                                              "--data-root, $DATA_ROOT or data.root; scripts/prepare_flowers102.py "
+                                              "builds the pack)"),
+    ({"eval": {"benchmark": "revisitop:roxford5k"}}, "eval.benchmark = 'revisitop:roxford5k': "
+                                                     "{root}/roxford5k/gnd_roxford5k.pkl not found"),
+])
+def test_configs_that_do_not_fit_the_data_fail_before_any_work(tmp_path, make_labelled_set, monkeypatch, change,
+                                                                message):
+    import PIL.Image
+
+    import train
+    import training.trainer
+
+    manifest = make_labelled_set()  # 3 classes x 4 images, "toy"
+    config = data_config(tmp_path, manifest)
+    for section, values in change.items():
+        config[section].update({k: v.format(root=tmp_path) if isinstance(v, str) else v for k, v in values.items()})
+    opened = []
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("an image was read"))
+    monkeypatch.setattr(training.trainer, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ValueError) as error:
+        train.main(["--config", write(tmp_path, config), "--data-root", str(tmp_path)])
+    expected = message.format(root=tmp_path)
+    assert str(error.value).startswith(expected) if expected.endswith("available: ") else str(error.value) == expected
+    assert not opened and not (tmp_path / "run").exists()  # no run directory either
