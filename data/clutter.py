@@ -63,7 +63,7 @@ import numpy as np
 from PIL import Image
 
 from .images import load_image
-from .manifest import LabelledImageSet, ManifestError, read_csv_manifest
+from .manifest import LabelledImageSet, ManifestError, read_csv_manifest, read_csv_rows
 
 log = logging.getLogger("data.clutter")  # also when run as __main__
 
@@ -165,20 +165,11 @@ class ImageBoxes:
 
 
 def _read_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, row) of a CSV with ``required`` columns; the header is line 1."""
-    if not path.is_file():
-        raise ClutterError(f"manifest not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise ClutterError(f"{path}: missing column(s) {missing}; found {columns}")
-        rows = []
-        for row in reader:
-            if None in row or any(row[c] is None for c in required):
-                raise ClutterError(f"{path}, line {reader.line_num}: expected {len(columns)} fields")
-            rows.append((reader.line_num, row))
+    """(line number, row) of a CSV with ``required`` columns and no short rows; the header is line 1."""
+    columns, rows = read_csv_rows(path, required, ClutterError)
+    for line, row in rows:
+        if None in row or any(row[c] is None for c in required):
+            raise ClutterError(f"{path}, line {line}: expected {len(columns)} fields")
     return rows
 
 

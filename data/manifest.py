@@ -49,21 +49,29 @@ class LabelledImageSet:
         )
 
 
+def read_csv_rows(path: Path, required, error: type[ManifestError] = ManifestError
+                  ) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, [(line number, row)]) of a CSV that must exist and have the ``required`` columns (a byte-order
+    mark is ignored; the header is line 1); problems raise ``error`` naming the file."""
+    if not path.is_file():
+        raise error(f"manifest not found: {path}")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise error(f"{path}: missing column(s) {missing}; found {columns}")
+        return list(columns), [(reader.line_num, row) for row in reader]
+
+
 def read_csv_manifest(csv_path: str | Path, split: str | None = None, name: str | None = None
                       ) -> LabelledImageSet:
     """Read a manifest; ``split`` keeps only rows whose ``split`` column equals it."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ManifestError(f"manifest not found: {csv_path}")
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise ManifestError(f"{csv_path}: missing column(s) {missing}; found {columns}")
-        if split is not None and "split" not in columns:
-            raise ManifestError(f"{csv_path}: split {split!r} requested but the manifest has no 'split' column")
-        rows = list(reader)
+    columns, numbered = read_csv_rows(csv_path, REQUIRED_COLUMNS)
+    if split is not None and "split" not in columns:
+        raise ManifestError(f"{csv_path}: split {split!r} requested but the manifest has no 'split' column")
+    rows = [row for _, row in numbered]
     if split is not None:
         rows = [row for row in rows if row["split"] == split]
         if not rows:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backbones import Preprocessing
+from release.format import sha256_file
 
 from .methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
 from .scores import ScoreSource, as_tensor
@@ -50,8 +51,7 @@ class RegionProposer:
         self.max_regions = max_regions
         self.score_threshold = config.score_threshold if score_threshold is None else score_threshold
         self.nms_threshold = config.nms_threshold if nms_threshold is None else nms_threshold
-        with open(self.checkpoint, "rb") as handle:
-            self.fingerprint = hashlib.sha256(handle.read()).hexdigest()[:16]
+        self.fingerprint = sha256_file(self.checkpoint)[:16]
         self._memo: dict[str, np.ndarray] = {}
 
     def config(self) -> dict:
@@ -169,11 +169,6 @@ class RegionalSearch(RetrievalMethod):
     @property
     def cache_name(self) -> str:
         return "regional_search"
-
-    @property
-    def dim(self) -> int:
-        with torch.no_grad():
-            return int(self.describer.encode(torch.zeros(1, 3, 32, 32)).shape[1])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.describer.encode(images)
