@@ -13,7 +13,9 @@ config is saved as RUN_DIR/config.yaml; TensorBoard logs go to RUN_DIR/tb.
 The config is checked against the data (``training.config.check_inputs``) before a run directory is made, an
 image is read or a model is built. SIGINT / SIGTERM during training write a checkpoint and exit with 128 +
 the signal number (130 / 143) and a line saying how to resume; a run stopped by unreadable training images or
-a diverged loss exits with 2 and a one-line reason.
+a diverged loss exits with 2 and a one-line reason. Under ``accelerate launch``, a process that dies or stops
+responding ends all of them: the others' collectives fail (at once, or after ``train.collective_timeout``
+seconds) with one line each (``training.distributed.PeerFailure``), exit code 2.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from data.roots import resolve_data_root
 from retrieval.harness import format_table, write_report
 from training.checkpoint import LAST, load_resumable
 from training.config import DEFAULT_CONFIG, check_inputs, resolve_config, unique_run_dir
+from training.distributed import peer_failures_stop_the_run, process_group_kwargs
 from training.evaluation import final_evaluation
 from training.trainer import Trainer
 from utils.cli import run_cli
@@ -73,7 +76,9 @@ def main(argv=None) -> int:
         config = resolve_config(args.config, args.overrides, init_from=args.init_from)
     data_root = resolve_data_root(args.data_root or config["data"]["root"])
     images = check_inputs(config, data_root, final_eval=not args.skip_final_eval)  # before any real work
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["train"]["mixed_precision"])
+    timeout = config["train"]["collective_timeout"]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["train"]["mixed_precision"],
+                              kwargs_handlers=[process_group_kwargs(timeout)])
     if resume_from is not None:
         run_dir = resume_from.parent
     else:
@@ -84,12 +89,15 @@ def main(argv=None) -> int:
         save_yaml({**config, "run_dir": str(run_dir)}, run_dir / "config.yaml")
     set_seed(int(config["seed"]))
     trainer = Trainer(config, run_dir, data_root, accelerator, images=images)
-    try:
-        trainer.setup(resume_from)
-        trainer.fit()
-    finally:
-        trainer.close()
-    accelerator.wait_for_everyone()
+    # a dead or silent process ends every process with one line instead of a hang
+    with peer_failures_stop_the_run(accelerator.process_index, accelerator.num_processes, timeout,
+                                    note=trainer.checkpoint_note):
+        try:
+            trainer.setup(resume_from)
+            trainer.fit()
+        finally:
+            trainer.close()
+        accelerator.wait_for_everyone()
     if trainer.interrupted:
         code = 128 + int(signal.Signals[trainer.interrupted])
         message = (f"training interrupted by {trainer.interrupted} at step {trainer.step}/{config['train']['steps']}; "

@@ -127,6 +127,8 @@ def validate(config: dict) -> None:
     for key in ("steps", "grad_accum", "log_every", "checkpoint_every", "triplets_per_step", "max_bad_steps",
                 "keep_checkpoints"):
         need(train[key] >= 1, f"train.{key} must be >= 1, got {train[key]}")
+    need(isinstance(train["collective_timeout"], (int, float)) and train["collective_timeout"] > 0,
+         f"train.collective_timeout must be a number of seconds > 0, got {train['collective_timeout']!r}")
     for key in ("eval_every", "triplet_grid_every"):
         need(train[key] >= 0, f"train.{key} must be >= 0 (0: never), got {train[key]}")
     need(train["forward_chunk"] is None or train["forward_chunk"] >= 1,

@@ -8,12 +8,22 @@ Gradients: :func:`gather_with_grad` all-gathers in the forward pass; in the back
 the gradient of the (identical) loss over all processes and keeps its own rows, i.e. ``world`` times the
 true gradient of its rows. DDP then averages the parameter gradients over the processes, which gives
 exactly the gradient of the whole-batch loss: 1 and N processes train the same way.
+
+Failures: when one process dies, the others' next collective fails at once (its connection is gone) and
+``accelerate launch`` ends the rest; when one stops responding, the others wait in a collective for at most
+``train.collective_timeout`` seconds (:func:`process_group_kwargs`). Either way :func:`peer_failures_stop_the_run`
+turns the error into one :class:`PeerFailure` line per process instead of a hang or a bare traceback.
 """
 from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from utils.cli import RunStopped
 
 
 def shard_sizes(count: int, world: int) -> list[int]:
@@ -64,3 +74,41 @@ def gather_with_grad(local: torch.Tensor, count: int) -> torch.Tensor:
     if not _distributed():
         return local
     return _GatherWithGrad.apply(local, shard_sizes(count, dist.get_world_size()))
+
+
+class PeerFailure(RunStopped):
+    """A collective operation failed or timed out: another process died or stopped responding."""
+
+
+def process_group_kwargs(timeout_seconds: float):
+    """accelerate's handler setting how long a collective waits for the other processes before failing."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=float(timeout_seconds)))
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A torch.distributed error, or gloo's / NCCL's RuntimeError text for a lost or silent peer."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "nccl", "timed out", "connection closed by peer",
+                                      "connection reset by peer", "broken pipe", "watchdog"))
+
+
+@contextlib.contextmanager
+def peer_failures_stop_the_run(rank: int, world: int, timeout_seconds: float, note=lambda: ""):
+    """In a run of ``world`` > 1 processes, a failed collective ends this process with a :class:`PeerFailure`
+    (a one-line message, exit code 2) naming the likely cause; ``note()`` says what was kept (the checkpoint)."""
+    try:
+        yield
+    except Exception as error:
+        if world <= 1 or isinstance(error, RunStopped) or not is_collective_failure(error):
+            raise
+        kept = note()
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise PeerFailure(
+            f"process {rank} of {world}: a collective operation failed ({first[:200]}): another process ended or "
+            f"stopped responding for more than train.collective_timeout = {timeout_seconds:g} s; its own log says "
+            f"why{'; ' + kept if kept else ''}") from error
