@@ -27,6 +27,7 @@ from scipy import ndimage
 from models.backbones import FEATURES, Backbone, Preprocessing
 from models.pooling import l2n, mac, spoc
 from retrieval.methods import MethodContext, RetrievalMethod, register_method
+from utils.errors import UserError
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -49,7 +50,7 @@ def scda_layers(backbone_name: str) -> tuple[str, str]:
             return pair
     if arch.startswith(("resnext", "wide_resnet", "seresnet")):
         return _LAYER_PAIRS["resnet"]
-    raise ValueError(f"no SCDA layer pair known for backbone {backbone_name!r}; "
+    raise UserError(f"no SCDA layer pair known for backbone {backbone_name!r}; "
                      f"known families: {', '.join(_LAYER_PAIRS)}")
 
 

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
+from utils.errors import UserError
+
 LOG = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT = 60  # seconds, for the connection and for each read
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A failure reported as one line on stderr; ``code`` is the exit status."""
 
     def __init__(self, message: str, code: int = 1):

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from utils.errors import UserError
+
 # A truncated JPEG must raise, not decode grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(UserError, RuntimeError):
     """An image file could not be read; the message names the file and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str | None = None):

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import UserError
+
 REQUIRED_COLUMNS = ("file", "class_id")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest is missing, malformed, or selects nothing."""
 
 

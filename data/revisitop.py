@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import UserError
+
 PROTOCOLS = ("easy", "medium", "hard")
 
 
-class RevisitopError(ValueError):
+class RevisitopError(UserError):
     """The ground-truth file is missing or malformed."""
 
 

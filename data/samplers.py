@@ -19,6 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -91,12 +93,12 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                  num_batches: int | None = None, min_per_class: int = 2, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0):
         if classes_per_batch < 1 or images_per_class < 1:
-            raise ValueError(f"need P >= 1 classes x K >= 1 images per batch, got {classes_per_batch} x "
+            raise UserError(f"need P >= 1 classes x K >= 1 images per batch, got {classes_per_batch} x "
                              f"{images_per_class}")
         if min_per_class < 1:
             raise ValueError(f"min_per_class must be >= 1, got {min_per_class}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy seed sequences), got {seed}")
+            raise UserError(f"seed must be >= 0 (numpy seed sequences), got {seed}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         if classes_per_batch % num_replicas:
@@ -106,7 +108,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.members = {c: idx for c, idx in members.items() if len(idx) >= min_per_class}
         self.classes = np.fromiter(self.members, dtype=np.int64, count=len(self.members))
         if len(self.classes) < classes_per_batch:
-            raise ValueError(f"only {len(self.classes)} classes have >= {min_per_class} images; "
+            raise UserError(f"only {len(self.classes)} classes have >= {min_per_class} images; "
                              f"a batch needs P = {classes_per_batch} distinct classes")
         self.classes_per_batch = classes_per_batch
         self.images_per_class = images_per_class
@@ -194,9 +196,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         mismatched = {key: (state.get(key), value) for key, value in self.fingerprint().items()
                       if state.get(key) != value}
         if mismatched:
-            raise ValueError(f"sampler state does not match this sampler (saved, current): {mismatched}")
+            raise UserError(f"sampler state does not match this sampler (saved, current): {mismatched}")
         if not 0 <= state["position"] <= self.num_batches:
-            raise ValueError(f"saved position {state['position']} is outside the epoch of {self.num_batches}")
+            raise UserError(f"saved position {state['position']} is outside the epoch of {self.num_batches}")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])

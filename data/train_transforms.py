@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from utils.errors import UserError
+
 from .images import load_image
 from .manifest import LabelledImageSet
 
@@ -82,9 +84,9 @@ class TrainTransform:
 
     def __post_init__(self):
         if self.size < 1:
-            raise ValueError(f"image size must be positive, got {self.size}")
+            raise UserError(f"image size must be positive, got {self.size}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {self.scale}")
+            raise UserError(f"crop scale must satisfy 0 < low <= high <= 1, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"crop ratio must satisfy 0 < low <= high, got {self.ratio}")
         if not 0 <= self.flip_probability <= 1:

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from utils.errors import UserError
+
 # shorter_max: shrink only images whose shorter side exceeds the size (SCDA's "shorter side <= 700" rule).
 RESIZE_MODES = ("shorter", "longer", "shorter_max", "none")
 _PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
@@ -54,11 +56,11 @@ class EvalTransform:
 
     def __post_init__(self):
         if self.mode not in RESIZE_MODES:
-            raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {self.mode!r}")
+            raise UserError(f"resize mode must be one of {RESIZE_MODES}, got {self.mode!r}")
         if self.interpolation not in _PIL_FILTERS:
-            raise ValueError(f"interpolation must be one of {sorted(_PIL_FILTERS)}, got {self.interpolation!r}")
+            raise UserError(f"interpolation must be one of {sorted(_PIL_FILTERS)}, got {self.interpolation!r}")
         if self.size < 1:
-            raise ValueError(f"image size must be positive, got {self.size}")
+            raise UserError(f"image size must be positive, got {self.size}")
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return resized_shape(width, height, self.size, self.mode, self.max_aspect, self.min_side)

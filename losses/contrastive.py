@@ -27,6 +27,8 @@ from pytorch_metric_learning.reducers import BaseReducer, SumReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from utils.errors import UserError
+
 DEFAULT_CONTRASTIVE_MARGIN = 0.7
 
 
@@ -40,7 +42,7 @@ class CirtorchContrastiveLoss(ContrastiveLoss):
 
     def __init__(self, margin: float = DEFAULT_CONTRASTIVE_MARGIN, reducer: BaseReducer | None = None):
         if not margin > 0:
-            raise ValueError(f"contrastive margin must be > 0, got {margin}")
+            raise UserError(f"contrastive margin must be > 0, got {margin}")
         super().__init__(pos_margin=0.0, neg_margin=float(margin), distance=euclidean_distance(),
                          reducer=reducer)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, BaseReducer, MeanReducer, SumReducer
 
+from utils.errors import UserError
+
 from .contrastive import CirtorchContrastiveLoss
 from .hashing import CSQLoss, DPSHLoss, QuantizedLoss
 from .triplet import SquaredEuclideanTripletLoss
@@ -30,7 +32,7 @@ def create_reducer(reducer: str | BaseReducer) -> BaseReducer:
 def _reject(name: str, **options) -> None:
     given = sorted(option for option, value in options.items() if value is not None)
     if given:
-        raise ValueError(f"the {name} loss takes no {', '.join(given)}")
+        raise UserError(f"the {name} loss takes no {', '.join(given)}")
 
 
 def create_loss(name: str, margin: float | None = None, reducer: str | BaseReducer | None = None, *,
@@ -46,7 +48,7 @@ def create_loss(name: str, margin: float | None = None, reducer: str | BaseReduc
     - ``dpsh``: :class:`~losses.hashing.DPSHLoss`; ``quantization_weight`` is its eta (default 0.1).
     """
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {LOSS_NAMES}")
+        raise UserError(f"unknown loss {name!r}; choose one of {LOSS_NAMES}")
     kwargs = {}
     if reducer is not None:
         kwargs["reducer"] = create_reducer(reducer)

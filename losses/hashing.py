@@ -29,6 +29,8 @@ from pytorch_metric_learning.reducers import BaseReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CSQ_QUANTIZATION_WEIGHT = 1e-4
@@ -52,7 +54,7 @@ def bit_balance(codes: torch.Tensor) -> torch.Tensor:
 
 def _check_weight(name: str, value: float) -> float:
     if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        raise UserError(f"{name} must be finite and >= 0, got {value}")
     return float(value)
 
 
@@ -161,7 +163,7 @@ def hash_centres(bits: int, num_classes: int, seed: int = 0) -> torch.Tensor:
         centres = torch.randint(0, 2, (num_classes, bits), generator=generator).float() * 2 - 1
         if len(torch.unique(centres, dim=0)) == num_classes:
             return centres
-    raise ValueError(f"{_CENTRE_DRAWS} draws of {num_classes} random {bits}-bit hash centres (seed {seed}) all had "
+    raise UserError(f"{_CENTRE_DRAWS} draws of {num_classes} random {bits}-bit hash centres (seed {seed}) all had "
                      "two centres that coincide: use more bits")
 
 

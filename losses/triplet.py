@@ -16,6 +16,8 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.reducers import BaseReducer
 
+from utils.errors import UserError
+
 DEFAULT_TRIPLET_MARGIN = 0.1
 
 
@@ -30,6 +32,6 @@ class SquaredEuclideanTripletLoss(TripletMarginLoss):
     def __init__(self, margin: float = DEFAULT_TRIPLET_MARGIN, reducer: BaseReducer | None = None,
                  triplets_per_anchor: int | str = "all"):
         if not margin >= 0:
-            raise ValueError(f"triplet margin must be >= 0, got {margin}")
+            raise UserError(f"triplet margin must be >= 0, got {margin}")
         super().__init__(margin=float(margin), triplets_per_anchor=triplets_per_anchor,
                          distance=squared_euclidean_distance(), reducer=reducer)

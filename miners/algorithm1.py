@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from utils.errors import UserError
+
 from .base import ScheduledMiner
 
 #: Per call. Every query ends in exactly one of: case A, case B (triplets returned), case C (dropped by the
@@ -85,7 +87,7 @@ class Algorithm1Miner(ScheduledMiner):
         if "distance" in kwargs:
             raise TypeError("Algorithm1Miner ranks by squared Euclidean distance; it takes no `distance`")
         if loss_band is not None and not (len(loss_band) == 2 and loss_band[0] < loss_band[1]):
-            raise ValueError(f"loss_band must be (low, high) with low < high, got {loss_band!r}")
+            raise UserError(f"loss_band must be (low, high) with low < high, got {loss_band!r}")
         super().__init__(semi_hard_probability, generator=generator, seed=seed, **kwargs)
         self.hard_threshold = hard_threshold
         self.one_per_class = one_per_class
@@ -100,7 +102,7 @@ class Algorithm1Miner(ScheduledMiner):
     @hard_threshold.setter
     def hard_threshold(self, value: int | None) -> None:
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-            raise ValueError(f"hard_threshold must be a positive integer rank distance or None, got {value!r}")
+            raise UserError(f"hard_threshold must be a positive integer rank distance or None, got {value!r}")
         self._hard_threshold = None if value is None else int(value)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):

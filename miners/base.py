@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.miners import BaseMiner
 
+from utils.errors import UserError
+
 
 class ScheduledMiner(BaseMiner):
     #: names of the per-call statistics (attributes set by ``mine``); ``num_triplets`` is PML's own
@@ -38,7 +40,7 @@ class ScheduledMiner(BaseMiner):
     @semi_hard_probability.setter
     def semi_hard_probability(self, value: float) -> None:
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"semi_hard_probability must be in [0, 1], got {value}")
+            raise UserError(f"semi_hard_probability must be in [0, 1], got {value}")
         self._semi_hard_probability = float(value)
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.miners import BaseMiner
 
+from utils.errors import UserError
+
 from .algorithm1 import Algorithm1Miner
 from .batch import BatchTripletMiner
 
@@ -21,7 +23,7 @@ def create_miner(name: str, loss: BaseMetricLossFunction, seed: int, one_per_cla
         return Algorithm1Miner(one_per_class=one_per_class, margin=loss.margin, loss_band=loss_band, seed=seed)
     if name in ("batch", *PINNED_PROBABILITY):
         return BatchTripletMiner(loss.distance, loss.margin, PINNED_PROBABILITY.get(name, 1.0), seed=seed)
-    raise ValueError(f"unknown miner {name!r}; choose one of {', '.join(MINER_NAMES)}")
+    raise UserError(f"unknown miner {name!r}; choose one of {', '.join(MINER_NAMES)}")
 
 
 def follows_schedule(name: str) -> bool:

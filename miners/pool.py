@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 STATE_KEYS = ("triplets_per_batch", "refresh_every", "triplets", "cursor", "iterations_since_refresh",
               "refills", "rng_state")
 
@@ -21,7 +23,7 @@ class MiningPool:
     def __init__(self, triplets_per_batch: int, refresh_every: int = 8, shuffle: bool = True,
                  seed: int | None = None):
         if triplets_per_batch < 1 or refresh_every < 1:
-            raise ValueError("triplets_per_batch and refresh_every must be >= 1")
+            raise UserError("triplets_per_batch and refresh_every must be >= 1")
         self.triplets_per_batch = triplets_per_batch
         self.refresh_every = refresh_every
         self.shuffle = shuffle
@@ -82,7 +84,7 @@ class MiningPool:
     def load_state_dict(self, state: dict) -> None:
         missing = set(STATE_KEYS) - set(state)
         if missing:
-            raise KeyError(f"mining pool state lacks {sorted(missing)}")
+            raise UserError(f"mining pool state lacks {sorted(missing)}")
         self.triplets_per_batch = int(state["triplets_per_batch"])
         self.refresh_every = int(state["refresh_every"])
         self.triplets = [[int(i) for i in t] for t in state["triplets"]]

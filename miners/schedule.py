@@ -22,6 +22,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,11 +36,11 @@ class MiningPhase:
 
     def __post_init__(self):
         if not 0.0 <= self.semi_hard_probability <= 1.0:
-            raise ValueError(f"semi_hard_probability must be in [0, 1], got {self.semi_hard_probability}")
+            raise UserError(f"semi_hard_probability must be in [0, 1], got {self.semi_hard_probability}")
         if self.hard_threshold is not None and self.hard_threshold < 1:
-            raise ValueError(f"hard_threshold must be >= 1 or null, got {self.hard_threshold}")
+            raise UserError(f"hard_threshold must be >= 1 or null, got {self.hard_threshold}")
         if self.refresh_every is not None and self.refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
+            raise UserError(f"refresh_every must be >= 1, got {self.refresh_every}")
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | MiningPhase) -> MiningPhase:
@@ -47,7 +49,7 @@ class MiningPhase:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(config) - known
         if unknown:
-            raise ValueError(f"unknown mining phase key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+            raise UserError(f"unknown mining phase key(s) {sorted(unknown)}; expected some of {sorted(known)}")
         return cls(**config)
 
 
@@ -59,14 +61,14 @@ class MiningSchedule:
     def __post_init__(self):
         phases = tuple(MiningPhase.from_config(phase) for phase in self.phases)
         if not phases:
-            raise ValueError("a mining schedule needs at least one phase")
+            raise UserError("a mining schedule needs at least one phase")
         if any(phase.until_step is None for phase in phases[:-1]):
-            raise ValueError("only the last mining phase may omit until_step")
+            raise UserError("only the last mining phase may omit until_step")
         boundaries = tuple(phase.until_step for phase in phases if phase.until_step is not None)
         if any(later <= earlier for earlier, later in zip(boundaries, boundaries[1:])):
-            raise ValueError(f"until_step must increase from phase to phase, got {list(boundaries)}")
+            raise UserError(f"until_step must increase from phase to phase, got {list(boundaries)}")
         if self.refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
+            raise UserError(f"refresh_every must be >= 1, got {self.refresh_every}")
         object.__setattr__(self, "phases", phases)
 
     @classmethod
@@ -76,7 +78,7 @@ class MiningSchedule:
             return cls(phases=tuple(config))
         unknown = set(config) - {"phases", "refresh_every"}
         if unknown:
-            raise ValueError(f"unknown mining schedule key(s) {sorted(unknown)}; expected phases, refresh_every")
+            raise UserError(f"unknown mining schedule key(s) {sorted(unknown)}; expected phases, refresh_every")
         return cls(phases=tuple(config["phases"]), refresh_every=config.get("refresh_every", 8))
 
     def phase_at(self, step: int) -> MiningPhase:

@@ -19,6 +19,8 @@ import timm
 import torch
 from torch import nn
 
+from utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FEATURES = "features"
@@ -67,7 +69,7 @@ def vgg_taps(model: nn.Module) -> dict[str, str]:
             block, conv, pending = block + 1, 0, None
     last = max((c for b, c in relu_of if b == 5), default=0)
     if "pool5" not in taps or last < 3 or (5, 1) not in relu_of or (5, 2) not in relu_of:
-        raise ValueError("VGG features without the expected 5 blocks of >= 3 convolutions, ReLUs and pooling")
+        raise UserError("VGG features without the expected 5 blocks of >= 3 convolutions, ReLUs and pooling")
     taps.update({"conv5_1": relu_of[(5, 1)], "relu5_2": relu_of[(5, 2)], f"conv5_{last}": relu_of[(5, last)]})
     return taps
 
@@ -93,7 +95,7 @@ OFFLINE_WEIGHTS = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Weights could not be found, downloaded or loaded."""
 
 
@@ -202,7 +204,7 @@ class Backbone(nn.Module):
             if tap == FEATURES:
                 continue
             if tap not in self.taps:
-                raise KeyError(f"backbone {self.name} has no tap {tap!r}; available: {self.tap_names}")
+                raise UserError(f"backbone {self.name} has no tap {tap!r}; available: {self.tap_names}")
             if self.taps[tap] not in modules:
                 raise KeyError(f"tap {tap!r} of backbone {self.name} points at a missing module {self.taps[tap]!r}")
             module = modules[self.taps[tap]]
@@ -286,7 +288,7 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
     ``weights`` loads a local file instead (timm or EfficientNet-PyTorch key names).
     """
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-        raise ValueError(f"unknown backbone {name!r}: not a timm architecture "
+        raise UserError(f"unknown backbone {name!r}: not a timm architecture "
                          f"(try e.g. tf_efficientnet_lite0, resnet50, vgg16)")
     offline = offline_weights_path(name) if pretrained and weights is None else None
     use_hub = pretrained and weights is None and offline is None

@@ -49,6 +49,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from utils.errors import UserError
+
 from .backbones import Backbone, create_backbone
 from .retrieval_net import read_checkpoint
 
@@ -90,9 +92,9 @@ class DetectorConfig:
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
         if not 0 < int(self.min_size) <= int(self.max_size):
-            raise ValueError(f"need 0 < min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}")
+            raise UserError(f"need 0 < min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}")
         if any(s <= 0 for s in self.anchor_sizes) or any(r <= 0 for r in self.aspect_ratios) or not self.aspect_ratios:
-            raise ValueError(f"anchor sizes and aspect ratios must be positive: {self.anchor_sizes}, "
+            raise UserError(f"anchor sizes and aspect ratios must be positive: {self.anchor_sizes}, "
                              f"{self.aspect_ratios}")
         _check_propose_arguments(self.max_boxes, self.score_threshold, self.nms_threshold)
         if not self.anchor_sizes:
@@ -106,19 +108,19 @@ class DetectorConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown detector config key(s) {sorted(unknown)}")
+            raise UserError(f"unknown detector config key(s) {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _check_propose_arguments(max_boxes, score_threshold, nms_threshold) -> None:
     if isinstance(max_boxes, bool) or not isinstance(max_boxes, (int, np.integer)) or max_boxes < 0:
-        raise ValueError(f"max_boxes must be an integer >= 0, got {max_boxes!r}")
+        raise UserError(f"max_boxes must be an integer >= 0, got {max_boxes!r}")
     if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
             or not 0.0 <= score_threshold < 1.0:
-        raise ValueError(f"score_threshold must be a number in [0, 1), got {score_threshold!r}")
+        raise UserError(f"score_threshold must be a number in [0, 1), got {score_threshold!r}")
     if isinstance(nms_threshold, bool) or not isinstance(nms_threshold, (int, float)) \
             or not 0.0 < nms_threshold <= 1.0:
-        raise ValueError(f"nms_threshold must be a number in (0, 1], got {nms_threshold!r}")
+        raise UserError(f"nms_threshold must be a number in (0, 1], got {nms_threshold!r}")
 
 
 class FeatureTrunk(nn.Module):
@@ -130,7 +132,7 @@ class FeatureTrunk(nn.Module):
     def __init__(self, backbone: Backbone, tap: str, frozen_blocks: int = 0):
         super().__init__()
         if tap not in backbone.tap_names:
-            raise ValueError(f"backbone {backbone.name} has no tap {tap!r}; available: {backbone.tap_names}")
+            raise UserError(f"backbone {backbone.name} has no tap {tap!r}; available: {backbone.tap_names}")
         self.tap = tap
         self.backbone_name = backbone.name
         model = backbone.model
@@ -358,7 +360,7 @@ def read_detector_checkpoint(path: str | Path, map_location: str = "cpu") -> dic
     refused with ``UnsafeCheckpointError`` before any of it runs) and checked to be a detector checkpoint."""
     checkpoint = read_checkpoint(path, map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != DETECTOR_FORMAT:
-        raise ValueError(f"{path} is not a {DETECTOR_FORMAT} checkpoint")
+        raise UserError(f"{path} is not a {DETECTOR_FORMAT} checkpoint")
     return checkpoint
 
 

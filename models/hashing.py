@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.errors import UserError
+
 
 def sign_codes(x: torch.Tensor) -> torch.Tensor:
     """{-1, +1} codes of ``x`` in its dtype, with sign(0) = +1 (``torch.sign`` would give 0 there)."""
@@ -37,9 +39,9 @@ class HashHead(nn.Module):
         if in_dim < 1:
             raise ValueError(f"in_dim must be >= 1, got {in_dim}")
         if bits < 1:
-            raise ValueError(f"bits must be >= 1, got {bits}")
+            raise UserError(f"bits must be >= 1, got {bits}")
         if bits % 8:
-            raise ValueError(f"bits must be a multiple of 8 (codes are packed into bytes), got {bits}")
+            raise UserError(f"bits must be a multiple of 8 (codes are packed into bytes), got {bits}")
         self.linear = nn.Linear(in_dim, bits)
         self.bits = bits
         self.beta = beta
@@ -67,13 +69,13 @@ class HashHead(nn.Module):
         pre-tanh values have unit mean variance. Training then starts at the unsupervised baseline."""
         k = self.bits
         if len(descriptors) < 2 * k:
-            raise ValueError(f"ITQ to {k} bits needs at least {2 * k} training descriptors, got {len(descriptors)}: "
+            raise UserError(f"ITQ to {k} bits needs at least {2 * k} training descriptors, got {len(descriptors)}: "
                              "raise model.init_images or lower model.head.hash_bits")
         x = descriptors.double().cpu()
         mean = x.mean(0)
         _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
         if len(vt) < k:
-            raise ValueError(f"ITQ to {k} bits of {x.shape[1]}-d descriptors: lower model.head.hash_bits")
+            raise UserError(f"ITQ to {k} bits of {x.shape[1]}-d descriptors: lower model.head.hash_bits")
         projected = (x - mean) @ vt[:k].T
         rotation, _ = itq_rotation(projected, iterations, torch.Generator().manual_seed(seed))
         weight = rotation.T @ vt[:k]
@@ -129,13 +131,13 @@ class BetaSchedule:
 
     def __post_init__(self):
         if not (math.isfinite(self.beta0) and self.beta0 > 0):
-            raise ValueError(f"beta0 must be finite and > 0, got {self.beta0}")
+            raise UserError(f"beta0 must be finite and > 0, got {self.beta0}")
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
-            raise ValueError(f"gamma must be finite and >= 0, got {self.gamma}")
+            raise UserError(f"gamma must be finite and >= 0, got {self.gamma}")
         if not (math.isfinite(self.power) and self.power >= 0):
-            raise ValueError(f"power must be finite and >= 0, got {self.power}")
+            raise UserError(f"power must be finite and >= 0, got {self.power}")
         if self.step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {self.step_size}")
+            raise UserError(f"step_size must be >= 1, got {self.step_size}")
 
     def __call__(self, step: int) -> float:
         if step < 0:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +69,7 @@ class NetVLAD(nn.Module):
         if self.normalize_input:
             x = F.normalize(x, dim=1)
         if len(x) < self.num_clusters:
-            raise ValueError(f"k-means needs at least {self.num_clusters} descriptors, got {len(x)}")
+            raise UserError(f"k-means needs at least {self.num_clusters} descriptors, got {len(x)}")
         import faiss  # only the k-means set-up needs it; a released model loads without it
 
         # nredo: keep the best of a few restarts (a single run can leave two centroids on one mode).

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.errors import UserError
+
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .hashing import HashHead
 from .netvlad import NetVLAD, multiscale_columns, single_scale_columns
@@ -53,14 +55,14 @@ def init_linear_pca(linear: nn.Linear, descriptors: torch.Tensor, whiten: bool, 
     whitening blows them up), so that is an error naming what to raise (``option`` sets k)."""
     k = linear.out_features
     if len(descriptors) < 2 * k:
-        raise ValueError(f"PCA to {k} dimensions needs at least {2 * k} training descriptors, got "
+        raise UserError(f"PCA to {k} dimensions needs at least {2 * k} training descriptors, got "
                          f"{len(descriptors)}: raise model.init_images or lower {option}")
     x = descriptors.double()
     mean = x.mean(0)
     _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
     weight = vt[:k]
     if len(weight) < k:
-        raise ValueError(f"PCA to {k} dimensions of {x.shape[1]}-d descriptors: lower {option}")
+        raise UserError(f"PCA to {k} dimensions of {x.shape[1]}-d descriptors: lower {option}")
     if whiten:
         weight = weight / (s[:k] / np.sqrt(len(x) - 1)).clamp(min=eps).unsqueeze(1)
     linear.weight.copy_(weight.float())
@@ -232,10 +234,10 @@ def create_model(architecture: str, backbone: str = "tf_efficientnet_lite0", pre
     """Backbone + head. Head options that another architecture takes (e.g. ``p`` for ``msnetvlad``) are
     ignored, so one config can switch architectures; options no head takes are an error."""
     if architecture not in _HEADS:
-        raise ValueError(f"unknown architecture {architecture!r}; available: {', '.join(available_models())}")
+        raise UserError(f"unknown architecture {architecture!r}; available: {', '.join(available_models())}")
     unknown = set(head_options) - set(HEAD_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown head option(s) {sorted(unknown)}; known: {HEAD_OPTIONS}")
+        raise UserError(f"unknown head option(s) {sorted(unknown)}; known: {HEAD_OPTIONS}")
     factory, accepted = _HEADS[architecture]
     used = {k: v for k, v in head_options.items() if k in accepted and v is not None}
     trunk = create_backbone(backbone, pretrained=pretrained, weights=weights)
@@ -255,7 +257,7 @@ def model_from_config(config: dict) -> RetrievalNet:
                         tap=config.get("tap", FEATURES), **config.get("head", {}))
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """A checkpoint holds pickled objects other than tensors and plain values: it is refused unread."""
 
 
@@ -273,7 +275,7 @@ def read_model_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     """:func:`read_checkpoint`, checked to be this repository's self-describing format."""
     checkpoint = read_checkpoint(path, map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return checkpoint
 
 

@@ -94,7 +94,7 @@ def model_card(config: dict) -> str:
                  f"{descriptor['dim']}-d L2-normalised {descriptor['dtype']} descriptors, compared by inner "
                  "product."), "",
              "## Use", "", "```python",
-             "from release import load_release          # this repository's models/ and data/; no training code",
+             "from release import load_release    # this repository's models/, data/ and utils/; no training code",
              f"retriever = load_release(\"{config['name']}\")",
              "descriptors = retriever.encode([\"query.jpg\", \"db1.jpg\"])   # " + (
                  "(N, bytes) uint8 packed codes" if descriptor.get("binary") else "(N, D) float32"),

@@ -5,6 +5,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from utils.errors import UserError
+
 RELEASE_FORMAT = "msretrieval-release-v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -17,7 +19,7 @@ REQUIRED_MODEL = {"architecture", "backbone", "tap", "head"}
 REQUIRED_INPUT = {"mean", "std", "image_size", "resize"}
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserError):
     """A release directory is incomplete, corrupt or of another format; the message names the file."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.errors import UserError
+
 from .retriever import Retriever
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class ImageIndex:
         binary = meta.get("binary", False)
         index = (faiss.read_index_binary if binary else faiss.read_index)(str(directory / FAISS_FILE))
         if not len(meta["images"]) == len(descriptors) == index.ntotal:
-            raise ValueError(f"{directory}: {len(meta['images'])} images, {len(descriptors)} descriptors and "
+            raise UserError(f"{directory}: {len(meta['images'])} images, {len(descriptors)} descriptors and "
                              f"{index.ntotal} index rows disagree; rebuild it into a new directory")
         return cls(directory, meta, descriptors, index)
 
@@ -101,7 +103,7 @@ class ImageIndex:
         images = list_images(folder)
         old = cls.open(directory) if (directory / META_FILE).is_file() else None
         if old is not None and (old.meta["weights_sha256"] != release_id or old.meta["factory"] != factory):
-            raise ValueError(f"{directory} was built with another release or factory "
+            raise UserError(f"{directory} was built with another release or factory "
                              f"({old.meta['factory']}); index into a new directory")
         known = {entry["path"]: (row, entry["stamp"]) for row, entry in enumerate(old.meta["images"])} if old else {}
         stamps = {str(path): file_stamp(path) for path in images}
@@ -122,7 +124,7 @@ class ImageIndex:
         else:
             index = build_faiss(descriptors, factory) if len(descriptors) else None
         if index is None:
-            raise ValueError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
+            raise UserError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
         meta = {"release": str(Path(release).resolve()), "weights_sha256": release_id, "factory": factory,
                 "binary": retriever.binary,
                 "dim": int(descriptors.shape[1]), "folder": str(Path(folder).resolve()), "images": entries}

@@ -16,6 +16,7 @@ from data.transforms import EvalTransform
 from models.retrieval_net import RetrievalNet
 from retrieval.binary import pack_bits
 from retrieval.extract import SizeBucketBatchSampler
+from utils.errors import UserError
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 
@@ -71,7 +72,7 @@ class Retriever:
         them, or an (N, 3, H, W) tensor); (N, bits / 8) uint8 packed codes for a hashing release.
         ``progress``: a progress bar (None: only on a terminal)."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise UserError(f"batch_size must be positive, got {batch_size}")
         items = self._as_list(images)
         if not items:
             return np.zeros((0, self.dim), dtype=self.dtype)

@@ -25,6 +25,7 @@ from data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, loa
 from data.datasets import ImageDataset
 from data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
 from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
+from utils.errors import UserError
 
 from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
 from .scores import ScoreSource
@@ -96,7 +97,7 @@ class RevisitopBenchmark(Benchmark):
 
     def evaluate(self, scores: ScoreSource, map_at_k: int | None = None) -> dict[str, float]:
         if map_at_k is not None:
-            raise ValueError("mAP@K is a labelled-set metric; revisitop benchmarks report mAP and mP@k")
+            raise UserError("mAP@K is a labelled-set metric; revisitop benchmarks report mAP and mP@k")
         return revisitop_metrics(scores, {p: self.dataset.protocol(p) for p in PROTOCOLS})
 
 
@@ -198,7 +199,7 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None)
         name = spec.split(":", 1)[1]
         bench = RevisitopBenchmark(name=name, dataset=load_revisitop(data_root, name))
     else:
-        raise ValueError(f"unknown benchmark {spec!r}; use flowers102, {CLUTTER_NAME}, csv:PATH[:SPLIT] or "
+        raise UserError(f"unknown benchmark {spec!r}; use flowers102, {CLUTTER_NAME}, csv:PATH[:SPLIT] or "
                          "revisitop:NAME")
     if limit is not None and isinstance(bench, LabelledBenchmark):
         bench.images = bench.images.subset(_spread_over_classes(bench.images.labels, limit))

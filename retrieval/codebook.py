@@ -24,6 +24,8 @@ from typing import Callable, Union
 import faiss
 import numpy as np
 
+from utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 Descriptors = Union[np.ndarray, Callable[[], np.ndarray]]
@@ -71,7 +73,7 @@ class Codebook:
         ``max_points_per_centroid`` x ``words`` points)."""
         x = np.ascontiguousarray(descriptors, dtype=np.float32)
         if x.ndim != 2 or len(x) < words:
-            raise ValueError(f"a {words}-word codebook needs at least {words} descriptors, got shape {x.shape}")
+            raise UserError(f"a {words}-word codebook needs at least {words} descriptors, got shape {x.shape}")
         kmeans = faiss.Kmeans(x.shape[1], words, niter=niter, seed=seed, verbose=False,
                               max_points_per_centroid=max_points_per_centroid)
         kmeans.train(x)

@@ -9,6 +9,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageOps
 
 from data.images import ImageLoadError, load_image
+from utils.errors import UserError
 
 QUERY_COLOUR, CORRECT, WRONG, UNKNOWN = (40, 90, 220), (30, 160, 60), (210, 40, 40), (170, 170, 170)
 
@@ -35,7 +36,7 @@ def thumbnail(path: Path, size: int) -> Image.Image:
 def contact_sheet(rows: Sequence[SheetRow], path: str | Path, tile: int = 128, border: int = 5) -> Path:
     """Write the sheet to ``path`` (PNG) and return it."""
     if not rows:
-        raise ValueError("no search results to draw")
+        raise UserError("no search results to draw")
     columns = 1 + max(len(row.results) for row in rows)
     cell, caption, gap = tile + 2 * border, 14, 12
     sheet = Image.new("RGB", (columns * cell + gap, len(rows) * (cell + caption)), "white")

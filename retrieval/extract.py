@@ -25,6 +25,7 @@ from data.datasets import ImageDataset, box_pixels
 from data.images import image_size
 
 from models.backbones import Backbone
+from utils.errors import UserError
 
 from .methods import RetrievalMethod
 
@@ -120,7 +121,7 @@ def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batc
             bar.update(len(indices))
     elapsed = time.perf_counter() - start
     if outputs[0] is None:
-        raise ValueError(f"{description}: the dataset is empty")
+        raise UserError(f"{description}: the dataset is empty")
     return [Extraction(output, len(dataset) / max(elapsed, 1e-9)) for output in outputs]
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from data.datasets import ImageDataset
 from data.transforms import EvalTransform
+from utils.errors import UserError
 
 from .benchmarks import Benchmark
 from .extract import DescriptorCache, Extraction, extract_together, safe_name
@@ -44,9 +45,9 @@ class EvalSettings:
         for name in ("image_size", "map_at_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"EvalSettings.{name} must be at least 1 (or None for the default), got {value}")
+                raise UserError(f"EvalSettings.{name} must be at least 1 (or None for the default), got {value}")
         if self.batch_size < 1 or self.num_workers < 0 or self.top_k < 0:
-            raise ValueError(f"EvalSettings: batch_size >= 1, num_workers >= 0 and top_k >= 0 are needed, got "
+            raise UserError(f"EvalSettings: batch_size >= 1, num_workers >= 0 and top_k >= 0 are needed, got "
                              f"{self.batch_size}, {self.num_workers}, {self.top_k}")
 
 
@@ -121,7 +122,7 @@ def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, setti
         if method.needs_fit():
             train = benchmark.train_set()
             if train is None:
-                raise ValueError(
+                raise UserError(
                     f"method {method.name} is fitted on training images but {benchmark.name} has none: use a "
                     f"benchmark with a training split (flowers102, flowers102-clutter, or csv:PATH:SPLIT on a "
                     f"manifest whose split column also has 'train' rows, which are then used for fitting)")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from baselines.msbd.pca import PCA
 from models.backbones import FEATURES, Backbone
 from models.pooling import l2n
+from utils.errors import UserError
 
 
 @dataclass
@@ -80,7 +81,7 @@ def select_local_features(fmap: torch.Tensor, max_features: int) -> list[LocalFe
 def _select(maps: Sequence[tuple[float, torch.Tensor]], max_features: int) -> list[LocalFeatures]:
     """Merge the positions of several scales' maps (same batch) and keep each image's best ``max_features``."""
     if max_features < 1:
-        raise ValueError(f"max_features must be at least 1, got {max_features}")
+        raise UserError(f"max_features must be at least 1, got {max_features}")
     parts = [(scale, *dense_features(fmap)) for scale, fmap in maps]
     batch = parts[0][1].shape[0]
     out = []
@@ -108,7 +109,7 @@ class LocalFeatureExtractor:
         if tap is None:
             tap = "blocks5_expand" if "blocks5_expand" in backbone.taps else FEATURES
         if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be positive, got {scales}")
+            raise UserError(f"scales must be positive, got {scales}")
         self.backbone = backbone
         self.tap = tap
         self.max_features = int(max_features)

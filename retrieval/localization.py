@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from data.manifest import LabelledImageSet
+from utils.errors import UserError
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 ORIGINAL_SIZE_COLUMNS = ("orig_w", "orig_h")
@@ -64,9 +65,9 @@ def _parse_float(value: str, column: str, path) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"box column {column} = {value!r} is not a number (file {path})") from None
+        raise UserError(f"box column {column} = {value!r} is not a number (file {path})") from None
     if not math.isfinite(number):
-        raise ValueError(f"box column {column} = {value!r} is not finite (file {path})")
+        raise UserError(f"box column {column} = {value!r} is not finite (file {path})")
     return number
 
 
@@ -81,14 +82,14 @@ def boxes_from_manifest(image_set: LabelledImageSet) -> np.ndarray | None:
         return None
     if len(present) != len(BOX_COLUMNS):
         missing = [c for c in BOX_COLUMNS if c not in image_set.extra]
-        raise ValueError(f"{image_set.name}: box columns {missing} missing (found {present}); "
+        raise UserError(f"{image_set.name}: box columns {missing} missing (found {present}); "
                          f"boxes need all of {list(BOX_COLUMNS)}")
     boxes = np.empty((len(image_set), 4), dtype=np.float64)
     for i, path in enumerate(image_set.paths):
         boxes[i] = [_parse_float(image_set.extra[c][i], c, path) for c in BOX_COLUMNS]
         x1, y1, x2, y2 = boxes[i]
         if x2 < x1 or y2 < y1:
-            raise ValueError(f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has x2 < x1 or y2 < y1 (file {path})")
+            raise UserError(f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has x2 < x1 or y2 < y1 (file {path})")
     return boxes
 
 
@@ -100,7 +101,7 @@ def original_sizes(image_set: LabelledImageSet) -> list[tuple[float, float]] | N
     for i, path in enumerate(image_set.paths):
         width, height = (_parse_float(image_set.extra[c][i], c, path) for c in ORIGINAL_SIZE_COLUMNS)
         if width <= 0 or height <= 0:
-            raise ValueError(f"original size {width:g}x{height:g} is not positive (file {path})")
+            raise UserError(f"original size {width:g}x{height:g} is not positive (file {path})")
         sizes.append((width, height))
     return sizes
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from models.backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from models.pooling import create_pooling, l2n
+from utils.errors import UserError
 
 from .scores import InnerProductScores, ScoreSource
 
@@ -165,7 +166,7 @@ def create_method(name: str, context: MethodContext | None = None) -> RetrievalM
         return TrainedModelMethod.from_spec(name, shared=context._shared)
     _load_plugins()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+        raise UserError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
     return _REGISTRY[name](context)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from models.backbones import Preprocessing
 from release.format import sha256_file
+from utils.errors import UserError
 
 from .methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
 from .scores import ScoreSource, as_tensor
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 POOLINGS = ("max", "avg")
 
 
-class DetectorMissing(ValueError):
+class DetectorMissing(UserError):
     """A regional method was asked for without a detector checkpoint."""
 
 

@@ -20,6 +20,7 @@ import torch
 from models.backbones import Preprocessing
 from models.retrieval_net import RetrievalNet, load_model
 from release.format import sha256_file
+from utils.errors import UserError
 
 from .binary import HammingScores, pack_bits
 from .methods import RetrievalMethod
@@ -39,7 +40,7 @@ def resolve_checkpoint(spec: str) -> Path:
             raise FileNotFoundError(f"model file not found: {path}")
         return path
     if kind != "run":
-        raise ValueError(f"not a trained-model spec: {spec!r} (use run:RUN_DIR or model:FILE)")
+        raise UserError(f"not a trained-model spec: {spec!r} (use run:RUN_DIR or model:FILE)")
     for name in CHECKPOINT_NAMES:
         for candidate in (path / name, path / "checkpoints" / name):
             if candidate.is_file():
@@ -81,7 +82,7 @@ class TrainedModelMethod(RetrievalMethod):
         kind, dims, seed = projected.group("kind"), int(projected.group("dims")), projected.group("seed")
         if kind == "pca":
             if seed is not None:
-                raise ValueError(f"{spec}: PCA is deterministic; the sSEED suffix is for itq@")
+                raise UserError(f"{spec}: PCA is deterministic; the sSEED suffix is for itq@")
             return PCATrainedMethod(model, name=spec, checkpoint=path, dims=dims, shared=shared)
         return ITQTrainedMethod(model, name=spec, checkpoint=path, bits=dims, seed=int(seed or 0), shared=shared)
 
@@ -130,9 +131,9 @@ class _FittedProjection(TrainedModelMethod):
 
     def _check_float(self, dims: int, what: str) -> None:
         if self.model.hash_bits is not None:
-            raise ValueError(f"{self.name}: {what} needs float descriptors; this network already hashes")
+            raise UserError(f"{self.name}: {what} needs float descriptors; this network already hashes")
         if dims < 1 or dims > self.model.out_dim:
-            raise ValueError(f"{self.name}: {what} needs 1 to {self.model.out_dim} dimensions, got {dims}")
+            raise UserError(f"{self.name}: {what} needs 1 to {self.model.out_dim} dimensions, got {dims}")
 
 
 class ITQTrainedMethod(_FittedProjection):
@@ -145,7 +146,7 @@ class ITQTrainedMethod(_FittedProjection):
         super().__init__(model, name, checkpoint, shared)
         self._check_float(bits, "ITQ")
         if bits % 8:
-            raise ValueError(f"{name}: ITQ bits must be a multiple of 8 (codes are packed in bytes), got {bits}")
+            raise UserError(f"{name}: ITQ bits must be a multiple of 8 (codes are packed in bytes), got {bits}")
         self.bits, self.seed, self.descriptor_kind, self.itq = bits, seed, "binary", None
 
     def config(self) -> dict:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from baselines.msbd.binary import learn_msbd  # noqa: E402
 from baselines.msbd.settings import MSBDSettings  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 log = logging.getLogger("plot_msbd_objective")
 
@@ -51,7 +52,7 @@ def training_descriptors(args, settings: MSBDSettings) -> np.ndarray:
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root))
     train = benchmark.train_set()
     if train is None:
-        raise ValueError(f"{args.benchmark} has no training split")
+        raise UserError(f"{args.benchmark} has no training split")
     pipeline = shared_pipeline(MethodContext(backbone=args.backbone), settings)
     pipeline.fit(ImageDataset(train.paths, _transform(pipeline, benchmark, EvalSettings())), train.labels)
     return pipeline.train_float
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     if args.descriptors:
         x = np.load(args.descriptors)
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"{args.descriptors}: expected (N, D) float descriptors, got {x.dtype} {x.shape}")
+            raise UserError(f"{args.descriptors}: expected (N, D) float descriptors, got {x.dtype} {x.shape}")
     else:
         x = training_descriptors(args, settings)
         if args.save_descriptors:

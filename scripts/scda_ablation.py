@@ -36,6 +36,7 @@ from retrieval.benchmarks import LabelledBenchmark, create_benchmark  # noqa: E4
 from retrieval.harness import format_table  # noqa: E402
 from retrieval.scores import InnerProductScores  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 log = logging.getLogger("scda_ablation")
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     if not isinstance(benchmark, LabelledBenchmark):
-        raise ValueError("the ablation runs on labelled benchmarks (flowers102, csv:...)")
+        raise UserError("the ablation runs on labelled benchmarks (flowers102, csv:...)")
     backbone = create_backbone(args.backbone, pretrained=True).eval()
     last_tap, earlier_tap = scda_layers(args.backbone)
     earlier_tap = args.earlier or earlier_tap

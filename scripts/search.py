@@ -26,6 +26,7 @@ from release import load_release  # noqa: E402
 from release.image_index import ImageIndex, list_images  # noqa: E402
 from retrieval.contact_sheet import SheetRow, contact_sheet  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 log = logging.getLogger("search")
 
@@ -61,11 +62,11 @@ def query_paths(items: list[str]) -> list[Path]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+        raise UserError(f"--k must be >= 1, got {args.k}")
     index = ImageIndex.open(args.index)
     retriever = load_release(args.release or index.meta["release"], device=args.device)
     if retriever.config["weights_sha256"] != index.meta["weights_sha256"]:
-        raise ValueError(f"the release's weights differ from those {args.index} was built with")
+        raise UserError(f"the release's weights differ from those {args.index} was built with")
     queries = query_paths(args.queries)
     labels = {}
     if args.labels:

@@ -40,6 +40,7 @@ from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
 from retrieval.localization import boxes_from_manifest, box_iou, original_sizes, pcp, rescale_boxes  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 log = logging.getLogger("visualize_scda")
 
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     image_set = load_set(args)
     truth = TruthBoxes(image_set)
     if args.pcp_all and not truth:
-        raise ValueError(f"--pcp-all needs ground-truth boxes: {image_set.name} has no x1, y1, x2, y2 columns")
+        raise UserError(f"--pcp-all needs ground-truth boxes: {image_set.name} has no x1, y1, x2, y2 columns")
     shown_indices = choose_images(len(image_set), args.num_images, args.seed)
     device = torch.device(args.device)
     backbone = create_backbone(args.backbone, pretrained=not args.random_init).eval().to(device)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet, UnsafeCheckpointError, read_checkpoint
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def load_training_state(path: str | Path) -> tuple[dict, dict]:
     """(model state_dict, training state) of a checkpoint written by :func:`save_checkpoint`."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT or "training_state" not in checkpoint:
-        raise ValueError(f"{path} is not a resumable training checkpoint")
+        raise UserError(f"{path} is not a resumable training checkpoint")
     return checkpoint["state_dict"], checkpoint["training_state"]
 
 
@@ -192,7 +193,7 @@ def load_resumable(path: str | Path) -> tuple[Path, dict, dict]:
     for candidate in candidates:
         try:
             if not zipfile.is_zipfile(candidate):  # torch's format is a zip archive; a truncated one is not
-                raise ValueError("truncated or not a checkpoint archive")
+                raise UserError("truncated or not a checkpoint archive")
             return (candidate, *load_training_state(candidate))
         except UnsafeCheckpointError:
             raise
@@ -200,4 +201,4 @@ def load_resumable(path: str | Path) -> tuple[Path, dict, dict]:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             problems.append(f"{candidate.name} ({reason})")
             log.warning("cannot resume from %s (%s); trying an older checkpoint", candidate, reason)
-    raise ValueError(f"nothing to resume in {path}: no checkpoint loads: {'; '.join(problems)}")
+    raise UserError(f"nothing to resume in {path}: no checkpoint loads: {'; '.join(problems)}")

@@ -29,6 +29,7 @@ from data.samplers import class_members
 from data.train_transforms import TrainTransform
 from data.transforms import EvalTransform
 from utils.cli import RunStopped
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def load_training_set(spec: str, data_root: str | Path) -> LabelledImageSet:
     if kind == "gldv2":
         from data.gldv2 import read_gldv2
         return read_gldv2(rest)
-    raise ValueError(f"unknown training set {spec!r}; use flowers102[:SPLIT], csv:PATH[:SPLIT] or gldv2:PATH")
+    raise UserError(f"unknown training set {spec!r}; use flowers102[:SPLIT], csv:PATH[:SPLIT] or gldv2:PATH")
 
 
 def split_validation_classes(images: LabelledImageSet, count: int, seed: int
@@ -59,7 +60,7 @@ def split_validation_classes(images: LabelledImageSet, count: int, seed: int
         return images, None
     classes = np.unique(images.labels)
     if not 0 < count <= len(classes) - 2:
-        raise ValueError(f"data.val_classes = {count}: {images.name} has {len(classes)} classes; hold out "
+        raise UserError(f"data.val_classes = {count}: {images.name} has {len(classes)} classes; hold out "
                          f"between 1 and {len(classes) - 2} of them, or 0 for no validation")
     held_out = np.random.default_rng(seed).choice(classes, size=count, replace=False)
     is_val = np.isin(images.labels, held_out)

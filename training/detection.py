@@ -40,6 +40,7 @@ from data.images import load_image
 from models.boxes import detection_metrics
 from models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector, detector_from_checkpoint,
                              detector_payload, read_detector_checkpoint)
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,16 @@ def load_splits(options: dict) -> Splits:
     test = [image for image in images if image.split == "test"]
     if not train:
         splits = sorted({image.split for image in images})
-        raise ValueError(f"{options['boxes']}: no image of split 'train' (splits found: {splits})")
+        raise UserError(f"{options['boxes']}: no image of split 'train' (splits found: {splits})")
     fraction = float(options["val_fraction"])
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {fraction}")
+        raise UserError(f"val_fraction must lie in [0, 1), got {fraction}")
     order = np.random.default_rng(options["seed"]).permutation(len(train))
     num_val = int(round(fraction * len(train)))
     if fraction > 0 and num_val == 0 and len(train) > 1:
         num_val = 1
     if num_val >= len(train):
-        raise ValueError(f"val_fraction {fraction} leaves no training image of {len(train)}")
+        raise UserError(f"val_fraction {fraction} leaves no training image of {len(train)}")
     val_ids = set(order[:num_val].tolist())
     return Splits(train=[im for i, im in enumerate(train) if i not in val_ids],
                   val=[im for i, im in enumerate(train) if i in val_ids], test=test)
@@ -185,7 +186,7 @@ def _optimizer(detector: LandmarkDetector, options: dict) -> torch.optim.Optimiz
     if options["optimizer"] == "sgd":
         return torch.optim.SGD(parameters, lr=options["lr"], momentum=options["momentum"],
                                weight_decay=options["weight_decay"])
-    raise ValueError(f"unknown optimizer {options['optimizer']!r} (adamw or sgd)")
+    raise UserError(f"unknown optimizer {options['optimizer']!r} (adamw or sgd)")
 
 
 def _finite(metrics: dict) -> dict:
@@ -226,7 +227,7 @@ class DetectorTrainer:
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)}")
         if not options["boxes"]:
-            raise ValueError("a box CSV is needed (--boxes)")
+            raise UserError("a box CSV is needed (--boxes)")
         run_dir = Path(run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"{run_dir} exists and is not empty: pick a new --out, or --resume it")
@@ -251,15 +252,15 @@ class DetectorTrainer:
         checkpoint = read_detector_checkpoint(path)
         state = checkpoint.get("training_state")
         if not isinstance(state, dict):
-            raise ValueError(f"{path} is not a resumable training checkpoint (no training state)")
+            raise UserError(f"{path} is not a resumable training checkpoint (no training state)")
         options = dict(state["options"])
         for key, value in (overrides or {}).items():
             if key not in RESUMABLE_OVERRIDES:
-                raise ValueError(f"--{key.replace('_', '-')} cannot change when resuming (only "
+                raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (only "
                                  f"{', '.join(RESUMABLE_OVERRIDES)})")
             options[key] = value
         if int(options["steps"]) < int(state["step"]):
-            raise ValueError(f"{path} is at step {state['step']}, beyond --steps {options['steps']}")
+            raise UserError(f"{path} is at step {state['step']}, beyond --steps {options['steps']}")
         detector = detector_from_checkpoint(checkpoint)
         log.info("resuming %s at step %d of %d", path, state["step"], options["steps"])
         return cls(path.parent, options, detector, state)
@@ -364,9 +365,9 @@ class DetectorTrainer:
         split = self.options["eval_split"]
         if split:
             if split != "test":
-                raise ValueError(f"eval_split must be 'test' (or unset), got {split!r}")
+                raise UserError(f"eval_split must be 'test' (or unset), got {split!r}")
             if not self.splits.test:
-                raise ValueError("--eval-split test: the box CSV has no image of split 'test'")
+                raise UserError("--eval-split test: the box CSV has no image of split 'test'")
             chosen = self.run_dir / ("best.pth" if (self.run_dir / "best.pth").is_file() else "last.pth")
             detector = detector_from_checkpoint(read_detector_checkpoint(chosen))
             tick = time.perf_counter()

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from utils.errors import UserError
+
 
 def freeze(model: nn.Module, trainable_prefixes: list[str]) -> list[nn.Parameter]:
     """Train only parameters under the given module names (``all``: everything). A name that matches no
@@ -18,7 +20,7 @@ def freeze(model: nn.Module, trainable_prefixes: list[str]) -> list[nn.Parameter
         for prefix in trainable_prefixes:
             if not any(under(name, prefix) for name in names):
                 top = sorted({".".join(name.split(".")[:3]) for name in names})[:10]
-                raise ValueError(f"model.trainable: {prefix!r} matches no parameter (names look like {top})")
+                raise UserError(f"model.trainable: {prefix!r} matches no parameter (names look like {top})")
     trainable = []
     for name, parameter in model.named_parameters():
         keep = "all" in trainable_prefixes or any(under(name, p) for p in trainable_prefixes)
@@ -51,7 +53,7 @@ def build_optimizer(model: nn.Module, optim: dict, steps: int
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=optim["weight_decay"])
     warmup, kind = optim["warmup_steps"], optim["scheduler"]
     if kind not in ("cosine", "constant"):
-        raise ValueError(f"optim.scheduler must be 'cosine' or 'constant', got {kind!r}")
+        raise UserError(f"optim.scheduler must be 'cosine' or 'constant', got {kind!r}")
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -1,7 +1,10 @@
-"""Entry-point plumbing: logging set-up and turning expected failures into one clear line.
+"""Entry-point plumbing: logging set-up and turning the user's errors into one clear line.
 
 Users should see ``error: cannot load image data/x.jpg: ...`` rather than a traceback from deep inside PIL
-or torch. Unexpected exceptions (bugs) still show their traceback.
+or torch. What counts as the user's error is explicit: a :class:`utils.errors.UserError` (a bad flag, config
+value, file or file content, method or benchmark name; ``ConfigError``, ``ManifestError``, ``ImageLoadError``,
+``ReleaseError``... derive from it), a :class:`RunStopped`, or a missing / already existing file. Every other
+exception, a plain ``ValueError`` or ``KeyError`` included, is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,13 +13,8 @@ import os
 import sys
 from typing import Callable
 
-from data.images import ImageLoadError
-from data.manifest import ManifestError
-from data.revisitop import RevisitopError
-from models.backbones import WeightsError
-
+from .errors import UserError
 from .memory import reuse_freed_memory
-
 
 
 class RunStopped(RuntimeError):
@@ -24,9 +22,9 @@ class RunStopped(RuntimeError):
     why and what was kept, in one line."""
 
 
-#: Errors caused by inputs (files, data, flags), reported in one line with exit code 2.
-USER_ERRORS = (ImageLoadError, ManifestError, RevisitopError, WeightsError, FileNotFoundError, FileExistsError,
-               ValueError, KeyError, RunStopped)
+#: Errors caused by inputs (flags, config, files, data) or a deliberate stop, reported in one line with exit
+#: code 2. Not ``ValueError`` / ``KeyError``: raised by anything else, they are bugs and show their traceback.
+USER_ERRORS = (UserError, RunStopped, FileNotFoundError, FileExistsError)
 
 
 def positive_int(text: str) -> int:

@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config file or an override is malformed."""
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from models.hashing import itq_loss, itq_rotation, procrustes  # noqa: F401  (ITQ lives with the hash head)
+from utils.errors import UserError
 
 from .pca import pca_basis
 
@@ -129,7 +130,7 @@ def _centre(x: np.ndarray, bits: int) -> tuple[np.ndarray, torch.Tensor]:
     if x.ndim != 2:
         raise ValueError(f"descriptors must be 2-D, got shape {x.shape}")
     if not 0 < bits <= min(x.shape):
-        raise ValueError(f"{bits} bits need at least {bits} training descriptors and dimensions, got {x.shape}")
+        raise UserError(f"{bits} bits need at least {bits} training descriptors and dimensions, got {x.shape}")
     mean = x.mean(0)
     return mean, torch.from_numpy((x - mean).astype(np.float32))  # float32: twice as fast, precise enough
 
@@ -151,11 +152,11 @@ def learn_msbd(x: np.ndarray, bits: int, density: float | None = 0.3, iterations
                monotone: bool = True, seed: int = 0) -> BinaryModel:
     """Algorithm 1. ``density`` = k / L (None: no sparsity, the MSBD-s ablation)."""
     if density is not None and not 0 < density <= 1:
-        raise ValueError(f"density k/L must be in (0, 1], got {density}")
+        raise UserError(f"density k/L must be in (0, 1], got {density}")
     if sparsify not in SPARSIFY_MODES:
-        raise ValueError(f"sparsify must be one of {SPARSIFY_MODES}, got {sparsify!r}")
+        raise UserError(f"sparsify must be one of {SPARSIFY_MODES}, got {sparsify!r}")
     if trials < 1:
-        raise ValueError(f"trials must be at least 1, got {trials}")
+        raise UserError(f"trials must be at least 1, got {trials}")
     mean, xc = _centre(x, bits)
     generator = torch.Generator().manual_seed(seed)
     k = None if density is None else max(1, int(round(density * bits)))

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ class SoftmaxClassifier:
             raise ValueError(f"{len(labels)} labels for {len(x)} descriptors")
         classes, targets = np.unique(labels, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError("the class-probability head needs at least two training classes")
+            raise UserError("the class-probability head needs at least two training classes")
         torch.manual_seed(seed)
         x = x.float()
         layer = torch.nn.Linear(x.shape[1], len(classes))

@@ -11,6 +11,7 @@ from torch import nn
 
 from models.backbones import FEATURES, Backbone
 from models.pooling import l2n
+from utils.errors import UserError
 
 # Three taps per backbone family. VGG: the paper's layers (first and last conv of the last stage, and the
 # final pooled map). ResNet: the last three stages (layer4 is also `features`). EfficientNet: the same roles
@@ -35,7 +36,7 @@ def fen_taps(backbone_name: str) -> tuple[str, str, str]:
         return FEN_TAPS["resnet"]
     if "efficientnet" in arch or arch.startswith("mobilenet"):
         return FEN_TAPS["efficientnet"]
-    raise ValueError(f"no FEN layers known for backbone {backbone_name!r}; known families: {', '.join(FEN_TAPS)}")
+    raise UserError(f"no FEN layers known for backbone {backbone_name!r}; known families: {', '.join(FEN_TAPS)}")
 
 
 class FEN(nn.Module):

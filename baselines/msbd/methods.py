@@ -23,6 +23,7 @@ from models.backbones import Preprocessing
 from retrieval.binary import HammingScores, pack_bits
 from retrieval.methods import MethodContext, RetrievalMethod, register_method
 from retrieval.scores import ScoreSource
+from utils.errors import UserError
 
 from .dissimilarity import DissimilarityScores
 from .pipeline import MSBDPipeline
@@ -98,7 +99,7 @@ class MSBDBinary(MSBDMethod):
     def fit(self, train_images, labels=None) -> None:
         super().fit(train_images, labels)
         if self.dissimilarity and self.pipeline.classifier is None:
-            raise ValueError(f"{self.name} ranks with class probabilities: fit it on labelled training images")
+            raise UserError(f"{self.name} ranks with class probabilities: fit it on labelled training images")
         self.model = self.pipeline.binary_model(self.learner, self.bits)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

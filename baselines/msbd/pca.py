@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from models.pooling import l2n
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -14,7 +15,7 @@ log = logging.getLogger(__name__)
 def pca_basis(x: torch.Tensor, dims: int) -> torch.Tensor:
     """(D, dims) leading principal directions of centred rows ``x`` (N, D)."""
     if dims > min(x.shape):
-        raise ValueError(f"cannot take {dims} principal components of {tuple(x.shape)} data "
+        raise UserError(f"cannot take {dims} principal components of {tuple(x.shape)} data "
                          f"(need at least {dims} samples and dimensions)")
     if dims < min(x.shape) // 4:  # randomised SVD: much faster for a few components of wide data
         _, _, v = torch.pca_lowrank(x, q=dims + 10, center=False, niter=4)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
+from utils.errors import UserError
+
 Proposer = Callable[[np.ndarray], np.ndarray]
 SELECTIVE_SEARCH_MODES = ("single", "fast", "quality")
 
@@ -22,7 +24,7 @@ SELECTIVE_SEARCH_MODES = ("single", "fast", "quality")
 def _selective_search(mode: str = "single", **_) -> Proposer:
     """OpenCV selective search; ``single`` (one colour space and strategy) is ~7x faster than ``fast``."""
     if mode not in SELECTIVE_SEARCH_MODES:
-        raise ValueError(f"selective search mode must be one of {SELECTIVE_SEARCH_MODES}, got {mode!r}")
+        raise UserError(f"selective search mode must be one of {SELECTIVE_SEARCH_MODES}, got {mode!r}")
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
 
     def propose(rgb: np.ndarray) -> np.ndarray:
@@ -36,7 +38,7 @@ def _selective_search(mode: str = "single", **_) -> Proposer:
 def _edge_boxes(edge_model: str | None = None, max_boxes: int = 200, **_) -> Proposer:
     """EdgeBoxes (the paper's detector) on structured edges from an OpenCV model file."""
     if not edge_model:
-        raise ValueError("EdgeBoxes needs a structured-edge model file (OpenCV's model.yml.gz): set edge_model")
+        raise UserError("EdgeBoxes needs a structured-edge model file (OpenCV's model.yml.gz): set edge_model")
     detector = cv2.ximgproc.createStructuredEdgeDetection(str(edge_model))
     boxes_finder = cv2.ximgproc.createEdgeBoxes()
     boxes_finder.setMaxBoxes(max_boxes)
@@ -73,7 +75,7 @@ PROPOSERS: dict[str, Callable[..., Proposer]] = {
 
 def create_proposer(name: str, **options) -> Proposer:
     if name not in PROPOSERS:
-        raise ValueError(f"unknown proposal method {name!r}; available: {', '.join(PROPOSERS)}")
+        raise UserError(f"unknown proposal method {name!r}; available: {', '.join(PROPOSERS)}")
     return PROPOSERS[name](**options)
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.errors import UserError
+
 SaliencyFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -25,7 +27,7 @@ def _normalise(saliency: np.ndarray) -> np.ndarray:
     return (saliency - low) / (high - low)
 
 
-class SaliencyUnavailable(ImportError):
+class SaliencyUnavailable(UserError, ImportError):
     """OpenCV's saliency module (opencv-contrib) is missing: only the salient branch needs it."""
 
 
@@ -74,5 +76,5 @@ def create_saliency(name: str) -> SaliencyFn:
     if name.startswith("torchscript:"):
         return _torchscript(name.split(":", 1)[1])
     if name not in SALIENCY:
-        raise ValueError(f"unknown saliency method {name!r}; available: {', '.join(SALIENCY)}, torchscript:PATH")
+        raise UserError(f"unknown saliency method {name!r}; available: {', '.join(SALIENCY)}, torchscript:PATH")
     return SALIENCY[name]()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.pooling import l2n
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Codebook:
     def fit(cls, x: np.ndarray, words: int, iterations: int = 20, seed: int = 0) -> "Codebook":
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) < words:
-            raise ValueError(f"a {words}-word codebook needs at least {words} training patches, got {len(x)}")
+            raise UserError(f"a {words}-word codebook needs at least {words} training patches, got {len(x)}")
         kmeans = faiss.Kmeans(x.shape[1], words, niter=iterations, seed=seed, verbose=False)
         kmeans.train(x)
         nearest, _ = kmeans.index.search(x, 1)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from models.backbones import FEATURES, WeightsError, create_backbone, load_weights, offline_weights_path
+from utils.errors import UserError
 
 
 def test_offline_efficientnet_lite0_loads_and_classifies_a_flower():
@@ -32,9 +33,9 @@ def test_taps_of_random_vgg16_and_resnet50(name, taps):
 
 def test_unknown_tap_and_unknown_backbone():
     backbone = create_backbone("resnet18")
-    with pytest.raises(KeyError, match="no tap"):
+    with pytest.raises(UserError, match="no tap"):  # a tap is named by flags (e.g. scda_ablation --earlier)
         backbone.forward_taps(torch.zeros(1, 3, 64, 64), ["pool5"])
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(UserError, match="unknown backbone"):
         create_backbone("not_a_model_xyz")
 
 
