@@ -83,12 +83,18 @@ class ImageIndex:
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: build the index with scripts/index.py first")
-        meta = json.loads(meta_path.read_text())
-        descriptors = np.load(directory / DESCRIPTORS_FILE, allow_pickle=False)
-        binary = meta.get("binary", False)
-        index = (faiss.read_index_binary if binary else faiss.read_index)(str(directory / FAISS_FILE))
-        if not len(meta["images"]) == len(descriptors) == index.ntotal:
-            raise UserError(f"{directory}: {len(meta['images'])} images, {len(descriptors)} descriptors and "
+        try:  # a damaged or hand-edited index is the user's file: one line, not a traceback
+            meta = json.loads(meta_path.read_text())
+            images = meta["images"]
+            descriptors = np.load(directory / DESCRIPTORS_FILE, allow_pickle=False)
+            binary = meta.get("binary", False)
+            index = (faiss.read_index_binary if binary else faiss.read_index)(str(directory / FAISS_FILE))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
+            raise UserError(f"{directory} is not a readable image index ({type(error).__name__}: "
+                            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); rebuild it with "
+                            "scripts/index.py into a new directory") from None
+        if not len(images) == len(descriptors) == index.ntotal:
+            raise UserError(f"{directory}: {len(images)} images, {len(descriptors)} descriptors and "
                              f"{index.ntotal} index rows disagree; rebuild it into a new directory")
         return cls(directory, meta, descriptors, index)
 

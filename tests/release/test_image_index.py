@@ -88,3 +88,24 @@ def test_index_and_search_command_lines(tmp_path, release_and_folder):
                 assert sheet.getpixel((12 + (i + 1) * 138 + 1, top + 1)) == expected
     done = run("search.py", tmp_path / "missing", *queries)
     assert done.returncode == 2 and "scripts/index.py" in done.stderr
+
+
+@pytest.mark.parametrize("damage", ["meta_not_json", "meta_without_images", "descriptors_cut", "faiss_file_missing"])
+def test_a_damaged_index_is_a_user_error(tmp_path, release_and_folder, damage):
+    from release.image_index import DESCRIPTORS_FILE, FAISS_FILE, META_FILE
+    from utils.errors import UserError
+
+    release, folder, _ = release_and_folder
+    ImageIndex.update(tmp_path / "idx", folder, load_release(release), release)
+    directory = tmp_path / "idx"
+    if damage == "meta_not_json":
+        (directory / META_FILE).write_text("{not json")
+    elif damage == "meta_without_images":
+        (directory / META_FILE).write_text("{}")
+    elif damage == "descriptors_cut":
+        path = directory / DESCRIPTORS_FILE
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        (directory / FAISS_FILE).unlink()
+    with pytest.raises(UserError, match="is not a readable image index.*rebuild it"):
+        ImageIndex.open(directory)
