@@ -15,7 +15,7 @@ time, must end where an undisturbed run on the same images ends.
    each after a random delay drawn uniformly from ``--kill-window`` times the undisturbed run's wall time,
    and resumed each time with ``train.py --resume`` (restarted from scratch when the kill came before its
    first checkpoint); then left to finish.
-4. The report (printed, and OUT/drill.json): final test metrics of both runs, the best validation mAP, the
+4. The report (printed, and OUT/drill.json; ``--report-only`` prints it again from OUT/progress.json): final test metrics of both runs, the best validation mAP, the
    unreadable-image count of each against the injected count. Passes when every final metric is within
    ``--tolerance`` (0.005) and both counts equal the injected count; the exit code says which.
 
@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="each kill after U(LOW, HIGH) x the undisturbed run's wall time from (re)start")
     parser.add_argument("--tolerance", type=float, default=0.005, help="largest final-metric difference allowed")
     parser.add_argument("--seed", type=int, default=0, help="which images are damaged and when kills come")
+    parser.add_argument("--report-only", action="store_true", help="compare the finished runs under --out again")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value for both runs")
     args = parser.parse_intermixed_args(argv)
     if not 0 < args.corrupt_fraction < 0.5:
@@ -155,7 +156,8 @@ def checkpoint_step(run_dir: Path) -> int | None:
         return None
 
 
-def disturbed_run(args, run_dir: Path, manifest: Path, undisturbed_seconds: float, log_path: Path) -> list[dict]:
+def disturbed_run(args, run_dir: Path, manifest: Path, undisturbed_seconds: float, log_path: Path,
+                  out: Path) -> list[dict]:
     """The run killed ``args.kills`` times and resumed; returns what each kill hit."""
     rng = np.random.default_rng(args.seed + 1)
     kills = []
@@ -176,6 +178,7 @@ def disturbed_run(args, run_dir: Path, manifest: Path, undisturbed_seconds: floa
             process.wait()
         step = checkpoint_step(run_dir)
         kills.append({"after_seconds": round(delay, 1), "resumable_step": step})
+        record(out, "kills", kills)
         log.info("kill %d/%d after %.0f s: the newest checkpoint that loads is at step %s", len(kills), args.kills,
                  delay, step)
         resume = step is not None
@@ -185,16 +188,61 @@ def disturbed_run(args, run_dir: Path, manifest: Path, undisturbed_seconds: floa
 
 def summary(run_dir: Path) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
-    trained = next(m for m in results["methods"] if "(trained)" in m["name"])
+    trained = next(row for row in results["results"] if row["method"].endswith("(trained)"))
     training = results["training"]
     return {"metrics": {k: trained["metrics"][k] for k in METRICS if k in trained["metrics"]},
             "best_validation_mAP": training.get("best_validation_mAP"), "bad_images": training.get("bad_images"),
             "skipped_steps": training.get("skipped_steps"), "steps": training.get("steps")}
 
 
+def record(out: Path, key: str, value) -> None:
+    """OUT/progress.json: what the drill has done so far (``--report-only`` rebuilds the report from it)."""
+    path = out / "progress.json"
+    progress = json.loads(path.read_text()) if path.is_file() else {}
+    progress[key] = value
+    path.write_text(json.dumps(progress, indent=2))
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def report(out: Path, kills_asked: int, tolerance: float) -> dict:
+    """Compare the two finished runs under ``out`` (OUT/drill.json) and print the table and the checks."""
+    progress = json.loads((out / "progress.json").read_text())
+    damaged, kills, wall = progress["damaged"], progress.get("kills", []), progress.get("wall_seconds", {})
+    runs = {"undisturbed": summary(out / "undisturbed"), "disturbed": summary(out / "disturbed")}
+    differences = {k: abs(runs["disturbed"]["metrics"][k] - runs["undisturbed"]["metrics"][k])
+                   for k in runs["undisturbed"]["metrics"]}
+    checks = {
+        f"final metrics within {tolerance}": max(differences.values()) <= tolerance,
+        f"kills made: {len(kills)} of {kills_asked}": len(kills) == kills_asked,
+        **{f"{name}: unreadable images found = injected ({len(damaged)})": run["bad_images"] == len(damaged)
+           for name, run in runs.items()},
+    }
+    result = {"injected": len(damaged), "kills": kills, "runs": runs, "differences": differences,
+              "wall_seconds": wall, "checks": checks, "passed": all(checks.values())}
+    (out / "drill.json").write_text(json.dumps(result, indent=2))
+
+    lines = [f"{'':24s}" + "".join(f"{k:>9s}" for k in runs["undisturbed"]["metrics"]) + "  best val  unreadable"]
+    for name, run in runs.items():
+        lines.append(f"{name:24s}" + "".join(f"{v:9.4f}" for v in run["metrics"].values())
+                     + f"  {_number(run['best_validation_mAP']):>8s}  {run['bad_images']:10d}")
+    lines.append(f"{'|difference|':24s}" + "".join(f"{v:9.4f}" for v in differences.values()))
+    lines.append(f"injected unreadable images: {len(damaged)}; kills (delay s, step resumed from): "
+                 + ", ".join(f"{k['after_seconds']:.0f}/{k['resumable_step']}" for k in kills))
+    if wall:
+        lines.append("wall time: " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in wall.items()))
+    lines += [f"{'PASS' if ok else 'FAIL'}  {check}" for check, ok in checks.items()]
+    print("\n".join(lines))
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.report_only:
+        return 0 if report(out, args.kills, args.tolerance)["passed"] else 1
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; give --out a new folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +250,7 @@ def main(argv=None) -> int:
     args.data_root = str(data_root)
     config = resolve_config(args.config, args.overrides)
     manifest, damaged = corrupt_manifest(config, data_root, out, args.corrupt_fraction, args.seed)
+    record(out, "damaged", damaged)
 
     log.info("undisturbed run (log: %s)", out / "undisturbed.log")
     tick = time.perf_counter()
@@ -209,38 +258,14 @@ def main(argv=None) -> int:
                     out / "undisturbed.log")
     finish(process, "the undisturbed run", out / "undisturbed.log")
     undisturbed_seconds = time.perf_counter() - tick
+    record(out, "wall_seconds", {"undisturbed": round(undisturbed_seconds, 1)})
 
     log.info("disturbed run, %d kills (log: %s)", args.kills, out / "disturbed.log")
     tick = time.perf_counter()
-    kills = disturbed_run(args, out / "disturbed", manifest, undisturbed_seconds, out / "disturbed.log")
-    disturbed_seconds = time.perf_counter() - tick
-
-    runs = {"undisturbed": summary(out / "undisturbed"), "disturbed": summary(out / "disturbed")}
-    differences = {k: abs(runs["disturbed"]["metrics"][k] - runs["undisturbed"]["metrics"][k])
-                   for k in runs["undisturbed"]["metrics"]}
-    checks = {
-        f"final metrics within {args.tolerance}": max(differences.values()) <= args.tolerance,
-        f"kills made: {len(kills)} of {args.kills}": len(kills) == args.kills,
-        **{f"{name}: unreadable images found = injected ({len(damaged)})": run["bad_images"] == len(damaged)
-           for name, run in runs.items()},
-    }
-    report = {"injected": len(damaged), "kills": kills, "runs": runs, "differences": differences,
-              "wall_seconds": {"undisturbed": round(undisturbed_seconds, 1),
-                               "disturbed": round(disturbed_seconds, 1)},
-              "checks": checks, "passed": all(checks.values())}
-    (out / "drill.json").write_text(json.dumps(report, indent=2))
-
-    lines = [f"{'':24s}" + "".join(f"{k:>9s}" for k in runs["undisturbed"]["metrics"]) + "  best val  unreadable"]
-    for name, run in runs.items():
-        lines.append(f"{name:24s}" + "".join(f"{v:9.4f}" for v in run["metrics"].values())
-                     + f"  {run['best_validation_mAP']:8.4f}  {run['bad_images']:10d}")
-    lines.append(f"{'|difference|':24s}" + "".join(f"{v:9.4f}" for v in differences.values()))
-    lines.append(f"injected unreadable images: {len(damaged)}; kills (delay s, step resumed from): "
-                 + ", ".join(f"{k['after_seconds']:.0f}/{k['resumable_step']}" for k in kills))
-    lines.append(f"wall time: undisturbed {undisturbed_seconds / 60:.1f} min, disturbed {disturbed_seconds / 60:.1f} min")
-    lines += [f"{'PASS' if ok else 'FAIL'}  {check}" for check, ok in checks.items()]
-    print("\n".join(lines))
-    return 0 if report["passed"] else 1
+    disturbed_run(args, out / "disturbed", manifest, undisturbed_seconds, out / "disturbed.log", out)
+    record(out, "wall_seconds", {"undisturbed": round(undisturbed_seconds, 1),
+                                 "disturbed": round(time.perf_counter() - tick, 1)})
+    return 0 if report(out, args.kills, args.tolerance)["passed"] else 1
 
 
 if __name__ == "__main__":

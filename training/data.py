@@ -213,6 +213,28 @@ class ImageBatches:
         batch_tensor = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div(255)
         return batch_tensor.sub(self.mean).div(self.std).contiguous(memory_format=torch.channels_last)
 
+    def scan(self, indices: Sequence[int], desc: str = "checking training images") -> int:
+        """Read each of ``indices`` once (decoded images are kept when ``keep_decoded``); unreadable ones are
+        recorded as in :meth:`load`. Returns how many new unreadable files were found."""
+        from tqdm.auto import tqdm
+
+        before = len(self.bad)
+        todo = [int(i) for i in indices if int(i) not in self.bad]
+        checks = self.pool.map(lambda index: (index, self._check(index)), todo)
+        for index, error in tqdm(checks, total=len(todo), desc=desc, unit="img", leave=False, disable=None):
+            if error is not None:
+                self.mark_bad(index, error)
+        return len(self.bad) - before
+
+    def _check(self, index: int) -> ImageLoadError | None:
+        try:
+            image = self._decode(index)
+            if self.decoded is None:
+                image.close()
+            return None
+        except ImageLoadError as error:
+            return error
+
     def decode_or_none(self, index: int) -> Image.Image | None:
         """The decoded image, or None if the file is unreadable (recorded like a failed :meth:`load`)."""
         if index in self.bad:

@@ -220,6 +220,12 @@ class Trainer:
             self.restore_reliability(state.get("reliability", {}))
             self.last_saved_step = self.step
             log.info("resumed from %s at step %d", resume_from, self.step)
+        if self.config["data"]["scan_images"]:  # all unreadable files counted before step 1
+            acc = self.accelerator
+            mine = np.arange(len(self.train_set))[shard_slice(len(self.train_set), acc.process_index,
+                                                              acc.num_processes)]
+            found = self.images.scan(mine)
+            log.info("checked %d training images: %d unreadable", len(mine), found)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if scaler_state is not None and self.accelerator.scaler is not None:  # fp16's loss scale
             self.accelerator.scaler.load_state_dict(scaler_state)

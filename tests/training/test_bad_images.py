@@ -118,3 +118,24 @@ def test_evaluation_still_refuses_an_unreadable_image(broken_set):
     for path in damaged:
         with pytest.raises(ImageLoadError, match=f"cannot load image {path}"):
             load_image(path)
+
+
+def test_the_scan_counts_files_no_batch_draws_and_stops_before_step_one(tmp_path, one_thread):
+    """Five images per class, batches of 3 x 2 for one step: most files are never drawn, yet all damaged ones
+    are counted (data.scan_images); with too many, the run stops before its first step."""
+    broken = {"c0_4.jpg": "truncated", "c1_3.jpg": "not_an_image", "c2_4.jpg": "missing"}
+    manifest, damaged = write_set(tmp_path / "data", per_class=5, broken=broken)
+    config = tiny_config(tmp_path / "run", manifest, steps=1)
+    config["data"]["max_bad_fraction"] = 0.25
+    config["model"]["init_images"] = 2
+    assert train.main(["--config", write_config(tmp_path / "c.yaml", config), "--skip-final-eval"]) == 0
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["training_state"]
+    assert sorted(path for _, path, _ in state["reliability"]["bad_images"]) == sorted(map(str, damaged))
+    config["run_dir"], config["data"]["max_bad_fraction"] = str(tmp_path / "run2"), 0.1
+    with pytest.raises(BadTrainingData, match="^3 of the 15 training images are unreadable.*no checkpoint"):
+        train.main(["--config", write_config(tmp_path / "c2.yaml", config), "--skip-final-eval"])
+    config["run_dir"], config["data"]["scan_images"] = str(tmp_path / "run3"), False  # found only when drawn
+    config["data"]["max_bad_fraction"] = 0.25
+    assert train.main(["--config", write_config(tmp_path / "c3.yaml", config), "--skip-final-eval"]) == 0
+    state = torch.load(tmp_path / "run3" / "last.pth", weights_only=True)["training_state"]
+    assert len(state["reliability"]["bad_images"]) < 3
