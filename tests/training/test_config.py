@@ -183,3 +183,13 @@ def test_configs_that_do_not_fit_the_data_fail_before_any_work(tmp_path, make_la
     expected = message.format(root=tmp_path)
     assert str(error.value).startswith(expected) if expected.endswith("available: ") else str(error.value) == expected
     assert not opened and not (tmp_path / "run").exists()  # no run directory either
+
+
+def test_invalid_yaml_is_one_line_naming_the_place(tmp_path):
+    from utils.config import ConfigError, load_yaml
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: [1,\n")
+    with pytest.raises(ConfigError) as error:
+        load_yaml(path)
+    assert str(error.value).startswith(f"{path}: invalid YAML at line 3, column 1: ") and "\n" not in str(error.value)

@@ -29,7 +29,7 @@ FAULTY_TRAIN = textwrap.dedent("""
         if self.accelerator.process_index == 1 and self.step == 2:
             if os.environ["FAULT"] == "raise":
                 raise RuntimeError("injected failure on process 1")
-            time.sleep(600)  # stops responding
+            time.sleep(3600)  # stops responding
         return real_step(self)
 
     Trainer.train_step = faulty_step
@@ -58,7 +58,8 @@ def test_only_collective_failures_become_peer_failures():
 @pytest.mark.parametrize("fault", ["raise", "hang"])
 def test_one_failing_process_ends_the_launch(tmp_path, fault):
     manifest, _ = write_set(tmp_path / "data", num_classes=4, per_class=4)
-    config = tiny_config(tmp_path / "run", manifest, steps=6, collective_timeout=10)
+    # long enough that a loaded machine's start-up waits (model build, head set-up) never reach it
+    config = tiny_config(tmp_path / "run", manifest, steps=6, collective_timeout=30)
     script = tmp_path / "faulty_train.py"
     script.write_text(FAULTY_TRAIN.format(repo=str(REPO)))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -66,7 +67,7 @@ def test_one_failing_process_ends_the_launch(tmp_path, fault):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault}
     started = time.monotonic()
     done = subprocess.run([*launch, str(script), "--config", write_config(tmp_path / "c.yaml", config),
-                           "--skip-final-eval"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--skip-final-eval"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     elapsed = time.monotonic() - started
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
@@ -74,5 +75,5 @@ def test_one_failing_process_ends_the_launch(tmp_path, fault):
         assert "injected failure on process 1" in output
     else:  # the waiting process gives up after train.collective_timeout and says so
         assert "process 0 of 2: a collective operation failed" in output, output[-3000:]
-        assert "train.collective_timeout = 10 s" in output
-    assert elapsed < 240, f"took {elapsed:.0f} s"  # not the 600 s sleep, not a hang
+        assert "train.collective_timeout = 30 s" in output
+    assert elapsed < 900, f"took {elapsed:.0f} s"  # not the hour-long sleep, not a hang
