@@ -93,8 +93,9 @@ def is_collective_failure(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("gloo", "nccl", "timed out", "connection closed by peer",
-                                      "connection reset by peer", "broken pipe", "watchdog"))
+        marker in text for marker in ("gloo", "nccl", "timed out", "timeout", "pair closure",
+                                      "connection closed by peer", "connection reset by peer", "broken pipe",
+                                      "watchdog"))
 
 
 @contextlib.contextmanager

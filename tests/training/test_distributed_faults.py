@@ -51,6 +51,8 @@ def test_only_collective_failures_become_peer_failures():
             raise RuntimeError("gloo: Connection closed by peer")
     assert issubclass(PeerFailure, RunStopped)
     assert is_collective_failure(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
+    # what DDP's buffer broadcast raises when gloo's timeout closes the connection (seen under load)
+    assert is_collective_failure(RuntimeError("Application timeout caused pair closure"))
     assert not is_collective_failure(RuntimeError("CUDA out of memory"))
 
 
