@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 from .retriever import Retriever
 
@@ -91,8 +91,7 @@ class ImageIndex:
             index = (faiss.read_index_binary if binary else faiss.read_index)(str(directory / FAISS_FILE))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
             raise UserError(f"{directory} is not a readable image index ({type(error).__name__}: "
-                            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); rebuild it with "
-                            "scripts/index.py into a new directory") from None
+                            f"{first_line(error)}); rebuild it with scripts/index.py into a new directory") from None
         if not len(images) == len(descriptors) == index.ntotal:
             raise UserError(f"{directory}: {len(images)} images, {len(descriptors)} descriptors and "
                              f"{index.ntotal} index rows disagree; rebuild it into a new directory")

@@ -123,10 +123,11 @@ def corrupt_manifest(config: dict, data_root: Path, out: Path, fraction: float, 
     return manifest, damaged
 
 
-def train_command(args, run_dir: Path, manifest: Path, fraction: float, resume: bool) -> list[str]:
+def train_command(args, run_dir: Path, manifest: Path, resume: bool) -> list[str]:
     # the undisturbed and the disturbed run get the same overrides; resuming keeps the saved config
-    overrides = [f"data.train=csv:{manifest}:train", f"data.max_bad_fraction={min(0.5, 2 * fraction):.4f}",
-                 "eval.baselines=[]", *args.overrides]
+    overrides = [f"data.train=csv:{manifest}:train",
+                 f"data.max_bad_fraction={min(0.5, 2 * args.corrupt_fraction):.4f}", "eval.baselines=[]",
+                 *args.overrides]
     common = [sys.executable, str(REPO / "train.py")]
     if args.data_root:
         common += ["--data-root", str(args.data_root)]
@@ -163,7 +164,7 @@ def disturbed_run(args, run_dir: Path, manifest: Path, undisturbed_seconds: floa
     kills = []
     resume = False
     while True:
-        process = start(train_command(args, run_dir, manifest, args.corrupt_fraction, resume), log_path)
+        process = start(train_command(args, run_dir, manifest, resume), log_path)
         if len(kills) == args.kills:
             finish(process, "the disturbed run's last segment", log_path)
             return kills
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
 
     log.info("undisturbed run (log: %s)", out / "undisturbed.log")
     tick = time.perf_counter()
-    process = start(train_command(args, out / "undisturbed", manifest, args.corrupt_fraction, False),
+    process = start(train_command(args, out / "undisturbed", manifest, False),
                     out / "undisturbed.log")
     finish(process, "the undisturbed run", out / "undisturbed.log")
     undisturbed_seconds = time.perf_counter() - tick

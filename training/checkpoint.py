@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet, UnsafeCheckpointError, read_checkpoint
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def load_resumable(path: str | Path) -> tuple[Path, dict, dict]:
         except UnsafeCheckpointError:
             raise
         except Exception as error:  # noqa: BLE001 - a damaged file can fail in many ways; the next one is tried
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             problems.append(f"{candidate.name} ({reason})")
             log.warning("cannot resume from %s (%s); trying an older checkpoint", candidate, reason)
     raise UserError(f"nothing to resume in {path}: no checkpoint loads: {'; '.join(problems)}")

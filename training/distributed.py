@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from utils.cli import RunStopped
+from utils.errors import first_line
 
 
 def shard_sizes(count: int, world: int) -> list[int]:
@@ -108,7 +109,7 @@ def peer_failures_stop_the_run(rank: int, world: int, timeout_seconds: float, no
         if world <= 1 or isinstance(error, RunStopped) or not is_collective_failure(error):
             raise
         kept = note()
-        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        first = first_line(error)
         raise PeerFailure(
             f"process {rank} of {world}: a collective operation failed ({first[:200]}): another process ended or "
             f"stopped responding for more than train.collective_timeout = {timeout_seconds:g} s; its own log says "

@@ -10,3 +10,8 @@ class UserError(ValueError):
     Anything else (a plain ``ValueError``, ``KeyError``, ...) is a bug and keeps its traceback. A
     ``UserError`` is a ``ValueError``, so ``except ValueError`` and ``pytest.raises(ValueError)`` still catch it.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message, or its type's name (for one-line reports)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
