@@ -1,0 +1,152 @@
+"""Row arrays on disk in shards: written one shard at a time, read back as memory maps.
+
+A million-image database is never held in memory whole: an extraction writes each finished shard of rows
+(``shard_rows`` consecutive rows) to its own ``.npy`` file, and readers map the files instead of loading them.
+A shard file appears only when it is complete (written to a temporary name, flushed, renamed), so an
+interrupted writer leaves only whole shards behind and a restarted one skips them (resumable extraction).
+Several processes may write different shards of one folder at once: no file is shared between writers.
+
+Folder layout::
+
+    layout.json          {"count": N, "shard_rows": S, "shape": [D, ...], "dtype": "float32"}
+    shard-00000.npy      rows 0 .. S-1
+    shard-00001.npy      rows S .. 2S-1
+    ...
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "layout.json"
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.npy"
+
+
+def shard_ranges(count: int, shard_rows: int) -> list[range]:
+    """Row ranges of the shards of ``count`` rows (the last one may be shorter)."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
+    return [range(start, min(start + shard_rows, count)) for start in range(0, count, shard_rows)]
+
+
+def _write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class ShardWriter:
+    """Writes the shards of a ``count``-row array into ``folder``; shards already there are kept (resume).
+
+    The row shape and dtype are fixed by the first shard written (or found); a folder holding another layout
+    (other count or shard size) is an earlier, different extraction and is started over.
+    """
+
+    def __init__(self, folder: str | Path, count: int, shard_rows: int):
+        if count < 1:
+            raise ValueError(f"an array needs at least one row, got count={count}")
+        self.folder = Path(folder)
+        self.count = count
+        self.shard_rows = shard_rows
+        self.ranges = shard_ranges(count, shard_rows)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        layout = self._layout()
+        if layout is not None and (layout["count"], layout["shard_rows"]) != (count, shard_rows):
+            log.warning("%s holds shards of another layout (%d rows by %d); starting over", self.folder,
+                        layout["count"], layout["shard_rows"])
+            for path in self.folder.glob("shard-*.npy"):
+                path.unlink()
+            (self.folder / LAYOUT).unlink()
+
+    def _layout(self) -> dict | None:
+        path = self.folder / LAYOUT
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def done(self, index: int) -> bool:
+        return shard_path(self.folder, index).is_file()
+
+    def pending(self) -> list[int]:
+        """Shards still to write, in order."""
+        return [i for i in range(len(self.ranges)) if not self.done(i)]
+
+    def write(self, index: int, rows: np.ndarray) -> None:
+        expected = len(self.ranges[index])
+        if len(rows) != expected:
+            raise ValueError(f"shard {index} holds rows {self.ranges[index].start}..{self.ranges[index].stop - 1}"
+                             f" ({expected}), got {len(rows)}")
+        rows = np.ascontiguousarray(rows)
+        if self._layout() is None:  # every writer writes the same layout; the rename makes it whole
+            layout = {"count": self.count, "shard_rows": self.shard_rows, "shape": list(rows.shape[1:]),
+                      "dtype": rows.dtype.str}
+            _write_atomically(self.folder / LAYOUT, lambda handle: handle.write(json.dumps(layout).encode()))
+        _write_atomically(shard_path(self.folder, index), lambda handle: np.save(handle, rows))
+
+    def complete(self) -> bool:
+        return not self.pending()
+
+
+class ShardedArray:
+    """A read-only (count, ...) array over the shard files of a folder, memory-mapped shard by shard."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        path = self.folder / LAYOUT
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.folder} holds no sharded array ({LAYOUT} is missing)")
+        layout = json.loads(path.read_text())
+        self.count, self.shard_rows = int(layout["count"]), int(layout["shard_rows"])
+        self.row_shape, self.dtype = tuple(layout["shape"]), np.dtype(layout["dtype"])
+        self.ranges = shard_ranges(self.count, self.shard_rows)
+        missing = [i for i in range(len(self.ranges)) if not shard_path(self.folder, i).is_file()]
+        if missing:
+            raise ValueError(f"{self.folder}: {len(missing)} of {len(self.ranges)} shards are missing "
+                             f"(first: {shard_path(self.folder, missing[0]).name}); the extraction did not finish")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.count, *self.row_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.count * np.prod(self.row_shape, dtype=np.int64) * self.dtype.itemsize)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def shard(self, index: int) -> np.ndarray:
+        array = np.load(shard_path(self.folder, index), mmap_mode="r")
+        if array.shape != (len(self.ranges[index]), *self.row_shape) or array.dtype != self.dtype:
+            raise ValueError(f"{shard_path(self.folder, index)}: shape {array.shape} {array.dtype}, the layout "
+                             f"says {(len(self.ranges[index]), *self.row_shape)} {self.dtype}")
+        return array
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, memory-mapped rows) for every shard, in order."""
+        for index, rows in enumerate(self.ranges):
+            yield rows.start, self.shard(index)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` copied into memory."""
+        start, stop = max(start, 0), min(stop, self.count)
+        out = np.empty((max(stop - start, 0), *self.row_shape), dtype=self.dtype)
+        for index in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1 if stop > start else 0):
+            first = self.ranges[index].start
+            lo, hi = max(start, first), min(stop, self.ranges[index].stop)
+            out[lo - start:hi - start] = self.shard(index)[lo - first:hi - first]
+        return out
+
+    def to_array(self) -> np.ndarray:
+        return self.rows(0, self.count)
