@@ -65,11 +65,14 @@ class ClassBalancedBatches:
 class MiningPoolBatches:
     """Algorithm 1's mining rounds feeding a pool of triplets (see the module doc).
 
-    ``embed(indices) -> (N, D)`` embeds images without gradient (the same result on every process).
+    ``embed(indices) -> (N, D)`` embeds images without gradient (the same result on every process);
+    ``agree(triplets)`` makes the mined triplets those of process 0 on every process
+    (:func:`training.distributed.broadcast_from_main`; the identity in one process).
     """
 
     def __init__(self, labels: np.ndarray, miner: Algorithm1Miner, schedule: MiningSchedule, triplets_per_step: int,
-                 classes: int, per_class: int, seed: int, embed: Callable[[np.ndarray], torch.Tensor]):
+                 classes: int, per_class: int, seed: int, embed: Callable[[np.ndarray], torch.Tensor],
+                 agree: Callable[[tuple], tuple] = lambda triplets: triplets):
         self.labels = labels
         self.miner = miner
         self.schedule = schedule
@@ -81,6 +84,7 @@ class MiningPoolBatches:
         self.mining_batches = ClassBalancedBatches(labels, min(classes, available), per_class,
                                                    derived_seed(seed, 1))
         self.embed = embed
+        self.agree = agree
         self.pool = MiningPool(triplets_per_step, schedule.refresh_every, seed=seed)
 
     def refresh(self, step: int) -> dict:
@@ -88,7 +92,7 @@ class MiningPoolBatches:
         indices = np.asarray(self.mining_batches.next(step).indices)
         embeddings = self.embed(indices)
         labels = torch.as_tensor(self.labels[indices], device=embeddings.device)
-        triplets = self.miner(embeddings, labels)
+        triplets = self.agree(self.miner(embeddings, labels))
         count = self.pool.refill(indices, triplets)
         return {**self.miner.last_stats, "triplets": count,
                 "semi_hard_probability": self.miner.semi_hard_probability}

@@ -77,6 +77,29 @@ def gather_with_grad(local: torch.Tensor, count: int) -> torch.Tensor:
     return _GatherWithGrad.apply(local, shard_sizes(count, dist.get_world_size()))
 
 
+def broadcast_from_main(indices: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Process 0's index tensors (a miner's triplets or pairs) on every process, on each tensor's device.
+
+    Every process mines the same gathered embeddings with the same RNG state, so the results already agree;
+    the broadcast makes it a guarantee (GPU kernels of two devices need not round alike, and one differing
+    triplet would silently train each process's model replica on another loss). Two small collectives: the
+    lengths, then all indices in one tensor."""
+    if not _distributed():
+        return indices
+    device = indices[0].device
+    lengths = torch.tensor([len(t) for t in indices], dtype=torch.int64, device=device)
+    dist.broadcast(lengths, src=0)
+    sizes = lengths.tolist()
+    if sum(sizes) == 0:  # nothing mined anywhere: no second collective (every process knows the lengths)
+        return tuple(t[:0] for t in indices)
+    if dist.get_rank() == 0:
+        flat = torch.cat([t.to(device=device, dtype=torch.int64).reshape(-1) for t in indices])
+    else:
+        flat = torch.empty(sum(sizes), dtype=torch.int64, device=device)
+    dist.broadcast(flat, src=0)
+    return tuple(part.to(t.dtype) for part, t in zip(torch.split(flat, sizes), indices))
+
+
 class PeerFailure(RunStopped):
     """A collective operation failed or timed out: another process died or stopped responding."""
 

@@ -3,8 +3,9 @@
 Per optimiser step, for each of ``grad_accum`` micro-batches: the global batch (every process computes the
 same one) is split into contiguous shards; each process loads and embeds its shard on
 ``accelerator.device``; the embeddings are gathered in global order with gradients
-(``training.distributed``), so every process mines the same triplets and computes the loss of the whole
-batch, exactly as a single process would. The loss's reducer therefore averages over the *global* non-zero
+(``training.distributed``), so every process mines the same triplets (process 0's, broadcast, so that
+devices rounding differently cannot make them differ) and computes the loss of the whole batch, exactly as a
+single process would. The loss's reducer therefore averages over the *global* non-zero
 triplets, and 1 and N processes give the same loss and the same update.
 
 Checkpoints (``step-N.pth`` with ``last.pth`` naming the newest, and ``best.pth`` by validation mAP) hold the
@@ -65,7 +66,7 @@ from .batches import Batch, ClassBalancedBatches, MiningPoolBatches
 from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, save_checkpoint, save_step_checkpoint,
                          set_rng_state)
 from .data import BadTrainingData, ImageBatches, derived_seed, load_training_set, split_validation_classes
-from .distributed import gather_rows, gather_with_grad, shard_slice
+from .distributed import broadcast_from_main, gather_rows, gather_with_grad, shard_slice
 from .optimization import build_optimizer, freeze, set_train_mode
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ class Trainer:
             self.schedule = MiningSchedule((MiningPhase(self.miner.semi_hard_probability),))
         if mining["miner"] == "algorithm1":
             self.batches = MiningPoolBatches(self.labels, self.miner, self.schedule, tcfg["triplets_per_step"],
-                                             mining["classes"], mining["per_class"], self.seed, self.embed_plain)
+                                             mining["classes"], mining["per_class"], self.seed, self.embed_plain,
+                                             agree=broadcast_from_main)
         else:
             self.batches = ClassBalancedBatches(self.labels, mining["classes_per_batch"],
                                                 mining["images_per_class"], self.seed)
@@ -286,7 +288,7 @@ class Trainer:
                 if batch.triplets is not None:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
                 else:
-                    triplets = self.miner(embeddings.detach(), labels)
+                    triplets = broadcast_from_main(self.miner(embeddings.detach(), labels))
                     values.update({f"mining/{k}": float(v) for k, v in self.miner.last_stats.items()})
                 self._last = (batch, triplets)
                 return self.loss(embeddings, labels, triplets)

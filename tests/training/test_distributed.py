@@ -75,3 +75,23 @@ def test_two_processes_train_exactly_like_one(tmp_path, flowers_root, miner):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 4 and any(value > 0 for value in one)
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+
+
+def _broadcast_worker(rank: int, world: int, init_file: str, results) -> None:
+    from training.distributed import broadcast_from_main
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # each process "mined" something else (as devices rounding differently could make them do)
+    mined = tuple(torch.arange(rank, rank + 3 + rank) for _ in range(3))
+    empty = tuple(torch.zeros(0, dtype=torch.long) for _ in range(4))
+    results[rank] = (broadcast_from_main(mined), broadcast_from_main(empty))
+    dist.destroy_process_group()
+
+
+def test_every_process_trains_on_the_triplets_of_process_0(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_broadcast_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    for rank in (0, 1):
+        triplets, empty = results[rank]
+        assert [t.tolist() for t in triplets] == [[0, 1, 2]] * 3
+        assert [len(t) for t in empty] == [0] * 4
