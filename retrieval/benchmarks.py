@@ -41,6 +41,9 @@ class Benchmark:
     #: queries are the database images themselves (extract once, leave-one-out)
     queries_are_database: bool = False
     query_boxes: list | None = field(default=None, repr=False)
+    #: where the image lists come from (resolved manifest path or data folder): part of the descriptor cache
+    #: key, so the same name under another data root is another benchmark
+    source: str = ""
 
     def database_paths(self) -> list[Path]:
         raise NotImplementedError
@@ -185,19 +188,23 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None)
     if spec == "flowers102":
         images, training = flowers102(data_root, "test"), flowers102(data_root, "train")
         bench = LabelledBenchmark(name="flowers102", images=images, training=training)
+        bench.source = str((data_root / "flowers102" / "labels.csv").resolve())
     elif spec == CLUTTER_NAME:
         root = build_clutter_set(data_root / "flowers102", default_clutter_dir(data_root))
         bench = ClutterBenchmark.from_folder(root, name=CLUTTER_NAME)
+        bench.source = str(Path(root).resolve())
         if limit is not None:
             bench.limit(limit)
     elif spec.startswith("csv:"):
         path, _, split = spec[4:].partition(":")
         images = read_csv_manifest(path, split=split or None)
         bench = LabelledBenchmark(name=f"csv:{Path(path).parent.name}{':' + split if split else ''}", images=images,
-                                  training=_training_rows(path, split))
+                                  training=_training_rows(path, split),
+                                  source=f"{Path(path).resolve()}{':' + split if split else ''}")
     elif spec.startswith("revisitop:"):
         name = spec.split(":", 1)[1]
-        bench = RevisitopBenchmark(name=name, dataset=load_revisitop(data_root, name))
+        bench = RevisitopBenchmark(name=name, dataset=load_revisitop(data_root, name),
+                                   source=str((data_root / name).resolve()))
     else:
         raise UserError(f"unknown benchmark {spec!r}; use flowers102, {CLUTTER_NAME}, csv:PATH[:SPLIT] or "
                          "revisitop:NAME")

@@ -1,24 +1,27 @@
-"""Batched descriptor extraction with DataLoader workers, a progress bar and an on-disk cache.
+"""Batched descriptor extraction with DataLoader workers and a progress bar: into memory, or shard by shard
+to disk.
 
 Images keep their aspect ratio, so a batch may only hold images of one output size: with ``batch_size`` > 1
 the images are grouped by their resized size (read from the file headers) and each group is batched.
+
+:func:`extract_together` returns every descriptor in memory (training descriptors, small sets).
+:func:`extract_shards` encodes chosen shards of consecutive images (:mod:`retrieval.shards`), size-bucketed
+within each shard, and writes each finished shard to disk: memory holds one shard, a restarted extraction
+skips the shards already written, and several processes can each take their own shards. A shard's batches
+depend only on its images, so its descriptors are the same whichever process (or how many) extracts it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import logging
 import time
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Hashable
+from typing import Hashable, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm.auto import tqdm
 
 from data.datasets import ImageDataset, box_pixels
@@ -28,6 +31,7 @@ from models.backbones import Backbone
 from utils.errors import UserError
 
 from .methods import RetrievalMethod
+from .shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +55,12 @@ class SizeBucketBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def output_sizes(dataset: ImageDataset) -> list[tuple[int, int]]:
-    """Resized (width, height) of every image, from headers (and boxes) without decoding pixels."""
+def output_sizes(dataset: ImageDataset, indices: Iterable[int] | None = None) -> list[tuple[int, int]]:
+    """Resized (width, height) of every image (or of images ``indices``), from headers (and boxes) without
+    decoding pixels."""
     sizes = []
-    for i, path in enumerate(dataset.paths):
+    for i in range(len(dataset.paths)) if indices is None else indices:
+        path = dataset.paths[i]
         width, height = image_size(path)
         box = dataset.boxes[i] if dataset.boxes is not None else None
         if box is not None:  # the size of the crop the dataset will take (same rounding, same error)
@@ -66,8 +72,8 @@ def output_sizes(dataset: ImageDataset) -> list[tuple[int, int]]:
 
 @dataclass
 class Extraction:
-    descriptors: np.ndarray
-    images_per_second: float
+    descriptors: np.ndarray  # (N, ...) rows; a memory map when read from a cache entry
+    images_per_second: float  # over the images extracted in the run that made them (NaN: none were)
     from_cache: bool = False
 
 
@@ -78,6 +84,49 @@ def extract(method: RetrievalMethod, dataset: ImageDataset, batch_size: int = 1,
     """Encode every image of ``dataset`` in order; returns (N, D) descriptors."""
     return extract_together([method], dataset, batch_size, num_workers, device, description, channels_last,
                             role)[0]
+
+
+@contextmanager
+def _encoders(methods: list[RetrievalMethod], device: str, channels_last: bool, role: str):
+    """Methods ready to encode on ``device`` (eval mode, memory layout, one forward per shared backbone);
+    yields (their encode functions, the memory layout)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for method in methods:
+        method.eval().to(device, memory_format=layout)
+    backbones = {id(b): b for m in methods for b in m.modules() if isinstance(b, Backbone)}
+    with ExitStack() as stack:
+        if len(methods) > 1:
+            for backbone in backbones.values():
+                stack.enter_context(backbone.reuse_forward())
+        yield [m.encode_database if role == "database" else m.encode for m in methods], layout
+
+
+def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size: int, num_workers: int,
+                 device: str, layout, bar) -> list[np.ndarray]:
+    """Descriptors of images ``rows`` of the dataset, one (len(rows), ...) array per encoder."""
+    part = dataset if rows == range(len(dataset)) else Subset(dataset, rows)
+    if batch_size > 1:
+        loader = DataLoader(part, batch_sampler=SizeBucketBatchSampler(output_sizes(dataset, rows), batch_size),
+                            num_workers=num_workers)
+    else:
+        loader = DataLoader(part, batch_size=1, num_workers=num_workers)
+    outputs: list[np.ndarray | None] = [None] * len(encoders)
+    for images, indices in loader:  # indices are the dataset's
+        images = images.to(device).contiguous(memory_format=layout)
+        places = indices.numpy() - rows.start
+        for i, encode in enumerate(encoders):
+            encoded = encode(images).cpu().numpy()
+            if outputs[i] is None:
+                outputs[i] = np.empty((len(rows), *encoded.shape[1:]), dtype=encoded.dtype)
+            outputs[i][places] = encoded
+        bar.update(len(indices))
+    return outputs
+
+
+def _progress(total: int, description: str):
+    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True, leave=False, disable=None)
 
 
 @torch.no_grad()
@@ -92,83 +141,36 @@ def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batc
     runs the networks in NHWC memory layout (2-2.5x faster convolutions on CPU; same values up to float
     rounding).
     """
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    encoders = [m.encode_database if role == "database" else m.encode for m in methods]
-    for method in methods:
-        method.eval().to(device, memory_format=layout)
-    if batch_size > 1:
-        loader = DataLoader(dataset, batch_sampler=SizeBucketBatchSampler(output_sizes(dataset), batch_size),
-                            num_workers=num_workers)
-    else:
-        loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
-    backbones = {id(b): b for m in methods for b in m.modules() if isinstance(b, Backbone)}
-    outputs: list[np.ndarray | None] = [None] * len(methods)
-    start = time.perf_counter()
-    with ExitStack() as stack, tqdm(total=len(dataset), desc=description, unit="img", dynamic_ncols=True,
-                                    leave=False, disable=None) as bar:
-        if len(methods) > 1:
-            for backbone in backbones.values():
-                stack.enter_context(backbone.reuse_forward())
-        for images, indices in loader:
-            images = images.to(device).contiguous(memory_format=layout)
-            for i, encode in enumerate(encoders):
-                encoded = encode(images).cpu().numpy()
-                if outputs[i] is None:
-                    outputs[i] = np.empty((len(dataset), *encoded.shape[1:]), dtype=encoded.dtype)
-                outputs[i][indices.numpy()] = encoded
-            bar.update(len(indices))
-    elapsed = time.perf_counter() - start
-    if outputs[0] is None:
+    if len(dataset) == 0:
         raise UserError(f"{description}: the dataset is empty")
+    start = time.perf_counter()
+    with _encoders(methods, device, channels_last, role) as (encoders, layout), \
+            _progress(len(dataset), description) as bar:
+        outputs = _encode_rows(encoders, dataset, range(len(dataset)), batch_size, num_workers, device, layout, bar)
+    elapsed = time.perf_counter() - start
     return [Extraction(output, len(dataset) / max(elapsed, 1e-9)) for output in outputs]
 
 
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a benchmark or method name (``run:runs/x`` -> ``run_runs_x``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "unnamed"
+@torch.no_grad()
+def extract_shards(methods: list[RetrievalMethod], dataset: ImageDataset, writers: list[ShardWriter],
+                   shards: Iterable[int], batch_size: int = 1, num_workers: int = 0, device: str = "cpu",
+                   description: str = "extract", channels_last: bool = True, role: str = "query") -> int:
+    """Encode shards ``shards`` of the dataset (rows ``writers[i].ranges[shard]``) and write each finished
+    shard with ``writers[i]``, for every method ``methods[i]`` whose writer does not hold it yet (one pass over
+    the images, as :func:`extract_together`). Returns the number of images encoded."""
+    if len(dataset) == 0:
+        raise UserError(f"{description}: the dataset is empty")
+    todo = {s: [i for i, writer in enumerate(writers) if not writer.done(s)] for s in shards}
+    todo = {s: members for s, members in todo.items() if members}
+    ranges = writers[0].ranges
+    total = sum(len(ranges[s]) for s in todo)
+    with _encoders(methods, device, channels_last, role) as (encoders, layout), \
+            _progress(total, description) as bar:
+        for shard, members in todo.items():
+            outputs = _encode_rows([encoders[i] for i in members], dataset, ranges[shard], batch_size,
+                                   num_workers, device, layout, bar)
+            for i, rows in zip(members, outputs):
+                writers[i].write(shard, rows)
+    return total
 
 
-class DescriptorCache:
-    """Descriptors on disk, keyed by the method's config, the weights and the benchmark/transform."""
-
-    def __init__(self, root: str | Path | None):
-        self.root = Path(root) if root else None
-
-    @staticmethod
-    def key(*parts) -> str:
-        blob = json.dumps(parts, sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-    def _paths(self, benchmark: str, method: str, key: str) -> tuple[Path, Path]:
-        folder = self.root / safe_name(benchmark)
-        stem = f"{safe_name(method)}-{key}"
-        return folder / f"{stem}.npy", folder / f"{stem}.json"
-
-    def load(self, benchmark: str, method: str, key: str, count: int) -> Extraction | None:
-        if self.root is None:
-            return None
-        array_path, meta_path = self._paths(benchmark, method, key)
-        if not (array_path.is_file() and meta_path.is_file()):
-            return None
-        try:
-            descriptors = np.load(array_path)
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as error:
-            log.warning("ignoring unreadable cache entry %s (%s)", array_path, error)
-            return None
-        if len(descriptors) != count:
-            log.warning("ignoring cache entry %s: %d descriptors for %d images", array_path, len(descriptors), count)
-            return None
-        log.info("descriptors of %s on %s from cache %s", method, benchmark, array_path)
-        return Extraction(descriptors, float(meta["images_per_second"]), from_cache=True)
-
-    def save(self, benchmark: str, method: str, key: str, extraction: Extraction, config: dict) -> None:
-        if self.root is None:
-            return
-        array_path, meta_path = self._paths(benchmark, method, key)
-        array_path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(array_path, extraction.descriptors)
-        meta_path.write_text(json.dumps({"config": config, "images_per_second": extraction.images_per_second,
-                                         "count": len(extraction.descriptors)}, indent=2, default=str))

@@ -5,13 +5,38 @@ data (benchmark images) -> method.encode (descriptors, cached) -> method.scores 
 
     {"benchmark": str, "results": [{"method": str, "metrics": {name: float}, "descriptor_bytes": int,
                                     "images_per_second": float, "query_ms": float, ...}]}
+
+**Descriptors** go through the on-disk cache (:mod:`retrieval.descriptor_cache`), shard by shard: an
+extraction holds one shard (``EvalSettings.shard_rows`` images) in memory, an interrupted one resumes after its
+last finished shard on the next identical command, and the metrics read the finished array as a memory map.
+Without a cache folder (``cache_dir=None``) a temporary folder, removed afterwards, plays its part.
+
+**Cache keys and fitting.** A key is computed *before* any method is fitted, from the method's ``config()`` at
+that moment, the benchmark (name, source, a stat fingerprint of the role's image list), the transform and,
+for a method that ``needs_fit()``, a fingerprint of the training images and labels it will be fitted on. A fit
+is a deterministic function of exactly that (the pre-fit config holds every setting and seed, the training set
+is the fingerprinted one, fitting uses the extraction's transform), so the key also identifies the fitted state
+(PCA, codebooks, ITQ, MSBD's pipeline), and a method whose every descriptor set is cached is not fitted at all.
+Methods must therefore compute ``scores`` / ``search`` / ``descriptor_bytes`` without their fitted state (all do:
+code lengths and dimensions are settings), and a new fitted method must seed its fit.
+
+**Several processes** (``accelerate launch``, ``processes=Processes(PartialState(...))``): every process runs
+the same calls. The main process computes the keys and looks the cache up, then shares its decision; methods
+that need it are fitted in every process (the fits are seeded, so identical); shard ``s`` is extracted by
+process ``s % N`` into the shared cache folder (one machine), each process on its own device; a device-tensor
+all-gather of (images, seconds) ends the pass (every shard is then on disk) and gives images/s. The main
+process alone writes the cache metadata, computes the metrics and reports them; a shard's batches depend only
+on its images, so the descriptors, hence the metrics, are those of a one-process run.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,8 +47,10 @@ from data.transforms import EvalTransform
 from utils.errors import UserError
 
 from .benchmarks import Benchmark
-from .extract import DescriptorCache, Extraction, extract_together, safe_name
+from .descriptor_cache import CacheEntry, DescriptorCache, image_list_fingerprint, safe_name
+from .extract import Extraction, extract_shards
 from .methods import RetrievalMethod
+from .processes import Processes
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +67,18 @@ class EvalSettings:
     interpolation: str = "bilinear"  # PIL filter for resizing (bilinear reproduces the published numbers)
     channels_last: bool = True  # NHWC convolutions (much faster on CPU)
     map_at_k: int | None = None  # labelled benchmarks: also report mAP@K (AP over the top K)
+    #: images per shard: descriptors are written to disk shard by shard (memory holds one shard; an interrupted
+    #: extraction resumes after its last finished shard; processes share the extraction out by shards)
+    shard_rows: int = 4096
 
     def __post_init__(self):
         for name in ("image_size", "map_at_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"EvalSettings.{name} must be at least 1 (or None for the default), got {value}")
-        if self.batch_size < 1 or self.num_workers < 0 or self.top_k < 0:
-            raise UserError(f"EvalSettings: batch_size >= 1, num_workers >= 0 and top_k >= 0 are needed, got "
-                             f"{self.batch_size}, {self.num_workers}, {self.top_k}")
+        if self.batch_size < 1 or self.num_workers < 0 or self.top_k < 0 or self.shard_rows < 1:
+            raise UserError(f"EvalSettings: batch_size >= 1, num_workers >= 0, top_k >= 0 and shard_rows >= 1 are "
+                             f"needed, got {self.batch_size}, {self.num_workers}, {self.top_k}, {self.shard_rows}")
 
 
 @dataclass
@@ -73,78 +103,165 @@ def _transform(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSett
                          mean=tuple(pre.mean), std=tuple(pre.std), interpolation=settings.interpolation)
 
 
-def _cache_key(cache: DescriptorCache, method: RetrievalMethod, benchmark: Benchmark, role: str, count: int,
-               transform: EvalTransform) -> str:
-    key = cache.key(method.config(), benchmark.name, role, count, transform.describe(), list(transform.mean),
-                    list(transform.std))
-    return f"{role}-{key}"
+def _dataset(benchmark: Benchmark, role: str, transform) -> ImageDataset:
+    return benchmark.database_dataset(transform) if role == "database" else benchmark.query_dataset(transform)
 
 
-def _descriptors(methods: list[RetrievalMethod], role: str, benchmark: Benchmark, settings: EvalSettings,
-                 cache: DescriptorCache) -> list[Extraction]:
-    """Descriptors of one role (database / query) for every method: cached ones loaded, the others extracted
-    together, one pass over the images per distinct transform."""
-    results: list[Extraction | None] = [None] * len(methods)
-    pending: dict[EvalTransform, list[int]] = {}
-    for i, method in enumerate(methods):
+def _roles(method: RetrievalMethod, benchmark: Benchmark) -> tuple[str, ...]:
+    """The descriptor sets a method needs: leave-one-out benchmarks describe their images once (as the
+    database), except that asymmetric methods still describe queries as queries."""
+    if benchmark.queries_are_database and not method.asymmetric:
+        return ("database",)
+    return ("database", "query")
+
+
+def _training_set(method: RetrievalMethod, benchmark: Benchmark):
+    train = benchmark.train_set()
+    if train is None:
+        raise UserError(
+            f"method {method.name} is fitted on training images but {benchmark.name} has none: use a "
+            f"benchmark with a training split (flowers102, flowers102-clutter, or csv:PATH:SPLIT on a "
+            f"manifest whose split column also has 'train' rows, which are then used for fitting)")
+    return train
+
+
+def _cache_keys(methods: list[RetrievalMethod], benchmark: Benchmark, settings: EvalSettings
+                ) -> list[dict[str, str]]:
+    """Per method, {role: cache key}, computed before any fit (see the module docstring)."""
+    images = {"database": image_list_fingerprint(benchmark.database_paths())}
+    if any("query" in _roles(m, benchmark) for m in methods):
+        images["query"] = image_list_fingerprint(benchmark.query_paths(), benchmark.query_boxes)
+    training = None
+    if any(m.needs_fit() for m in methods):
+        train = benchmark.train_set()
+        training = image_list_fingerprint(train.paths, labels=train.labels)
+    keys = []
+    for method in methods:
         transform = _transform(method, benchmark, settings)
-        dataset = benchmark.database_dataset(transform) if role == "database" else benchmark.query_dataset(transform)
-        results[i] = cache.load(benchmark.name, method.cache_name,
-                                _cache_key(cache, method, benchmark, role, len(dataset), transform), len(dataset))
-        if results[i] is None:
-            pending.setdefault(transform, []).append(i)
-    for transform, members in pending.items():
-        dataset = benchmark.database_dataset(transform) if role == "database" else benchmark.query_dataset(transform)
-        group = [methods[i] for i in members]
-        names = ", ".join(m.name for m in group)
-        extracted = extract_together(group, dataset, settings.batch_size, settings.num_workers, settings.device,
-                                     description=f"{names} {role}", channels_last=settings.channels_last,
-                                     role=role)
-        for i, extraction in zip(members, extracted):
-            results[i] = extraction
-            cache.save(benchmark.name, methods[i].cache_name,
-                       _cache_key(cache, methods[i], benchmark, role, len(dataset), transform), extraction,
-                       methods[i].config())
-    return results
+        fit = training if method.needs_fit() else None
+        keys.append({role: f"{role}-" + DescriptorCache.key(
+            method.config(), benchmark.name, benchmark.source, role, images[role], transform.describe(),
+            list(transform.mean), list(transform.std), fit) for role in _roles(method, benchmark)})
+    return keys
+
+
+def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: EvalSettings,
+              cache: DescriptorCache, processes: Processes) -> list[tuple[Extraction, Extraction]] | None:
+    """(database, query) descriptors of every method: complete cache entries are used as they are (and the
+    method is then not fitted); the others are fitted, then extracted together, one pass over the images per
+    distinct transform, the shards shared out over the processes. Returned on the main process (memory
+    maps of the cache entries); None on the others."""
+    for method in methods:
+        if method.needs_fit():
+            _training_set(method, benchmark)  # on every process, before the main one computes the keys
+    # the main process decides (stat of every image, cache look-ups); the others follow its decision
+    keys = processes.share(_cache_keys(methods, benchmark, settings) if processes.is_main else None)
+    counts = {"database": len(benchmark.database_paths()), "query": len(benchmark.query_paths())}
+    found: dict[tuple[int, str], Extraction] = {}
+    if processes.is_main:
+        for i, method in enumerate(methods):
+            for role, key in keys[i].items():
+                extraction = cache.entry(benchmark.name, method.cache_name, key).load(counts[role])
+                if extraction is not None:
+                    log.info("%s descriptors of %s on %s from the cache", role, method.name, benchmark.name)
+                    found[i, role] = extraction
+    missing = processes.share(sorted({(i, role) for i in range(len(methods)) for role in keys[i]} - set(found))
+                              if processes.is_main else None)
+    for i in sorted({i for i, _ in missing}):
+        method = methods[i]
+        if method.needs_fit():
+            train = _training_set(method, benchmark)
+            log.info("fitting %s on %d training images", method.name, len(train))
+            method.fit(ImageDataset(train.paths, _transform(method, benchmark, settings)), train.labels)
+    for role in ("database", "query"):
+        pending: dict[EvalTransform, list[int]] = {}
+        for i, missing_role in missing:
+            if missing_role == role:
+                pending.setdefault(_transform(methods[i], benchmark, settings), []).append(i)
+        for transform, members in pending.items():
+            entries = [cache.entry(benchmark.name, methods[i].cache_name, keys[i][role]) for i in members]
+            rate = _extract_into(entries, [methods[i] for i in members], _dataset(benchmark, role, transform),
+                                 role, settings, processes)
+            if processes.is_main:
+                for i, entry in zip(members, entries):
+                    entry.finish({"config": methods[i].config(), "images_per_second": rate, "role": role,
+                                  "benchmark": benchmark.name, "source": benchmark.source})
+                    found[i, role] = entry.load(counts[role])
+    if not processes.is_main:
+        return None
+    return [(found[i, "database"], found.get((i, "query"), found[i, "database"])) for i in range(len(methods))]
+
+
+def _extract_into(entries: list[CacheEntry], methods: list[RetrievalMethod], dataset: ImageDataset, role: str,
+                  settings: EvalSettings, processes: Processes) -> float:
+    """Extract the shards the entries lack, shard s by process s % N, all processes writing into the shared
+    folders; returns the images/s of this run over all processes (images extracted / the slowest process's
+    time; NaN when every shard was already there)."""
+    start = time.perf_counter()
+    if processes.is_main:  # the main process starts over a folder of another layout, before anyone writes
+        [entry.writer(len(dataset), settings.shard_rows) for entry in entries]
+    processes.wait()
+    writers = [entry.writer(len(dataset), settings.shard_rows) for entry in entries]
+    mine = range(processes.rank, len(writers[0].ranges), processes.count)
+    names = ", ".join(m.name for m in methods)
+    extracted = extract_shards(methods, dataset, writers, mine, settings.batch_size, settings.num_workers,
+                               settings.device, description=f"{names} {role}", channels_last=settings.channels_last,
+                               role=role)
+    # the gather is also the barrier after which every shard is on disk
+    totals = processes.gather([extracted, time.perf_counter() - start])
+    images, seconds = totals[:, 0].sum(), totals[:, 1].max()
+    if processes.is_main and not all(writer.complete() for writer in writers):
+        raise RuntimeError(f"{names} {role}: shards are missing after every process finished extracting")
+    return float(images / max(seconds, 1e-9)) if images else float("nan")
 
 
 def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, settings: EvalSettings | None = None,
-                     together: bool = False) -> list[MethodResult]:
+                     together: bool = False, processes: Processes | None = None) -> list[MethodResult]:
     """Evaluate methods on one benchmark. ``together`` extracts them in one pass over the images (sharing
     decoding and, for methods built on one backbone object, the forward pass); images/s is then the whole
-    pass's. Otherwise each method is timed on its own."""
+    pass's. Otherwise each method is timed on its own.
+
+    With ``processes`` (several under ``accelerate launch``) every process must call this; the extraction is
+    shared out and only the main process computes the metrics: it returns the results, the others an empty
+    list (they have nothing left to do, and do not wait for the main process).
+    """
     settings = settings or EvalSettings()
-    if not together:
-        return [evaluate_methods([m], benchmark, settings, together=True)[0] for m in methods]
-    cache = DescriptorCache(settings.cache_dir)
-    start = time.perf_counter()
-    for method in methods:
-        if method.needs_fit():
-            train = benchmark.train_set()
-            if train is None:
-                raise UserError(
-                    f"method {method.name} is fitted on training images but {benchmark.name} has none: use a "
-                    f"benchmark with a training split (flowers102, flowers102-clutter, or csv:PATH:SPLIT on a "
-                    f"manifest whose split column also has 'train' rows, which are then used for fitting)")
-            log.info("fitting %s on %d training images", method.name, len(train))
-            method.fit(ImageDataset(train.paths, _transform(method, benchmark, settings)), train.labels)
-    database = _descriptors(methods, "database", benchmark, settings, cache)
-    if benchmark.queries_are_database:  # leave-one-out: asymmetric methods still describe queries as queries
-        asymmetric = [m for m in methods if m.asymmetric]
-        as_queries = dict(zip(map(id, asymmetric), _descriptors(asymmetric, "query", benchmark, settings, cache)))
-        queries = [as_queries.get(id(m), db) for m, db in zip(methods, database)]
-    else:
-        queries = _descriptors(methods, "query", benchmark, settings, cache)
-    results = []
-    for method, db, q in zip(methods, database, queries):
-        metrics = benchmark.evaluate(method.scores(q.descriptors, db.descriptors), map_at_k=settings.map_at_k)
-        if settings.top_k > 0:
-            _save_top_k(method, q.descriptors, db.descriptors, settings, benchmark)
-        results.append(MethodResult(
-            method=method.name, metrics=metrics, descriptor_bytes=method.descriptor_bytes(db.descriptors),
-            images_per_second=db.images_per_second, seconds=time.perf_counter() - start, config=method.config(),
-            query_ms=_query_milliseconds(method, q, db)))
+    processes = processes or Processes()
+    groups = [methods] if together else [[method] for method in methods]
+    with _cache(settings, processes) as cache:
+        described = []
+        for group in groups:
+            start = time.perf_counter()
+            pairs = _describe(group, benchmark, settings, cache, processes)
+            if pairs is not None:
+                seconds = time.perf_counter() - start
+                described += [(method, db, q, seconds) for method, (db, q) in zip(group, pairs)]
+        results = []
+        for method, db, q, seconds in described:  # main process only
+            start = time.perf_counter()
+            metrics = benchmark.evaluate(method.scores(q.descriptors, db.descriptors), map_at_k=settings.map_at_k)
+            if settings.top_k > 0:
+                _save_top_k(method, q.descriptors, db.descriptors, settings, benchmark)
+            results.append(MethodResult(
+                method=method.name, metrics=metrics, descriptor_bytes=method.descriptor_bytes(db.descriptors),
+                images_per_second=db.images_per_second, seconds=seconds + time.perf_counter() - start,
+                config=method.config(), query_ms=_query_milliseconds(method, q, db)))
     return results
+
+
+@contextmanager
+def _cache(settings: EvalSettings, processes: Processes):
+    """The descriptor cache; without a cache folder, a temporary one (made by the main process, shared with
+    the others; one machine) that is removed afterwards."""
+    if settings.cache_dir:
+        yield DescriptorCache(settings.cache_dir)
+        return
+    folder = processes.share(tempfile.mkdtemp(prefix="descriptors-") if processes.is_main else None)
+    try:
+        yield DescriptorCache(folder)
+    finally:
+        if processes.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _query_milliseconds(method: RetrievalMethod, queries: Extraction, database: Extraction,

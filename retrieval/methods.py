@@ -82,6 +82,10 @@ class RetrievalMethod(nn.Module):
         return self.name
 
     def needs_fit(self) -> bool:
+        """True: :meth:`fit` on the benchmark's training images before encoding. The fit must be a seeded,
+        deterministic function of the pre-fit ``config()`` and the training images (the descriptor cache keys on
+        those and skips the fit when every descriptor is cached), and ``scores`` / ``search`` /
+        ``descriptor_bytes`` must work without it."""
         return False
 
     def fit(self, train_loader) -> None:

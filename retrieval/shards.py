@@ -39,7 +39,9 @@ def shard_ranges(count: int, shard_rows: int) -> list[range]:
     return [range(start, min(start + shard_rows, count)) for start in range(0, count, shard_rows)]
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
+    """Call ``write(handle)`` on a temporary file next to ``path``, flush it to disk, rename it to ``path``:
+    readers see the whole file or none."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as handle:
         write(handle)
@@ -91,8 +93,8 @@ class ShardWriter:
         if self._layout() is None:  # every writer writes the same layout; the rename makes it whole
             layout = {"count": self.count, "shard_rows": self.shard_rows, "shape": list(rows.shape[1:]),
                       "dtype": rows.dtype.str}
-            _write_atomically(self.folder / LAYOUT, lambda handle: handle.write(json.dumps(layout).encode()))
-        _write_atomically(shard_path(self.folder, index), lambda handle: np.save(handle, rows))
+            write_atomically(self.folder / LAYOUT, lambda handle: handle.write(json.dumps(layout).encode()))
+        write_atomically(shard_path(self.folder, index), lambda handle: np.save(handle, rows))
 
     def complete(self) -> bool:
         return not self.pending()

@@ -4,9 +4,11 @@
     python scripts/evaluate.py --benchmark flowers102 --method gem --method gap \\
         --backbone tf_efficientnet_lite0 --out results.json
     python scripts/evaluate.py --benchmark revisitop:roxford5k --method gem --image-size 1024
+    accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --benchmark flowers102 --method gem
 
 Prints a table and writes the results JSON ({"benchmark", "results": [{"method", "metrics",
-"descriptor_bytes", "images_per_second"}]}).
+"descriptor_bytes", "images_per_second"}]}). Under ``accelerate launch`` the processes share the extraction
+(each on its own device: ``--device cuda`` for GPUs) and the main process prints and writes the results.
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.roots import resolve_data_root  # noqa: E402
@@ -22,6 +27,7 @@ from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
+from retrieval.processes import Processes  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -53,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="DataLoader worker processes (default 0: on a 2-core CPU a worker slows the network down)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default="cache/descriptors", help="descriptor cache ('' disables it)")
+    parser.add_argument("--shard-rows", type=positive_int, default=4096,
+                        help="images per descriptor shard: memory holds one shard, an interrupted extraction "
+                             "resumes after its last finished shard (default 4096)")
     parser.add_argument("--top-k", type=non_negative_int, default=0,
                         help="also save each query's top-k neighbours, ranked by the method's own scores")
     parser.add_argument("--map-at-k", type=positive_int, default=None,
@@ -76,16 +85,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # under accelerate launch: one process per device of the chosen kind; alone: just this process
+    state = PartialState(cpu=not args.device.startswith("cuda"))
+    processes = Processes(state)
+    device = str(state.device) if processes.count > 1 else args.device
+    if args.random_init:  # the same random network in every process and every run (the cache key says "random")
+        torch.manual_seed(0)
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
-                            device=args.device, share_backbone=args.together, detector=args.detector,
+                            device=device, share_backbone=args.together, detector=args.detector,
                             max_regions=args.max_regions, region_score_threshold=args.region_score_threshold,
                             region_nms_threshold=args.region_nms_threshold, cache_dir=args.cache_dir or None)
-    settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size, num_workers=args.workers,
-                            device=args.device, cache_dir=args.cache_dir or None, top_k=args.top_k,
-                            interpolation=args.interpolation, map_at_k=args.map_at_k)
+    settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size,
+                            num_workers=args.workers, device=device, cache_dir=args.cache_dir or None,
+                            top_k=args.top_k, interpolation=args.interpolation, map_at_k=args.map_at_k,
+                            shard_rows=args.shard_rows)
     methods = [create_method(name, context) for name in args.method]
-    results = evaluate_methods(methods, benchmark, settings, together=args.together)
+    results = evaluate_methods(methods, benchmark, settings, together=args.together, processes=processes)
+    if not processes.is_main:  # the main process computes the metrics and reports them
+        return 0
     for result in results:
         log.info("%s: %s", result.method, {k: round(v, 4) for k, v in result.metrics.items()})
     summary = report(benchmark, results)

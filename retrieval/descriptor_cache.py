@@ -1,0 +1,126 @@
+"""Descriptors on disk: one entry per (benchmark images, method, role, resize), found again by its key.
+
+**Keys.** An entry's key hashes everything the descriptors depend on (the harness builds it,
+:func:`retrieval.harness`): the method's ``config()`` (weights fingerprint included), the benchmark's name and
+source (the resolved manifest path or data folder), the role, the transform, and a fingerprint of the image
+list itself (:func:`image_list_fingerprint`: resolved paths, file sizes and modification times; ``stat`` only,
+so a million files cost seconds, not a read of every byte). Two manifests of the same size, the same set name
+under another data root, or a replaced image thus never share descriptors.
+
+**Entries.** An extraction writes ``<method>-<key>.shards/`` (:mod:`retrieval.shards`: whole shards only, so an
+interrupted extraction resumes from its last finished shard, and several processes may write different shards
+at once). When every shard is there, :meth:`CacheEntry.finish` streams them, one shard in memory at a time,
+into ``<method>-<key>.npy`` (renamed into place when complete), writes ``<method>-<key>.json`` (config,
+images/s...) and removes the shards. An entry is complete when both files are there; it is read back as a
+memory map, so a large database is never loaded whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from data.images import ImageLoadError
+
+from .extract import Extraction
+from .shards import ShardedArray, ShardWriter, write_atomically
+
+log = logging.getLogger(__name__)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a benchmark or method name (``run:runs/x`` -> ``run_runs_x``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "unnamed"
+
+
+def image_list_fingerprint(paths: Sequence[str | Path], boxes: Sequence | None = None,
+                           labels: np.ndarray | None = None) -> str:
+    """A hash of an image list: each image's resolved path, size and modification time (and its box and
+    label when given). Folders are resolved once each, files are only ``stat``-ed: cheap for a million files."""
+    digest = hashlib.sha1()
+    folders: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        folder, name = os.path.split(os.fspath(path))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder or ".")
+        resolved = os.path.join(folders[folder], name)
+        try:
+            stat = os.stat(resolved)
+        except FileNotFoundError:
+            raise ImageLoadError(path, "file not found") from None
+        box = "" if boxes is None or boxes[i] is None else repr(tuple(float(v) for v in boxes[i]))
+        digest.update(f"{resolved}\t{stat.st_size}\t{stat.st_mtime_ns}\t{box}\n".encode())
+    if labels is not None:
+        digest.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """The files of one cached descriptor array (see the module docstring)."""
+
+    array_path: Path
+    meta_path: Path
+    shard_folder: Path
+
+    def load(self, count: int) -> Extraction | None:
+        """The descriptors as a memory map, or None when the entry is missing, incomplete or unreadable."""
+        if not (self.array_path.is_file() and self.meta_path.is_file()):
+            return None
+        try:
+            # copy-on-write: torch.from_numpy takes it without a read-only warning; pages are read on demand
+            descriptors = np.load(self.array_path, mmap_mode="c")
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError) as error:
+            log.warning("ignoring unreadable cache entry %s (%s)", self.array_path, error)
+            return None
+        if len(descriptors) != count:
+            log.warning("ignoring cache entry %s: %d descriptors for %d images", self.array_path,
+                        len(descriptors), count)
+            return None
+        return Extraction(descriptors, float(meta["images_per_second"]), from_cache=True)
+
+    def writer(self, count: int, shard_rows: int) -> ShardWriter:
+        """The shard writer of an extraction into this entry (finished shards of an earlier attempt kept)."""
+        return ShardWriter(self.shard_folder, count, shard_rows)
+
+    def finish(self, meta: dict) -> None:
+        """Every shard is written: stream them into the entry's array, write its metadata, drop the shards."""
+        shards = ShardedArray(self.shard_folder)
+        header = {"descr": np.lib.format.dtype_to_descr(shards.dtype), "fortran_order": False,
+                  "shape": shards.shape}
+
+        def write(handle) -> None:
+            np.lib.format.write_array_header_1_0(handle, header)
+            for _, rows in shards.blocks():  # one shard in memory at a time
+                handle.write(np.ascontiguousarray(rows).tobytes())
+
+        write_atomically(self.array_path, write)
+        write_atomically(self.meta_path, lambda handle: handle.write(
+            json.dumps({**meta, "count": shards.count}, indent=2, default=str).encode()))
+        shutil.rmtree(self.shard_folder, ignore_errors=True)
+
+
+class DescriptorCache:
+    """Entries under ``root/<benchmark>/``, named by method and key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(*parts) -> str:
+        blob = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def entry(self, benchmark: str, method: str, key: str) -> CacheEntry:
+        folder = self.root / safe_name(benchmark)
+        stem = f"{safe_name(method)}-{key}"
+        return CacheEntry(folder / f"{stem}.npy", folder / f"{stem}.json", folder / f"{stem}.shards")

@@ -1,0 +1,206 @@
+"""The harness's descriptors on disk: shard by shard (the same rows as in memory), resumable after a crash,
+keyed so that data sets never mix, looked up before fitting, and shared out over `accelerate launch` processes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.datasets import ImageDataset
+from data.manifest import read_csv_manifest
+from data.transforms import EvalTransform
+from retrieval.benchmarks import LabelledBenchmark, create_benchmark
+from retrieval.extract import extract_shards, extract_together
+from retrieval.harness import EvalSettings, _cache_keys, evaluate_methods
+from retrieval.methods import MethodContext, RetrievalMethod, create_method
+from retrieval.shards import ShardedArray, ShardWriter
+from tests.conftest import REPO, write_labelled_set
+
+
+def _drop_rows(manifest, keep: int):
+    """Keep the first ``keep`` rows of a manifest (image counts that divide by nothing)."""
+    with manifest.open() as handle:
+        rows = list(csv.DictReader(handle))
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:keep])
+    return manifest
+
+
+def _gem():
+    torch.manual_seed(0)
+    return create_method("gem", MethodContext(backbone="resnet18", pretrained=False))
+
+
+def _count_encodes(method: RetrievalMethod) -> list[int]:
+    """Batch sizes of every encode call from now on."""
+    calls, encode = [], method.encode
+    method.encode = lambda images: (calls.append(len(images)), encode(images))[1]
+    return calls
+
+
+def test_sharded_extraction_gives_the_in_memory_rows_whoever_extracts_each_shard(tmp_path, one_thread):
+    manifest = _drop_rows(write_labelled_set(tmp_path, num_classes=3, per_class=4), keep=11)
+    dataset = ImageDataset(read_csv_manifest(manifest).paths, EvalTransform(32, "shorter"))
+    method = _gem()
+    # one image size: batches of 3 are the same in memory and in shards of 6 (6 + 5 rows): the same bits
+    expected = extract_together([method], dataset, batch_size=3, role="database")[0].descriptors
+    writer = ShardWriter(tmp_path / "uniform", count=11, shard_rows=6)
+    assert extract_shards([method], dataset, [writer], range(2), batch_size=3, role="database") == 11
+    np.testing.assert_array_equal(ShardedArray(tmp_path / "uniform").to_array(), expected)
+    # two sizes: size buckets are formed within each shard; a shard's rows do not depend on who extracts it
+    from PIL import Image
+    Image.open(dataset.paths[0]).resize((40, 64)).save(dataset.paths[0])
+    expected = extract_together([method], dataset, batch_size=3, role="database")[0].descriptors
+    alone = ShardWriter(tmp_path / "alone", count=11, shard_rows=4)  # shards of 4, 4, 3 rows
+    extract_shards([method], dataset, [alone], range(3), batch_size=3, role="database")
+    shared = ShardWriter(tmp_path / "shared", count=11, shard_rows=4)
+    for rank in (1, 0):  # two "processes", shard s by process s % 2
+        extract_shards([method], dataset, [shared], range(rank, 3, 2), batch_size=3, role="database")
+    np.testing.assert_array_equal(ShardedArray(tmp_path / "shared").to_array(),
+                                  ShardedArray(tmp_path / "alone").to_array())
+    # other batch-mates than in memory: equal up to float rounding (BLAS kernels depend on the batch)
+    np.testing.assert_allclose(ShardedArray(tmp_path / "alone").to_array(), expected, rtol=1e-5, atol=1e-6)
+
+
+class _FlakyBenchmark(LabelledBenchmark):
+    """Image ``broken`` of the database fails to load while ``failing`` is set (a crash mid-extraction)."""
+
+    broken: int = 9
+    failing: bool = True
+
+    def database_dataset(self, transform):
+        benchmark = self
+
+        class Flaky(ImageDataset):
+            def __getitem__(self, index):
+                if benchmark.failing and index == benchmark.broken:
+                    raise RuntimeError("killed")
+                return super().__getitem__(index)
+
+        return Flaky(self.database_paths(), transform)
+
+
+def test_an_interrupted_extraction_resumes_after_its_last_finished_shard(tmp_path, one_thread):
+    manifest = _drop_rows(write_labelled_set(tmp_path, num_classes=3, per_class=4), keep=11)
+    images = read_csv_manifest(manifest)
+    settings = EvalSettings(image_size=32, batch_size=2, shard_rows=4, cache_dir=str(tmp_path / "cache"))
+    flaky = _FlakyBenchmark(name="toy", images=images)
+    method = _gem()
+    calls = _count_encodes(method)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate_methods([method], flaky, settings)
+    shards = list((tmp_path / "cache").rglob("shard-*.npy"))
+    assert len(shards) == 2 and not list((tmp_path / "cache").rglob("gem-*.npy"))  # rows 0-7 were kept
+    calls.clear()
+    flaky.failing = False
+    resumed = evaluate_methods([method], flaky, settings)[0]
+    assert sum(calls) == 3  # only the last shard (rows 8-10) was encoded again
+    assert np.isfinite(resumed.images_per_second)
+    whole = evaluate_methods([_gem()], LabelledBenchmark(name="toy", images=images),
+                             EvalSettings(image_size=32, batch_size=2, shard_rows=4,
+                                          cache_dir=str(tmp_path / "fresh")))[0]
+    assert resumed.metrics == whole.metrics
+    np.testing.assert_array_equal(np.load(next((tmp_path / "cache").rglob("gem-*.npy"))),
+                                  np.load(next((tmp_path / "fresh").rglob("gem-*.npy"))))
+    assert not list((tmp_path / "cache").rglob("*.shards"))  # the finished array replaced its shards
+
+
+def _keys(spec: str, root=None) -> dict[str, str]:
+    benchmark = create_benchmark(spec, root or "unused")
+    return _cache_keys([create_method("gem", MethodContext(backbone="resnet18", pretrained=False))], benchmark,
+                       EvalSettings(image_size=32))[0]
+
+
+def test_cache_keys_tell_data_sets_and_changed_images_apart(tmp_path):
+    one = write_labelled_set(tmp_path / "one", num_classes=2, per_class=3, seed=0)
+    other_root = write_labelled_set(tmp_path / "two", num_classes=2, per_class=3, seed=0)  # the same set name
+    assert _keys(f"csv:{one}") != _keys(f"csv:{other_root}")
+    sets = tmp_path / "sets"  # two manifests of one folder, the same size, other images
+    sets.mkdir()
+    shutil.copytree(one.parent / "images", sets / "images")
+    shutil.copy(one, sets / "a.csv")
+    rows = list(csv.DictReader((sets / "a.csv").open()))
+    rows[0]["file"], rows[1]["file"] = rows[1]["file"], rows[0]["file"]  # order matters too
+    rows[2]["file"] = rows[3]["file"]
+    with (sets / "b.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert create_benchmark(f"csv:{sets / 'a.csv'}", "unused").name == create_benchmark(f"csv:{sets / 'b.csv'}",
+                                                                                          "unused").name
+    assert _keys(f"csv:{sets / 'a.csv'}") != _keys(f"csv:{sets / 'b.csv'}")
+    before = _keys(f"csv:{one}")
+    assert _keys(f"csv:{one}") == before
+    image = one.parent / "images" / "c0_0.jpg"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert _keys(f"csv:{one}") != before
+
+
+class _Centred(RetrievalMethod):
+    """Mean colour minus the training images' mean colour: descriptors that depend on what fit learned."""
+
+    fits = 0
+
+    def __init__(self):
+        super().__init__("centred")
+        self.mean = None
+
+    def needs_fit(self) -> bool:
+        return True
+
+    def fit(self, train_images, labels=None) -> None:
+        _Centred.fits += 1
+        self.mean = torch.stack([train_images[i][0].mean(dim=(1, 2)) for i in range(len(train_images))]).mean(0)
+
+    def encode(self, images):
+        return F.normalize(images.mean(dim=(2, 3)) - self.mean, dim=1)
+
+
+def test_a_fitted_method_with_a_complete_cache_is_not_fitted_again(tmp_path):
+    test = write_labelled_set(tmp_path / "test", num_classes=3, per_class=3, seed=0)
+    train = write_labelled_set(tmp_path / "train", num_classes=2, per_class=3, seed=1)
+    benchmark = LabelledBenchmark(name="toy", images=read_csv_manifest(test), training=read_csv_manifest(train))
+    settings = EvalSettings(image_size=32, batch_size=2, shard_rows=4, cache_dir=str(tmp_path / "cache"))
+    _Centred.fits = 0
+    first = evaluate_methods([_Centred()], benchmark, settings)[0]
+    again = evaluate_methods([_Centred()], benchmark, settings)[0]
+    assert _Centred.fits == 1 and again.metrics == first.metrics
+    image = benchmark.training.paths[0]  # another training set: another fit, other descriptors
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    evaluate_methods([_Centred()], benchmark, settings)
+    assert _Centred.fits == 2 and len(list((tmp_path / "cache").rglob("centred-*.npy"))) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_metrics_and_every_descriptor_once(tmp_path):
+    """23 images, batches of 4, shards of 5: shards 0, 2, 4 on process 0 and 1, 3 on process 1."""
+    manifest = _drop_rows(write_labelled_set(tmp_path, num_classes=4, per_class=6), keep=23)
+    common = ["scripts/evaluate.py", "--benchmark", f"csv:{manifest}", "--method", "gem", "--method", "gap",
+              "--together", "--backbone", "resnet18", "--random-init", "--image-size", "32", "--batch-size", "4",
+              "--shard-rows", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    for command, run in ((launch + common, "two"), ([sys.executable] + common, "one")):
+        done = subprocess.run([*command, "--cache-dir", str(tmp_path / run), "--out", str(tmp_path / f"{run}.json")],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{run}.json").read_text())["results"] for run in ("one", "two"))
+    assert [r["metrics"] for r in two] == [r["metrics"] for r in one]
+    for method in ("gem", "gap"):
+        (gathered,), (alone,) = ((tmp_path / run).rglob(f"{method}-*.npy") for run in ("two", "one"))
+        assert np.load(gathered).shape[0] == 23
+        np.testing.assert_array_equal(np.load(gathered), np.load(alone))
+    assert not list((tmp_path / "two").rglob("*.shards"))
