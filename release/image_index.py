@@ -1,10 +1,13 @@
 """A searchable index of a folder of images, made with a release and kept on disk.
 
-``INDEX_DIR`` holds ``index.json`` (the release, the FAISS factory string, one entry per image: path, size,
-modification time), ``descriptors.npy`` (N, D float32, the rows of the index) and ``index.faiss``. Updating
-an index encodes only the images that are new or changed since; removed images are dropped. A flat index
-(exact inner product, the default) grows by ``add``; other factories (``IVF64,Flat``, ``HNSW32``...) are
-rebuilt from the stored descriptors, which costs no image decoding. A hashing release stores packed codes
+``INDEX_DIR`` holds ``index.json`` (the release, the FAISS factory string, the index parameters, one entry per
+image: path, size, modification time), ``descriptors.npy`` (N, D float32, the rows of the index) and
+``index.faiss``. Updating an index encodes only the images that are new or changed since; removed images are
+dropped. A flat index (exact inner product, the default) grows by ``add``; other factories (``IVF64,Flat``,
+``HNSW32``...) are rebuilt from the stored descriptors, which costs no image decoding. ``auto`` chooses by the
+number of images (``retrieval.index.choose_index``: exact up to 200,000, then IVF-PQ / binary IVF) at every
+update, so a growing index switches to IVF-PQ once it passes the threshold; ``index.json`` records the
+choice (factory, nlist, m, nprobe, train size). A hashing release stores packed codes
 (uint8) in a FAISS binary index (Hamming distance; ``Flat`` means ``BFlat``, or ``BIVF64``, ``BHash4x16``...)
 and scores are negated Hamming distances.
 """
@@ -42,18 +45,15 @@ def file_stamp(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def build_faiss(descriptors: np.ndarray, factory: str):
-    """Inner product over float descriptors; Hamming over packed codes (uint8 rows)."""
-    import faiss
+def build_faiss(descriptors: np.ndarray, factory: str) -> tuple[object, dict]:
+    """(CPU FAISS index, its parameters): inner product over float descriptors, Hamming over packed codes
+    (uint8 rows); ``factory="auto"`` chooses by size. The nprobe chosen is kept in the written index."""
+    from retrieval.index import SearchIndex
 
-    if descriptors.dtype == np.uint8:
-        index = faiss.index_binary_factory(descriptors.shape[1] * 8, "BFlat" if factory == "Flat" else factory)
-    else:
-        index = faiss.index_factory(descriptors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(descriptors)
-    index.add(descriptors)
-    return index
+    binary = descriptors.dtype == np.uint8
+    built = SearchIndex(descriptors, "hamming" if binary else "inner_product", use_gpu=False,
+                        factory="BFlat" if binary and factory == "Flat" else factory)
+    return built.index, built.parameters
 
 
 @dataclass
@@ -123,15 +123,20 @@ class ImageIndex:
         entries = ([old.meta["images"][row] for row in kept_rows] if old else []) + \
             [{"path": p, "stamp": stamps[p]} for p in new_paths]
         descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(retriever.dtype)
-        if old is not None and removed == 0 and factory == "Flat":
-            index = old.index  # rows kept in order: grow the flat index in place
-            index.add(new)
-        else:
-            index = build_faiss(descriptors, factory) if len(descriptors) else None
-        if index is None:
+        if not len(descriptors):
             raise UserError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
+        from retrieval.index import DEFAULT_FACTORY, DEFAULT_FLAT_LIMIT  # FAISS is imported when it is needed
+
+        flat = factory == "Flat" or (factory == "auto" and len(descriptors) <= DEFAULT_FLAT_LIMIT)
+        old_factory = old.meta.get("index", {}).get("factory") if old is not None else None
+        if old is not None and removed == 0 and flat and old_factory in (None, *DEFAULT_FACTORY.values()):
+            index = old.index  # rows kept in order, still exact: grow the flat index in place
+            index.add(new)
+            parameters = {**old.meta.get("index", {"factory": factory}), "count": len(descriptors)}
+        else:
+            index, parameters = build_faiss(descriptors, factory)
         meta = {"release": str(Path(release).resolve()), "weights_sha256": release_id, "factory": factory,
-                "binary": retriever.binary,
+                "index": parameters, "binary": retriever.binary,
                 "dim": int(descriptors.shape[1]), "folder": str(Path(folder).resolve()), "images": entries}
         directory.mkdir(parents=True, exist_ok=True)
         cls._write(directory, meta, descriptors, index)

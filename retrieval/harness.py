@@ -50,6 +50,7 @@ from .benchmarks import Benchmark
 from .descriptor_cache import CacheEntry, DescriptorCache, image_list_fingerprint, safe_name
 from .extract import Extraction, extract_shards
 from .methods import RetrievalMethod
+from .postprocess import postprocess
 from .processes import Processes
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,20 @@ class EvalSettings:
     #: images per shard: descriptors are written to disk shard by shard (memory holds one shard; an interrupted
     #: extraction resumes after its last finished shard; processes share the extraction out by shards)
     shard_rows: int = 4096
+    # alpha-QE / alpha-DBA over this many neighbours (0: off), float inner-product methods only (postprocess.py)
+    query_expansion: int = 0
+    qe_alpha: float = 3.0
+    dba: int = 0
+    dba_alpha: float = 3.0
 
     def __post_init__(self):
         for name in ("image_size", "map_at_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"EvalSettings.{name} must be at least 1 (or None for the default), got {value}")
+        if min(self.query_expansion, self.dba, self.qe_alpha, self.dba_alpha) < 0:
+            raise UserError(f"EvalSettings: query_expansion, dba and their alphas must be >= 0, got "
+                            f"{self.query_expansion}, {self.dba}, {self.qe_alpha}, {self.dba_alpha}")
         if self.batch_size < 1 or self.num_workers < 0 or self.top_k < 0 or self.shard_rows < 1:
             raise UserError(f"EvalSettings: batch_size >= 1, num_workers >= 0, top_k >= 0 and shard_rows >= 1 are "
                              f"needed, got {self.batch_size}, {self.num_workers}, {self.top_k}, {self.shard_rows}")
@@ -239,13 +248,16 @@ def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, setti
         results = []
         for method, db, q, seconds in described:  # main process only
             start = time.perf_counter()
-            metrics = benchmark.evaluate(method.scores(q.descriptors, db.descriptors), map_at_k=settings.map_at_k)
+            # query expansion / DBA (when asked): the ranking, metrics and saved top-k are of the expanded vectors
+            q_rows, db_rows, applied = postprocess(settings, method, q.descriptors, db.descriptors,
+                                                   leave_one_out=benchmark.queries_are_database)
+            metrics = benchmark.evaluate(method.scores(q_rows, db_rows), map_at_k=settings.map_at_k)
             if settings.top_k > 0:
-                _save_top_k(method, q.descriptors, db.descriptors, settings, benchmark)
+                _save_top_k(method, q_rows, db_rows, settings, benchmark)
             results.append(MethodResult(
                 method=method.name, metrics=metrics, descriptor_bytes=method.descriptor_bytes(db.descriptors),
                 images_per_second=db.images_per_second, seconds=seconds + time.perf_counter() - start,
-                config=method.config(), query_ms=_query_milliseconds(method, q, db)))
+                config={**method.config(), **applied}, query_ms=_query_milliseconds(method, q, db)))
     return results
 
 

@@ -150,5 +150,18 @@ class ShardedArray:
             out[lo - start:hi - start] = self.shard(index)[lo - first:hi - first]
         return out
 
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The rows at ``indices`` (ascending), copied into memory one shard at a time (a training sample
+        from a database that does not fit in memory)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices[0] < 0 or indices[-1] >= self.count or (np.diff(indices) < 0).any()):
+            raise ValueError(f"take needs ascending row indices in 0..{self.count - 1}")
+        out = np.empty((len(indices), *self.row_shape), dtype=self.dtype)
+        shard_of = indices // self.shard_rows
+        for index in np.unique(shard_of):
+            chosen = np.flatnonzero(shard_of == index)
+            out[chosen] = self.shard(int(index))[indices[chosen] - self.ranges[index].start]
+        return out
+
     def to_array(self) -> np.ndarray:
         return self.rows(0, self.count)

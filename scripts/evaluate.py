@@ -23,7 +23,7 @@ from accelerate import PartialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.roots import resolve_data_root  # noqa: E402
-from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
+from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli  # noqa: E402
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
@@ -79,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="regional methods: keep detections scoring above this (default: the detector's, 0.3)")
     parser.add_argument("--region-nms-threshold", type=float, default=None,
                         help="regional methods: NMS IoU threshold (default: the detector's, 0.5)")
+    parser.add_argument("--qe", type=non_negative_int, default=0,
+                        help="alpha query expansion over the top N database neighbours (0: off); float "
+                             "inner-product methods only. Leave-one-out benchmarks: a query's own copy is not one")
+    parser.add_argument("--qe-alpha", type=non_negative_float, default=3.0, help="QE weight exponent (default 3)")
+    parser.add_argument("--dba", type=non_negative_int, default=0,
+                        help="alpha database-side augmentation over the top N neighbours (0: off), before QE")
+    parser.add_argument("--dba-alpha", type=non_negative_float, default=3.0, help="DBA weight exponent (default 3)")
     parser.add_argument("--out", default=None, help="results JSON path")
     return parser.parse_args(argv)
 
@@ -99,7 +106,8 @@ def main(argv=None) -> int:
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size,
                             num_workers=args.workers, device=device, cache_dir=args.cache_dir or None,
                             top_k=args.top_k, interpolation=args.interpolation, map_at_k=args.map_at_k,
-                            shard_rows=args.shard_rows)
+                            shard_rows=args.shard_rows, query_expansion=args.qe, qe_alpha=args.qe_alpha,
+                            dba=args.dba, dba_alpha=args.dba_alpha)
     methods = [create_method(name, context) for name in args.method]
     results = evaluate_methods(methods, benchmark, settings, together=args.together, processes=processes)
     if not processes.is_main:  # the main process computes the metrics and reports them

@@ -4,6 +4,7 @@
     python scripts/index.py releases/flowers102 photos/ --out indexes/photos
     python scripts/index.py releases/flowers102 photos/ --out indexes/photos       # again: only new images
     python scripts/index.py releases/flowers102 photos/ --out indexes/ivf --factory IVF64,Flat
+    python scripts/index.py releases/flowers102 photos/ --out indexes/big --factory auto   # chosen by size
 
 Run again on the same folder and index directory to add the images that are new (or changed) since and to
 drop the removed ones; only those are decoded. Then search it with scripts/search.py.
@@ -30,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("folder", help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="index directory (created, or updated if it exists)")
     parser.add_argument("--factory", default="Flat",
-                        help="FAISS index factory string, inner-product metric (default Flat: exact search)")
+                        help="FAISS index factory string, inner-product metric (default Flat: exact search), or "
+                             "auto: exact up to 200,000 images, then IVF-PQ (binary IVF for a hashing release), "
+                             "with the parameters recorded in INDEX/index.json")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     return parser.parse_args(argv)

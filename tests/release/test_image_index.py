@@ -49,6 +49,20 @@ def test_updates_encode_only_new_or_changed_images_and_equal_a_fresh_build(tmp_p
     assert rows[:, 0].tolist() == list(range(len(paths))) and np.allclose(scores[:, 0], 1, atol=1e-5)
 
 
+def test_auto_factory_records_its_choice_and_grows_an_exact_index(tmp_path, release_and_folder):
+    release, folder, _ = release_and_folder
+    retriever = load_release(release)
+    index, _ = ImageIndex.update(tmp_path / "idx", folder, retriever, release, factory="auto")
+    assert index.meta["factory"] == "auto"
+    assert index.meta["index"]["factory"] == "Flat" and index.meta["index"]["count"] == 12
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(folder / "new.png")
+    index, update = ImageIndex.update(tmp_path / "idx", folder, retriever, release, factory="auto")
+    assert (update.added, index.index.ntotal, index.meta["index"]["count"]) == (1, 13, 13)
+    assert ImageIndex.open(tmp_path / "idx").meta["index"]["factory"] == "Flat"
+    with pytest.raises(ValueError, match="another release or factory"):
+        ImageIndex.update(tmp_path / "idx", folder, retriever, release, factory="Flat")
+
+
 def test_an_index_refuses_another_release(tmp_path, release_and_folder):
     release, folder, _ = release_and_folder
     ImageIndex.update(tmp_path / "idx", folder, load_release(release), release)
