@@ -119,6 +119,10 @@ def seconds(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def megabytes(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def ratio(value: float) -> str:
     return f"{value:.2f}x"
 
@@ -141,8 +145,8 @@ def miner_section(result: dict) -> list[str]:
         both = bench_miner.fits(alg1) and bench_miner.fits(pml)
         rows.append([batch_size, seconds(alg1["seconds"]), seconds(pml["seconds"]),
                      ratio(pml["seconds"] / alg1["seconds"]) if both else pml["status"],
-                     f"{alg1['extra_peak_mb']:.0f}", "-" if pml["extra_peak_mb"] is None else
-                     f"{pml['extra_peak_mb']:.0f}", seconds(impls["alg1_every"]["seconds"])])
+                     megabytes(alg1["extra_peak_mb"]), megabytes(pml["extra_peak_mb"]),
+                     seconds(impls["alg1_every"]["seconds"])])
     return [*table(["B (4 per class)", "Algorithm1Miner s", "PML semihard s", "PML / ours", "ours +peak MB",
                     "PML +peak MB", "ours, every sample a query, s"], rows),
             "", f"Embeddings B x {result['dim']}, median of {result['repeats']} runs after a warm-up, each miner in "
@@ -184,13 +188,15 @@ def extract_section(result: dict) -> list[str]:
 
 
 def binary_section(result: dict) -> list[str]:
-    rows = [[f"{result['bits']}-bit codes" if kind == "binary" else f"{result['dim']}-D float32",
-             result[kind]["index"], seconds(result[kind]["search_seconds"]), seconds(result[kind]["cpu_seconds"]),
-             f"{result[kind]['database_bytes'] / 2**20:.1f}"] for kind in ("binary", "float")]
-    return [*table(["database", "index", "search s", "CPU s", "database MB"], rows),
-            "", f"{result['queries']:,} queries x {result['database']:,} items, k = {result['k']}. Float / binary: "
-                f"search time {ratio(result['time_ratio'])} (CPU time {ratio(result['cpu_time_ratio'])}), "
-                f"memory {result['memory_ratio']:.0f}x."]
+    binary, floats = result["binary"], result["float"]
+    return [*table(["queries x items", f"{result['bits']}-bit codes search s", f"{result['dim']}-D float32 search s",
+                    "float / binary time", "float / binary CPU time", "codes MB", "floats MB", "memory ratio"],
+                   [[f"{result['queries']:,} x {result['database']:,}", seconds(binary["search_seconds"]),
+                     seconds(floats["search_seconds"]), ratio(result["time_ratio"]), ratio(result["cpu_time_ratio"]),
+                     megabytes(binary["database_bytes"] / 2**20), megabytes(floats["database_bytes"] / 2**20),
+                     f"{result['memory_ratio']:.0f}x"]]),
+            "", f"Exact top-{result['k']} search with FAISS: {binary['index']} against {floats['index']}, search "
+                "alone (index built beforehand), median of the runs."]
 
 
 def ivf_pq_section(result: dict) -> list[str]:
