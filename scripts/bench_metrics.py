@@ -97,6 +97,21 @@ def measure(shape: str, impl: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run(shapes: list[str]) -> list[dict]:
+    """One row per shape: seconds and peak memory of the reference (default and stable argsort) and of
+    ``revisitop_metrics``, their ratios, and the largest metric difference against the stable reference."""
+    rows = []
+    for shape in shapes:
+        ref, stable, fast = measure(shape, "quicksort"), measure(shape, "stable"), measure(shape, "fast")
+        rows.append({"shape": shape, "matrix_mb": fast["matrix_mb"], "reference_seconds": ref["seconds"],
+                     "stable_seconds": stable["seconds"], "fast_seconds": fast["seconds"],
+                     "speedup_vs_reference": ref["seconds"] / fast["seconds"],
+                     "speedup_vs_stable": stable["seconds"] / fast["seconds"],
+                     "reference_extra_peak_mb": ref["extra_peak_mb"], "fast_extra_peak_mb": fast["extra_peak_mb"],
+                     "max_abs_diff": max(abs(stable["metrics"][k] - fast["metrics"][k]) for k in stable["metrics"])})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["70x5000", "1000x100000", "70x1000000"])
@@ -108,12 +123,12 @@ def main() -> int:
     header = (f"{'shape':>12} {'matrix MB':>9} {'ref s':>7} {'stable s':>8} {'fast s':>7} {'vs ref':>7} "
               f"{'vs stable':>9} {'ref +MB':>7} {'fast +MB':>8} {'max |diff|':>10}")
     print(header)
-    for shape in args.shapes:
-        ref, stable, fast = measure(shape, "quicksort"), measure(shape, "stable"), measure(shape, "fast")
-        diff = max(abs(stable["metrics"][k] - fast["metrics"][k]) for k in stable["metrics"])
-        print(f"{shape:>12} {fast['matrix_mb']:9.0f} {ref['seconds']:7.2f} {stable['seconds']:8.2f} "
-              f"{fast['seconds']:7.2f} {ref['seconds'] / fast['seconds']:6.1f}x {stable['seconds'] / fast['seconds']:8.1f}x "
-              f"{ref['extra_peak_mb']:7.0f} {fast['extra_peak_mb']:8.0f} {diff:10.1e}", flush=True)
+    for shape in args.shapes:  # one shape at a time, so each row shows as soon as it is measured
+        r = run([shape])[0]
+        print(f"{shape:>12} {r['matrix_mb']:9.0f} {r['reference_seconds']:7.2f} {r['stable_seconds']:8.2f} "
+              f"{r['fast_seconds']:7.2f} {r['speedup_vs_reference']:6.1f}x {r['speedup_vs_stable']:8.1f}x "
+              f"{r['reference_extra_peak_mb']:7.0f} {r['fast_extra_peak_mb']:8.0f} {r['max_abs_diff']:10.1e}",
+              flush=True)
     print("ref = full argsort per query with NumPy's default (quicksort, as the revisitop code); stable = the same\n"
           "with a stable argsort. |diff| is against the stable reference (identical tie order).\n"
           "+MB = peak memory above the similarity matrix. ")

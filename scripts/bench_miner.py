@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import statistics
 import subprocess
@@ -29,6 +30,9 @@ import torch  # noqa: E402
 from pytorch_metric_learning.miners import TripletMarginMiner  # noqa: E402
 
 from miners import Algorithm1Miner  # noqa: E402
+from utils.cli import setup_logging  # noqa: E402
+
+log = logging.getLogger("bench_miner")
 
 PER_CLASS = 4
 IMPLS = {
@@ -130,7 +134,50 @@ def row(batch_size: int, impl: str, result: dict, alg1: dict | None) -> str:
             f"{time_ratio:>9} {mem_ratio:>9}  {result['status']}")
 
 
-def main() -> int:
+def run(args: argparse.Namespace) -> dict:
+    """Every miner at every size (largest first): one measurement dict per (size, miner), and the largest size
+    at which PML's miner fits the budgets."""
+    sizes = sorted(args.sizes, reverse=True)
+    measurements, largest_pml = [], None
+    for batch_size in sizes:
+        for impl in IMPLS:
+            result = measure(impl, batch_size, args)
+            log.info("B = %d, %s: %s, %s s", batch_size, impl, result["status"], result.get("seconds"))
+            measurements.append({"batch_size": batch_size, "impl": impl, **result})
+            if impl == "pml" and largest_pml is None and fits(result):
+                largest_pml = batch_size
+    return {"sizes": sizes, "dim": args.dim, "repeats": args.repeats, "budget_mb": args.budget_mb,
+            "budget_s": args.budget_s, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "measurements": measurements, "largest_pml": largest_pml}
+
+
+def by_size(result: dict) -> dict[int, dict[str, dict]]:
+    """The measurements as {batch size: {miner: measurement}}."""
+    table: dict[int, dict[str, dict]] = {}
+    for m in result["measurements"]:
+        table.setdefault(m["batch_size"], {})[m["impl"]] = m
+    return table
+
+
+def report(result: dict) -> str:
+    lines = [f"mining batch: B x {result['dim']} L2-normalised, {PER_CLASS} images per class; median of "
+             f"{result['repeats']} runs after a warm-up; torch {result['torch']}, {result['threads']} threads",
+             f"{'B':>5} {'miner':<40} {'triplets':>9} {'median s':>9} {'CPU s':>8} {'+peak MB':>8} "
+             f"{'time/alg1':>9} {'mem/alg1':>9}  status"]
+    for batch_size, impls in by_size(result).items():
+        for impl, measurement in impls.items():
+            lines.append(row(batch_size, impl, measurement, None if impl == "alg1" else impls["alg1"]))
+    budget = f"{result['budget_mb']:.0f} MB / {result['budget_s']:.0f} s"
+    largest = result["largest_pml"] if result["largest_pml"] is not None else f"none of {result['sizes']}"
+    lines.append(f"largest batch PML's semihard miner fits within {budget}: {largest}")
+    lines.append("median s = wall clock; CPU s = process CPU time (all threads), steadier on a busy machine; +peak MB =\n"
+                 "peak RSS growth above the embeddings; time/alg1, mem/alg1 = this row over Algorithm1Miner (one query\n"
+                 "per class) at the same B, wall time. PML 2.9 builds the dense B^3 triplet mask only while B^3 < 2^31\n"
+                 "(B <= 1290); above that it loops over anchors, so its peak follows the number of triplets instead.")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[2048, 1024, 512, 256])
     parser.add_argument("--dim", type=int, default=4096)
@@ -138,31 +185,16 @@ def main() -> int:
     parser.add_argument("--budget-mb", type=float, default=8192)
     parser.add_argument("--budget-s", type=float, default=60)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.child:
         child(args.child[0], int(args.child[1]), args.dim, args.repeats, args.budget_mb, args.budget_s)
         return 0
-    sizes = sorted(args.sizes, reverse=True)
-    print(f"mining batch: B x {args.dim} L2-normalised, {PER_CLASS} images per class; median of {args.repeats} "
-          f"runs after a warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'B':>5} {'miner':<40} {'triplets':>9} {'median s':>9} {'CPU s':>8} {'+peak MB':>8} "
-          f"{'time/alg1':>9} {'mem/alg1':>9}  status")
-    largest_pml = None
-    for batch_size in sizes:
-        alg1 = measure("alg1", batch_size, args)
-        print(row(batch_size, "alg1", alg1, None), flush=True)
-        print(row(batch_size, "alg1_every", measure("alg1_every", batch_size, args), alg1), flush=True)
-        pml = measure("pml", batch_size, args)
-        print(row(batch_size, "pml", pml, alg1), flush=True)
-        if largest_pml is None and fits(pml):
-            largest_pml = batch_size
-    budget = f"{args.budget_mb:.0f} MB / {args.budget_s:.0f} s"
-    print(f"largest batch PML's semihard miner fits within {budget}: "
-          f"{largest_pml if largest_pml is not None else f'none of {sizes}'}")
-    print("median s = wall clock; CPU s = process CPU time (all threads), steadier on a busy machine; +peak MB =\n"
-          "peak RSS growth above the embeddings; time/alg1, mem/alg1 = this row over Algorithm1Miner (one query\n"
-          "per class) at the same B, wall time. PML 2.9 builds the dense B^3 triplet mask only while B^3 < 2^31\n"
-          "(B <= 1290); above that it loops over anchors, so its peak follows the number of triplets instead.")
+    setup_logging()
+    print(report(run(args)))
     return 0
 
 

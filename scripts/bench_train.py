@@ -81,23 +81,39 @@ def trainer_loop(config: dict, data_root: Path, steps: int) -> float:
     return trainer.timing["images"] / trainer.timing["train_seconds"]
 
 
-def main(argv=None) -> int:
+def run(args: argparse.Namespace) -> dict:
+    """Images/s of the bare loop and of the trainer on the same config, and their ratio."""
+    config = resolve_config(args.config, [*args.overrides, "mining.miner=semihard"])
+    data_root = resolve_data_root(args.data_root or config["data"]["root"])
+    bare = bare_loop(config, data_root, args.steps)
+    log.info("bare PyTorch loop: %.1f img/s", bare)
+    ours = trainer_loop(config, data_root, args.steps)
+    mining = config["mining"]
+    return {"classes_per_batch": mining["classes_per_batch"], "images_per_class": mining["images_per_class"],
+            "train_size": config["data"]["train_size"], "architecture": config["model"]["architecture"],
+            "backbone": config["model"]["backbone"], "steps": args.steps, "bare_images_per_second": bare,
+            "trainer_images_per_second": ours, "ratio": ours / bare}
+
+
+def report(result: dict) -> str:
+    return "\n".join([
+        f"batch: {result['classes_per_batch']} x {result['images_per_class']} images at {result['train_size']} px, "
+        f"{result['architecture']} on {result['backbone']}, {result['steps']} steps",
+        f"bare PyTorch loop  {result['bare_images_per_second']:7.1f} img/s",
+        f"trainer            {result['trainer_images_per_second']:7.1f} img/s  ({result['ratio']:.2f}x the bare loop)"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    config = resolve_config(args.config, [*args.overrides, "mining.miner=semihard"])
-    data_root = resolve_data_root(args.data_root or config["data"]["root"])
-    bare = bare_loop(config, data_root, args.steps)
-    ours = trainer_loop(config, data_root, args.steps)
-    mining = config["mining"]
-    print(f"batch: {mining['classes_per_batch']} x {mining['images_per_class']} images at "
-          f"{config['data']['train_size']} px, {config['model']['architecture']} on {config['model']['backbone']}, "
-          f"{args.steps} steps")
-    print(f"bare PyTorch loop  {bare:7.1f} img/s")
-    print(f"trainer            {ours:7.1f} img/s  ({ours / bare:.2f}x the bare loop)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    print(report(run(parse_args(argv))))
     return 0
 
 

@@ -1,0 +1,22 @@
+"""scripts/benchmark.py at its tiny size: every benchmark runs and BENCHMARKS.md has every section with ratios."""
+import re
+import sys
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark  # noqa: E402
+
+
+def test_tiny_run_writes_every_section_with_numeric_ratios(tmp_path, flowers_root):
+    out = tmp_path / "BENCHMARKS.md"
+    assert benchmark.main(["--tiny", "--threads", "1", "--data-root", str(flowers_root), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "`python scripts/benchmark.py --tiny --threads 1" in text.splitlines()[2]
+    for row in ("CPU", "cores", "threads used", "RAM", "GPU", "torch / faiss / timm", "date"):
+        assert f"| {row} |" in text
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
+    assert [s.splitlines()[0] for s in sections] == ["Machine", *benchmark.SECTIONS]
+    for section in sections[1:]:
+        # every benchmark's table has at least one ratio, and a number (not "-") in it
+        assert re.search(r"\| \d+\.\d+x \|", section), section
