@@ -16,7 +16,6 @@ barrier and multi-threaded wall times swing widely; ``--threads 1`` and the CPU 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from utils.cli import benchmark_main, run_cli  # noqa: E402
 from retrieval.index import SearchIndex  # noqa: E402
 
 #: rows of random float vectors made at a time (bounds the generator's temporaries)
@@ -137,13 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return benchmark_main(parse_args, run, report, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -19,7 +19,6 @@ decoding with PIL's JPEG draft mode (DCT-domain downscaling to at least the outp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -38,7 +37,7 @@ from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import offline_weights_path  # noqa: E402
 from retrieval.extract import SizeBucketBatchSampler, extract, output_sizes  # noqa: E402
 from retrieval.methods import MethodContext, create_method  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import benchmark_main, run_cli  # noqa: E402
 
 log = logging.getLogger("bench_extract")
 
@@ -168,12 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return benchmark_main(parse_args, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ also returns in its top k. Times are of the search alone, median of ``--repeats`
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from utils.cli import benchmark_main, run_cli  # noqa: E402
 from retrieval.index import SearchIndex  # noqa: E402
 
 #: index rows kept per item besides the code: IVF lists store a 64-bit id next to each code
@@ -110,13 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return benchmark_main(parse_args, run, report, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -88,3 +88,17 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def benchmark_main(parse_args: Callable, run: Callable, report: Callable, argv=None) -> int:
+    """``main`` of a benchmark script: parse the flags, run, print the report, and write the measurements to
+    ``--json`` when given."""
+    import json
+    from pathlib import Path
+
+    args = parse_args(argv)
+    result = run(args)
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
