@@ -11,10 +11,11 @@ time, must end where an undisturbed run on the same images ends.
    JPEG header followed by garbage; the drill checks that each really fails to load.
 2. The undisturbed run: ``train.py`` with that manifest (``data.max_bad_fraction`` raised above the injected
    fraction), to the end and its final evaluation (the trained model only; baselines off).
-3. The disturbed run, the same command: killed with SIGKILL (the whole process group) ``--kills`` times,
-   each after a random delay drawn uniformly from ``--kill-window`` times the undisturbed run's wall time,
-   and resumed each time with ``train.py --resume`` (restarted from scratch when the kill came before its
-   first checkpoint); then left to finish.
+3. The disturbed run, the same command: killed with SIGKILL (the whole process group) ``--kills`` times, at
+   moments drawn uniformly from ``--kill-window`` times the undisturbed run's wall time on the disturbed run's
+   own clock (restarts included; a resumed segment is shorter than the whole run, so delays drawn per segment
+   could outlast it), and resumed each time with ``train.py --resume`` (restarted from scratch when the kill
+   came before its first checkpoint); then left to finish.
 4. The report (printed, and OUT/drill.json; ``--report-only`` prints it again from OUT/progress.json): final test metrics of both runs, the best validation mAP, the
    unreadable-image count of each against the injected count. Passes when every final metric is within
    ``--tolerance`` (0.005) and both counts equal the injected count; the exit code says which.
@@ -69,8 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/fault-drill", help="folder for the manifest, damaged copies, runs")
     parser.add_argument("--corrupt-fraction", type=float, default=0.05, help="training images damaged")
     parser.add_argument("--kills", type=positive_int, default=5, help="SIGKILLs of the disturbed run")
-    parser.add_argument("--kill-window", type=float, nargs=2, default=(0.05, 0.25), metavar=("LOW", "HIGH"),
-                        help="each kill after U(LOW, HIGH) x the undisturbed run's wall time from (re)start")
+    parser.add_argument("--kill-window", type=float, nargs=2, default=(0.05, 0.8), metavar=("LOW", "HIGH"),
+                        help="kill moments U(LOW, HIGH) x the undisturbed run's wall time, counted from the "
+                             "disturbed run's first start")
     parser.add_argument("--tolerance", type=float, default=0.005, help="largest final-metric difference allowed")
     parser.add_argument("--seed", type=int, default=0, help="which images are damaged and when kills come")
     parser.add_argument("--report-only", action="store_true", help="compare the finished runs under --out again")
@@ -161,6 +163,10 @@ def disturbed_run(args, run_dir: Path, manifest: Path, undisturbed_seconds: floa
                   out: Path) -> list[dict]:
     """The run killed ``args.kills`` times and resumed; returns what each kill hit."""
     rng = np.random.default_rng(args.seed + 1)
+    # the kill moments on the disturbed run's own clock (restarts included): it needs at least the undisturbed
+    # run's time to finish, so every moment before that time comes before the run can end
+    moments = np.sort(rng.uniform(*args.kill_window, size=args.kills)) * undisturbed_seconds
+    began = time.monotonic()
     kills = []
     resume = False
     while True:
@@ -168,7 +174,7 @@ def disturbed_run(args, run_dir: Path, manifest: Path, undisturbed_seconds: floa
         if len(kills) == args.kills:
             finish(process, "the disturbed run's last segment", log_path)
             return kills
-        delay = float(rng.uniform(*args.kill_window)) * undisturbed_seconds
+        delay = max(float(moments[len(kills)]) - (time.monotonic() - began), 1.0)
         try:
             process.wait(timeout=delay)
             finish(process, "a disturbed run segment", log_path)
