@@ -32,7 +32,6 @@ Design choices (all stored in the checkpoint's config, so ``load_detector`` need
 from __future__ import annotations
 
 import logging
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -50,6 +49,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 
 from utils.errors import UserError
+from utils.files import atomic_write
 
 from .backbones import Backbone, create_backbone
 from .retrieval_net import read_checkpoint
@@ -337,16 +337,9 @@ def detector_payload(detector: LandmarkDetector, extra: dict | None = None) -> d
 
 
 def atomic_save(payload: dict, path: str | Path) -> None:
-    """``torch.save`` to a temporary file, flushed to disk, then renamed over ``path``: a crash while
-    writing leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    """``torch.save`` through :func:`utils.files.atomic_write`: a crash while writing leaves the previous file
+    intact."""
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def save_detector(detector: LandmarkDetector, path: str | Path, extra: dict | None = None) -> None:

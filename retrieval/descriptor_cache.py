@@ -31,7 +31,9 @@ import numpy as np
 from data.images import ImageLoadError
 
 from .extract import Extraction
-from .shards import ShardedArray, ShardWriter, write_atomically
+from utils.files import atomic_write
+
+from .shards import ShardedArray, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +105,9 @@ class CacheEntry:
             for _, rows in shards.blocks():  # one shard in memory at a time
                 handle.write(np.ascontiguousarray(rows).tobytes())
 
-        write_atomically(self.array_path, write)
-        write_atomically(self.meta_path, lambda handle: handle.write(
-            json.dumps({**meta, "count": shards.count}, indent=2, default=str).encode()))
+        atomic_write(self.array_path, write, unique=True)
+        atomic_write(self.meta_path, lambda handle: handle.write(
+            json.dumps({**meta, "count": shards.count}, indent=2, default=str).encode()), unique=True)
         shutil.rmtree(self.shard_folder, ignore_errors=True)
 
 

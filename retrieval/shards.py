@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,6 @@ def shard_ranges(count: int, shard_rows: int) -> list[range]:
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
     return [range(start, min(start + shard_rows, count)) for start in range(0, count, shard_rows)]
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(handle)`` on a temporary file next to ``path``, flush it to disk, rename it to ``path``:
-    readers see the whole file or none."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 class ShardWriter:
@@ -93,8 +83,8 @@ class ShardWriter:
         if self._layout() is None:  # every writer writes the same layout; the rename makes it whole
             layout = {"count": self.count, "shard_rows": self.shard_rows, "shape": list(rows.shape[1:]),
                       "dtype": rows.dtype.str}
-            write_atomically(self.folder / LAYOUT, lambda handle: handle.write(json.dumps(layout).encode()))
-        write_atomically(shard_path(self.folder, index), lambda handle: np.save(handle, rows))
+            atomic_write(self.folder / LAYOUT, lambda handle: handle.write(json.dumps(layout).encode()), unique=True)
+        atomic_write(shard_path(self.folder, index), lambda handle: np.save(handle, rows), unique=True)
 
     def complete(self) -> bool:
         return not self.pending()

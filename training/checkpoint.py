@@ -22,13 +22,13 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
 
 from models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet, UnsafeCheckpointError, read_checkpoint
 from utils.errors import UserError, first_line
+from utils.files import atomic_write, fsync_directory, temporary_name
 
 log = logging.getLogger(__name__)
 
@@ -48,44 +48,6 @@ def set_rng_state(state: dict) -> None:
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-
-
-# -- atomic files ------------------------------------------------------------------------------------------------
-def fsync_directory(folder: str | Path) -> None:
-    """Make a rename inside ``folder`` durable (best effort: some file systems refuse to fsync a folder)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def temporary_name(path: Path) -> Path:
-    """Where :func:`atomic_write` writes ``path`` before renaming it (same folder: the rename stays atomic)."""
-    return path.with_name(path.name + ".tmp")
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write(handle)`` into a temporary file beside ``path``; flush, fsync, rename over ``path``, fsync the
-    folder. Until the rename ``path`` keeps its old content; an exception removes the temporary."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_name(path)
-    try:
-        with temporary.open("wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them the file
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
 
 
 def save_checkpoint(path: str | Path, model: RetrievalNet, training_state: dict | None = None,
