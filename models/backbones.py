@@ -226,8 +226,9 @@ class Backbone(nn.Module):
         names = list(names)
         memo = self._memo
         if memo is not None:
-            if memo["input"] is x and all(name in memo["maps"] for name in names):
-                return {name: memo["maps"][name] for name in names}
+            for seen, maps in memo["inputs"]:
+                if seen is x and all(name in maps for name in names):
+                    return {name: maps[name] for name in names}
             memo["taps"].update(names)  # remember what the sharing methods ask for, compute it all at once
             names_to_run = sorted(memo["taps"])
         else:
@@ -235,8 +236,8 @@ class Backbone(nn.Module):
         with self._capture(names_to_run) as captured:
             last = self.forward_features(x)
         captured[FEATURES] = last
-        if memo is not None:
-            memo["input"], memo["maps"] = x, captured
+        if memo is not None:  # the entry holds x itself, so no other tensor can take its identity meanwhile
+            memo["inputs"].append((x, captured))
         return {name: captured[name] for name in names}
 
     @contextmanager
@@ -244,13 +245,20 @@ class Backbone(nn.Module):
         """Inside the block, calls on the *same input tensor object* run the network once.
 
         Lets several methods on one backbone (gem, SCDA variants...) share each batch's forward pass; the
-        union of their taps is captured. Only for inference: the cached maps are not recomputed.
+        union of their taps is captured. Only for inference: the cached maps are not recomputed. Every input
+        is remembered (a regional method's crops between two methods' calls on the batch must not evict it)
+        until :meth:`next_batch`.
         """
-        self._memo = {"input": None, "maps": {}, "taps": set()}
+        self._memo = {"inputs": [], "taps": set()}
         try:
             yield self
         finally:
             self._memo = None
+
+    def next_batch(self) -> None:
+        """Inside :meth:`reuse_forward`: forget the remembered inputs and maps (the tap union stays)."""
+        if self._memo is not None:
+            self._memo["inputs"] = []
 
     def channels(self, tap: str = FEATURES) -> int:
         """Channel count of a tap (found once with a tiny forward pass)."""

@@ -83,6 +83,9 @@ class DetectorConfig:
     max_boxes: int = 4
     score_threshold: float = 0.3
     nms_threshold: float = 0.5
+    # detections narrower or shorter than this fraction of the image side are dropped: boxes clipped at the
+    # image border can be slivers (seen: 241 x 0.06 px), useless as regions and huge once resized as crops
+    min_box_side: float = 0.02
     image_mean: tuple[float, float, float] = ()  # () -> the backbone's preprocessing
     image_std: tuple[float, float, float] = ()
 
@@ -97,6 +100,8 @@ class DetectorConfig:
             raise UserError(f"anchor sizes and aspect ratios must be positive: {self.anchor_sizes}, "
                              f"{self.aspect_ratios}")
         _check_propose_arguments(self.max_boxes, self.score_threshold, self.nms_threshold)
+        if not 0.0 <= float(self.min_box_side) < 1.0:
+            raise UserError(f"min_box_side must be a fraction of the image side in [0, 1), got {self.min_box_side}")
         if not self.anchor_sizes:
             self.anchor_sizes = tuple(max(4, round(f * self.min_size)) for f in DEFAULT_ANCHOR_FRACTIONS)
 
@@ -262,7 +267,8 @@ class LandmarkDetector(nn.Module):
                 return_scores: bool = False, batch_size: int = 8):
         """Regions for regional search, per image an (n + 1, 4) float32 array of normalised [x1, y1, x2, y2]:
         the full image ``[0, 0, 1, 1]`` first, then at most ``max_boxes`` detections by decreasing score, each
-        scoring above ``score_threshold`` and overlapping a higher-scoring one by IoU <= ``nms_threshold``.
+        scoring above ``score_threshold``, overlapping a higher-scoring one by IoU <= ``nms_threshold`` and with
+        both sides at least the config's ``min_box_side`` (a fraction of the image side).
 
         Unset arguments take the config's values (4, 0.3, 0.5 unless the detector was built otherwise).
         ``images``: PIL images or (3, H, W) float tensors in [0, 1]. ``return_scores``: also per image the
@@ -272,13 +278,27 @@ class LandmarkDetector(nn.Module):
         score_threshold = config.score_threshold if score_threshold is None else score_threshold
         nms_threshold = config.nms_threshold if nms_threshold is None else nms_threshold
         _check_propose_arguments(max_boxes, score_threshold, nms_threshold)
-        detections = self.detect(images, score_threshold, nms_threshold, max_boxes, batch_size)
+        # slivers are dropped before keeping the best max_boxes, so they do not take a real region's place
+        candidates = max(max_boxes, MAX_DETECTIONS) if max_boxes else 0
+        detections = [_drop_slivers(boxes, scores, config.min_box_side, max_boxes)
+                      for boxes, scores in self.detect(images, score_threshold, nms_threshold, candidates, batch_size)]
         full = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
         regions = [np.concatenate([full, boxes]) for boxes, _ in detections]
         if not return_scores:
             return regions
         scores = [np.concatenate([np.ones(1, dtype=np.float32), s]) for _, s in detections]
         return regions, scores
+
+
+#: detections considered by :meth:`LandmarkDetector.propose` before slivers are dropped (torchvision's default)
+MAX_DETECTIONS = 100
+
+
+def _drop_slivers(boxes: np.ndarray, scores: np.ndarray, min_side: float, max_boxes: int):
+    """The first ``max_boxes`` of score-sorted normalised boxes whose width and height are >= ``min_side``."""
+    keep = np.flatnonzero((boxes[:, 2] - boxes[:, 0] >= min_side) & (boxes[:, 3] - boxes[:, 1] >= min_side))
+    keep = keep[:max_boxes]
+    return boxes[keep], scores[keep]
 
 
 def create_detector(backbone: str = "tf_efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None,

@@ -103,6 +103,14 @@ def _encoders(methods: list[RetrievalMethod], device: str, channels_last: bool, 
         yield [m.encode_database if role == "database" else m.encode for m in methods], layout
 
 
+def _forget_batch(encoders: list) -> None:
+    """After every encoder has seen a batch: shared backbones drop its remembered feature maps."""
+    for encode in encoders:
+        for module in encode.__self__.modules():
+            if isinstance(module, Backbone):
+                module.next_batch()
+
+
 def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size: int, num_workers: int,
                  device: str, layout, bar) -> list[np.ndarray]:
     """Descriptors of images ``rows`` of the dataset, one (len(rows), ...) array per encoder."""
@@ -121,6 +129,7 @@ def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size:
             if outputs[i] is None:
                 outputs[i] = np.empty((len(rows), *encoded.shape[1:]), dtype=encoded.dtype)
             outputs[i][places] = encoded
+        _forget_batch(encoders)
         bar.update(len(indices))
     return outputs
 

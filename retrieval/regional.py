@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.transforms import resized_shape
 from models.backbones import Preprocessing
 from release.format import sha256_file
 from utils.errors import UserError
@@ -58,7 +59,7 @@ class RegionProposer:
     def config(self) -> dict:
         return {"detector": str(self.checkpoint), "detector_fingerprint": self.fingerprint,
                 "max_regions": self.max_regions, "score_threshold": self.score_threshold,
-                "nms_threshold": self.nms_threshold}
+                "nms_threshold": self.nms_threshold, "min_box_side": self.detector.config.min_box_side}
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, preprocessing: Preprocessing) -> list[np.ndarray]:
@@ -91,15 +92,18 @@ def proposer_from_context(context: MethodContext, method: str) -> RegionProposer
 
 
 def crop_region(image: torch.Tensor, box, shorter_side: int) -> torch.Tensor:
-    """(3, H, W) -> the box's pixels resized (bilinear, aspect kept) so the shorter side is ``shorter_side``."""
+    """(3, H, W) -> the box's pixels resized (bilinear, aspect kept) by the rule that sizes every evaluation image
+    (:func:`data.transforms.resized_shape`): shorter side ``shorter_side``, but the longer side at most 4x that
+    and no side under 32 px (or ``shorter_side`` if smaller). Without the cap a sliver box (a detection clipped at the image border, 1 px wide)
+    became a 224 x 66,528 crop whose forward pass took 13 s."""
     height, width = image.shape[-2:]
     x1, y1, x2, y2 = (float(v) for v in box)
     left, top = int(np.floor(x1 * width)), int(np.floor(y1 * height))
     right, bottom = max(left + 1, int(np.ceil(x2 * width))), max(top + 1, int(np.ceil(y2 * height)))
     crop = image[:, top:bottom, left:right]
-    scale = shorter_side / min(crop.shape[-2:])
-    size = (max(1, round(crop.shape[-2] * scale)), max(1, round(crop.shape[-1] * scale)))
-    return F.interpolate(crop[None], size=size, mode="bilinear", align_corners=False)[0]
+    new_width, new_height = resized_shape(crop.shape[-1], crop.shape[-2], shorter_side, "shorter",
+                                           min_side=min(32, shorter_side))
+    return F.interpolate(crop[None], size=(new_height, new_width), mode="bilinear", align_corners=False)[0]
 
 
 def pack_regions(regions: list[torch.Tensor], slots: int, dim: int) -> torch.Tensor:

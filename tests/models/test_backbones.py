@@ -84,3 +84,24 @@ def test_vgg_taps_are_found_by_module_structure(name, last_conv, paths):
     assert type(model.features[int(taps["pool5"].split(".")[1])]).__name__ == "MaxPool2d"
     with pytest.raises(ValueError, match="not a VGG"):
         vgg_taps(torch.nn.Linear(2, 2))
+
+
+def test_reuse_forward_remembers_every_input_of_a_batch_until_next_batch():
+    """A regional method runs region crops between two methods' calls on the batch: the batch must not be
+    forgotten (with one remembered input, each crop evicted it and every later method re-ran the batch)."""
+    backbone = create_backbone("resnet18").eval()
+    calls = []
+    backbone.model.conv1.register_forward_pre_hook(lambda _module, inputs: calls.append(tuple(inputs[0].shape)))
+    batch, crop = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 64, 96)
+    with torch.no_grad(), backbone.reuse_forward():
+        first = backbone.forward_taps(batch, ["layer3"])["layer3"]
+        backbone.forward_taps(crop, ["layer3"])
+        again = backbone.forward_taps(batch, ["layer3"])["layer3"]
+        assert again is first and calls == [(2, 3, 64, 64), (1, 3, 64, 96)]
+        backbone.forward_taps(torch.randn(2, 3, 64, 64), ["layer3"])  # another tensor: runs
+        assert len(calls) == 3
+        backbone.next_batch()
+        backbone.forward_taps(batch, ["layer3"])  # forgotten: runs again
+        assert len(calls) == 4
+    backbone.forward_taps(batch, ["layer3"])  # outside the block nothing is remembered
+    assert len(calls) == 5

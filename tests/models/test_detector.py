@@ -185,6 +185,25 @@ def test_propose_full_image_first_normalised_and_thresholds(one_thread):
     assert detector.propose(images, score_threshold=0.999)[0].shape == (1, 4)  # scores of a fresh head ~0.5
 
 
+def test_propose_drops_sliver_boxes_before_keeping_the_best(one_thread, monkeypatch):
+    detector = tiny_detector(max_boxes=2)  # min_box_side 0.02 by default
+    boxes = np.array([[0.2, 0.2, 0.6, 0.6],      # kept
+                      [0.0, 0.5, 0.9, 0.5001],   # a sliver clipped at a border: 0.0001 tall
+                      [0.985, 0.1, 1.0, 0.9],    # 0.015 wide: dropped
+                      [0.1, 0.1, 0.3, 0.125],    # 0.025 tall: kept
+                      [0.5, 0.5, 0.9, 0.9]],     # would be third: cut by max_boxes
+                     dtype=np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5], dtype=np.float32)
+    asked = []
+    monkeypatch.setattr(detector, "detect", lambda images, s, n, most, b: asked.append(most) or [(boxes, scores)])
+    regions, kept_scores = detector.propose([torch.rand(3, 32, 32)], return_scores=True)
+    np.testing.assert_array_equal(regions[0], [[0, 0, 1, 1], boxes[0], boxes[3]])
+    np.testing.assert_array_equal(kept_scores[0], np.float32([1.0, 0.9, 0.6]))
+    assert asked == [100]  # more candidates than max_boxes, so slivers do not take a real region's place
+    with pytest.raises(ValueError, match="min_box_side"):
+        tiny_detector(min_box_side=1.0)
+
+
 def test_propose_validates_its_arguments(one_thread):
     detector = tiny_detector()
     image = torch.rand(3, 32, 32)

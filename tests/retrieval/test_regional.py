@@ -44,6 +44,16 @@ def test_crop_region_takes_the_box_pixels_and_scales_the_shorter_side():
     assert crop_region(image, (0.0, 0.0, 0.25, 0.5), shorter_side=10).shape == (3, 10, 10)  # 5 x 5 -> 10 x 10
 
 
+def test_crop_region_caps_a_sliver_box_like_an_evaluation_image():
+    # a detection clipped at the border: 1 px wide, 40 px tall; scaling its shorter side to 224 would make it
+    # 224 x 8,960 px; the longer side is capped at 4 x 224 = 896 instead, the shorter side floored at 32 px
+    image = torch.rand(3, 40, 40)
+    crop = crop_region(image, (0.99, 0.0, 1.0, 1.0), shorter_side=224)
+    assert crop.shape == (3, 896, 32)
+    wide = crop_region(image, (0.0, 0.0, 1.0, 0.1), shorter_side=16)  # 40 x 4 px -> 64 x 6.4: capped at 4 x 16
+    assert wide.shape == (3, 16, 64)
+
+
 class MeanColour(RetrievalMethod):
     """A 3-d descriptor: the mean colour of the image (so a region's descriptor shows where it was cut)."""
 
