@@ -180,12 +180,12 @@ class RegionalSearch(RetrievalMethod):
 
     def encode_database(self, images: torch.Tensor) -> torch.Tensor:
         boxes = self.proposer(images, self.preprocessing)
+        full = self.describer.encode(images)  # the whole batch at once (and shared with other methods)
         regions = []
-        for image, image_boxes in zip(images, boxes):
-            full = self.describer.encode(image[None])
+        for image, whole, image_boxes in zip(images, full, boxes):
             crops = [self.describer.encode(crop_region(image, box, self.region_size)[None]) for box in image_boxes[1:]]
-            regions.append(torch.cat([full, *crops]))
-        return pack_regions(regions, self.slots, regions[0].shape[1])
+            regions.append(torch.cat([whole[None], *crops]))
+        return pack_regions(regions, self.slots, full.shape[1])
 
     def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
         return RegionalScores(queries, database, queries.shape[1], self.pooling)
