@@ -89,7 +89,7 @@ def extract(method: RetrievalMethod, dataset: ImageDataset, batch_size: int = 1,
 @contextmanager
 def _encoders(methods: list[RetrievalMethod], device: str, channels_last: bool, role: str):
     """Methods ready to encode on ``device`` (eval mode, memory layout, one forward per shared backbone);
-    yields (their encode functions, the memory layout)."""
+    yields (their encode functions, the memory layout, a function to call after each batch)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -100,19 +100,16 @@ def _encoders(methods: list[RetrievalMethod], device: str, channels_last: bool, 
         if len(methods) > 1:
             for backbone in backbones.values():
                 stack.enter_context(backbone.reuse_forward())
-        yield [m.encode_database if role == "database" else m.encode for m in methods], layout
 
+        def forget_batch() -> None:  # every method has seen the batch: shared backbones drop its feature maps
+            for backbone in backbones.values():
+                backbone.next_batch()
 
-def _forget_batch(encoders: list) -> None:
-    """After every encoder has seen a batch: shared backbones drop its remembered feature maps."""
-    for encode in encoders:
-        for module in encode.__self__.modules():
-            if isinstance(module, Backbone):
-                module.next_batch()
+        yield [m.encode_database if role == "database" else m.encode for m in methods], layout, forget_batch
 
 
 def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size: int, num_workers: int,
-                 device: str, layout, bar) -> list[np.ndarray]:
+                 device: str, layout, bar, forget_batch) -> list[np.ndarray]:
     """Descriptors of images ``rows`` of the dataset, one (len(rows), ...) array per encoder."""
     part = dataset if rows == range(len(dataset)) else Subset(dataset, rows)
     if batch_size > 1:
@@ -129,7 +126,7 @@ def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size:
             if outputs[i] is None:
                 outputs[i] = np.empty((len(rows), *encoded.shape[1:]), dtype=encoded.dtype)
             outputs[i][places] = encoded
-        _forget_batch(encoders)
+        forget_batch()
         bar.update(len(indices))
     return outputs
 
@@ -153,9 +150,10 @@ def extract_together(methods: list[RetrievalMethod], dataset: ImageDataset, batc
     if len(dataset) == 0:
         raise UserError(f"{description}: the dataset is empty")
     start = time.perf_counter()
-    with _encoders(methods, device, channels_last, role) as (encoders, layout), \
+    with _encoders(methods, device, channels_last, role) as (encoders, layout, forget_batch), \
             _progress(len(dataset), description) as bar:
-        outputs = _encode_rows(encoders, dataset, range(len(dataset)), batch_size, num_workers, device, layout, bar)
+        outputs = _encode_rows(encoders, dataset, range(len(dataset)), batch_size, num_workers, device, layout, bar,
+                               forget_batch)
     elapsed = time.perf_counter() - start
     return [Extraction(output, len(dataset) / max(elapsed, 1e-9)) for output in outputs]
 
@@ -173,11 +171,11 @@ def extract_shards(methods: list[RetrievalMethod], dataset: ImageDataset, writer
     todo = {s: members for s, members in todo.items() if members}
     ranges = writers[0].ranges
     total = sum(len(ranges[s]) for s in todo)
-    with _encoders(methods, device, channels_last, role) as (encoders, layout), \
+    with _encoders(methods, device, channels_last, role) as (encoders, layout, forget_batch), \
             _progress(total, description) as bar:
         for shard, members in todo.items():
             outputs = _encode_rows([encoders[i] for i in members], dataset, ranges[shard], batch_size,
-                                   num_workers, device, layout, bar)
+                                   num_workers, device, layout, bar, forget_batch)
             for i, rows in zip(members, outputs):
                 writers[i].write(shard, rows)
     return total
