@@ -188,14 +188,18 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
             if missing_role == role:
                 pending.setdefault(_transform(methods[i], benchmark, settings), []).append(i)
         for transform, members in pending.items():
-            entries = [cache.entry(benchmark.name, methods[i].cache_name, keys[i][role]) for i in members]
-            rate = _extract_into(entries, [methods[i] for i in members], _dataset(benchmark, role, transform),
+            # methods with one cache entry (regional_search_max / _avg: the same descriptors) extract it once
+            owners = {(methods[i].cache_name, keys[i][role]): i for i in reversed(members)}
+            extracting = sorted(owners.values())
+            entries = [cache.entry(benchmark.name, methods[i].cache_name, keys[i][role]) for i in extracting]
+            rate = _extract_into(entries, [methods[i] for i in extracting], _dataset(benchmark, role, transform),
                                  role, settings, processes)
             if processes.is_main:
-                for i, entry in zip(members, entries):
+                for i, entry in zip(extracting, entries):
                     entry.finish({"config": methods[i].config(), "images_per_second": rate, "role": role,
                                   "benchmark": benchmark.name, "source": benchmark.source})
-                    found[i, role] = entry.load(counts[role])
+                for i in members:
+                    found[i, role] = cache.entry(benchmark.name, methods[i].cache_name, keys[i][role]).load(counts[role])
     if not processes.is_main:
         return None
     return [(found[i, "database"], found.get((i, "query"), found[i, "database"])) for i in range(len(methods))]

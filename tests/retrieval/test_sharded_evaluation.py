@@ -204,3 +204,31 @@ def test_two_processes_give_the_one_process_metrics_and_every_descriptor_once(tm
         assert np.load(gathered).shape[0] == 23
         np.testing.assert_array_equal(np.load(gathered), np.load(alone))
     assert not list((tmp_path / "two").rglob("*.shards"))
+
+
+class _MeanColourView(RetrievalMethod):
+    """Two views of one descriptor (like regional_search_max / _avg): one cache entry under two names."""
+
+    encodes = 0
+
+    def config(self) -> dict:
+        return {"name": "mean colour"}
+
+    @property
+    def cache_name(self) -> str:
+        return "mean_colour"
+
+    def encode(self, images):
+        _MeanColourView.encodes += 1
+        return F.normalize(images.mean(dim=(2, 3)), dim=1)
+
+
+def test_methods_sharing_a_cache_entry_extract_it_once_in_a_pass(tmp_path):
+    benchmark = create_benchmark(f"csv:{write_labelled_set(tmp_path, num_classes=3, per_class=3)}", tmp_path)
+    settings = EvalSettings(image_size=32, batch_size=2, shard_rows=4, cache_dir=str(tmp_path / "cache"))
+    _MeanColourView.encodes = 0
+    first, second = evaluate_methods([_MeanColourView("view_a"), _MeanColourView("view_b")], benchmark, settings,
+                                     together=True)
+    assert first.metrics == second.metrics and first.method == "view_a" and second.method == "view_b"
+    assert _MeanColourView.encodes == 5  # 9 images in batches of <= 2 (one size), once, not once per method
+    assert len(list((tmp_path / "cache").rglob("mean_colour-*.npy"))) == 1
