@@ -69,6 +69,7 @@ flat arrays instead.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -462,6 +463,55 @@ class AggregatedDatabase:
         out = np.bincount(images, weights=sigma(u), minlength=len(self))
         return (out * query.gamma * self.gamma).astype(np.float32)
 
+    def score_block(self, queries: Sequence[Aggregated], sigma: Selectivity = ASMK_SELECTIVITY) -> np.ndarray:
+        """(Q, N) float32: :meth:`scores` of several queries at once, the same values up to float rounding.
+
+        Per word, one matrix product of the queries' vectors of that word against the database's block of it
+        (BLAS reads each block once per query block instead of once per query, which made the per-query loop
+        memory-bound: about 60 ms a query on a 4,696-image database), sigma, and the results added into the
+        images' columns. A query or image holds a word at most once (every kernel sums per word); images whose
+        representation repeats a word fall back to the per-query path.
+        """
+        for query in queries:
+            _check_compatible(query, self.dims, self.binary)
+        if not self.one_entry_per_word or any(len(np.unique(q.words)) != len(q) for q in queries):
+            return np.stack([self.scores(q, sigma) for q in queries]) if queries else \
+                np.zeros((0, len(self)), dtype=np.float32)
+        out = np.zeros((len(queries), len(self)), dtype=np.float64)
+        if not queries or len(self) == 0:
+            return out.astype(np.float32)
+        words = np.concatenate([q.words for q in queries])
+        rows = np.repeat(np.arange(len(queries)), [len(q) for q in queries])
+        vectors = np.concatenate([q.vectors for q in queries])
+        order = np.argsort(words, kind="stable")
+        words, rows, vectors = words[order], rows[order], vectors[order]
+        bounds = np.flatnonzero(np.diff(words)) + 1
+        for group in np.split(np.arange(len(words)), bounds):
+            if not len(group):
+                continue
+            word = words[group[0]]
+            a, b = int(self.offsets[word]), int(self.offsets[word + 1])
+            if b == a:
+                continue
+            if self.binary:
+                n_q, n_c = len(group), b - a
+                u = _code_similarity(np.repeat(vectors[group], n_c, axis=0), np.tile(self.vectors[a:b], (n_q, 1)),
+                                     self.dims).reshape(n_q, n_c)
+            else:
+                u = vectors[group] @ self.vectors[a:b].T
+            out[np.ix_(rows[group], self.images[a:b])] += sigma(u)
+        gammas = np.array([q.gamma for q in queries], dtype=np.float64)
+        return (out * gammas[:, None] * self.gamma[None, :]).astype(np.float32)
+
+    @cached_property
+    def one_entry_per_word(self) -> bool:
+        """Every image holds each word at most once (images strictly ascending within each word's block)."""
+        steps = np.diff(self.images.astype(np.int64))
+        block_start = np.zeros(len(steps), dtype=bool)  # entry i + 1 starts a word's block
+        starts = self.offsets[1:-1]
+        block_start[starts[(starts > 0) & (starts < len(self.images))] - 1] = True
+        return bool(np.all((steps > 0) | block_start))
+
     def image(self, index: int) -> Aggregated:
         """Image ``index``'s representation, rebuilt from the flat arrays (slow: for checks and export)."""
         entries = np.flatnonzero(self.images == index)
@@ -493,8 +543,7 @@ class AggregatedScores(ScoreSource):
         self.num_queries, self.num_database = len(self.queries), len(database)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        block = [self.database.scores(q, self.sigma) for q in self.queries[start:stop]]
-        return torch.from_numpy(np.stack(block) if block else np.zeros((0, self.num_database), np.float32))
+        return torch.from_numpy(self.database.score_block(self.queries[start:stop], self.sigma))
 
 
 # ---------------------------------------------------------------------------------------------------------

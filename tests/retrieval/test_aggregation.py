@@ -205,6 +205,9 @@ def test_vectorised_scores_equal_pair_loop(binary, dims, monkeypatch):
         for q in queries:
             expected = [pair_similarity(q, item, sigma) for item in database]
             np.testing.assert_allclose(db.scores(q, sigma), expected, rtol=1e-5, atol=1e-6)
+        expected = np.array([[pair_similarity(q, item, sigma) for item in database] for q in queries])
+        assert db.one_entry_per_word
+        np.testing.assert_allclose(db.score_block(queries, sigma), expected, rtol=1e-5, atol=1e-6)
     rows = AggregatedScores(queries, db).rows(1, 4).numpy()
     np.testing.assert_allclose(rows[0], [pair_similarity(queries[1], item) for item in database], rtol=1e-5,
                                atol=1e-6)
@@ -212,6 +215,18 @@ def test_vectorised_scores_equal_pair_loop(binary, dims, monkeypatch):
         back = db.image(i)
         np.testing.assert_array_equal(back.words, database[i].words)
         np.testing.assert_array_equal(back.vectors, database[i].vectors)
+
+
+def test_score_block_with_a_repeated_word_takes_the_per_query_path():
+    rng = np.random.default_rng(2)
+    database = _random_items(rng, 6, 10, 8, False, max_words=6)
+    twice = Aggregated(np.array([2, 2], dtype=np.int64), np.ones((2, 8), np.float32) / 8 ** 0.5, 8, 0.5)
+    db = AggregatedDatabase.build([*database, twice], num_words=10)
+    assert not db.one_entry_per_word
+    queries = _random_items(rng, 3, 10, 8, False, max_words=6)
+    expected = np.array([[pair_similarity(q, item) for item in [*database, twice]] for q in queries])
+    np.testing.assert_allclose(db.score_block(queries), expected, rtol=1e-5, atol=1e-6)
+    assert db.score_block([]).shape == (0, 7)
 
 
 @pytest.mark.parametrize("binary", [False, True])
