@@ -181,6 +181,9 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
         if method.needs_fit():
             train = _training_set(method, benchmark)
             log.info("fitting %s on %d training images", method.name, len(train))
+            # a fit computes statistics of inference outputs (PCA, codebook, ITQ): networks in eval mode, or
+            # every BatchNorm layer would use batch statistics and overwrite its running ones
+            method.eval()
             method.fit(ImageDataset(train.paths, _transform(method, benchmark, settings)), train.labels)
     for role in ("database", "query"):
         pending: dict[EvalTransform, list[int]] = {}

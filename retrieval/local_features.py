@@ -120,12 +120,19 @@ class LocalFeatureExtractor:
 
     def config(self) -> dict:
         """Everything that changes the descriptors (key caches with it, plus what the PCA was fitted on)."""
+        # "backbone_mode": the features (and the PCA and codebook fitted on them) come from the backbone in eval
+        # mode; caches made before that was enforced have no such key, so they are never reused
         return {"backbone": self.backbone.describe(), "tap": self.tap, "max_features": self.max_features,
-                "scales": list(self.scales), "score": "l2norm", "dims": self.dims, "pca_seed": self.pca_seed}
+                "scales": list(self.scales), "score": "l2norm", "dims": self.dims, "pca_seed": self.pca_seed,
+                "backbone_mode": "eval"}
 
     @torch.no_grad()
     def raw(self, images: torch.Tensor) -> list[LocalFeatures]:
-        """Selected features before PCA (L2-normalised full-width descriptors) of (B, 3, H, W) images."""
+        """Selected features before PCA (L2-normalised full-width descriptors) of (B, 3, H, W) images.
+
+        The backbone runs in eval mode (it is set so): in training mode its BatchNorm layers would normalise
+        with each batch's statistics and overwrite the running ones that every later pass uses."""
+        self.backbone.eval()
         maps = []
         for scale in self.scales:
             x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",

@@ -319,3 +319,19 @@ def test_local_feature_extractor_batch_and_pca(one_thread):
     # single image of the batch alone gives the same features
     alone = extractor(images[1:])[0]
     np.testing.assert_allclose(alone.descriptors, final[1].descriptors, atol=1e-4)
+
+
+def test_fitting_local_features_leaves_the_backbone_batchnorm_statistics_alone(one_thread):
+    """create_backbone returns a module in training mode; fitting the PCA through it used to run BatchNorm on
+    batch statistics and overwrite the running ones, so every later extraction used other weights."""
+    from models.backbones import create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone("tf_efficientnet_lite0", pretrained=False)
+    assert backbone.training
+    stats = {name: tensor.clone() for name, tensor in backbone.state_dict().items() if "running" in name}
+    extractor = LocalFeatureExtractor(backbone, max_features=10, dims=4)
+    extractor.fit([torch.randn(2, 3, 64, 64) * 3 + 1, torch.randn(2, 3, 64, 64)])
+    after = backbone.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in stats.items())
+    assert extractor.config()["backbone_mode"] == "eval"

@@ -232,3 +232,22 @@ def test_methods_sharing_a_cache_entry_extract_it_once_in_a_pass(tmp_path):
     assert first.metrics == second.metrics and first.method == "view_a" and second.method == "view_b"
     assert _MeanColourView.encodes == 5  # 9 images in batches of <= 2 (one size), once, not once per method
     assert len(list((tmp_path / "cache").rglob("mean_colour-*.npy"))) == 1
+
+
+class _ModeRecorder(_MeanColourView):
+    modes: list = []
+
+    def needs_fit(self) -> bool:
+        return True
+
+    def fit(self, train_images, labels=None) -> None:
+        _ModeRecorder.modes.append(self.training)
+
+
+def test_methods_are_fitted_in_eval_mode(tmp_path):
+    test = write_labelled_set(tmp_path / "test", num_classes=2, per_class=2, seed=0)
+    train = write_labelled_set(tmp_path / "train", num_classes=2, per_class=2, seed=1)
+    benchmark = LabelledBenchmark(name="toy", images=read_csv_manifest(test), training=read_csv_manifest(train))
+    method = _ModeRecorder("recorder").train()
+    evaluate_methods([method], benchmark, EvalSettings(image_size=32, batch_size=2))
+    assert _ModeRecorder.modes == [False]
