@@ -201,7 +201,8 @@ def shared_vocabulary(context: MethodContext, settings: KernelSettings = KernelS
 def _kernel_factory(name: str):
     def factory(context: MethodContext) -> RetrievalMethod:
         regional = KERNELS[name][1] is not None
-        return MatchKernelMethod(name, shared_vocabulary(context),
+        settings = KernelSettings(region_size=context.region_size)
+        return MatchKernelMethod(name, shared_vocabulary(context, settings),
                                  proposer_from_context(context, name) if regional else None)
     factory.__doc__ = f"{name}: aggregated match kernel over local features ({KERNELS[name][1] or 'whole image'})."
     return factory

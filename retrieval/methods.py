@@ -41,6 +41,8 @@ class MethodContext:
     #: landmark detector checkpoint for the regional methods, and how many boxes it may add per image
     detector: str | None = None
     max_regions: int = 4
+    #: shorter side of a detected region's crop; 0: regional kernels take the image's features inside the box
+    region_size: int = 224
     region_score_threshold: float | None = None  # None: the detector checkpoint's
     region_nms_threshold: float | None = None
     #: where fitted state that is worth keeping (codebooks) is cached; None: nowhere

@@ -199,7 +199,10 @@ def _regional_gem(pooling: str):
     def factory(context: MethodContext) -> RetrievalMethod:
         name = f"regional_search_{pooling}"
         gem = PooledFeatures("gem", context.create_backbone(), "gem", p=3.0, learn_p=False)
-        return RegionalSearch(name, gem, proposer_from_context(context, name), pooling)
+        if context.region_size < 16:
+            raise UserError(f"{name} describes each region's crop: --region-size must be at least 16 pixels, "
+                            f"got {context.region_size} (0 is for the regional kernels only)")
+        return RegionalSearch(name, gem, proposer_from_context(context, name), pooling, context.region_size)
     factory.__doc__ = f"GeM per detected region (and the full image), image score = {pooling} over regions."
     return factory
 

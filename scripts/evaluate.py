@@ -75,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="landmark detector checkpoint (scripts/train_detector.py) for the regional methods")
     parser.add_argument("--max-regions", type=non_negative_int, default=4,
                         help="regional methods: detected boxes per database image, besides the full image")
+    parser.add_argument("--region-size", type=non_negative_int, default=224,
+                        help="regional methods: shorter side a detected region's crop is resized to before it is "
+                             "described; 0 (regional kernels only): no crop, the whole image's local features "
+                             "inside the box")
     parser.add_argument("--region-score-threshold", type=float, default=None,
                         help="regional methods: keep detections scoring above this (default: the detector's, 0.3)")
     parser.add_argument("--region-nms-threshold", type=float, default=None,
@@ -101,7 +105,8 @@ def main(argv=None) -> int:
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
                             device=device, share_backbone=args.together, detector=args.detector,
-                            max_regions=args.max_regions, region_score_threshold=args.region_score_threshold,
+                            max_regions=args.max_regions, region_size=args.region_size,
+                            region_score_threshold=args.region_score_threshold,
                             region_nms_threshold=args.region_nms_threshold, cache_dir=args.cache_dir or None)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size,
                             num_workers=args.workers, device=device, cache_dir=args.cache_dir or None,

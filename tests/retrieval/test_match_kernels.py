@@ -118,3 +118,13 @@ def test_regional_kernels_describe_a_small_detected_object_by_its_crop(tmp_path,
     asmk = MatchKernelMethod("asmk", vocabulary)
     scores["whole"] = float(asmk.scores(asmk.encode(query).numpy(), asmk.encode(database[None]).numpy()).rows(0, 1)[0, 0])
     assert scores["crop"] > scores["select"] and scores["crop"] > scores["whole"], scores
+
+
+def test_region_size_reaches_the_regional_methods_from_the_context(tmp_path):
+    from retrieval.methods import MethodContext, create_method
+    from utils.errors import UserError
+
+    context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, region_size=0)
+    assert create_method("asmk", context).vocabulary.settings.region_size == 0
+    with pytest.raises(UserError, match="--region-size must be at least 16"):
+        create_method("regional_search_max", context)
