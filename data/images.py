@@ -59,7 +59,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("ignore")
             with Image.open(path) as image:
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                # in place: without it Pillow returns a copy of every image, rotated or not
+                ImageOps.exif_transpose(image, in_place=True)
                 image = _to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageLoadError(path, f"{type(error).__name__}: {error}") from None

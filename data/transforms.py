@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
@@ -42,6 +43,19 @@ def resized_shape(width: int, height: int, size: int, mode: str, max_aspect: flo
     return max(min_side, round(new_w)), max(min_side, round(new_h))
 
 
+def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """An RGB PIL image -> (3, H, W) float32 tensor ``(pixel / 255 - mean) / std``: the values of torchvision's
+    ``normalize(to_tensor(image))`` to the bit, with two passes over the pixels fewer (no transposed copy, no
+    clone). The result keeps the decoded array's pixel-interleaved layout, which the channels-last networks
+    read directly."""
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(torch.float32).div_(255)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
+
+
 @dataclass(frozen=True)
 class EvalTransform:
     """PIL image -> normalised float tensor (C, H, W), aspect ratio kept, no crop."""
@@ -69,8 +83,7 @@ class EvalTransform:
         width, height = self.output_size(*image.size)
         if (width, height) != image.size:
             image = image.resize((width, height), _PIL_FILTERS[self.interpolation])
-        tensor = TF.to_tensor(image)
-        return TF.normalize(tensor, self.mean, self.std)
+        return to_normalized_tensor(image, self.mean, self.std)
 
     def describe(self) -> str:
         return f"{self.mode}{self.size}-{self.interpolation}"

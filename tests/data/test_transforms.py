@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.transforms import RESIZE_MODES, EvalTransform, resized_shape
+from data.transforms import RESIZE_MODES, EvalTransform, resized_shape, to_normalized_tensor
 
 
 @pytest.mark.parametrize("width, height, size, mode, expected", [
@@ -127,3 +127,16 @@ def test_transform_resizes_to_output_size():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     for mode, shape in [("shorter", (3, 224, 299)), ("longer", (3, 168, 224)), ("none", (3, 300, 400))]:
         assert tuple(EvalTransform(size=224, mode=mode)(image).shape) == shape
+
+
+def test_to_normalized_tensor_equals_torchvision_to_the_bit():
+    from torchvision.transforms import functional as TF
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ours = to_normalized_tensor(image, mean, std)
+    assert ours.shape == (3, 37, 53) and ours.dtype == torch.float32
+    assert torch.equal(ours, TF.normalize(TF.to_tensor(image), mean, std))
+    with pytest.raises(ValueError, match="RGB"):
+        to_normalized_tensor(image.convert("L"), mean, std)
