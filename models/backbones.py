@@ -236,8 +236,10 @@ class Backbone(nn.Module):
         with self._capture(names_to_run) as captured:
             last = self.forward_features(x)
         captured[FEATURES] = last
-        if memo is not None:  # the entry holds x itself, so no other tensor can take its identity meanwhile
-            memo["inputs"].append((x, captured))
+        if memo is not None:  # an entry holds x itself, so no other tensor can take its identity meanwhile
+            # the batch (the first input after next_batch) stays; of the others (region crops, which no other
+            # method passes again) only the newest, so a batch's crops do not pile up in memory
+            memo["inputs"] = [*memo["inputs"][:1], (x, captured)]
         return {name: captured[name] for name in names}
 
     @contextmanager
@@ -245,9 +247,9 @@ class Backbone(nn.Module):
         """Inside the block, calls on the *same input tensor object* run the network once.
 
         Lets several methods on one backbone (gem, SCDA variants...) share each batch's forward pass; the
-        union of their taps is captured. Only for inference: the cached maps are not recomputed. Every input
-        is remembered (a regional method's crops between two methods' calls on the batch must not evict it)
-        until :meth:`next_batch`.
+        union of their taps is captured. Only for inference: the cached maps are not recomputed. The first
+        input after :meth:`next_batch` (the batch) is remembered until the next call of it, whatever runs
+        in between (a regional method's crops must not evict it), and the newest other input besides.
         """
         self._memo = {"inputs": [], "taps": set()}
         try:

@@ -86,7 +86,7 @@ def test_vgg_taps_are_found_by_module_structure(name, last_conv, paths):
         vgg_taps(torch.nn.Linear(2, 2))
 
 
-def test_reuse_forward_remembers_every_input_of_a_batch_until_next_batch():
+def test_reuse_forward_remembers_the_batch_until_next_batch():
     """A regional method runs region crops between two methods' calls on the batch: the batch must not be
     forgotten (with one remembered input, each crop evicted it and every later method re-ran the batch)."""
     backbone = create_backbone("resnet18").eval()
@@ -100,8 +100,11 @@ def test_reuse_forward_remembers_every_input_of_a_batch_until_next_batch():
         assert again is first and calls == [(2, 3, 64, 64), (1, 3, 64, 96)]
         backbone.forward_taps(torch.randn(2, 3, 64, 64), ["layer3"])  # another tensor: runs
         assert len(calls) == 3
+        backbone.forward_taps(crop, ["layer3"])  # only the newest non-batch input is kept: runs again
+        backbone.forward_taps(batch, ["layer3"])  # the batch stays
+        assert len(calls) == 4 and len(backbone._memo["inputs"]) == 2
         backbone.next_batch()
         backbone.forward_taps(batch, ["layer3"])  # forgotten: runs again
-        assert len(calls) == 4
+        assert len(calls) == 5
     backbone.forward_taps(batch, ["layer3"])  # outside the block nothing is remembered
-    assert len(calls) == 5
+    assert len(calls) == 6
