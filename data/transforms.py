@@ -14,7 +14,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import functional as TF
 
 from utils.errors import UserError
 

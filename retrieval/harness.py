@@ -202,7 +202,8 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
                     entry.finish({"config": methods[i].config(), "images_per_second": rate, "role": role,
                                   "benchmark": benchmark.name, "source": benchmark.source})
                 for i in members:
-                    found[i, role] = cache.entry(benchmark.name, methods[i].cache_name, keys[i][role]).load(counts[role])
+                    entry = cache.entry(benchmark.name, methods[i].cache_name, keys[i][role])
+                    found[i, role] = entry.load(counts[role])
     if not processes.is_main:
         return None
     return [(found[i, "database"], found.get((i, "query"), found[i, "database"])) for i in range(len(methods))]

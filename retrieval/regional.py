@@ -94,8 +94,8 @@ def proposer_from_context(context: MethodContext, method: str) -> RegionProposer
 def crop_region(image: torch.Tensor, box, shorter_side: int) -> torch.Tensor:
     """(3, H, W) -> the box's pixels resized (bilinear, aspect kept) by the rule that sizes every evaluation image
     (:func:`data.transforms.resized_shape`): shorter side ``shorter_side``, but the longer side at most 4x that
-    and no side under 32 px (or ``shorter_side`` if smaller). Without the cap a sliver box (a detection clipped at the image border, 1 px wide)
-    became a 224 x 66,528 crop whose forward pass took 13 s."""
+    and no side under 32 px (or ``shorter_side`` if smaller). Without the cap a sliver box (a detection clipped
+    at the image border, 1 px wide) became a 224 x 66,528 crop whose forward pass took 13 s."""
     height, width = image.shape[-2:]
     x1, y1, x2, y2 = (float(v) for v in box)
     left, top = int(np.floor(x1 * width)), int(np.floor(y1 * height))
