@@ -42,17 +42,32 @@ def resized_shape(width: int, height: int, size: int, mode: str, max_aspect: flo
     return max(min_side, round(new_w)), max(min_side, round(new_h))
 
 
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> its (H, W, 3) uint8 pixels as a tensor (the decoded array, no copy)."""
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+    return torch.from_numpy(np.array(image))
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels (..., H, W, 3) -> float32 (..., 3, H, W) ``(pixel / 255 - mean) / std``, one image or a batch.
+
+    The values are torchvision's ``normalize(to_tensor(image))`` to the bit (the same three roundings per
+    value), and the result keeps the pixels' interleaved layout: a batch comes out channels-last, which the
+    networks read directly, so normalising a stacked uint8 batch saves the float stack and the layout copy."""
+    if pixels.dtype != torch.uint8 or pixels.dim() < 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected uint8 pixels (..., H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+    tensor = pixels.movedim(-1, -3).to(torch.float32).div_(255)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=tensor.device).view(3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=tensor.device).view(3, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
+
+
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An RGB PIL image -> (3, H, W) float32 tensor ``(pixel / 255 - mean) / std``: the values of torchvision's
     ``normalize(to_tensor(image))`` to the bit, with two passes over the pixels fewer (no transposed copy, no
-    clone). The result keeps the decoded array's pixel-interleaved layout, which the channels-last networks
-    read directly."""
-    if image.mode != "RGB":
-        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(torch.float32).div_(255)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return tensor.sub_(mean_t).div_(std_t)
+    clone)."""
+    return normalize_pixels(to_pixels(image), mean, std)
 
 
 @dataclass(frozen=True)
@@ -79,10 +94,19 @@ class EvalTransform:
         return resized_shape(width, height, self.size, self.mode, self.max_aspect, self.min_side)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The resized image's uint8 pixels (H, W, 3); :meth:`normalize` finishes the transform, for one
+        image or a stacked batch (batch extraction normalises once per batch)."""
         width, height = self.output_size(*image.size)
         if (width, height) != image.size:
             image = image.resize((width, height), _PIL_FILTERS[self.interpolation])
-        return to_normalized_tensor(image, self.mean, self.std)
+        return to_pixels(image)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (..., H, W, 3) -> the normalised float tensor (..., 3, H, W)."""
+        return normalize_pixels(pixels, self.mean, self.std)
 
     def describe(self) -> str:
         return f"{self.mode}{self.size}-{self.interpolation}"

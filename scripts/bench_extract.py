@@ -3,15 +3,16 @@
 
 Harness: ``extract(method, ImageDataset(...), batch_size, num_workers)`` on real Flowers-102 test images
 with the evaluation transform (shorter side ``--size``, the method's mean/std), i.e. header reads for the
-size buckets, the DataLoader, JPEG decoding, resizing, normalising, batching, channels-last and the network.
+size buckets, the DataLoader, JPEG decoding, resizing, batching the uint8 pixels, normalising the batch (which
+comes out channels-last) and the network.
 Bare: the very same batches (same SizeBucketBatchSampler, same order), decoded and stacked beforehand,
 channels-last, ``method.encode(x)`` under ``no_grad``. Same method object, same torch threads. The two
 alternate ``--repeats`` times and the best time of each counts (the first pass also warms oneDNN's
 per-shape kernels; the best is the least disturbed by other jobs on a shared machine).
 
 The harness's extra work is also timed on its own, once: header reads (``output_sizes``), decoding
-(``load_image``), the transform, stacking + channels-last, and - a variation, not what the harness does -
-decoding with PIL's JPEG draft mode (DCT-domain downscaling to at least the output size).
+(``load_image``), resizing to uint8 pixels, stacking + normalising the batch, and - a variation, not what
+the harness does - decoding with PIL's JPEG draft mode (DCT-domain downscaling to at least the output size).
 
     python scripts/bench_extract.py                           # 1,000 images, gem on tf_efficientnet_lite0
     python scripts/bench_extract.py --images 200 --threads 2
@@ -56,7 +57,8 @@ def timed(function, *args):
 
 
 def decoded_batches(dataset: ImageDataset, batches: list[list[int]]) -> tuple[list[torch.Tensor], dict]:
-    """The batches as channels-last tensors, and the seconds spent on each step of making them."""
+    """The batches as the harness makes them (resized uint8 pixels, stacked, normalised: channels-last float
+    tensors), and the seconds spent on each step of making them."""
     load_seconds = transform_seconds = collate_seconds = 0.0
     tensors = []
     for batch in batches:
@@ -64,11 +66,11 @@ def decoded_batches(dataset: ImageDataset, batches: list[list[int]]) -> tuple[li
         for index in batch:
             image, seconds = timed(load_image, dataset.paths[index])
             load_seconds += seconds
-            item, seconds = timed(dataset.transform, image)
+            item, seconds = timed(dataset.transform.pixels, image)
             transform_seconds += seconds
             items.append(item)
         start = time.perf_counter()
-        tensors.append(torch.stack(items).contiguous(memory_format=torch.channels_last))
+        tensors.append(dataset.transform.normalize(torch.stack(items)).contiguous(memory_format=torch.channels_last))
         collate_seconds += time.perf_counter() - start
     return tensors, {"load_seconds": load_seconds, "transform_seconds": transform_seconds,
                      "collate_seconds": collate_seconds}
@@ -147,7 +149,7 @@ def report(result: dict) -> str:
         f"({result['harness_seconds']:.2f} s; it reports {result['harness_reported_images_per_second']:.1f} img/s)"
         f"  = {result['ratio']:.2f}x the bare loop",
         f"harness minus bare: {ms(extra)}; measured alone: header reads {ms(result['header_seconds'])}, decoding "
-        f"{ms(result['load_seconds'])}, transform {ms(result['transform_seconds'])}, stack + channels-last "
+        f"{ms(result['load_seconds'])}, resize to uint8 pixels {ms(result['transform_seconds'])}, stack + normalise "
         f"{ms(result['collate_seconds'])}; decoding in JPEG draft mode {ms(result['draft_load_seconds'])}"])
 
 

@@ -172,8 +172,9 @@ def extract_section(result: dict) -> list[str]:
                      f"{result['bare_seconds']:.2f} ({result['bare_images_per_second']:.1f})",
                      f"{result['harness_seconds']:.2f} ({result['harness_images_per_second']:.1f})",
                      ratio(result["ratio"])]]),
-            "", *table(["harness work measured alone, ms/img", "header reads", "JPEG decoding", "resize + normalise",
-                        "stack + channels-last", "harness - bare", "decoding in JPEG draft mode (not used)"],
+            "", *table(["harness work measured alone, ms/img", "header reads", "JPEG decoding",
+                        "resize to uint8 pixels", "stack + normalise the batch", "harness - bare",
+                        "decoding in JPEG draft mode (not used)"],
                        [["", ms(result["header_seconds"]), ms(result["load_seconds"]),
                          ms(result["transform_seconds"]), ms(result["collate_seconds"]),
                          ms(result["harness_seconds"] - result["bare_seconds"]),
@@ -183,8 +184,8 @@ def extract_section(result: dict) -> list[str]:
                 f"{result['batch_size']} of one size ({result['distinct_sizes']} distinct sizes), "
                 f"{result['workers']} loader workers, {result['threads']} torch thread(s); best of "
                 f"{result['repeats']} alternating passes. Harness = the whole `retrieval.extract.extract` call "
-                "(header reads, DataLoader, decoding, transform, network); bare = the same batches decoded "
-                "beforehand, `method.encode(x)` only. Target: harness >= 0.85x bare."]
+                "(header reads, DataLoader, decoding, resizing, batch normalisation, network); bare = the same "
+                "batches decoded beforehand, `method.encode(x)` only. Target: harness >= 0.85x bare."]
 
 
 def binary_section(result: dict) -> list[str]:

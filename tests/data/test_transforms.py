@@ -140,3 +140,16 @@ def test_to_normalized_tensor_equals_torchvision_to_the_bit():
     assert torch.equal(ours, TF.normalize(TF.to_tensor(image), mean, std))
     with pytest.raises(ValueError, match="RGB"):
         to_normalized_tensor(image.convert("L"), mean, std)
+
+
+def test_normalising_a_stacked_uint8_batch_equals_the_per_image_transform_to_the_bit_and_is_channels_last():
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)) for _ in range(3)]
+    transform = EvalTransform(size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = [transform.pixels(image) for image in images]
+    assert pixels[0].dtype == torch.uint8 and pixels[0].shape == (32, 40, 3)
+    batch = transform.normalize(torch.stack(pixels))
+    assert batch.shape == (3, 3, 32, 40) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([transform(image) for image in images]))
+    with pytest.raises(ValueError, match="uint8"):
+        transform.normalize(batch)
