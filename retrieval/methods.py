@@ -43,6 +43,8 @@ class MethodContext:
     max_regions: int = 4
     #: shorter side of a detected region's crop; 0: regional kernels take the image's features inside the box
     region_size: int = 224
+    #: r_asmk / r_asmk_star: at most this many times the full image's word count per database image; 0: no cap
+    word_budget: float = 0.0
     region_score_threshold: float | None = None  # None: the detector checkpoint's
     region_nms_threshold: float | None = None
     #: where fitted state that is worth keeping (codebooks) is cached; None: nowhere
