@@ -143,6 +143,11 @@ class MatchKernelMethod(RetrievalMethod):
     def fit(self, train_images, labels=None) -> None:
         self.vocabulary.fit(train_images)
 
+    def fitted_objects(self) -> list:
+        codebook = self.vocabulary.codebook
+        return [*super().fitted_objects(), self.vocabulary.extractor.pca_state(),
+                None if codebook is None else codebook.centroids]
+
     def _aggregate(self, kernel: str, descriptors, positions, words, boxes=None) -> agg.Aggregated:
         """``positions=None``: ``descriptors`` is one (descriptors, words) pair per region."""
         codebook = self.vocabulary.codebook
