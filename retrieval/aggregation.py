@@ -324,13 +324,21 @@ def naive_rasmk(descriptors, positions, boxes, codebook: Codebook, words=None, a
 
 
 def rasmk(descriptors, positions, boxes, codebook: Codebook, words=None, assignments: int = 1,
-          binary: bool = False, region_weights: str = "vlad", normalize: bool = False) -> Aggregated:
+          binary: bool = False, region_weights: str = "vlad", normalize: bool = False,
+          word_budget: float = 0.0) -> Aggregated:
     """R-ASMK (``binary=False``) / R-ASMK* (``binary=True``): per word, the normalised sum over regions of
     the residuals, each region's residuals divided by the norm of its whole VLAD vector
     (``region_weights="vlad"``, DELF) or per word (``"word"``). gamma = 1 (DELF) or (#words)^(-1/2) with
-    ``normalize=True``."""
+    ``normalize=True``.
+
+    ``word_budget`` > 0 caps the memory: at most ``floor(word_budget x`` the first region's word count``)``
+    words are kept (the first region is the full image, so 1.2 = at most 1.2x the image's ASMK memory), those
+    whose summed regional residual is longest - the words several regions agree on, or that a small region
+    weighs heavily."""
     if region_weights not in ("vlad", "word"):
         raise ValueError(f"region_weights must be 'vlad' or 'word', got {region_weights!r}")
+    if word_budget < 0:
+        raise ValueError(f"word_budget must be >= 0 (0: no cap), got {word_budget}")
     regions = _regional_residuals(descriptors, positions, boxes, codebook, words, assignments)
     parts_w, parts_v = [], []
     for w, v, norms in regions:
@@ -341,6 +349,11 @@ def rasmk(descriptors, positions, boxes, codebook: Codebook, words=None, assignm
     w, s = _sum_by_word(np.concatenate(parts_w or [np.empty(0, np.int64)]),
                         np.concatenate(parts_v or [np.zeros((0, codebook.dims))]))
     w, s, norms = _present(w, s)
+    if word_budget > 0:
+        limit = max(1, math.floor(word_budget * len(regions[0][0])))
+        if len(w) > limit:
+            keep = np.sort(np.argsort(-norms, kind="stable")[:limit])  # word order stays ascending
+            w, s, norms = w[keep], s[keep], norms[keep]
     gamma = _count_gamma(len(w)) if normalize else (1.0 if len(w) else 0.0)
     return _finish(w, s / norms[:, None], codebook.dims, binary, gamma)
 

@@ -88,7 +88,8 @@ class CacheEntry:
             log.warning("ignoring cache entry %s: %d descriptors for %d images", self.array_path,
                         len(descriptors), count)
             return None
-        return Extraction(descriptors, float(meta["images_per_second"]), from_cache=True)
+        return Extraction(descriptors, float(meta["images_per_second"]), from_cache=True,
+                          fitted_state=meta.get("fitted_state"))
 
     def writer(self, count: int, shard_rows: int) -> ShardWriter:
         """The shard writer of an extraction into this entry (finished shards of an earlier attempt kept)."""

@@ -76,6 +76,7 @@ class Extraction:
     descriptors: np.ndarray  # (N, ...) rows; a memory map when read from a cache entry
     images_per_second: float  # over the images extracted in the run that made them (NaN: none were)
     from_cache: bool = False
+    fitted_state: str | None = None  # the method's fit that made them (cache entries record it)
 
 
 @torch.no_grad()
@@ -130,7 +131,9 @@ def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size:
                  device: str, layout, bar, forget_batch) -> list[np.ndarray]:
     """Descriptors of images ``rows`` of the dataset, one (len(rows), ...) array per encoder."""
     transform = getattr(dataset, "transform", None)
-    batch_normalize = isinstance(dataset, ImageDataset) and isinstance(transform, EvalTransform)
+    # (a subclass with its own __getitem__ gets its items as it makes them)
+    batch_normalize = (isinstance(dataset, ImageDataset) and type(dataset).__getitem__ is ImageDataset.__getitem__
+                       and isinstance(transform, EvalTransform))
     if batch_normalize:  # uint8 pixels are collated and normalised a whole batch at a time, on the device
         part = _Pixels(dataset, rows)
     else:

@@ -18,7 +18,12 @@ is a deterministic function of exactly that (the pre-fit config holds every sett
 is the fingerprinted one, fitting uses the extraction's transform), so the key also identifies the fitted state
 (PCA, codebooks, ITQ, MSBD's pipeline), and a method whose every descriptor set is cached is not fitted at all.
 Methods must therefore compute ``scores`` / ``search`` / ``descriptor_bytes`` without their fitted state (all do:
-code lengths and dimensions are settings), and a new fitted method must seed its fit.
+code lengths and dimensions are settings), and a new fitted method must seed its fit. Seeded is not always
+bit-reproducible (a PCA at another thread count or on another device differs in its last bits, and so do the
+codebook and every word assignment after it), so each entry also records the fingerprint of the fit that made
+it (``RetrievalMethod.fitted_state``): a method is fitted unless its entries are all cached and record one fit,
+and after a fit, cached entries of another fit are described again. Query and database descriptors of two
+different fits are never paired.
 
 **Several processes** (``accelerate launch``, ``processes=Processes(PartialState(...))``): every process runs
 the same calls. The main process computes the keys and looks the cache up, then shares its decision; methods
@@ -154,6 +159,12 @@ def _cache_keys(methods: list[RetrievalMethod], benchmark: Benchmark, settings: 
     return keys
 
 
+def _one_fit(extractions: list[Extraction]) -> bool:
+    """Every extraction records the same fit (entries written before fits were recorded do not count)."""
+    states = {extraction.fitted_state for extraction in extractions}
+    return len(states) == 1 and None not in states
+
+
 def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: EvalSettings,
               cache: DescriptorCache, processes: Processes) -> list[tuple[Extraction, Extraction]] | None:
     """(database, query) descriptors of every method: complete cache entries are used as they are (and the
@@ -176,7 +187,11 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
                     found[i, role] = extraction
     missing = processes.share(sorted({(i, role) for i in range(len(methods)) for role in keys[i]} - set(found))
                               if processes.is_main else None)
-    for i in sorted({i for i, _ in missing}):
+    # a fitted method is fitted unless all its entries are cached and come from one fit
+    to_fit = processes.share(sorted(
+        {i for i, _ in missing} | {i for i, method in enumerate(methods) if method.needs_fit() and not _one_fit(
+            [found[i, role] for role in keys[i] if (i, role) in found])}) if processes.is_main else None)
+    for i in to_fit:
         method = methods[i]
         if method.needs_fit():
             train = _training_set(method, benchmark)
@@ -185,6 +200,19 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
             # every BatchNorm layer would use batch statistics and overwrite its running ones
             method.eval()
             method.fit(ImageDataset(train.paths, _transform(method, benchmark, settings)), train.labels)
+    fits = {i: methods[i].fitted_state() for i in to_fit}
+    if processes.is_main:  # cached descriptors of another fit than this run's are described again
+        for (i, role), extraction in list(found.items()):
+            if i in fits and extraction.fitted_state != fits[i]:
+                log.warning("cached %s descriptors of %s were made by another fit (%s, this run's is %s): "
+                            "describing them again", role, methods[i].name, extraction.fitted_state, fits[i])
+                del found[i, role]
+                missing.append((i, role))
+    missing = processes.share(sorted(missing) if processes.is_main else None)
+    main_fits = processes.share(fits if processes.is_main else None)
+    if fits != main_fits:
+        raise RuntimeError(f"process {processes.rank}: fitting gave other states than on the main process "
+                           f"({fits} vs {main_fits}); their descriptors would not be comparable")
     for role in ("database", "query"):
         pending: dict[EvalTransform, list[int]] = {}
         for i, missing_role in missing:
@@ -200,7 +228,8 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
             if processes.is_main:
                 for i, entry in zip(extracting, entries):
                     entry.finish({"config": methods[i].config(), "images_per_second": rate, "role": role,
-                                  "benchmark": benchmark.name, "source": benchmark.source})
+                                  "benchmark": benchmark.name, "source": benchmark.source,
+                                  "fitted_state": methods[i].fitted_state()})
                 for i in members:
                     entry = cache.entry(benchmark.name, methods[i].cache_name, keys[i][role])
                     found[i, role] = entry.load(counts[role])

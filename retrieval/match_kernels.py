@@ -110,13 +110,17 @@ class MatchKernelMethod(RetrievalMethod):
     """One aggregated match kernel over a shared :class:`LocalVocabulary` (regional ones also over a
     :class:`RegionProposer`)."""
 
-    def __init__(self, name: str, vocabulary: LocalVocabulary, proposer: RegionProposer | None = None):
+    def __init__(self, name: str, vocabulary: LocalVocabulary, proposer: RegionProposer | None = None,
+                 word_budget: float = 0.0):
         if name not in KERNELS:
             raise ValueError(f"unknown kernel {name!r}; one of {', '.join(KERNELS)}")
         super().__init__(name)
         self.whole, self.regional, self.sigma = KERNELS[name]
         if self.regional is not None and proposer is None:
             raise ValueError(f"{name} aggregates detected regions: it needs a RegionProposer")
+        if word_budget < 0:
+            raise ValueError(f"word_budget must be >= 0 (0: no cap), got {word_budget}")
+        self.word_budget = word_budget if self.regional in ("rasmk", "rasmk_star") else 0.0
         self.vocabulary, self.proposer = vocabulary, proposer
         self.asymmetric = self.regional is not None
         self.binary = name.endswith("_star")
@@ -130,13 +134,19 @@ class MatchKernelMethod(RetrievalMethod):
 
     def config(self) -> dict:
         regions = self.proposer.config() if self.proposer is not None else {}
-        return {"name": self.name, **self.vocabulary.config(), **regions}
+        budget = {"word_budget": self.word_budget} if self.word_budget else {}  # absent: no cap
+        return {"name": self.name, **self.vocabulary.config(), **regions, **budget}
 
     def needs_fit(self) -> bool:
         return True
 
     def fit(self, train_images, labels=None) -> None:
         self.vocabulary.fit(train_images)
+
+    def fitted_objects(self) -> list:
+        codebook = self.vocabulary.codebook
+        return [*super().fitted_objects(), self.vocabulary.extractor.pca_state(),
+                None if codebook is None else codebook.centroids]
 
     def _aggregate(self, kernel: str, descriptors, positions, words, boxes=None) -> agg.Aggregated:
         """``positions=None``: ``descriptors`` is one (descriptors, words) pair per region."""
@@ -149,7 +159,8 @@ class MatchKernelMethod(RetrievalMethod):
             return agg.rvlad(descriptors, positions, boxes, codebook, words=words)
         if kernel == "naive_rasmk":
             return agg.naive_rasmk(descriptors, positions, boxes, codebook, words=words)
-        return agg.rasmk(descriptors, positions, boxes, codebook, words=words, binary=kernel == "rasmk_star")
+        return agg.rasmk(descriptors, positions, boxes, codebook, words=words, binary=kernel == "rasmk_star",
+                         word_budget=self.word_budget)
 
     def _rows(self, items: list[agg.Aggregated]) -> torch.Tensor:
         return torch.from_numpy(agg.to_rows(items, self.max_words, self.vocabulary.settings.dims, self.binary))
@@ -203,7 +214,7 @@ def _kernel_factory(name: str):
         regional = KERNELS[name][1] is not None
         settings = KernelSettings(region_size=context.region_size)
         return MatchKernelMethod(name, shared_vocabulary(context, settings),
-                                 proposer_from_context(context, name) if regional else None)
+                                 proposer_from_context(context, name) if regional else None, context.word_budget)
     factory.__doc__ = f"{name}: aggregated match kernel over local features ({KERNELS[name][1] or 'whole image'})."
     return factory
 

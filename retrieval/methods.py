@@ -12,6 +12,8 @@ Methods are registered by name (``@register_method("gem")``) and built by :func:
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ class MethodContext:
     max_regions: int = 4
     #: shorter side of a detected region's crop; 0: regional kernels take the image's features inside the box
     region_size: int = 224
+    #: r_asmk / r_asmk_star: at most this many times the full image's word count per database image; 0: no cap
+    word_budget: float = 0.0
     region_score_threshold: float | None = None  # None: the detector checkpoint's
     region_nms_threshold: float | None = None
     #: where fitted state that is worth keeping (codebooks) is cached; None: nowhere
@@ -55,6 +59,41 @@ class MethodContext:
         if "backbone" not in self._shared:
             self._shared["backbone"] = create_backbone(self.backbone, pretrained=self.pretrained, weights=self.weights)
         return self._shared["backbone"]
+
+
+def state_fingerprint(*objects) -> str:
+    """A hash of fitted state: tensors and arrays by dtype, shape and bytes; dicts, lists, tuples, dataclasses
+    and modules (their ``state_dict``) by their parts; numbers, strings and None by value. Anything else is a
+    TypeError, so an unhashed kind of state cannot slip through silently."""
+    digest = hashlib.sha1()
+
+    def visit(value) -> None:
+        if isinstance(value, nn.Module):
+            value = value.state_dict()
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            digest.update(f"array {value.dtype.str} {value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}".encode())
+            for key in sorted(value, key=str):
+                digest.update(repr(key).encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"sequence {len(value)}".encode())
+            for item in value:
+                visit(item)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            digest.update(type(value).__name__.encode())
+            visit({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+        elif value is None or isinstance(value, (bool, int, float, str, np.generic)):
+            digest.update(repr(value).encode())
+        else:
+            raise TypeError(f"state_fingerprint cannot hash a {type(value).__name__}")
+
+    visit(list(objects))
+    return digest.hexdigest()[:16]
 
 
 class RetrievalMethod(nn.Module):
@@ -92,6 +131,23 @@ class RetrievalMethod(nn.Module):
 
     def fit(self, train_loader) -> None:
         """Learn from training images (a loader of (images, indices)); default: nothing to learn."""
+
+    def fitted_state(self) -> str | None:
+        """A fingerprint of what :meth:`fit` learned (None for a method that is not fitted): the harness stores
+        it with every cache entry and never pairs descriptors of two different fits (a fit that is seeded but
+        not bit-reproducible, e.g. at another thread count or on another device, gives slightly different
+        PCA bases and codebooks). Default: the module's parameters and buffers and :meth:`fitted_objects`."""
+        if not self.needs_fit():
+            return None
+        return state_fingerprint(self.state_dict(), *self.fitted_objects())
+
+    def fitted_objects(self) -> list:
+        """Fitted state held outside the module's parameters and buffers. Default: the method's public
+        attributes that are tensors, arrays or dataclasses (a fitted mean, an ITQ or PCA model); a method
+        that keeps fitted state elsewhere adds it."""
+        return [value for name, value in sorted(vars(self).items()) if not name.startswith("_") and (
+            isinstance(value, (torch.Tensor, np.ndarray))
+            or (dataclasses.is_dataclass(value) and not isinstance(value, type)))]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, D) descriptors."""

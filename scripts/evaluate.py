@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="regional methods: shorter side a detected region's crop is resized to before it is "
                              "described; 0 (regional kernels only): no crop, the whole image's local features "
                              "inside the box")
+    parser.add_argument("--word-budget", type=non_negative_float, default=0.0,
+                        help="r_asmk / r_asmk_star: keep at most this many times the full image's ASMK words per "
+                             "database image (1.2: at most 1.2x ASMK's memory), the strongest ones; 0: no cap")
     parser.add_argument("--region-score-threshold", type=float, default=None,
                         help="regional methods: keep detections scoring above this (default: the detector's, 0.3)")
     parser.add_argument("--region-nms-threshold", type=float, default=None,
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
                             device=device, share_backbone=args.together, detector=args.detector,
                             max_regions=args.max_regions, region_size=args.region_size,
+                            word_budget=args.word_budget,
                             region_score_threshold=args.region_score_threshold,
                             region_nms_threshold=args.region_nms_threshold, cache_dir=args.cache_dir or None)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size,

@@ -69,6 +69,13 @@ class MSBDMethod(RetrievalMethod):
     def fit(self, train_images, labels=None) -> None:
         self.pipeline.fit(train_images, labels)
 
+    def fitted_objects(self) -> list:  # the fine-tuned FEN is in the module's state_dict
+        pipeline = self.pipeline
+        codebook = getattr(pipeline, "codebook", None)
+        return [*super().fitted_objects(), getattr(pipeline, "patch_pca", None),
+                None if codebook is None else codebook.centroids, getattr(pipeline, "branch_pca", None),
+                getattr(pipeline, "classifier", None)]
+
 
 class MSBDFloat(MSBDMethod):
     """Unit-norm float descriptors; the default inner-product scores rank as the paper's L2 distance."""

@@ -141,6 +141,27 @@ def test_rasmk_regional_normalisation_by_hand():
     np.testing.assert_array_equal(rasmk(Z, Z_POS, Z_BOXES, TOY, binary=True).vectors.ravel(), [192, 128])
 
 
+def test_rasmk_word_budget_keeps_the_longest_summed_residuals_up_to_a_multiple_of_the_full_image_words():
+    # Regions described by their own features (crops): the full image {(1,0)} has word 0 only, residual (1,0),
+    # ||V|| = 1; the crop {(5,0), (0,3)} has V_0 = (0,3), V_1 = (1,0), ||V|| = sqrt10.
+    #   S_0 = (1,0) + (0,3)/sqrt10 = (1, 0.9486833), ||S_0|| = 1.3784049 -> (0.7254763, 0.6882472)
+    #   S_1 = (1,0)/sqrt10, ||S_1|| = 0.3162278 -> (1, 0)
+    regions = [(np.array([[1.0, 0.0]]), None), (np.array([[5.0, 0.0], [0.0, 3.0]]), None)]
+    free = rasmk(regions, None, None, TOY)
+    np.testing.assert_array_equal(free.words, [0, 1])  # 2 words: twice the full image's ASMK memory
+    for budget in (1.0, 1.9):  # floor(budget x 1 full-image word) = 1: the longer S_0 stays
+        capped = rasmk(regions, None, None, TOY, word_budget=budget)
+        np.testing.assert_array_equal(capped.words, [0])
+        np.testing.assert_allclose(capped.vectors, [[0.7254763, 0.6882472]], atol=1e-6)
+    assert rasmk(regions, None, None, TOY, word_budget=2.0).words.tolist() == [0, 1]
+    # boxes over one feature set: Z's full image has 2 words; budget 0.5 keeps S_0 (norm 1.93 > 0.30)
+    half = rasmk(Z, Z_POS, Z_BOXES, TOY, word_budget=0.5)
+    np.testing.assert_array_equal(half.words, [0])
+    np.testing.assert_allclose(half.vectors, [[0.1563651, 0.9876993]], atol=1e-6)
+    with pytest.raises(ValueError, match="word_budget"):
+        rasmk(Z, Z_POS, Z_BOXES, TOY, word_budget=-1)
+
+
 def test_naive_rasmk_differs_from_rasmk():
     q = asmk(Q, TOY)
     # naive: Phi_R(c) = (1/2) sum_r (#words_r)^(-1/2) V_hat(Z_c^r); r1 has 2 words, r2 one

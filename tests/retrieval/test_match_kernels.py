@@ -128,3 +128,39 @@ def test_region_size_reaches_the_regional_methods_from_the_context(tmp_path):
     assert create_method("asmk", context).vocabulary.settings.region_size == 0
     with pytest.raises(UserError, match="--region-size must be at least 16"):
         create_method("regional_search_max", context)
+
+
+def test_a_word_budget_caps_each_database_image_at_a_multiple_of_its_asmk_words(tmp_path, vocabulary,
+                                                                               monkeypatch):
+    from retrieval import aggregation as agg
+    from retrieval import match_kernels
+    from retrieval.methods import MethodContext, create_method
+
+    images = near_duplicates(tmp_path)
+    pre = vocabulary.extractor.backbone.preprocessing
+    dataset = ImageDataset(images.paths, EvalTransform(64, "shorter", pre.mean, pre.std))
+    MatchKernelMethod("asmk", vocabulary).fit(dataset)
+    database = dataset[0][0].repeat(1, 2, 2).clone()[None]
+    database[:, :, :24, :24] = dataset[len(dataset) - 1][0][:, :24, :24]
+    box = Boxes([[0, 0, 1, 1], [0, 0, 24 / 128, 24 / 128]])
+
+    def words(method, encoded):
+        return len(agg.from_rows(encoded.numpy(), vocabulary.settings.dims)[0].words)
+
+    asmk_words = words(MatchKernelMethod("asmk", vocabulary), MatchKernelMethod("asmk", vocabulary).encode(database))
+    free = words(MatchKernelMethod("r_asmk", vocabulary, box), MatchKernelMethod("r_asmk", vocabulary, box)
+                 .encode_database(database))
+    assert asmk_words >= 2 and free >= asmk_words // 2
+    capped = MatchKernelMethod("r_asmk", vocabulary, box, word_budget=0.5)
+    assert words(capped, capped.encode_database(database)) == asmk_words // 2
+    assert capped.config()["word_budget"] == 0.5
+
+    # from the command line's context: the budget reaches r_asmk / r_asmk_star only, and an uncapped method's
+    # cache key is the one it always was (the caches of earlier runs stay valid)
+    monkeypatch.setattr(match_kernels, "proposer_from_context", lambda context, name: box)
+    context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, word_budget=1.2)
+    for name in ("r_asmk", "r_asmk_star"):
+        assert create_method(name, context).config()["word_budget"] == 1.2
+    for name in ("asmk", "r_vlad", "r_asmk_naive"):
+        assert "word_budget" not in create_method(name, context).config()
+    assert "word_budget" not in create_method("r_asmk", MethodContext(backbone="resnet18", pretrained=False)).config()

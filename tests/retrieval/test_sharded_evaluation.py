@@ -82,10 +82,10 @@ class _FlakyBenchmark(LabelledBenchmark):
         benchmark = self
 
         class Flaky(ImageDataset):
-            def __getitem__(self, index):
+            def load(self, index):
                 if benchmark.failing and index == benchmark.broken:
                     raise RuntimeError("killed")
-                return super().__getitem__(index)
+                return super().load(index)
 
         return Flaky(self.database_paths(), transform)
 
@@ -181,6 +181,73 @@ def test_a_fitted_method_with_a_complete_cache_is_not_fitted_again(tmp_path):
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     evaluate_methods([_Centred()], benchmark, settings)
     assert _Centred.fits == 2 and len(list((tmp_path / "cache").rglob("centred-*.npy"))) == 2
+
+
+class _Shifted(_Centred):
+    """_Centred with queries described as queries, and a fit that can come out slightly differently with the
+    same config and training images (as a PCA does at another thread count)."""
+
+    asymmetric = True
+    shift = 0.0
+
+    def fit(self, train_images, labels=None) -> None:
+        super().fit(train_images, labels)
+        self.mean = self.mean + _Shifted.shift
+
+
+def test_cached_descriptors_of_another_fit_are_described_again_and_never_paired(tmp_path, caplog):
+    test = write_labelled_set(tmp_path / "test", num_classes=3, per_class=3, seed=0)
+    train = write_labelled_set(tmp_path / "train", num_classes=2, per_class=3, seed=1)
+    benchmark = LabelledBenchmark(name="toy", images=read_csv_manifest(test), training=read_csv_manifest(train))
+    cache = tmp_path / "cache"
+    settings = EvalSettings(image_size=32, batch_size=2, shard_rows=4, cache_dir=str(cache))
+
+    def states():
+        return {path.name.split("-")[1]: json.loads(path.read_text())["fitted_state"]
+                for path in cache.rglob("centred-*.json")}
+
+    _Centred.fits, _Shifted.shift = 0, 0.0
+    evaluate_methods([_Shifted()], benchmark, settings)
+    first = states()
+    assert set(first) == {"database", "query"} and len(set(first.values())) == 1
+    # the query entry is lost, and this run's fit comes out differently: the cached database rows, made by
+    # the other fit, are described again instead of being paired with queries of this fit
+    for path in cache.rglob("centred-query-*"):
+        path.unlink()
+    _Shifted.shift = 0.25
+    method = _Shifted()
+    with caplog.at_level("WARNING", logger="retrieval.harness"):
+        result = evaluate_methods([method], benchmark, settings)[0]
+    assert "made by another fit" in caplog.text
+    assert states() == {"database": method.fitted_state(), "query": method.fitted_state()} != first
+    fresh = evaluate_methods([_Shifted()], benchmark, EvalSettings(image_size=32, batch_size=2, cache_dir=None))[0]
+    assert result.metrics == fresh.metrics
+    # entries of one fit: not fitted again; entries that record no fit (older caches): fitted again
+    fits = _Centred.fits
+    evaluate_methods([_Shifted()], benchmark, settings)
+    assert _Centred.fits == fits
+    for path in cache.rglob("centred-database-*.json"):
+        meta = json.loads(path.read_text())
+        del meta["fitted_state"]
+        path.write_text(json.dumps(meta))
+    evaluate_methods([_Shifted()], benchmark, settings)
+    assert _Centred.fits == fits + 1 and set(states().values()) == {method.fitted_state()}
+
+
+def test_state_fingerprints_tell_fits_apart_and_refuse_what_they_cannot_hash():
+    from baselines.msbd.pca import PCA
+    from retrieval.methods import state_fingerprint
+
+    pca = PCA(torch.zeros(3), torch.eye(3))
+    same = state_fingerprint({"a": np.arange(4.0)}, pca, None, 3, "x")
+    assert same == state_fingerprint({"a": np.arange(4.0)}, PCA(torch.zeros(3), torch.eye(3)), None, 3, "x")
+    nudged = np.arange(4.0)
+    nudged[2] = np.nextafter(nudged[2], 9)  # one bit
+    assert state_fingerprint({"a": nudged}, pca, None, 3, "x") != same
+    assert state_fingerprint({"a": np.arange(4.0, dtype=np.float32)}, pca, None, 3, "x") != same
+    assert state_fingerprint({"a": np.arange(4.0)}, PCA(torch.zeros(3), 2 * torch.eye(3)), None, 3, "x") != same
+    with pytest.raises(TypeError, match="object"):
+        state_fingerprint(object())
 
 
 @pytest.mark.slow
