@@ -204,8 +204,9 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
     if processes.is_main:  # cached descriptors of another fit than this run's are described again
         for (i, role), extraction in list(found.items()):
             if i in fits and extraction.fitted_state != fits[i]:
-                log.warning("cached %s descriptors of %s were made by another fit (%s, this run's is %s): "
-                            "describing them again", role, methods[i].name, extraction.fitted_state, fits[i])
+                made_by = extraction.fitted_state or "not recorded: an older cache entry"
+                log.warning("cached %s descriptors of %s were made by another fit (%s; this run's is %s): "
+                            "describing them again", role, methods[i].name, made_by, fits[i])
                 del found[i, role]
                 missing.append((i, role))
     missing = processes.share(sorted(missing) if processes.is_main else None)
