@@ -230,7 +230,7 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
                 for i, entry in zip(extracting, entries):
                     entry.finish({"config": methods[i].config(), "images_per_second": rate, "role": role,
                                   "benchmark": benchmark.name, "source": benchmark.source,
-                                  "fitted_state": methods[i].fitted_state()})
+                                  "fitted_state": fits[i]})  # every method extracted was in to_fit
                 for i in members:
                     entry = cache.entry(benchmark.name, methods[i].cache_name, keys[i][role])
                     found[i, role] = entry.load(counts[role])

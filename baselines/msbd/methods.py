@@ -71,10 +71,9 @@ class MSBDMethod(RetrievalMethod):
 
     def fitted_objects(self) -> list:  # the fine-tuned FEN is in the module's state_dict
         pipeline = self.pipeline
-        codebook = getattr(pipeline, "codebook", None)
-        return [*super().fitted_objects(), getattr(pipeline, "patch_pca", None),
-                None if codebook is None else codebook.centroids, getattr(pipeline, "branch_pca", None),
-                getattr(pipeline, "classifier", None)]
+        return [*super().fitted_objects(), pipeline.patch_pca,
+                None if pipeline.codebook is None else pipeline.codebook.centroids, pipeline.branch_pca,
+                pipeline.classifier]
 
 
 class MSBDFloat(MSBDMethod):
