@@ -318,3 +318,55 @@ def test_methods_are_fitted_in_eval_mode(tmp_path):
     method = _ModeRecorder("recorder").train()
     evaluate_methods([method], benchmark, EvalSettings(image_size=32, batch_size=2))
     assert _ModeRecorder.modes == [False]
+
+
+class _Offset(RetrievalMethod):
+    """Mean colour plus an offset that its fit reads from ``_Offset.offset`` (a seeded fit that comes out
+    differently in two runs, as a PCA does at another thread count); ``encode`` raises once it has encoded
+    ``fail_after`` batches (a killed extraction)."""
+
+    offset = 0.0
+
+    def __init__(self, fail_after: int | None = None):
+        super().__init__("offset")
+        self.shift, self.fail_after, self.encodes = None, fail_after, 0
+
+    def needs_fit(self) -> bool:
+        return True
+
+    def fit(self, train_images, labels=None) -> None:
+        self.shift = torch.full((3,), _Offset.offset)
+
+    def encode(self, images):
+        if self.fail_after is not None and self.encodes == self.fail_after:
+            raise RuntimeError("killed")
+        self.encodes += 1
+        return images.mean(dim=(2, 3)) + self.shift
+
+
+def test_a_resumed_extraction_never_mixes_the_shards_of_two_fits(tmp_path, caplog, one_thread):
+    test = write_labelled_set(tmp_path / "test", num_classes=3, per_class=4, seed=0)  # 12 images
+    train = write_labelled_set(tmp_path / "train", num_classes=2, per_class=2, seed=1)
+    benchmark = LabelledBenchmark(name="toy", images=read_csv_manifest(test), training=read_csv_manifest(train))
+    cache = tmp_path / "cache"
+    # one image size, batches of 4 in shards of 4: one encode per shard (rows 0-3, 4-7, 8-11)
+    settings = EvalSettings(image_size=32, batch_size=4, shard_rows=4, cache_dir=str(cache))
+    _Offset.offset = 1.0
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate_methods([_Offset(fail_after=1)], benchmark, settings)  # rows 0-3 of fit 1 are on disk
+    assert len(list(cache.rglob("shard-*.npy"))) == 1
+    # resumed in a run whose fit comes out differently: fit 1's shard is dropped, not completed by fit 2
+    _Offset.offset = 2.0
+    with caplog.at_level("WARNING", logger="retrieval.shards"), pytest.raises(RuntimeError, match="killed"):
+        evaluate_methods([_Offset(fail_after=1)], benchmark, settings)  # rows 0-3 of fit 2
+    assert "another fit" in caplog.text
+    resumed = _Offset()
+    evaluate_methods([resumed], benchmark, settings)
+    assert resumed.encodes == 2  # rows 4-11: the shard of this same fit was kept
+    fresh = tmp_path / "fresh"
+    evaluate_methods([_Offset()], benchmark, EvalSettings(image_size=32, batch_size=4, shard_rows=4,
+                                                          cache_dir=str(fresh)))
+    (mixed,), (alone,) = cache.rglob("offset-*.npy"), fresh.rglob("offset-*.npy")
+    np.testing.assert_array_equal(np.load(mixed), np.load(alone))  # every row of fit 2
+    (meta,) = cache.rglob("offset-*.json")
+    assert json.loads(meta.read_text())["fitted_state"] == resumed.fitted_state()
