@@ -91,13 +91,19 @@ class CacheEntry:
         return Extraction(descriptors, float(meta["images_per_second"]), from_cache=True,
                           fitted_state=meta.get("fitted_state"))
 
-    def writer(self, count: int, shard_rows: int) -> ShardWriter:
-        """The shard writer of an extraction into this entry (finished shards of an earlier attempt kept)."""
-        return ShardWriter(self.shard_folder, count, shard_rows)
+    def writer(self, count: int, shard_rows: int, fitted_state: str | None) -> ShardWriter:
+        """The shard writer of an extraction into this entry by a method whose fit is ``fitted_state`` (None:
+        not fitted): finished shards of an earlier attempt are kept if that same fit made them, dropped if
+        another one did."""
+        return ShardWriter(self.shard_folder, count, shard_rows, origin=fitted_state)
 
     def finish(self, meta: dict) -> None:
-        """Every shard is written: stream them into the entry's array, write its metadata, drop the shards."""
+        """Every shard is written: stream them into the entry's array, write its metadata (``meta``, whose
+        ``fitted_state`` must be the fit the shards were written by), drop the shards."""
         shards = ShardedArray(self.shard_folder)
+        if shards.origin != meta.get("fitted_state"):
+            raise RuntimeError(f"{self.shard_folder}: shards of fit {shards.origin} cannot be recorded as fit "
+                               f"{meta.get('fitted_state')}")
         header = {"descr": np.lib.format.dtype_to_descr(shards.dtype), "fortran_order": False,
                   "shape": shards.shape}
 

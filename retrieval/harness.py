@@ -224,8 +224,8 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
             owners = {(methods[i].cache_name, keys[i][role]): i for i in reversed(members)}
             extracting = sorted(owners.values())
             entries = [cache.entry(benchmark.name, methods[i].cache_name, keys[i][role]) for i in extracting]
-            rate = _extract_into(entries, [methods[i] for i in extracting], _dataset(benchmark, role, transform),
-                                 role, settings, processes)
+            rate = _extract_into(entries, [methods[i] for i in extracting], [fits[i] for i in extracting],
+                                 _dataset(benchmark, role, transform), role, settings, processes)
             if processes.is_main:
                 for i, entry in zip(extracting, entries):
                     entry.finish({"config": methods[i].config(), "images_per_second": rate, "role": role,
@@ -239,16 +239,17 @@ def _describe(methods: list[RetrievalMethod], benchmark: Benchmark, settings: Ev
     return [(found[i, "database"], found.get((i, "query"), found[i, "database"])) for i in range(len(methods))]
 
 
-def _extract_into(entries: list[CacheEntry], methods: list[RetrievalMethod], dataset: ImageDataset, role: str,
-                  settings: EvalSettings, processes: Processes) -> float:
+def _extract_into(entries: list[CacheEntry], methods: list[RetrievalMethod], fits: list[str | None],
+                  dataset: ImageDataset, role: str, settings: EvalSettings, processes: Processes) -> float:
     """Extract the shards the entries lack, shard s by process s % N, all processes writing into the shared
-    folders; returns the images/s of this run over all processes (images extracted / the slowest process's
-    time; NaN when every shard was already there)."""
+    folders; ``fits`` are the methods' fitted states (the same on every process). Returns the images/s of this
+    run over all processes (images extracted / the slowest process's time; NaN when every shard was already
+    there)."""
     start = time.perf_counter()
-    if processes.is_main:  # the main process starts over a folder of another layout, before anyone writes
-        [entry.writer(len(dataset), settings.shard_rows) for entry in entries]
+    if processes.is_main:  # the main process starts over a folder of another layout or fit, before anyone writes
+        [entry.writer(len(dataset), settings.shard_rows, fit) for entry, fit in zip(entries, fits)]
     processes.wait()
-    writers = [entry.writer(len(dataset), settings.shard_rows) for entry in entries]
+    writers = [entry.writer(len(dataset), settings.shard_rows, fit) for entry, fit in zip(entries, fits)]
     mine = range(processes.rank, len(writers[0].ranges), processes.count)
     names = ", ".join(m.name for m in methods)
     extracted = extract_shards(methods, dataset, writers, mine, settings.batch_size, settings.num_workers,

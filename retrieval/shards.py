@@ -6,9 +6,13 @@ A shard file appears only when it is complete (written to a temporary name, flus
 interrupted writer leaves only whole shards behind and a restarted one skips them (resumable extraction).
 Several processes may write different shards of one folder at once: no file is shared between writers.
 
+A folder's rows must all come from one producer: a writer names its ``origin`` (a fingerprint of what makes the
+rows, e.g. the fitted state of the method that describes the images) and discards, with a warning, the shards
+of a folder whose layout records another one, instead of completing them with rows of another fit.
+
 Folder layout::
 
-    layout.json          {"count": N, "shard_rows": S, "shape": [D, ...], "dtype": "float32"}
+    layout.json          {"count": N, "shard_rows": S, "shape": [D, ...], "dtype": "float32", "origin": str|null}
     shard-00000.npy      rows 0 .. S-1
     shard-00001.npy      rows S .. 2S-1
     ...
@@ -44,24 +48,33 @@ class ShardWriter:
     """Writes the shards of a ``count``-row array into ``folder``; shards already there are kept (resume).
 
     The row shape and dtype are fixed by the first shard written (or found); a folder holding another layout
-    (other count or shard size) is an earlier, different extraction and is started over.
+    (other count or shard size) or rows of another ``origin`` (None: unnamed; a folder written before origins
+    were recorded has None) is an earlier, different extraction and is started over.
     """
 
-    def __init__(self, folder: str | Path, count: int, shard_rows: int):
+    def __init__(self, folder: str | Path, count: int, shard_rows: int, origin: str | None = None):
         if count < 1:
             raise ValueError(f"an array needs at least one row, got count={count}")
         self.folder = Path(folder)
         self.count = count
         self.shard_rows = shard_rows
+        self.origin = origin
         self.ranges = shard_ranges(count, shard_rows)
         self.folder.mkdir(parents=True, exist_ok=True)
         layout = self._layout()
-        if layout is not None and (layout["count"], layout["shard_rows"]) != (count, shard_rows):
+        if layout is None:
+            return
+        if (layout["count"], layout["shard_rows"]) != (count, shard_rows):
             log.warning("%s holds shards of another layout (%d rows by %d); starting over", self.folder,
                         layout["count"], layout["shard_rows"])
-            for path in self.folder.glob("shard-*.npy"):
-                path.unlink()
-            (self.folder / LAYOUT).unlink()
+        elif layout.get("origin") != origin:
+            log.warning("%s holds shards made by another fit (origin %s; this extraction's is %s); starting over",
+                        self.folder, layout.get("origin"), origin)
+        else:
+            return
+        for path in self.folder.glob("shard-*.npy"):
+            path.unlink()
+        (self.folder / LAYOUT).unlink()
 
     def _layout(self) -> dict | None:
         path = self.folder / LAYOUT
@@ -82,7 +95,7 @@ class ShardWriter:
         rows = np.ascontiguousarray(rows)
         if self._layout() is None:  # every writer writes the same layout; the rename makes it whole
             layout = {"count": self.count, "shard_rows": self.shard_rows, "shape": list(rows.shape[1:]),
-                      "dtype": rows.dtype.str}
+                      "dtype": rows.dtype.str, "origin": self.origin}
             atomic_write(self.folder / LAYOUT, lambda handle: handle.write(json.dumps(layout).encode()), unique=True)
         atomic_write(shard_path(self.folder, index), lambda handle: np.save(handle, rows), unique=True)
 
@@ -101,6 +114,7 @@ class ShardedArray:
         layout = json.loads(path.read_text())
         self.count, self.shard_rows = int(layout["count"]), int(layout["shard_rows"])
         self.row_shape, self.dtype = tuple(layout["shape"]), np.dtype(layout["dtype"])
+        self.origin: str | None = layout.get("origin")  # what made the rows (see ShardWriter)
         self.ranges = shard_ranges(self.count, self.shard_rows)
         missing = [i for i in range(len(self.ranges)) if not shard_path(self.folder, i).is_file()]
         if missing:

@@ -47,3 +47,20 @@ def test_another_layout_starts_over(tmp_path):
     ShardWriter(tmp_path, count=5, shard_rows=2).write(0, np.zeros((2, 1)))
     writer = ShardWriter(tmp_path, count=6, shard_rows=2)
     assert writer.pending() == [0, 1, 2] and not shard_path(tmp_path, 0).exists()
+
+
+def test_shards_of_another_origin_start_over_and_the_origin_is_read_back(tmp_path, caplog):
+    ShardWriter(tmp_path, count=5, shard_rows=2, origin="fit-a").write(0, np.zeros((2, 1)))
+    assert ShardWriter(tmp_path, count=5, shard_rows=2, origin="fit-a").pending() == [1, 2]  # same fit: resumed
+    with caplog.at_level("WARNING", logger="retrieval.shards"):
+        writer = ShardWriter(tmp_path, count=5, shard_rows=2, origin="fit-b")
+    assert writer.pending() == [0, 1, 2] and "another fit (origin fit-a; this extraction's is fit-b)" in caplog.text
+    for index, rows in enumerate(((0, 1), (2, 3), (4,))):
+        writer.write(index, np.array(rows, dtype=np.float32)[:, None])
+    assert ShardedArray(tmp_path).origin == "fit-b"
+    # a folder written before origins were recorded: its rows have no origin, so only an unfitted writer resumes
+    layout = tmp_path / "layout.json"
+    layout.write_text(layout.read_text().replace(', "origin": "fit-b"', ""))
+    assert ShardedArray(tmp_path).origin is None
+    assert ShardWriter(tmp_path, count=5, shard_rows=2).pending() == []
+    assert ShardWriter(tmp_path, count=5, shard_rows=2, origin="fit-b").pending() == [0, 1, 2]
