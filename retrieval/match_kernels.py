@@ -14,7 +14,6 @@ float32 vector, or d bits for the starred kernels).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -27,8 +26,9 @@ from models.backbones import Preprocessing
 
 from . import aggregation as agg
 from .codebook import Codebook, fit_or_load_codebook
+from .descriptor_cache import image_list_fingerprint
 from .local_features import LocalFeatureExtractor
-from .methods import MethodContext, RetrievalMethod, register_method
+from .methods import MethodContext, RetrievalMethod, register_method, state_fingerprint
 from .regional import RegionProposer, crop_region, proposer_from_context
 from .scores import ScoreSource
 
@@ -70,17 +70,22 @@ class LocalVocabulary:
         self.fitted_on: str | None = None
 
     def config(self) -> dict:
+        """The settings alone: what the vocabulary was fitted on is not here (it would change a kernel's cache
+        key once another kernel has fitted the shared vocabulary); the harness keys on the training images."""
         return {"local_features": self.extractor.config(), "words": self.settings.words,
                 "region_size": self.settings.region_size,
                 "fit_images": self.settings.fit_images, "kmeans_iterations": self.settings.kmeans_iterations,
-                "seed": self.settings.seed, "fitted_on": self.fitted_on}
+                "seed": self.settings.seed}
 
     @torch.no_grad()
     def fit(self, train_images) -> None:
-        """PCA and codebook from the local features of (up to ``fit_images``) training images."""
+        """PCA and codebook from the local features of (up to ``fit_images``) training images. The codebook
+        cache is keyed by everything its input descriptors depend on: the local-feature settings, the chosen
+        images (paths, sizes, modification times) and transform, and the whole fitted PCA (mean and basis: a
+        refit at another thread count can flip basis vectors with a bit-identical mean)."""
         count = min(self.settings.fit_images, len(train_images))
         chosen = np.sort(np.random.default_rng(self.settings.seed).choice(len(train_images), count, replace=False))
-        fingerprint = hashlib.sha1("\n".join(str(train_images.paths[i]) for i in chosen).encode()).hexdigest()[:16]
+        fingerprint = image_list_fingerprint([train_images.paths[i] for i in chosen])[:16]
         fitted_on = f"{count} images {fingerprint} {train_images.transform.describe()}"
         if self.fitted_on == fitted_on:
             return
@@ -90,7 +95,7 @@ class LocalVocabulary:
         descriptors = self.extractor.fit(batches)
         log.info("local-feature PCA fitted on %d descriptors of %d training images", len(descriptors), count)
         source = {"local_features": self.extractor.config(), "images": fitted_on,
-                  "pca_mean": hashlib.sha1(self.extractor.pca_state()["mean"].tobytes()).hexdigest()[:16]}
+                  "pca": state_fingerprint(self.extractor.pca_state())}
         self.codebook = fit_or_load_codebook(descriptors, self.settings.words, self.cache_dir, source,
                                              niter=self.settings.kmeans_iterations, seed=self.settings.seed)
         self.fitted_on = fitted_on

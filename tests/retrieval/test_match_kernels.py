@@ -164,3 +164,68 @@ def test_a_word_budget_caps_each_database_image_at_a_multiple_of_its_asmk_words(
     for name in ("asmk", "r_vlad", "r_asmk_naive"):
         assert "word_budget" not in create_method(name, context).config()
     assert "word_budget" not in create_method("r_asmk", MethodContext(backbone="resnet18", pretrained=False)).config()
+
+
+def _fresh_vocabulary(vocabulary, cache_dir=None) -> LocalVocabulary:
+    """An unfitted vocabulary with the fixture's backbone and settings."""
+    extractor = LocalFeatureExtractor(vocabulary.extractor.backbone, tap="layer2", max_features=20, dims=16)
+    return LocalVocabulary(extractor, KernelSettings(words=8, dims=16, max_features=20, fit_images=8,
+                                                     kmeans_iterations=5), cache_dir)
+
+
+def test_a_cached_codebook_is_reused_only_in_the_whole_pca_it_was_fitted_in(tmp_path, vocabulary, monkeypatch):
+    images = near_duplicates(tmp_path)
+    pre = vocabulary.extractor.backbone.preprocessing
+    dataset = ImageDataset(images.paths, EvalTransform(64, "shorter", pre.mean, pre.std))
+    cache = tmp_path / "codebooks"
+
+    def fitted():
+        fresh = _fresh_vocabulary(vocabulary, str(cache))
+        fresh.fit(dataset)
+        return fresh
+
+    first, second = fitted(), fitted()
+    assert len(list(cache.glob("codebook-*.npy"))) == 1  # the same PCA: the codebook came from the cache
+    np.testing.assert_array_equal(second.codebook.centroids, first.codebook.centroids)
+    # a refit whose PCA differs only in the sign of one basis vector (as at another thread count): the same
+    # mean to the bit, but the descriptors the codebook is made of differ, so the cached one must not be used
+    fit_pca = LocalFeatureExtractor.fit_pca
+
+    def flipped(self, descriptors):
+        fit_pca(self, descriptors)
+        self.pca.basis[:, 0] *= -1
+
+    monkeypatch.setattr(LocalFeatureExtractor, "fit_pca", flipped)
+    third = fitted()
+    np.testing.assert_array_equal(third.extractor.pca.mean, first.extractor.pca.mean)
+    assert not np.array_equal(third.extractor.pca.basis, first.extractor.pca.basis)
+    assert len(list(cache.glob("codebook-*.npy"))) == 2
+
+
+def test_kernel_cache_keys_do_not_depend_on_the_order_of_methods_or_on_an_earlier_fit(tmp_path, vocabulary):
+    from retrieval.harness import _cache_keys
+
+    images = near_duplicates(tmp_path)
+    bench = LabelledBenchmark(name="stripes", images=images, training=images)
+    settings = EvalSettings(image_size=64, batch_size=4)
+
+    def keys(names, fit_first=False):
+        methods = [MatchKernelMethod(name, _fresh_vocabulary(vocabulary)) for name in names]
+        methods = [MatchKernelMethod(name, methods[0].vocabulary) for name in names]  # one shared vocabulary
+        if fit_first:
+            pre = vocabulary.extractor.backbone.preprocessing
+            methods[0].fit(ImageDataset(images.paths, EvalTransform(64, "shorter", pre.mean, pre.std)))
+        return dict(zip(names, _cache_keys(methods, bench, settings)))
+
+    expected = keys(["vlad", "asmk"])
+    assert expected["vlad"] != expected["asmk"]
+    assert keys(["asmk", "vlad"]) == expected
+    assert keys(["asmk", "vlad"], fit_first=True) == expected  # asmk fitted the shared vocabulary before vlad
+    # in the harness: vlad evaluated after asmk (which fitted the vocabulary) is found again by a run of vlad
+    # alone, which then fits nothing
+    cached = EvalSettings(image_size=64, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    shared = _fresh_vocabulary(vocabulary)
+    evaluate_methods([MatchKernelMethod("asmk", shared), MatchKernelMethod("vlad", shared)], bench, cached)
+    alone = _fresh_vocabulary(vocabulary)
+    evaluate_methods([MatchKernelMethod("vlad", alone)], bench, cached)
+    assert alone.codebook is None
