@@ -2,10 +2,13 @@
 
 A codebook is fitted once per (descriptor source, size, k-means settings) and stored as
 ``<cache_dir>/codebook-<key>.npy`` (the (C, d) float32 centroids) next to ``codebook-<key>.json`` (the config
-it was made with). ``key`` is a hash of that config, so a second run with the same config loads the file and
-any change (words, seed, iterations, sample, or the ``source`` description) makes a new one. The cache
-trusts ``source``: it must identify the descriptors (backbone, weights, tap, PCA, training images, sample);
-the descriptors themselves are not hashed, so a cached codebook loads without extracting any of them.
+it was made with). ``key`` is a hash of that config (:func:`codebook_config`: the format version
+:data:`CODEBOOK_FORMAT`, words, k-means iterations, seed, sample, points per centroid, and ``source``), so a
+second run with the same config loads the file and any change makes a new one. The cache trusts ``source``: it
+must identify the descriptors; the descriptors themselves are not hashed, so a cached codebook loads without
+extracting any of them. The match kernels' source (:class:`retrieval.match_kernels.LocalVocabulary`) is the
+local-feature settings (backbone and weights, tap, features, scales, PCA dims and seed), the chosen training
+images (stat fingerprint) and transform, and a fingerprint of the whole fitted PCA (mean and basis).
 
 Assignment is exact nearest-centroid search in squared L2 (``faiss.IndexFlatL2``); ``k`` > 1 gives the ``k``
 nearest words per descriptor, nearest first (multiple assignment).
@@ -27,6 +30,12 @@ import numpy as np
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
+
+#: The codebook format, part of every codebook's config (hence key). Bump it whenever the codebook a config
+#: produces changes without the config changing: the k-means or sampling code, or the local descriptors it is
+#: fitted on (a change to local feature extraction changes the kernels' descriptors too: bump
+#: ``retrieval.descriptor_cache.CACHE_FORMAT`` as well).
+CODEBOOK_FORMAT = 1
 
 Descriptors = Union[np.ndarray, Callable[[], np.ndarray]]
 
@@ -105,8 +114,9 @@ def codebook_key(config: dict) -> str:
 
 def codebook_config(words: int, source: dict, niter: int = 20, seed: int = 0, sample: int | None = None,
                     max_points_per_centroid: int = 256) -> dict:
-    return {"kind": "faiss.Kmeans", "words": int(words), "niter": int(niter), "seed": int(seed),
-            "sample": sample, "max_points_per_centroid": int(max_points_per_centroid), "source": source}
+    return {"kind": "faiss.Kmeans", "format": CODEBOOK_FORMAT, "words": int(words), "niter": int(niter),
+            "seed": int(seed), "sample": sample, "max_points_per_centroid": int(max_points_per_centroid),
+            "source": source}
 
 
 def fit_or_load_codebook(descriptors: Descriptors, words: int, cache_dir: str | Path | None, source: dict,

@@ -1,18 +1,22 @@
 """Descriptors on disk: one entry per (benchmark images, method, role, resize), found again by its key.
 
 **Keys.** An entry's key hashes everything the descriptors depend on (the harness builds it,
-:func:`retrieval.harness`): the method's ``config()`` (weights fingerprint included), the benchmark's name and
-source (the resolved manifest path or data folder), the role, the transform, and a fingerprint of the image
-list itself (:func:`image_list_fingerprint`: resolved paths, file sizes and modification times; ``stat`` only,
-so a million files cost seconds, not a read of every byte). Two manifests of the same size, the same set name
-under another data root, or a replaced image thus never share descriptors.
+:func:`retrieval.harness`): the cache format version :data:`CACHE_FORMAT` (bumped when code changes what a
+config produces), the method's ``config()`` (its settings, weights fingerprint included; never fitted state),
+the benchmark's name and source (the resolved manifest path or data folder), the role, the transform, a
+fingerprint of the image list itself (:func:`image_list_fingerprint`: resolved paths, file sizes and
+modification times; ``stat`` only, so a million files cost seconds, not a read of every byte) and, for a fitted
+method, the same fingerprint of its training images and labels. Two manifests of the same size, the same set
+name under another data root, or a replaced image thus never share descriptors.
 
 **Entries.** An extraction writes ``<method>-<key>.shards/`` (:mod:`retrieval.shards`: whole shards only, so an
 interrupted extraction resumes from its last finished shard, and several processes may write different shards
-at once). When every shard is there, :meth:`CacheEntry.finish` streams them, one shard in memory at a time,
-into ``<method>-<key>.npy`` (renamed into place when complete), writes ``<method>-<key>.json`` (config,
-images/s...) and removes the shards. An entry is complete when both files are there; it is read back as a
-memory map, so a large database is never loaded whole.
+at once). The shard folder records the fit that writes it (``fitted_state``, None for a method that is not
+fitted): a resumed extraction of another fit starts the folder over. When every shard is there,
+:meth:`CacheEntry.finish` streams them, one shard in memory at a time, into ``<method>-<key>.npy`` (renamed into
+place when complete), writes ``<method>-<key>.json`` (config, images/s, the shards' ``fitted_state``...) and
+removes the shards. An entry is complete when both files are there; it is read back as a memory map, so a large
+database is never loaded whole.
 """
 from __future__ import annotations
 
@@ -36,6 +40,11 @@ from utils.files import atomic_write
 from .shards import ShardedArray, ShardWriter
 
 log = logging.getLogger(__name__)
+
+#: The cache format, part of every key. Bump it whenever the descriptors that a key's parts describe change
+#: without any of those parts changing (a change to a method's code, the extraction, image loading or resizing
+#: that ``config()`` and the transform do not name): every earlier entry is then described again, never read.
+CACHE_FORMAT = 1
 
 
 def safe_name(text: str) -> str:
@@ -126,7 +135,8 @@ class DescriptorCache:
 
     @staticmethod
     def key(*parts) -> str:
-        blob = json.dumps(parts, sort_keys=True, default=str)
+        """16 hex digits identifying ``parts`` (JSON-able) under this :data:`CACHE_FORMAT`."""
+        blob = json.dumps([f"descriptor cache format {CACHE_FORMAT}", *parts], sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def entry(self, benchmark: str, method: str, key: str) -> CacheEntry:

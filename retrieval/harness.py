@@ -11,23 +11,30 @@ extraction holds one shard (``EvalSettings.shard_rows`` images) in memory, an in
 last finished shard on the next identical command, and the metrics read the finished array as a memory map.
 Without a cache folder (``cache_dir=None``) a temporary folder, removed afterwards, plays its part.
 
-**Cache keys and fitting.** A key is computed *before* any method is fitted, from the method's ``config()`` at
-that moment, the benchmark (name, source, a stat fingerprint of the role's image list), the transform and,
-for a method that ``needs_fit()``, a fingerprint of the training images and labels it will be fitted on. A fit
-is a deterministic function of exactly that (the pre-fit config holds every setting and seed, the training set
-is the fingerprinted one, fitting uses the extraction's transform), so the key also identifies the fitted state
-(PCA, codebooks, ITQ, MSBD's pipeline), and a method whose every descriptor set is cached is not fitted at all.
-Methods must therefore compute ``scores`` / ``search`` / ``descriptor_bytes`` without their fitted state (all do:
-code lengths and dimensions are settings), and a new fitted method must seed its fit. Seeded is not always
-bit-reproducible (a PCA at another thread count or on another device differs in its last bits, and so do the
+**Cache keys and fitting.** A key (:meth:`DescriptorCache.key`) is computed *before* any method is fitted and
+holds exactly: the cache format version (:data:`retrieval.descriptor_cache.CACHE_FORMAT`), the method's
+``config()``, the benchmark (name, source, a stat fingerprint of the role's image list and query boxes), the role,
+the transform (its description, mean and std) and, for a method that ``needs_fit()``, a stat fingerprint of the
+training images and labels it will be fitted on. A ``config()`` holds settings only, never fitted state (no
+"fitted on"), so a key does not change when the method, or another method sharing its fitted parts, has been
+fitted: keys do not depend on the order of the methods. A fit is a deterministic function of exactly those
+parts (the pre-fit config holds every setting and seed, the training set is the fingerprinted one, fitting uses
+the extraction's transform), so the key also identifies the fitted state (PCA, codebooks, ITQ, MSBD's pipeline),
+and a method whose every descriptor set is cached is not fitted at all. Methods must therefore compute
+``scores`` / ``search`` / ``descriptor_bytes`` without their fitted state (all do: code lengths and dimensions are
+settings), and a new fitted method must seed its fit. Seeded is not always bit-reproducible (a PCA at another
+thread count or on another device differs in its last bits or in the signs of its basis vectors, and so do the
 codebook and every word assignment after it), so each entry also records the fingerprint of the fit that made
 it (``RetrievalMethod.fitted_state``): a method is fitted unless its entries are all cached and record one fit,
-and after a fit, cached entries of another fit are described again. Query and database descriptors of two
-different fits are never paired.
+and after a fit, cached entries of another fit are described again. An unfinished entry's shard folder records
+that fingerprint too (:mod:`retrieval.shards` ``origin``): an interrupted extraction resumed by a run whose fit
+came out differently drops the old shards (with a warning) instead of completing them with rows of its own fit.
+Rows of two different fits are thus never paired, nor mixed within one entry.
 
 **Several processes** (``accelerate launch``, ``processes=Processes(PartialState(...))``): every process runs
 the same calls. The main process computes the keys and looks the cache up, then shares its decision; methods
-that need it are fitted in every process (the fits are seeded, so identical); shard ``s`` is extracted by
+that need it are fitted in every process (the fits are seeded; the fingerprints are checked to be the main
+process's, and the shards are written under that one fingerprint); shard ``s`` is extracted by
 process ``s % N`` into the shared cache folder (one machine), each process on its own device; a device-tensor
 all-gather of (images, seconds) ends the pass (every shard is then on disk) and gives images/s. The main
 process alone writes the cache metadata, computes the metrics and reports them; a shard's batches depend only

@@ -356,3 +356,15 @@ def test_fitting_local_features_leaves_the_backbone_batchnorm_statistics_alone(o
     after = backbone.state_dict()
     assert all(torch.equal(after[name], value) for name, value in stats.items())
     assert extractor.config()["backbone_mode"] == "eval"
+
+
+def test_a_codebook_of_another_format_version_is_fitted_again(tmp_path, monkeypatch):
+    from retrieval import codebook
+
+    data = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    key = codebook_key(codebook_config(3, {"test": "toy"}, niter=5))
+    fit_or_load_codebook(data, 3, tmp_path, {"test": "toy"}, niter=5)
+    monkeypatch.setattr(codebook, "CODEBOOK_FORMAT", codebook.CODEBOOK_FORMAT + 1)
+    assert codebook_key(codebook_config(3, {"test": "toy"}, niter=5)) != key
+    fit_or_load_codebook(data, 3, tmp_path, {"test": "toy"}, niter=5)
+    assert len(list(tmp_path.glob("codebook-*.npy"))) == 2

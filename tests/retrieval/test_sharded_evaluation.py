@@ -370,3 +370,13 @@ def test_a_resumed_extraction_never_mixes_the_shards_of_two_fits(tmp_path, caplo
     np.testing.assert_array_equal(np.load(mixed), np.load(alone))  # every row of fit 2
     (meta,) = cache.rglob("offset-*.json")
     assert json.loads(meta.read_text())["fitted_state"] == resumed.fitted_state()
+
+
+def test_cache_keys_hold_the_cache_format_version(tmp_path, monkeypatch):
+    from retrieval import descriptor_cache
+
+    manifest = write_labelled_set(tmp_path, num_classes=2, per_class=2)
+    before = _keys(f"csv:{manifest}")
+    monkeypatch.setattr(descriptor_cache, "CACHE_FORMAT", descriptor_cache.CACHE_FORMAT + 1)
+    after = _keys(f"csv:{manifest}")
+    assert after.keys() == before.keys() and all(after[role] != before[role] for role in before)
