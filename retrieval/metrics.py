@@ -3,10 +3,13 @@
 Labelled sets (standard AP over the full ranking, mAP@R, Recall@K, AP over the top K) need, for each positive,
 only its tie group once junk is removed: how many items score strictly higher and how many score the same
 (:func:`tied_positives`). The revisitop metrics (AP with junk, mP@k) need each positive's rank
-(:func:`positive_ranks`, :func:`rank_items`). Both are found without an argsort: each query row's *values* are
-sorted (NumPy's SIMD sort, several times faster than argsort), and each positive or junk item is placed in it
-with a binary search. Rows are processed in bounded blocks on several threads, so memory stays at one block of
-scores whatever the database size.
+(:func:`positive_ranks`, :func:`rank_items`). Both are found without an argsort. Tie groups: each query row's
+*values* are sorted (NumPy's SIMD sort, several times faster than argsort), and each positive or junk item is
+placed in it with a binary search. Ranks: a long row is not sorted at all (:func:`_rank_by_bins`): its values
+are counted into fine bins of a monotone map, which gives every item the number of items in higher bins, and
+only the few items sharing a bin with a ranked item are compared with it (a short row, or one whose ranked items
+share crowded bins, is sorted instead). Rows are processed in bounded blocks on several threads, so memory stays
+at one block of scores whatever the database size.
 
 Ties: the labelled metrics are tie-aware: each is its expected value over all orders of tied items (McSherry &
 Najork, "Computing information retrieval performance measures efficiently in the presence of tied scores",
@@ -32,6 +35,10 @@ from .scores import ScoreSource
 
 #: Default number of scores held per block (query rows x database), 4 bytes each plus one sorted row per thread.
 BLOCK_ELEMENTS = 8_000_000
+#: Rows of at least this many items are ranked by binning (:func:`_rank_by_bins`), shorter ones by sorting;
+#: bins per row (at most one per item).
+BINNED_MIN_ITEMS = 4096
+RANK_BINS = 1 << 16
 
 
 class _PerQuery:
@@ -141,6 +148,60 @@ def _map_rows(scores: ScoreSource, function: Callable, per_query_args: Sequence[
 
 def _rank_in_row(row: np.ndarray, items: np.ndarray) -> np.ndarray:
     """0-based rank of ``row[items]`` in the descending order of ``row``, ties by ascending index."""
+    if not len(items):
+        return np.zeros(0, np.int64)
+    if len(row) >= BINNED_MIN_ITEMS:
+        ranks = _rank_by_bins(row, items, min(RANK_BINS, len(row)), max_members=len(row) // 8)
+        if ranks is not None:
+            return ranks
+    return _rank_by_sort(row, items)
+
+
+def _rank_by_bins(row: np.ndarray, items: np.ndarray, bins: int, max_members: int) -> np.ndarray | None:
+    """:func:`_rank_in_row` without sorting the row; None (sort instead) for a row that is not float32/64, whose
+    values from its lowest ranked item up are all equal (nothing to bin), or whose ranked items share their bins
+    with more than ``max_members`` items.
+
+    Each value x gets the bin b(x) = trunc(max(0, (x - lo) * s + 1)), clipped to ``bins`` - 1, with lo the lowest
+    ranked item's value and s = (bins - 2) / (max - lo): bin 0 holds everything below lo, bins 1.. split
+    [lo, max] evenly. Every step is monotone in floating point (a rounded difference, product or sum of a
+    larger value is never smaller; a difference that overflows to -inf lands in bin 0), so x > v implies
+    b(x) >= b(v), and b(x) > b(v) implies x > v. An item's rank
+    is then the count of items in higher bins (a histogram's cumulative sum) plus its place within its own bin,
+    where the few members (the items sharing a bin with a ranked item) are ordered exactly: by value descending,
+    ties by index (a stable sort of members listed in index order).
+    """
+    if row.dtype not in (np.float32, np.float64) or bins < 3:
+        return None
+    lo, hi = row[items].min(), row.max()
+    with np.errstate(over="ignore"):  # an overflow to infinity is caught (span, scale) or harmless (key)
+        span = hi - lo
+        scale = row.dtype.type((bins - 2) / float(span)) if np.isfinite(span) and span > 0 else np.inf
+        if not np.isfinite(scale):
+            return None
+        key = row - lo
+        key *= scale
+        key += 1
+    np.maximum(key, 0, out=key)
+    bin_of = key.astype(np.intp)
+    np.minimum(bin_of, bins - 1, out=bin_of)
+    above = len(row) - np.cumsum(np.bincount(bin_of, minlength=bins))  # items in higher bins, per bin
+    item_bins = bin_of[items]
+    shared = np.zeros(bins, dtype=bool)
+    shared[item_bins] = True
+    members = np.flatnonzero(shared[bin_of])  # ascending index
+    if len(members) > max_members:
+        return None
+    member_bins = bin_of[members]
+    order = np.lexsort((-row[members], member_bins))  # by bin, then value descending; stable: ties by index
+    place = np.empty(len(members), dtype=np.int64)
+    place[order] = np.arange(len(members))
+    first_in_bin = np.searchsorted(member_bins[order], item_bins, side="left")
+    return (above[item_bins] + place[np.searchsorted(members, items)] - first_in_bin).astype(np.int64)
+
+
+def _rank_by_sort(row: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """:func:`_rank_in_row` by sorting the row's values and placing the items with a binary search."""
     ascending = np.sort(row)
     values = row[items]
     right = np.searchsorted(ascending, values, side="right")
@@ -177,19 +238,63 @@ def positive_ranks(scores: ScoreSource, positives: Sequence[np.ndarray], junk: S
     junk = junk if junk is not None else [np.zeros(0, np.int64)] * len(positives)
     if len(junk) != len(positives):
         raise ValueError(f"{len(positives)} positive lists but {len(junk)} junk lists")
-    positives = [np.unique(np.asarray(p, dtype=np.int64)) for p in positives]
-    junk = [np.unique(np.asarray(j, dtype=np.int64)) for j in junk]
-    both = rank_items(scores, [np.concatenate([p, j]) for p, j in zip(positives, junk)], block_elements)
-    return _drop_junk([r[:len(p)] for r, p in zip(both, positives)], [r[len(p):] for r, p in zip(both, positives)])
+    num_queries, num_items = scores.shape
+    if len(positives) != num_queries:
+        raise ValueError(f"ground truth for {len(positives)} queries, scores for {num_queries}")
+    positive_keys, junk_keys = _query_keys(positives, num_items), _query_keys(junk, num_items)
+    keys = _sorted_unique(np.concatenate([positive_keys, junk_keys]))
+    ranks = _rank_keys(scores, keys, block_elements)
+    return _ranked_after_junk(keys, ranks, positive_keys, junk_keys, num_queries, num_items)
 
 
-def _drop_junk(positive_ranks_per_query: list[np.ndarray], junk_ranks_per_query: list[np.ndarray]
-               ) -> RankedPositives:
-    """Shift each positive's rank up by the junk ranked before it."""
-    adjusted = []
-    for pos, junk in zip(positive_ranks_per_query, junk_ranks_per_query):
-        adjusted.append(pos - np.searchsorted(np.sort(junk), pos))
-    return RankedPositives.from_lists(adjusted)
+def _query_keys(lists: Sequence, num_items: int) -> np.ndarray:
+    """Each query's distinct database indices as one sorted array of keys ``q * num_items + index`` (query by
+    query, indices ascending), so that per-query steps are single array operations over all queries."""
+    arrays = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in lists]
+    if not arrays:
+        return np.zeros(0, np.int64)
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays)
+    outside = np.flatnonzero((flat < 0) | (flat >= num_items))
+    if len(outside):
+        query = int(np.searchsorted(np.cumsum(lengths), outside[0], side="right"))
+        raise ValueError(f"query {query}: ground-truth index out of range [0, {num_items})")
+    return _sorted_unique(flat + np.repeat(np.arange(len(arrays), dtype=np.int64) * num_items, lengths))
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique of int64 keys by one sort (NumPy 2's hash-based unique is several times slower on these)."""
+    values = np.sort(values)
+    keep = np.ones(len(values), dtype=bool)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
+
+
+def _rank_keys(scores: ScoreSource, keys: np.ndarray, block_elements: int = BLOCK_ELEMENTS) -> np.ndarray:
+    """The rank of each key's item in its query's row (keys from :func:`_query_keys`)."""
+    num_queries, num_items = scores.shape
+    bounds = np.searchsorted(keys, np.arange(num_queries + 1, dtype=np.int64) * num_items)
+    per_query = np.split(keys - keys // max(num_items, 1) * num_items, bounds[1:-1])
+    ranks = _map_rows(scores, _rank_in_row, [per_query], block_elements, None)
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def _ranked_after_junk(keys: np.ndarray, ranks: np.ndarray, positive_keys: np.ndarray, junk_keys: np.ndarray,
+                       num_queries: int, num_items: int) -> RankedPositives:
+    """Each query's positive ranks once the junk ranked above them is removed (``ranks[i]``: the rank of
+    ``keys[i]``, sorted keys holding every positive and junk key). An item both positive and junk is a positive,
+    and as junk it moves up the positives ranked after it (as in the revisitop code)."""
+    width = max(num_items, 1)
+
+    def ranked(subset: np.ndarray) -> np.ndarray:  # q * num_items + rank
+        return subset - subset % width + ranks[np.searchsorted(keys, subset)]
+
+    positive_ranked, junk_ranked = ranked(positive_keys), np.sort(ranked(junk_keys))
+    query_start = positive_keys - positive_keys % width
+    junk_above = np.searchsorted(junk_ranked, positive_ranked) - np.searchsorted(junk_ranked, query_start)
+    adjusted = np.sort(positive_ranked - junk_above)
+    indptr = np.searchsorted(adjusted, np.arange(num_queries + 1, dtype=np.int64) * width).astype(np.int64)
+    return RankedPositives(indptr=indptr, ranks=adjusted % width)
 
 
 def _tie_groups_in_row(row: np.ndarray, positives: np.ndarray, junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -404,18 +509,14 @@ def revisitop_metrics(scores: ScoreSource, truth_by_protocol: dict[str, tuple[li
     for protocol in protocols:
         if any(len(lists) != num_queries for lists in truth_by_protocol[protocol]):
             raise ValueError(f"protocol {protocol}: ground truth for a different number of queries than {num_queries}")
-    union = [np.unique(np.concatenate([np.asarray(lst[q], dtype=np.int64).reshape(-1)
-                                       for p in protocols for lst in truth_by_protocol[p]]))
-             for q in range(num_queries)]
-    union_ranks = rank_items(scores, union)
+    num_items = scores.shape[1]
+    keys = {protocol: tuple(_query_keys(lists, num_items) for lists in truth_by_protocol[protocol])
+            for protocol in protocols}
+    union = _sorted_unique(np.concatenate([k for pair in keys.values() for k in pair]))
+    ranks = _rank_keys(scores, union)
     metrics: dict[str, float] = {}
     for protocol in protocols:
-        positives, junk = truth_by_protocol[protocol]
-        def ranks_of(q: int, ids) -> np.ndarray:
-            return union_ranks[q][np.searchsorted(union[q], np.unique(np.asarray(ids, np.int64)))]
-
-        ranked = _drop_junk([ranks_of(q, positives[q]) for q in range(num_queries)],
-                            [ranks_of(q, junk[q]) for q in range(num_queries)])
+        ranked = _ranked_after_junk(union, ranks, *keys[protocol], num_queries, num_items)
         metrics[f"mAP_{protocol}"] = nan_mean(revisitop_average_precision(ranked))
         for k in ks:
             metrics[f"mP@{k}_{protocol}"] = nan_mean(revisitop_precision_at_k(ranked, k))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from retrieval import reference_metrics as ref
 from retrieval.metrics import (
-    RankedPositives, average_precision, labelled_metrics, map_at_r, nan_mean, positive_ranks, rank_items,
+    RankedPositives, _rank_by_bins, average_precision, labelled_metrics, map_at_r, nan_mean, positive_ranks, rank_items,
     recall_at_k, revisitop_average_precision, revisitop_metrics, revisitop_precision_at_k,
 )
 from retrieval.scores import DenseScores, InnerProductScores, ScoreSource
@@ -404,3 +404,53 @@ def test_dense_scores_rejects_non_matrix():
         DenseScores(np.zeros(5))
     with pytest.raises(ValueError, match="2-D"):
         DenseScores(torch.zeros(2, 3, 4))
+
+
+# --- (e) long rows are ranked by binning their values, not by sorting them ------------------------------------
+
+def test_binned_ranks_by_hand_with_ties():
+    # descending, ties by index: 0.9 (1), 0.9 (4), 0.5 (0), 0.5 (2), 0.5 (5), 0.1 (3)
+    row = np.array([0.5, 0.9, 0.5, 0.1, 0.9, 0.5])
+    items = np.array([2, 4, 0, 3, 4])
+    # 3 bins over [0.1, 0.9]: 0.1 -> 1, 0.5 -> 1, 0.9 -> 2; items 2, 0, 3 sit in bin 1 below the two items of
+    # bin 2, where 0 precedes 2 (same value, lower index) and 5 follows it
+    np.testing.assert_array_equal(_rank_by_bins(row, items, bins=3, max_members=6), [3, 1, 2, 5, 1])
+    assert _rank_by_bins(row, items, bins=3, max_members=5) is None  # all 6 items share a bin with an item
+    assert _rank_by_bins(np.full(6, 0.5), items, bins=3, max_members=6) is None  # one value: nothing to bin
+    assert _rank_by_bins(row.astype(np.int64), items, bins=3, max_members=6) is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_items=st.integers(1, 200), seed=st.integers(0, 2**32 - 1),
+       kind=st.sampled_from(SCORE_KINDS + ["outlier"]), bins=st.integers(3, 40),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_binned_ranks_are_the_stable_argsort_positions(num_items, seed, kind, bins, dtype):
+    rng = np.random.default_rng(seed)
+    row = random_scores(rng, 1, num_items, "float" if kind == "outlier" else kind)[0].astype(dtype)
+    if kind == "outlier":  # one huge value squeezes every other one into a bin or two
+        row[rng.integers(num_items)] = 1e30
+    items = rng.integers(0, num_items, rng.integers(1, 2 * num_items + 1))  # any order, duplicates
+    ranks = _rank_by_bins(row, items, bins, max_members=num_items)
+    if row.max() == row[items].min():  # one value at and above the lowest item: declined
+        assert ranks is None
+    else:
+        np.testing.assert_array_equal(ranks, np.argsort(ref.ranking(row))[items])
+        assert ranks.dtype == np.int64
+
+
+@pytest.mark.parametrize("kind, binned", [("float32", True), ("float", True), ("ties", False),
+                                          ("signed_zero", False), ("constant", False)])
+def test_long_rows_are_ranked_exactly_by_bins_or_else_by_sorting(kind, binned, monkeypatch):
+    """Rows of spread values are binned; rows of a few repeated values (every item in a crowded bin) and
+    constant rows are sorted; both give the reference ranks and metrics."""
+    from retrieval import metrics
+
+    rng = np.random.default_rng(11)
+    num_items = metrics.BINNED_MIN_ITEMS + 500
+    scores = random_scores(rng, 4, num_items, kind)
+    positives = random_lists(rng, 4, num_items, 60)  # about 2% of the row ranked, as in Revisited Oxford
+    junk = [np.concatenate([rng.integers(0, num_items, 30), p[:10]]) for p in positives]
+    sorted_rows, sort = [], metrics._rank_by_sort
+    monkeypatch.setattr(metrics, "_rank_by_sort", lambda row, items: (sorted_rows.append(1), sort(row, items))[1])
+    check_against_reference(scores, positives, junk, block_elements=2 * num_items)
+    assert (not sorted_rows) == binned
