@@ -1,10 +1,12 @@
 """Slow, obviously-correct metrics written straight from the protocol descriptions.
 
-The oracle for tests and the baseline for ``scripts/bench_metrics.py``: a full (stable) argsort per query,
-then membership tests of positives and junk along the ranking, as the revisitop code does (ties by index).
-The labelled metrics are expectations over the orders of tied items, from pairwise relevance probabilities
-(O(N^2) per query). Do not use it for real evaluations; :mod:`retrieval.metrics` gives the same values much
-faster.
+The oracle for tests and the baseline for ``scripts/bench_metrics.py``. Revisitop: the steps of the revisitop
+evaluation code - one argsort of the (database x queries) similarity matrix along its database axis, then per
+query and protocol the positions of positives and junk found by membership tests along the ranking, positives
+moved up by the junk above them, and the trapezoid AP and mP@k with that code's arithmetic (:func:`revisitop_ap`);
+with ``stable=True`` ties are ranked by index, as :mod:`retrieval.metrics` does. The labelled metrics are
+expectations over the orders of tied items, from pairwise relevance probabilities (O(N^2) per query). Do not use
+it for real evaluations; :mod:`retrieval.metrics` gives the same values much faster.
 """
 from __future__ import annotations
 
@@ -19,6 +21,13 @@ def ranking(scores_row: np.ndarray, stable: bool = True) -> np.ndarray:
     return np.argsort(-np.asarray(scores_row), kind="stable" if stable else None)
 
 
+def ranks_by_column(similarity: np.ndarray, stable: bool = False) -> np.ndarray:
+    """The revisitop evaluation's ranks: for a (database x queries) similarity matrix (its layout, X^T Q), each
+    column's database indices by descending similarity, from one argsort along axis 0 with NumPy's default kind
+    (as the revisitop code; ties in the sort's arbitrary order) or, ``stable``, ties by ascending index."""
+    return np.argsort(-np.asarray(similarity), axis=0, kind="stable" if stable else None)
+
+
 def positive_ranks_after_junk(order: np.ndarray, positives, junk) -> np.ndarray:
     positions_pos = np.flatnonzero(np.isin(order, positives))
     positions_junk = np.flatnonzero(np.isin(order, junk))
@@ -27,11 +36,14 @@ def positive_ranks_after_junk(order: np.ndarray, positives, junk) -> np.ndarray:
 
 
 def revisitop_ap(ranks: np.ndarray, num_positives: int) -> float:
+    """Trapezoid-rule AP of ascending 0-based positive ranks with the revisitop code's arithmetic: each hit adds
+    the mean of the precisions just before and at it times the recall step 1 / ``num_positives``."""
+    recall_step = 1.0 / num_positives
     ap = 0.0
     for j, rank in enumerate(ranks):
-        precision_before = 1.0 if rank == 0 else j / rank
-        precision_at = (j + 1) / (rank + 1)
-        ap += (precision_before + precision_at) / 2 / num_positives
+        precision_before = 1.0 if rank == 0 else float(j) / rank
+        precision_at = float(j + 1) / (rank + 1)
+        ap += (precision_before + precision_at) * recall_step / 2.0
     return ap
 
 
@@ -41,19 +53,27 @@ def revisitop_precision(ranks: np.ndarray, k: int) -> float:
     return float((one_based <= cutoff).sum()) / cutoff
 
 
-def revisitop_evaluate(scores: np.ndarray, positives, junk, ks=(1, 5, 10)):
-    """(mAP, mP@ks, per-query AP) of the revisitop protocol for one (positives, junk) truth."""
+def revisitop_protocol(ranks: np.ndarray, positives, junk, ks=(1, 5, 10)):
+    """(mAP, mP@ks, per-query AP) of one protocol's (positives, junk) lists from :func:`ranks_by_column`, query by
+    query; a query without positives is NaN and left out of the means. The AP divides by the number of distinct
+    positives (the revisitop code divides by the list's length: the same for its duplicate-free lists)."""
     aps, prs = [], []
-    for q in range(scores.shape[0]):
+    for q in range(ranks.shape[1]):
         if len(positives[q]) == 0:
             aps.append(np.nan)
             prs.append([np.nan] * len(ks))
             continue
-        ranks = positive_ranks_after_junk(ranking(scores[q]), positives[q], junk[q])
-        aps.append(revisitop_ap(ranks, len(np.unique(positives[q]))))
-        prs.append([revisitop_precision(ranks, k) for k in ks])
-    aps, prs = np.array(aps), np.array(prs)
+        found = positive_ranks_after_junk(ranks[:, q], positives[q], junk[q])
+        aps.append(revisitop_ap(found, len(np.unique(positives[q]))))
+        prs.append([revisitop_precision(found, k) for k in ks])
+    aps, prs = np.array(aps), np.array(prs).reshape(len(aps), len(ks))
     return np.nanmean(aps), np.nanmean(prs, axis=0), aps
+
+
+def revisitop_evaluate(scores: np.ndarray, positives, junk, ks=(1, 5, 10)):
+    """(mAP, mP@ks, per-query AP) of the revisitop protocol for one (positives, junk) truth and a (queries x
+    database) score matrix, ties by index."""
+    return revisitop_protocol(ranks_by_column(np.asarray(scores).T, stable=True), positives, junk, ks)
 
 
 def expected_relevance(scores_row: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -454,3 +454,23 @@ def test_long_rows_are_ranked_exactly_by_bins_or_else_by_sorting(kind, binned, m
     monkeypatch.setattr(metrics, "_rank_by_sort", lambda row, items: (sorted_rows.append(1), sort(row, items))[1])
     check_against_reference(scores, positives, junk, block_elements=2 * num_items)
     assert (not sorted_rows) == binned
+
+
+def test_the_benchmark_reference_follows_the_revisitop_evaluation_code():
+    """scripts/bench_metrics.py's baseline: DELF's golden AP through the revisitop code's arithmetic, ranks from
+    one argsort of the (database x queries) matrix along its database axis, and the same metrics as ours."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_metrics
+
+    assert ref.revisitop_ap(np.array([0, 2, 5]), 3) == pytest.approx(0.677778, abs=1e-6)
+    similarity = np.array([[0.1, 0.9], [0.7, 0.2], [0.4, 0.5]])  # 3 database items x 2 queries
+    np.testing.assert_array_equal(ref.ranks_by_column(similarity), [[1, 0], [2, 2], [0, 1]])
+    scores, truth = bench_metrics.synthetic_problem(6, 400)  # float32 normals: no ties
+    fast = bench_metrics.run_fast(scores, truth)
+    reference = bench_metrics.run_reference(np.ascontiguousarray(scores.T), truth, stable=False)
+    assert reference.keys() == fast.keys()
+    assert max(abs(reference[k] - fast[k]) for k in fast) < 1e-12
