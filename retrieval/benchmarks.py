@@ -3,8 +3,13 @@
 - ``flowers102`` (and ``csv:PATH[:SPLIT]`` for any manifest): a labelled, class-disjoint test split; every
   image is a query against all the others (leave-one-out); Recall@K, mAP@R and mAP (optionally mAP@K), all
   tie-aware. Shorter side -> N.
-- ``revisitop:NAME`` (roxford5k, rparis6k or a user's set in that layout): queries cropped to their box;
-  Easy / Medium / Hard mAP with junk and mP@k. Longer side -> N, the convention of those benchmarks.
+- ``revisitop:NAME`` (roxford5k, rparis6k or a user's set in that layout): Easy / Medium / Hard mAP with junk
+  and mP@k. Images are resized as cnnimageretrieval-pytorch does for the published numbers (resize mode
+  ``longer_max``, :mod:`data.transforms`): a database image is shrunk (never enlarged) to a longer side of at
+  most N = 1024 by PIL's ``thumbnail``; a query is cropped to its ``bbx`` and the crop is shrunk to at most
+  ``N * max(crop) / max(full image)`` - the crop keeps the scale of its full image, so a 300 x 200 crop of a
+  1024 x 768 photo stays 300 x 200. Lanczos resampling, as the reference (``Image.ANTIALIAS``). No training
+  split: fitted methods and whitening need ``--fit-on`` (another set; ``docs/evaluation.md``).
 - ``flowers102-clutter``: clean Flowers-102 photos of the test classes (5 per class) as queries against
   cluttered composites, each holding 1-3 small pasted flower photos on a mosaic of train-class photos
   (:mod:`data.clutter`; built into ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` on first
@@ -38,6 +43,8 @@ class Benchmark:
     name: str
     resize_mode: str = "shorter"
     default_size: int = 224
+    #: resampling filter unless the settings choose one (bilinear reproduces the published labelled-set numbers)
+    interpolation: str = "bilinear"
     #: queries are the database images themselves (extract once, leave-one-out)
     queries_are_database: bool = False
     query_boxes: list | None = field(default=None, repr=False)
@@ -88,8 +95,11 @@ class LabelledBenchmark(Benchmark):
 class RevisitopBenchmark(Benchmark):
     dataset: RevisitopSet | None = None
 
+    """Revisited Oxford / Paris layout (:mod:`data.revisitop`): images resized by the published rule (see the
+    module docstring: crop, then the full image's scale, shrink only, Lanczos)."""
+
     def __post_init__(self):
-        self.resize_mode, self.default_size = "longer", 1024
+        self.resize_mode, self.default_size, self.interpolation = "longer_max", 1024, "lanczos"
         self.query_boxes = self.dataset.query_boxes
 
     def database_paths(self) -> list[Path]:

@@ -64,13 +64,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalSettings:
     image_size: int | None = None  # None: the benchmark's default (224 labelled, 1024 revisitop)
-    resize_mode: str | None = None  # None: the benchmark's convention (shorter side labelled, longer revisitop)
+    # None: the benchmark's convention (shorter side labelled, revisitop's longer_max; data/transforms.py)
+    resize_mode: str | None = None
     batch_size: int = 16
     num_workers: int = 0  # decoding processes; 0 is fastest on a 2-core CPU (a worker competes with the network)
     device: str = "cpu"
     cache_dir: str | None = "cache/descriptors"
     top_k: int = 0  # >0: also save every query's top-k neighbours, ranked by the method's own scores
-    interpolation: str = "bilinear"  # PIL filter for resizing (bilinear reproduces the published numbers)
+    interpolation: str | None = None  # PIL filter for resizing; None: the benchmark's (bilinear; revisitop lanczos)
     channels_last: bool = True  # NHWC convolutions (much faster on CPU)
     map_at_k: int | None = None  # labelled benchmarks: also report mAP@K (AP over the top K)
     #: images per shard: descriptors are written to disk shard by shard (memory holds one shard; an interrupted
@@ -114,7 +115,8 @@ def _transform(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSett
     pre = method.preprocessing
     return EvalTransform(size=benchmark.default_size if settings.image_size is None else settings.image_size,
                          mode=settings.resize_mode or benchmark.resize_mode,
-                         mean=tuple(pre.mean), std=tuple(pre.std), interpolation=settings.interpolation)
+                         mean=tuple(pre.mean), std=tuple(pre.std),
+                         interpolation=settings.interpolation or benchmark.interpolation)
 
 
 def _dataset(benchmark: Benchmark, role: str, transform) -> ImageDataset:
@@ -145,6 +147,8 @@ def _cache_keys(methods: list[RetrievalMethod], benchmark: Benchmark, settings: 
     images = {"database": image_list_fingerprint(benchmark.database_paths())}
     if any("query" in _roles(m, benchmark) for m in methods):
         images["query"] = image_list_fingerprint(benchmark.query_paths(), benchmark.query_boxes)
+        if benchmark.query_boxes is not None:  # crops are resized at their full image's scale (not as before)
+            images["query"] += ":crop-at-full-image-scale"
     training = None
     if any(m.needs_fit() for m in methods):
         train = benchmark.train_set()

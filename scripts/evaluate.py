@@ -23,6 +23,7 @@ from accelerate import PartialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.roots import resolve_data_root  # noqa: E402
+from data.transforms import RESIZE_MODES  # noqa: E402
 from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli  # noqa: E402
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
@@ -48,12 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")
     parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
     parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="labelled sets: shorter side (default 224); revisitop: longer side (default 1024); "
+                        help="labelled sets: shorter side (default 224); revisitop: longer side at most N "
+                             "(default 1024; shrink only); "
                              "flowers102-clutter: images keep their size unless --resize-mode is given")
-    parser.add_argument("--resize-mode", default=None, choices=["shorter", "longer", "shorter_max", "none"],
-                        help="override the benchmark's convention; shorter_max only shrinks (SCDA: 700)")
-    parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"],
-                        help="resize filter (default bilinear)")
+    parser.add_argument("--resize-mode", default=None, choices=list(RESIZE_MODES),
+                        help="override the benchmark's convention; shorter_max / longer_max only shrink (SCDA: "
+                             "shorter_max 700; revisitop's default is longer_max, PIL thumbnail); a query cropped "
+                             "to its box keeps the scale of its full image in every mode (docs/evaluation.md)")
+    parser.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "lanczos", "nearest"],
+                        help="resize filter (default: the benchmark's; bilinear, revisitop lanczos as the "
+                             "reference code)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (grouped by size)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="DataLoader worker processes (default 0: on a 2-core CPU a worker slows the network down)")

@@ -128,10 +128,16 @@ def test_queries_are_cropped_to_bbx(toy):
             assert _close(crop.getpixel(xy), RED), (q, xy, crop.getpixel(xy))
         array = np.asarray(crop).astype(int)
         assert array[..., 2].max() < 150  # blue only ever appears outside the box
-    # Through the evaluation transform: crop first, then the longer side to 64.
-    transformed = ImageDataset(data.query_paths, EvalTransform(size=64, mode="longer"), boxes=data.query_boxes)
+    # Through the evaluation transform: crop first, then the FULL image's scale. "longer" to 128: the 64-pixel
+    # longer side of both full images gives a factor 2, so the 32x32 crop -> 64x64 and the 32x40 one -> 64x80.
+    transformed = ImageDataset(data.query_paths, EvalTransform(size=128, mode="longer"), boxes=data.query_boxes)
     assert tuple(transformed[0][0].shape) == (3, 64, 64)
-    assert tuple(transformed[1][0].shape) == (3, 64, 51)  # 32x40 -> 51.2x64
+    assert tuple(transformed[1][0].shape) == (3, 80, 64)
+    # The published rule (longer_max, shrink only): bound 128 * 32 / 64 = 64 and 128 * 40 / 64 = 80, which the
+    # crops fit in: they keep their size.
+    published = ImageDataset(data.query_paths, EvalTransform(size=128, mode="longer_max"), boxes=data.query_boxes)
+    assert tuple(published[0][0].shape) == (3, 32, 32)
+    assert tuple(published[1][0].shape) == (3, 40, 32)
     # Without the boxes the full query image is used (the bug the boxes exist to prevent).
     assert ImageDataset(data.query_paths)[0][0].size == (64, 48)
 
