@@ -241,3 +241,23 @@ def test_ground_truth_with_numpy_arrays_still_loads(toy):
     gnd_path.write_bytes(pickle.dumps({"imlist": DATABASE, "qimlist": QUERIES, "gnd": arrays}))
     data = load_revisitop(root, NAME)
     assert [len(p) for p in data.protocol("medium")[0]] == [3, 3]
+
+
+def test_landmark_labels_for_fitting_on_a_revisitop_set(toy, tmp_path):
+    from data.revisitop import QueryTruth, RevisitopSet
+
+    # the toy set: both queries list db0 as a positive -> one landmark (0); db3 is only junk -> a label of its
+    # own, numbered after the one group (1); the two query images follow the database with the group's label
+    labelled = load_revisitop(toy[0], NAME).labelled_images()
+    assert [p.name for p in labelled.paths] == [f"{n}.jpg" for n in DATABASE + QUERIES]
+    assert labelled.labels.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    # a chain: q1-q2 share db1, q2-q3 share db2 -> q1, q2, q3 are one landmark (transitively); q0 and q4 alone.
+    # Groups in order of first query: q0 -> 0, q1..q3 -> 1, q4 -> 2; db5 is in no list -> 3; db3 (hard of q3) -> 1
+    def truth(easy, hard=()):
+        return QueryTruth((0, 0, 1, 1), np.array(easy, dtype=np.int64), np.array(hard, dtype=np.int64),
+                          np.array([], dtype=np.int64))
+
+    chain = RevisitopSet("chain", tmp_path, tuple(f"db{i}" for i in range(6)), tuple(f"q{i}" for i in range(5)),
+                         (truth([0]), truth([1]), truth([1], [2]), truth([2], [3]), truth([4])))
+    assert chain.landmark_groups().tolist() == [0, 1, 1, 1, 2]
+    assert chain.labelled_images().labels.tolist() == [0, 1, 1, 1, 2, 3] + [0, 1, 1, 1, 2]
