@@ -140,3 +140,21 @@ def test_a_copy_of_a_benchmark_image_under_another_name_is_refused(landmarks, tm
     # the same set without the copy is accepted
     manifest.write_text("file,class_id\n" + "\n".join(rows[:-1]) + "\n")
     assert create_benchmark("revisitop:tinya", landmarks, fit_on=f"csv:{manifest}").fit_set().spec == f"csv:{manifest}"
+
+
+def test_the_fit_set_is_in_the_cache_key_of_fitted_methods_only(landmarks, tmp_path):
+    from retrieval.harness import EvalSettings, _cache_keys
+    from retrieval.methods import RetrievalMethod
+
+    class Fitted(RetrievalMethod):
+        def needs_fit(self):
+            return True
+
+    tinyb = load_revisitop(landmarks, "tinyb")
+    manifest = tmp_path / "fit.csv"
+    manifest.write_text("file,class_id\n" + "".join(f"{p},0\n" for p in tinyb.database_paths))
+    keys = [_cache_keys([RetrievalMethod("plain"), Fitted("fitted")],
+                        create_benchmark("revisitop:tinya", landmarks, fit_on=spec), EvalSettings())
+            for spec in ("revisitop:tinyb", f"csv:{manifest}")]
+    assert keys[0][0] == keys[1][0]                                   # plain: the fit set does not matter
+    assert keys[0][1]["database"] != keys[1][1]["database"] and keys[0][1]["query"] != keys[1][1]["query"]
