@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError, image_size, load_image
 
 Box = tuple[float, float, float, float]
 
@@ -33,22 +33,25 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load_with_full_size(self, index: int) -> tuple[Image.Image, tuple[int, int] | None]:
-        """(image ``index``, cropped to its box if it has one; the (width, height) of the full image it was
-        cropped from, None if it was not cropped)."""
+    def load(self, index: int) -> Image.Image:
         image = load_image(self.paths[index])
         box = self.boxes[index] if self.boxes is not None else None
-        if box is None:
-            return image, None
-        return crop_to_box(image, box, self.paths[index]), image.size
+        if box is not None:
+            image = crop_to_box(image, box, self.paths[index])
+        return image
 
-    def load(self, index: int) -> Image.Image:
-        return self.load_with_full_size(index)[0]
+    def full_size(self, index: int) -> tuple[int, int] | None:
+        """(width, height) of the whole image ``index`` when it is cropped to a box (read from its header,
+        EXIF orientation applied, as :meth:`load` decodes it); None when it is not cropped."""
+        if self.boxes is None or self.boxes[index] is None:
+            return None
+        return image_size(self.paths[index])
 
     def __getitem__(self, index: int):
-        image, full_size = self.load_with_full_size(index)
+        image = self.load(index)
         if self.transform is None:
             return image, index
+        full_size = self.full_size(index)
         if full_size is None:
             return self.transform(image), index
         return self.transform(image, full_size=full_size), index

@@ -58,7 +58,6 @@ class Benchmark:
     train_spec: str = ""
     #: ``--fit-on``: the set methods and whitening fit on instead of :meth:`train_set` (:meth:`use_fit_set`)
     fit_on: FitSet | None = field(default=None, repr=False)
-    _own_fit: FitSet | None = field(default=None, repr=False, compare=False)
 
     def database_paths(self) -> list[Path]:
         raise NotImplementedError
@@ -103,28 +102,22 @@ class Benchmark:
         if self.fit_on is not None:
             return self.fit_on
         own = self.train_set()
-        if own is None:
-            return None
-        if self._own_fit is None or self._own_fit.images is not own:
-            self._own_fit = FitSet(self.train_spec or f"{self.name}:train", own)
-        return self._own_fit
+        return None if own is None else FitSet(self.train_spec or f"{self.name}:train", own)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitSet:
     """Labelled images that methods (PCA, codebooks, ITQ, MSBD...) and whitening are fitted on."""
 
     spec: str
     images: LabelledImageSet
-    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def fingerprint(self) -> str:
-        """Stat fingerprint of the paths and labels (:func:`image_list_fingerprint`): part of the descriptor
-        cache key of every fitted method."""
-        if self._fingerprint is None:
-            self._fingerprint = image_list_fingerprint(self.images.paths, labels=self.images.labels)
-        return self._fingerprint
+        """Stat fingerprint of the paths and labels (:func:`image_list_fingerprint`), taken anew at each call
+        (an image replaced between two evaluations changes it): part of the descriptor cache key of every
+        fitted method."""
+        return image_list_fingerprint(self.images.paths, labels=self.images.labels)
 
     def record(self) -> dict:
         """What a result's ``config`` says about the fit set."""

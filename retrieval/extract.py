@@ -126,7 +126,7 @@ class _Pixels(Dataset):
 
     def __getitem__(self, position: int):
         index = self.rows[position]
-        return self.dataset.transform.pixels(*self.dataset.load_with_full_size(index)), index
+        return self.dataset.transform.pixels(self.dataset.load(index), self.dataset.full_size(index)), index
 
 
 def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size: int, num_workers: int,

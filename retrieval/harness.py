@@ -13,7 +13,8 @@ Without a cache folder (``cache_dir=None``) a temporary folder, removed afterwar
 
 **Cache keys and fitting.** A key is computed *before* any method is fitted, from the method's ``config()`` at
 that moment, the benchmark (name, source, a stat fingerprint of the role's image list), the transform and,
-for a method that ``needs_fit()``, a fingerprint of the training images and labels it will be fitted on. A fit
+for a method that ``needs_fit()``, a fingerprint of the training images and labels it will be fitted on (the
+benchmark's fit set: ``--fit-on``, else its training split; :meth:`Benchmark.fit_set`). A fit
 is a deterministic function of exactly that (the pre-fit config holds every setting and seed, the training set
 is the fingerprinted one, fitting uses the extraction's transform), so the key also identifies the fitted state
 (PCA, codebooks, ITQ, MSBD's pipeline), and a method whose every descriptor set is cached is not fitted at all.

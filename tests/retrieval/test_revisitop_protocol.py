@@ -96,7 +96,7 @@ def test_the_pixels_are_those_of_crop_then_pil_thumbnail_with_lanczos(golden, si
         full = max(reference.size)
         reference = reference.crop(bbx)
         reference.thumbnail((size * max(reference.size) / full,) * 2, Image.LANCZOS)
-        ours = transform.pixels(*queries.load_with_full_size(i)).numpy()
+        ours = transform.pixels(queries.load(i), queries.full_size(i)).numpy()
         np.testing.assert_array_equal(ours, np.asarray(reference))
     for i in range(3):
         reference = Image.open(database.paths[i]).convert("RGB")
