@@ -145,10 +145,10 @@ class LabelledBenchmark(Benchmark):
 
 @dataclass
 class RevisitopBenchmark(Benchmark):
-    dataset: RevisitopSet | None = None
-
     """Revisited Oxford / Paris layout (:mod:`data.revisitop`): images resized by the published rule (see the
-    module docstring: crop, then the full image's scale, shrink only, Lanczos)."""
+    module docstring: crop, then the full image's scale, shrink only, Lanczos); no training split."""
+
+    dataset: RevisitopSet | None = None
 
     def __post_init__(self):
         self.resize_mode, self.default_size, self.interpolation = "longer_max", 1024, "lanczos"

@@ -55,7 +55,7 @@ from utils.errors import UserError
 
 from .benchmarks import Benchmark, FitSet
 from .descriptor_cache import CacheEntry, DescriptorCache, image_list_fingerprint, safe_name
-from .extract import Extraction, extract_shards, extract_together
+from .extract import Extraction, extract_shards
 from .methods import RetrievalMethod
 from .postprocess import postprocess, ranks_by_inner_product
 from .processes import Processes
@@ -332,6 +332,9 @@ def _whiten(method: RetrievalMethod, queries: np.ndarray, database: np.ndarray, 
     if not ranks_by_inner_product(method, queries, database):
         raise UserError(f"whitening applies to float descriptors ranked by inner product; method {method.name} "
                         f"is not one (evaluate it in a run without --whiten)")
+    if method.needs_fit():  # its cached descriptors may come from a fit this run never made: no fit-set pass
+        raise UserError(f"whitening applies to methods that are not fitted themselves; {method.name} is (a PCA, "
+                        f"codebook or MSBD pipeline): evaluate it in a run without --whiten")
     fit = _fit_set(benchmark, "whitening")
     training = _fit_descriptors(method, benchmark, settings, cache, fit)
     whitening = learn_whitening(settings.whiten, training, fit.images.labels, settings.whiten_dims)
@@ -343,15 +346,11 @@ def _whiten(method: RetrievalMethod, queries: np.ndarray, database: np.ndarray, 
 
 def _fit_descriptors(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSettings, cache: DescriptorCache,
                      fit: FitSet) -> np.ndarray:
-    """The method's descriptors of the fit set's images, resized as the benchmark's; extracted by this process
-    alone (the metrics' process) into a cache entry keyed as the benchmark's own (role "fit", the fit set's
-    fingerprint as its images). A fitted method's fit-set descriptors are extracted again in every run: its
-    fit is this run's."""
+    """The (unfitted) method's descriptors of the fit set's images, resized as the benchmark's; extracted by
+    this process alone (the metrics' process) into a cache entry keyed as the benchmark's own (role "fit", the
+    fit set's fingerprint as its images)."""
     transform = _transform(method, benchmark, settings)
     dataset = ImageDataset(fit.images.paths, transform)
-    if method.needs_fit():
-        return extract_together([method], dataset, settings.batch_size, settings.num_workers, settings.device,
-                                f"{method.name} fit set", settings.channels_last, "database")[0].descriptors
     key = "fit-" + DescriptorCache.key(method.config(), benchmark.name, benchmark.source, "fit", fit.fingerprint,
                                        transform.describe(), list(transform.mean), list(transform.std), None)
     entry = cache.entry(benchmark.name, method.cache_name, key)

@@ -158,3 +158,28 @@ def test_the_fit_set_is_in_the_cache_key_of_fitted_methods_only(landmarks, tmp_p
             for spec in ("revisitop:tinyb", f"csv:{manifest}")]
     assert keys[0][0] == keys[1][0]                                   # plain: the fit set does not matter
     assert keys[0][1]["database"] != keys[1][1]["database"] and keys[0][1]["query"] != keys[1][1]["query"]
+
+
+def test_whitening_is_refused_for_methods_it_does_not_apply_to(landmarks):
+    from retrieval.binary import HammingScores
+    from retrieval.harness import EvalSettings, _whiten
+    from retrieval.methods import RetrievalMethod
+
+    class Fitted(RetrievalMethod):
+        def needs_fit(self):
+            return True
+
+    class Codes(RetrievalMethod):
+        descriptor_kind = "binary"
+
+        def scores(self, queries, database):
+            return HammingScores(queries, database)
+
+    bench = create_benchmark("revisitop:tinya", landmarks, fit_on="revisitop:tinyb")
+    rows = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="whitening applies to methods that are not fitted themselves; fitted is"):
+        _whiten(Fitted("fitted"), rows, rows, bench, EvalSettings(whiten="pca"), cache=None)
+    codes = np.zeros((3, 2), dtype=np.uint8)
+    with pytest.raises(ValueError, match="whitening applies to float descriptors ranked by inner product; method "
+                                         "codes is not one"):
+        _whiten(Codes("codes"), codes, codes, bench, EvalSettings(whiten="lw"), cache=None)
