@@ -3,7 +3,9 @@
 ``DATA_ROOT/<name>/gnd_<name>.pkl`` holds a dict with ``imlist`` (database image names), ``qimlist``
 (query image names) and ``gnd`` (one dict per query: ``bbx`` = [x1, y1, x2, y2] in the query image, and
 ``easy`` / ``hard`` / ``junk`` index lists into ``imlist``). Images are ``DATA_ROOT/<name>/jpg/<name>.jpg``.
-Queries are cropped to ``bbx`` before any resizing; forgetting it is the most common evaluation bug.
+Queries are cropped to ``bbx`` before any resizing (forgetting it is the most common evaluation bug), and the
+crop keeps the scale of its full image (:mod:`data.transforms`). :meth:`RevisitopSet.labelled_images` labels
+the images by landmark, for fitting methods on a revisitop set other than the one evaluated.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
+
+from .manifest import LabelledImageSet
 
 PROTOCOLS = ("easy", "medium", "hard")
 
@@ -90,6 +94,51 @@ class RevisitopSet:
         """Per-query (positives, junk) index arrays for one protocol."""
         pairs = [truth.protocol(name) for truth in self.truth]
         return [p for p, _ in pairs], [j for _, j in pairs]
+
+    def landmark_groups(self) -> np.ndarray:
+        """Per query, its landmark group: queries that share a positive (easy or hard) database image are one
+        landmark, transitively (connected components; groups numbered 0, 1, ... in order of first query)."""
+        parent = list(range(len(self.truth)))
+
+        def root(q: int) -> int:
+            while parent[q] != q:
+                parent[q] = parent[parent[q]]
+                q = parent[q]
+            return q
+
+        first_query: dict[int, int] = {}
+        for q, truth in enumerate(self.truth):
+            for image in np.concatenate([truth.easy, truth.hard]).tolist():
+                if image in first_query:
+                    parent[root(q)] = root(first_query[image])
+                else:
+                    first_query[image] = q
+        roots = [root(q) for q in range(len(self.truth))]
+        numbers: dict[int, int] = {}
+        return np.asarray([numbers.setdefault(r, len(numbers)) for r in roots], dtype=np.int64)
+
+    def labelled_images(self) -> LabelledImageSet:
+        """Every image of the set (database, then queries not already in it; whole images, no boxes) with a
+        label, for fitting on this set (``--fit-on revisitop:NAME``): the landmark group of
+        :meth:`landmark_groups` for the queries and their easy and hard positives; every other image (junk,
+        distractors) a label of its own, numbered after the groups - it matches nothing that is known."""
+        groups = self.landmark_groups()
+        labels = np.full(len(self.database), -1, dtype=np.int64)
+        for truth, group in zip(self.truth, groups):
+            labels[np.concatenate([truth.easy, truth.hard])] = group
+        database_paths = self.database_paths
+        known = {path: i for i, path in enumerate(database_paths)}
+        paths, query_labels = list(database_paths), []
+        for path, group in zip(self.query_paths, groups):
+            if path in known:  # a query that is also a database image joins its landmark
+                labels[known[path]] = group if labels[known[path]] < 0 else labels[known[path]]
+            else:
+                paths.append(path)
+                query_labels.append(group)
+        labels = np.concatenate([labels, np.asarray(query_labels, dtype=np.int64)])
+        unlabelled = np.flatnonzero(labels < 0)
+        labels[unlabelled] = len(set(groups.tolist())) + np.arange(len(unlabelled))
+        return LabelledImageSet(name=self.name, paths=tuple(paths), labels=labels)
 
 
 def _indices(value, where: str, size: int) -> np.ndarray:

@@ -3,8 +3,13 @@
 - ``flowers102`` (and ``csv:PATH[:SPLIT]`` for any manifest): a labelled, class-disjoint test split; every
   image is a query against all the others (leave-one-out); Recall@K, mAP@R and mAP (optionally mAP@K), all
   tie-aware. Shorter side -> N.
-- ``revisitop:NAME`` (roxford5k, rparis6k or a user's set in that layout): queries cropped to their box;
-  Easy / Medium / Hard mAP with junk and mP@k. Longer side -> N, the convention of those benchmarks.
+- ``revisitop:NAME`` (roxford5k, rparis6k or a user's set in that layout): Easy / Medium / Hard mAP with junk
+  and mP@k. Images are resized as cnnimageretrieval-pytorch does for the published numbers (resize mode
+  ``longer_max``, :mod:`data.transforms`): a database image is shrunk (never enlarged) to a longer side of at
+  most N = 1024 by PIL's ``thumbnail``; a query is cropped to its ``bbx`` and the crop is shrunk to at most
+  ``N * max(crop) / max(full image)`` - the crop keeps the scale of its full image, so a 300 x 200 crop of a
+  1024 x 768 photo stays 300 x 200. Lanczos resampling, as the reference (``Image.ANTIALIAS``). No training
+  split: fitted methods and whitening need ``--fit-on`` (another set; ``docs/evaluation.md``).
 - ``flowers102-clutter``: clean Flowers-102 photos of the test classes (5 per class) as queries against
   cluttered composites, each holding 1-3 small pasted flower photos on a mosaic of train-class photos
   (:mod:`data.clutter`; built into ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` on first
@@ -23,10 +28,13 @@ import numpy as np
 from data.clutter import DEFAULT_DIRNAME as CLUTTER_NAME
 from data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, load_clutter_set
 from data.datasets import ImageDataset
+from data.image_sets import load_image_set
 from data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
+from data.overlap import refuse_shared_images
 from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
 from utils.errors import UserError
 
+from .descriptor_cache import image_list_fingerprint
 from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
 from .scores import ScoreSource
 
@@ -38,18 +46,32 @@ class Benchmark:
     name: str
     resize_mode: str = "shorter"
     default_size: int = 224
+    #: resampling filter unless the settings choose one (bilinear reproduces the published labelled-set numbers)
+    interpolation: str = "bilinear"
     #: queries are the database images themselves (extract once, leave-one-out)
     queries_are_database: bool = False
     query_boxes: list | None = field(default=None, repr=False)
     #: where the image lists come from (resolved manifest path or data folder): part of the descriptor cache
     #: key, so the same name under another data root is another benchmark
     source: str = ""
+    #: the spec of :meth:`train_set` (recorded with the results of the methods fitted on it)
+    train_spec: str = ""
+    #: ``--fit-on``: the set methods and whitening fit on instead of :meth:`train_set` (:meth:`use_fit_set`)
+    fit_on: FitSet | None = field(default=None, repr=False)
 
     def database_paths(self) -> list[Path]:
         raise NotImplementedError
 
     def query_paths(self) -> list[Path]:
         return self.database_paths()
+
+    def test_paths(self) -> list[Path]:
+        """Every image the benchmark evaluates on (database, then queries that are not database images)."""
+        database = self.database_paths()
+        if self.queries_are_database:
+            return database
+        seen = set(database)
+        return database + [path for path in self.query_paths() if path not in seen]
 
     def database_dataset(self, transform) -> ImageDataset:
         return ImageDataset(self.database_paths(), transform)
@@ -62,8 +84,45 @@ class Benchmark:
         raise NotImplementedError
 
     def train_set(self) -> LabelledImageSet | None:
-        """Images a method may ``fit`` on (never the test images)."""
+        """The benchmark's own training split, if it has one (never the test images)."""
         return None
+
+    def use_fit_set(self, spec: str, images: LabelledImageSet) -> None:
+        """Fit methods and whitening on ``images`` (named by ``spec``) instead of :meth:`train_set`. A set that
+        shares an image with the benchmark's database or queries, by path or by content, is refused
+        (:mod:`data.overlap`)."""
+        refuse_shared_images(images.paths, self.test_paths(), what=f"the fit set {spec}",
+                             against=f"benchmark {self.name}'s database and queries",
+                             advice="Fit on images the benchmark does not evaluate (another set)")
+        self.fit_on = FitSet(spec, images)
+
+    def fit_set(self) -> FitSet | None:
+        """The images fitted methods and whitening fit on: the ``--fit-on`` set if one was given, else the
+        benchmark's training split; None if there is neither."""
+        if self.fit_on is not None:
+            return self.fit_on
+        own = self.train_set()
+        return None if own is None else FitSet(self.train_spec or f"{self.name}:train", own)
+
+
+@dataclass(frozen=True)
+class FitSet:
+    """Labelled images that methods (PCA, codebooks, ITQ, MSBD...) and whitening are fitted on."""
+
+    spec: str
+    images: LabelledImageSet
+
+    @property
+    def fingerprint(self) -> str:
+        """Stat fingerprint of the paths and labels (:func:`image_list_fingerprint`), taken anew at each call
+        (an image replaced between two evaluations changes it): part of the descriptor cache key of every
+        fitted method."""
+        return image_list_fingerprint(self.images.paths, labels=self.images.labels)
+
+    def record(self) -> dict:
+        """What a result's ``config`` says about the fit set."""
+        return {"spec": self.spec, "name": self.images.name, "images": len(self.images),
+                "classes": self.images.num_classes, "fingerprint": self.fingerprint}
 
 
 @dataclass
@@ -86,10 +145,13 @@ class LabelledBenchmark(Benchmark):
 
 @dataclass
 class RevisitopBenchmark(Benchmark):
+    """Revisited Oxford / Paris layout (:mod:`data.revisitop`): images resized by the published rule (see the
+    module docstring: crop, then the full image's scale, shrink only, Lanczos); no training split."""
+
     dataset: RevisitopSet | None = None
 
     def __post_init__(self):
-        self.resize_mode, self.default_size = "longer", 1024
+        self.resize_mode, self.default_size, self.interpolation = "longer_max", 1024, "lanczos"
         self.query_boxes = self.dataset.query_boxes
 
     def database_paths(self) -> list[Path]:
@@ -176,30 +238,32 @@ class ClutterBenchmark(Benchmark):
         self.name = f"{self.name}[:{count}]"
 
 
-def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None) -> Benchmark:
+def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None, fit_on: str | None = None
+                     ) -> Benchmark:
     """``flowers102`` | ``flowers102-clutter`` | ``csv:PATH[:SPLIT]`` | ``revisitop:NAME``.
 
     ``flowers102-clutter`` is built (seed 0, default parameters, about a minute) into
     ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` the first time it is used.
     ``limit`` keeps N images of a labelled set, taken round-robin over its classes (for the clutter set: the
     first N composites and N queries round-robin over classes); smoke tests only, never for reported numbers.
+    ``fit_on``: the set fitted methods and whitening fit on instead of the benchmark's training split
+    (:func:`data.image_sets.load_image_set`; refused if it shares images with the benchmark, checked before
+    ``limit``).
     """
     data_root = Path(data_root)
     if spec == "flowers102":
         images, training = flowers102(data_root, "test"), flowers102(data_root, "train")
-        bench = LabelledBenchmark(name="flowers102", images=images, training=training)
+        bench = LabelledBenchmark(name="flowers102", images=images, training=training, train_spec="flowers102:train")
         bench.source = str((data_root / "flowers102" / "labels.csv").resolve())
     elif spec == CLUTTER_NAME:
         root = build_clutter_set(data_root / "flowers102", default_clutter_dir(data_root))
         bench = ClutterBenchmark.from_folder(root, name=CLUTTER_NAME)
-        bench.source = str(Path(root).resolve())
-        if limit is not None:
-            bench.limit(limit)
+        bench.source, bench.train_spec = str(Path(root).resolve()), f"{CLUTTER_NAME}:train"
     elif spec.startswith("csv:"):
         path, _, split = spec[4:].partition(":")
         images = read_csv_manifest(path, split=split or None)
         bench = LabelledBenchmark(name=f"csv:{Path(path).parent.name}{':' + split if split else ''}", images=images,
-                                  training=_training_rows(path, split),
+                                  training=_training_rows(path, split), train_spec=f"csv:{path}:train",
                                   source=f"{Path(path).resolve()}{':' + split if split else ''}")
     elif spec.startswith("revisitop:"):
         name = spec.split(":", 1)[1]
@@ -208,11 +272,26 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None)
     else:
         raise UserError(f"unknown benchmark {spec!r}; use flowers102, {CLUTTER_NAME}, csv:PATH[:SPLIT] or "
                          "revisitop:NAME")
+    if fit_on is not None:
+        bench.use_fit_set(fit_on, load_image_set(fit_on, data_root))
+    if limit is not None and isinstance(bench, ClutterBenchmark):
+        bench.limit(limit)
     if limit is not None and isinstance(bench, LabelledBenchmark):
         bench.images = bench.images.subset(_spread_over_classes(bench.images.labels, limit))
         bench.name = f"{bench.name}[:{limit}]"
     return bench
 
+
+def benchmark_test_images(spec: str, data_root: str | Path) -> list[Path]:
+    """Every image benchmark ``spec`` evaluates on (:meth:`Benchmark.test_paths`), without building anything:
+    for a ``flowers102-clutter`` set not built yet, the Flowers-102 test photos its queries are drawn from
+    (its composites do not exist yet, so nothing can share them)."""
+    if spec == CLUTTER_NAME:
+        try:
+            return ClutterBenchmark.from_folder(default_clutter_dir(data_root)).test_paths()
+        except UserError:  # not built (or not readable): it will be (re)built from these photos
+            return list(flowers102(data_root, "test").paths)
+    return create_benchmark(spec, data_root).test_paths()
 
 
 def _training_rows(path: str, split: str) -> LabelledImageSet | None:

@@ -58,16 +58,18 @@ class SizeBucketBatchSampler(Sampler[list[int]]):
 
 def output_sizes(dataset: ImageDataset, indices: Iterable[int] | None = None) -> list[tuple[int, int]]:
     """Resized (width, height) of every image (or of images ``indices``), from headers (and boxes) without
-    decoding pixels."""
+    decoding pixels: exactly the sizes :class:`ImageDataset` gives (a crop at its full image's scale)."""
     sizes = []
     for i in range(len(dataset.paths)) if indices is None else indices:
         path = dataset.paths[i]
         width, height = image_size(path)
         box = dataset.boxes[i] if dataset.boxes is not None else None
-        if box is not None:  # the size of the crop the dataset will take (same rounding, same error)
-            left, top, right, bottom = box_pixels(box, width, height, path)
-            width, height = right - left, bottom - top
-        sizes.append(dataset.transform.output_size(width, height))
+        if box is None:
+            sizes.append(dataset.transform.output_size(width, height))
+            continue
+        # the size of the crop the dataset will take (same rounding, same error), at its full image's scale
+        left, top, right, bottom = box_pixels(box, width, height, path)
+        sizes.append(dataset.transform.output_size(right - left, bottom - top, full_size=(width, height)))
     return sizes
 
 
@@ -124,7 +126,7 @@ class _Pixels(Dataset):
 
     def __getitem__(self, position: int):
         index = self.rows[position]
-        return self.dataset.transform.pixels(self.dataset.load(index)), index
+        return self.dataset.transform.pixels(self.dataset.load(index), self.dataset.full_size(index)), index
 
 
 def _encode_rows(encoders: list, dataset: ImageDataset, rows: range, batch_size: int, num_workers: int,

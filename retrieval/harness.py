@@ -15,7 +15,8 @@ Without a cache folder (``cache_dir=None``) a temporary folder, removed afterwar
 holds exactly: the cache format version (:data:`retrieval.descriptor_cache.CACHE_FORMAT`), the method's
 ``config()``, the benchmark (name, source, a stat fingerprint of the role's image list and query boxes), the role,
 the transform (its description, mean and std) and, for a method that ``needs_fit()``, a stat fingerprint of the
-training images and labels it will be fitted on. A ``config()`` holds settings only, never fitted state (no
+training images and labels it will be fitted on (the benchmark's fit set: ``--fit-on``, else its training split;
+:meth:`Benchmark.fit_set`). A ``config()`` holds settings only, never fitted state (no
 "fitted on"), so a key does not change when the method, or another method sharing its fitted parts, has been
 fitted: keys do not depend on the order of the methods. A fit is a deterministic function of exactly those
 parts (the pre-fit config holds every setting and seed, the training set is the fingerprinted one, fitting uses
@@ -55,15 +56,17 @@ from pathlib import Path
 import numpy as np
 
 from data.datasets import ImageDataset
+from data.image_sets import SYNTAX
 from data.transforms import EvalTransform
 from utils.errors import UserError
 
-from .benchmarks import Benchmark
+from .benchmarks import Benchmark, FitSet
 from .descriptor_cache import CacheEntry, DescriptorCache, image_list_fingerprint, safe_name
 from .extract import Extraction, extract_shards
 from .methods import RetrievalMethod
-from .postprocess import postprocess
+from .postprocess import postprocess, ranks_by_inner_product
 from .processes import Processes
+from .whitening import WHITENINGS, learn_whitening
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +74,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalSettings:
     image_size: int | None = None  # None: the benchmark's default (224 labelled, 1024 revisitop)
-    resize_mode: str | None = None  # None: the benchmark's convention (shorter side labelled, longer revisitop)
+    # None: the benchmark's convention (shorter side labelled, revisitop's longer_max; data/transforms.py)
+    resize_mode: str | None = None
     batch_size: int = 16
     num_workers: int = 0  # decoding processes; 0 is fastest on a 2-core CPU (a worker competes with the network)
     device: str = "cpu"
     cache_dir: str | None = "cache/descriptors"
     top_k: int = 0  # >0: also save every query's top-k neighbours, ranked by the method's own scores
-    interpolation: str = "bilinear"  # PIL filter for resizing (bilinear reproduces the published numbers)
+    interpolation: str | None = None  # PIL filter for resizing; None: the benchmark's (bilinear; revisitop lanczos)
     channels_last: bool = True  # NHWC convolutions (much faster on CPU)
     map_at_k: int | None = None  # labelled benchmarks: also report mAP@K (AP over the top K)
     #: images per shard: descriptors are written to disk shard by shard (memory holds one shard; an interrupted
@@ -88,9 +92,17 @@ class EvalSettings:
     qe_alpha: float = 3.0
     dba: int = 0
     dba_alpha: float = 3.0
+    #: "pca" | "lw": whiten float inner-product descriptors (retrieval/whitening.py), learned on the benchmark's
+    #: fit set (--fit-on, else its training split), before QE / DBA; whiten_dims keeps the first N directions
+    whiten: str | None = None
+    whiten_dims: int | None = None
 
     def __post_init__(self):
-        for name in ("image_size", "map_at_k"):
+        if self.whiten not in (None, *WHITENINGS):
+            raise UserError(f"EvalSettings.whiten must be one of {WHITENINGS} or None, got {self.whiten!r}")
+        if self.whiten_dims is not None and self.whiten is None:
+            raise UserError("EvalSettings.whiten_dims needs a whitening (whiten = 'pca' or 'lw')")
+        for name in ("image_size", "map_at_k", "whiten_dims"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"EvalSettings.{name} must be at least 1 (or None for the default), got {value}")
@@ -121,7 +133,8 @@ def _transform(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSett
     pre = method.preprocessing
     return EvalTransform(size=benchmark.default_size if settings.image_size is None else settings.image_size,
                          mode=settings.resize_mode or benchmark.resize_mode,
-                         mean=tuple(pre.mean), std=tuple(pre.std), interpolation=settings.interpolation)
+                         mean=tuple(pre.mean), std=tuple(pre.std),
+                         interpolation=settings.interpolation or benchmark.interpolation)
 
 
 def _dataset(benchmark: Benchmark, role: str, transform) -> ImageDataset:
@@ -136,14 +149,20 @@ def _roles(method: RetrievalMethod, benchmark: Benchmark) -> tuple[str, ...]:
     return ("database", "query")
 
 
-def _training_set(method: RetrievalMethod, benchmark: Benchmark):
-    train = benchmark.train_set()
-    if train is None:
+def _fit_set(benchmark: Benchmark, what: str) -> FitSet:
+    """The benchmark's fit set (``--fit-on``, else its training split), or one line saying how to give one."""
+    fit = benchmark.fit_set()
+    if fit is None:
         raise UserError(
-            f"method {method.name} is fitted on training images but {benchmark.name} has none: use a "
-            f"benchmark with a training split (flowers102, flowers102-clutter, or csv:PATH:SPLIT on a "
-            f"manifest whose split column also has 'train' rows, which are then used for fitting)")
-    return train
+            f"{what} is fitted on training images but {benchmark.name} has no training split: give the images "
+            f"to fit on with --fit-on SPEC ({', '.join(SYNTAX.values())}; never the benchmark's own images), "
+            f"or use a benchmark with a training split (flowers102, flowers102-clutter, csv:PATH:SPLIT on a "
+            f"manifest that also has 'train' rows)")
+    return fit
+
+
+def _training_set(method: RetrievalMethod, benchmark: Benchmark):
+    return _fit_set(benchmark, f"method {method.name}").images
 
 
 def _cache_keys(methods: list[RetrievalMethod], benchmark: Benchmark, settings: EvalSettings
@@ -154,8 +173,7 @@ def _cache_keys(methods: list[RetrievalMethod], benchmark: Benchmark, settings: 
         images["query"] = image_list_fingerprint(benchmark.query_paths(), benchmark.query_boxes)
     training = None
     if any(m.needs_fit() for m in methods):
-        train = benchmark.train_set()
-        training = image_list_fingerprint(train.paths, labels=train.labels)
+        training = _fit_set(benchmark, "a method").fingerprint  # the --fit-on set's, when one is given
     keys = []
     for method in methods:
         transform = _transform(method, benchmark, settings)
@@ -294,17 +312,61 @@ def evaluate_methods(methods: list[RetrievalMethod], benchmark: Benchmark, setti
         results = []
         for method, db, q, seconds in described:  # main process only
             start = time.perf_counter()
-            # query expansion / DBA (when asked): the ranking, metrics and saved top-k are of the expanded vectors
-            q_rows, db_rows, applied = postprocess(settings, method, q.descriptors, db.descriptors,
+            # whitening, then query expansion / DBA (when asked): the ranking, metrics and saved top-k are of the
+            # final vectors
+            q_rows, db_rows, whitened = _whiten(method, q.descriptors, db.descriptors, benchmark, settings, cache)
+            q_rows, db_rows, applied = postprocess(settings, method, q_rows, db_rows,
                                                    leave_one_out=benchmark.queries_are_database)
+            if method.needs_fit():
+                applied = {**applied, "fit_set": benchmark.fit_set().record()}
             metrics = benchmark.evaluate(method.scores(q_rows, db_rows), map_at_k=settings.map_at_k)
             if settings.top_k > 0:
                 _save_top_k(method, q_rows, db_rows, settings, benchmark)
             results.append(MethodResult(
                 method=method.name, metrics=metrics, descriptor_bytes=method.descriptor_bytes(db.descriptors),
                 images_per_second=db.images_per_second, seconds=seconds + time.perf_counter() - start,
-                config={**method.config(), **applied}, query_ms=_query_milliseconds(method, q, db)))
+                config={**method.config(), **whitened, **applied}, query_ms=_query_milliseconds(method, q, db)))
     return results
+
+
+def _whiten(method: RetrievalMethod, queries: np.ndarray, database: np.ndarray, benchmark: Benchmark,
+            settings: EvalSettings, cache: DescriptorCache) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(queries, database, what was applied, for the results' config) whitened as ``settings.whiten`` asks:
+    learned on the method's descriptors of the fit set, which go through the descriptor cache (role "fit")."""
+    if settings.whiten is None:
+        return queries, database, {}
+    if not ranks_by_inner_product(method, queries, database):
+        raise UserError(f"whitening applies to float descriptors ranked by inner product; method {method.name} "
+                        f"is not one (evaluate it in a run without --whiten)")
+    if method.needs_fit():  # its cached descriptors may come from a fit this run never made: no fit-set pass
+        raise UserError(f"whitening applies to methods that are not fitted themselves; {method.name} is (a PCA, "
+                        f"codebook or MSBD pipeline): evaluate it in a run without --whiten")
+    fit = _fit_set(benchmark, "whitening")
+    training = _fit_descriptors(method, benchmark, settings, cache, fit)
+    whitening = learn_whitening(settings.whiten, training, fit.images.labels, settings.whiten_dims)
+    log.info("%s: %s whitening to %d dimensions, learned on %d images of %s", method.name, settings.whiten,
+             whitening.dims, len(fit.images), fit.spec)
+    record = {"kind": settings.whiten, "dims": whitening.dims, "fit_set": fit.record()}
+    return whitening.apply(queries), whitening.apply(database), {"whitening": record}
+
+
+def _fit_descriptors(method: RetrievalMethod, benchmark: Benchmark, settings: EvalSettings, cache: DescriptorCache,
+                     fit: FitSet) -> np.ndarray:
+    """The (unfitted) method's descriptors of the fit set's images, resized as the benchmark's; extracted by
+    this process alone (the metrics' process) into a cache entry keyed as the benchmark's own (role "fit", the
+    fit set's fingerprint as its images)."""
+    transform = _transform(method, benchmark, settings)
+    dataset = ImageDataset(fit.images.paths, transform)
+    key = "fit-" + DescriptorCache.key(method.config(), benchmark.name, benchmark.source, "fit", fit.fingerprint,
+                                       transform.describe(), list(transform.mean), list(transform.std), None)
+    entry = cache.entry(benchmark.name, method.cache_name, key)
+    found = entry.load(len(dataset))
+    if found is None:
+        rate = _extract_into([entry], [method], dataset, "database", settings, Processes())
+        entry.finish({"config": method.config(), "images_per_second": rate, "role": "fit", "fit_set": fit.record(),
+                      "benchmark": benchmark.name, "source": benchmark.source, "fitted_state": None})
+        found = entry.load(len(dataset))
+    return np.asarray(found.descriptors)
 
 
 @contextmanager

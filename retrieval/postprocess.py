@@ -84,7 +84,7 @@ def database_augmentation(database: np.ndarray, n: int, alpha: float = 3.0) -> n
     return query_expansion(database, database, n, alpha, exclude_self=True)
 
 
-def _ranks_by_inner_product(method: RetrievalMethod, queries: np.ndarray, database: np.ndarray) -> bool:
+def ranks_by_inner_product(method: RetrievalMethod, queries: np.ndarray, database: np.ndarray) -> bool:
     """Float descriptors compared by their inner product (the method's scores on one row say so)."""
     return method.descriptor_kind == "float32" and \
         isinstance(method.scores(queries[:1], database[:1]), InnerProductScores)
@@ -100,7 +100,7 @@ def postprocess(settings, method: RetrievalMethod, queries: np.ndarray, database
     that mixes expanded and plain methods under one setting would compare unlike things."""
     if not (settings.query_expansion or settings.dba):
         return queries, database, {}
-    if not _ranks_by_inner_product(method, queries, database):
+    if not ranks_by_inner_product(method, queries, database):
         raise UserError(f"query expansion / DBA apply to float descriptors ranked by inner product; method "
                         f"{method.name} is not one (evaluate it in a run without --qe / --dba)")
     if settings.dba:

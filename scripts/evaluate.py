@@ -4,6 +4,8 @@
     python scripts/evaluate.py --benchmark flowers102 --method gem --method gap \\
         --backbone tf_efficientnet_lite0 --out results.json
     python scripts/evaluate.py --benchmark revisitop:roxford5k --method gem --image-size 1024
+    python scripts/evaluate.py --benchmark revisitop:roxford5k --method asmk --method gem --whiten lw \
+        --fit-on revisitop:rparis6k
     accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --benchmark flowers102 --method gem
 
 Prints a table and writes the results JSON ({"benchmark", "results": [{"method", "metrics",
@@ -23,11 +25,13 @@ from accelerate import PartialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.roots import resolve_data_root  # noqa: E402
+from data.transforms import RESIZE_MODES  # noqa: E402
 from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli  # noqa: E402
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
 from retrieval.processes import Processes  # noqa: E402
+from retrieval.whitening import WHITENINGS  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -48,12 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")
     parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
     parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="labelled sets: shorter side (default 224); revisitop: longer side (default 1024); "
+                        help="labelled sets: shorter side (default 224); revisitop: longer side at most N "
+                             "(default 1024; shrink only); "
                              "flowers102-clutter: images keep their size unless --resize-mode is given")
-    parser.add_argument("--resize-mode", default=None, choices=["shorter", "longer", "shorter_max", "none"],
-                        help="override the benchmark's convention; shorter_max only shrinks (SCDA: 700)")
-    parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"],
-                        help="resize filter (default bilinear)")
+    parser.add_argument("--resize-mode", default=None, choices=list(RESIZE_MODES),
+                        help="override the benchmark's convention; shorter_max / longer_max only shrink (SCDA: "
+                             "shorter_max 700; revisitop's default is longer_max, PIL thumbnail); a query cropped "
+                             "to its box keeps the scale of its full image in every mode (docs/evaluation.md)")
+    parser.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "lanczos", "nearest"],
+                        help="resize filter (default: the benchmark's; bilinear, revisitop lanczos as the "
+                             "reference code)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (grouped by size)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="DataLoader worker processes (default 0: on a 2-core CPU a worker slows the network down)")
@@ -93,6 +101,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dba", type=non_negative_int, default=0,
                         help="alpha database-side augmentation over the top N neighbours (0: off), before QE")
     parser.add_argument("--dba-alpha", type=non_negative_float, default=3.0, help="DBA weight exponent (default 3)")
+    parser.add_argument("--fit-on", default=None, metavar="SPEC",
+                        help="fit the fitted methods (vlad, asmk, r_*, msbd*, itq, itq@/pca@...:run:) and "
+                             "--whiten on this set instead of the benchmark's training split (revisitop sets have "
+                             "none): flowers102[:SPLIT], csv:PATH[:SPLIT], gldv2:PATH or revisitop:NAME (labels: "
+                             "landmarks); refused if it shares an image with the benchmark (docs/evaluation.md)")
+    parser.add_argument("--whiten", default=None, choices=list(WHITENINGS),
+                        help="whiten float inner-product descriptors, learned on the fit set: pca "
+                             "(PCA-whitening) or lw (cirtorch's learned whitening, from same-label pairs)")
+    parser.add_argument("--whiten-dims", type=positive_int, default=None,
+                        help="keep the first N whitened dimensions (default: all)")
     parser.add_argument("--out", default=None, help="results JSON path")
     return parser.parse_args(argv)
 
@@ -105,7 +123,8 @@ def main(argv=None) -> int:
     device = str(state.device) if processes.count > 1 else args.device
     if args.random_init:  # the same random network in every process and every run (the cache key says "random")
         torch.manual_seed(0)
-    benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit)
+    benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.limit,
+                                 fit_on=args.fit_on)
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
                             device=device, share_backbone=args.together, detector=args.detector,
                             max_regions=args.max_regions, region_size=args.region_size,
@@ -116,7 +135,8 @@ def main(argv=None) -> int:
                             num_workers=args.workers, device=device, cache_dir=args.cache_dir or None,
                             top_k=args.top_k, interpolation=args.interpolation, map_at_k=args.map_at_k,
                             shard_rows=args.shard_rows, query_expansion=args.qe, qe_alpha=args.qe_alpha,
-                            dba=args.dba, dba_alpha=args.dba_alpha)
+                            dba=args.dba, dba_alpha=args.dba_alpha, whiten=args.whiten,
+                            whiten_dims=args.whiten_dims)
     methods = [create_method(name, context) for name in args.method]
     results = evaluate_methods(methods, benchmark, settings, together=args.together, processes=processes)
     if not processes.is_main:  # the main process computes the metrics and reports them

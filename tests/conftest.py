@@ -90,3 +90,55 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_revisitop_set(root: Path, name: str, seed: int = 0, landmarks: int = 3, views: int = 3,
+                        distractors: int = 3, size=(96, 80)) -> Path:
+    """A tiny set in the revisitop layout (``data.revisitop``): ``landmarks`` textured patches, each pasted
+    into ``views`` database images on noise (the first two of a landmark's views are its query's ``easy``
+    images, the others ``hard``), ``distractors`` noise-only database images (``junk`` of query 0), and one
+    query per landmark, its ``bbx`` around the patch. Returns ``root``; the images differ with ``seed``."""
+    from data.revisitop import save_revisitop
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    patch_side = min(size) // 2
+    folder = root / name / "jpg"
+    patches = [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((patch_side, patch_side),
+                                                                                          Image.BILINEAR)
+               for _ in range(landmarks)]
+
+    def picture(file: str, patch: Image.Image | None) -> list[float]:
+        canvas = Image.fromarray(np.clip(rng.normal(128, 40, (height, width, 3)), 0, 255).astype(np.uint8))
+        x, y = int(rng.integers(0, width - patch_side)), int(rng.integers(0, height - patch_side))
+        if patch is not None:
+            canvas.paste(patch, (x, y))
+        folder.mkdir(parents=True, exist_ok=True)
+        canvas.save(folder / f"{file}.jpg", quality=90)
+        return [float(x), float(y), float(x + patch_side), float(y + patch_side)]
+
+    database, truth = [], []
+    for lm, patch in enumerate(patches):
+        members = []
+        for v in range(views):
+            picture(f"{name}_l{lm}_v{v}", patch)
+            members.append(len(database))
+            database.append(f"{name}_l{lm}_v{v}")
+        truth.append({"easy": members[:2], "hard": members[2:], "junk": []})
+    for d in range(distractors):
+        picture(f"{name}_d{d}", None)
+        database.append(f"{name}_d{d}")
+    truth[0]["junk"] = [len(database) - 1]
+    queries = []
+    for lm, patch in enumerate(patches):
+        truth[lm]["bbx"] = picture(f"{name}_q{lm}", patch)
+        queries.append(f"{name}_q{lm}")
+    save_revisitop(root, name, database, queries, truth)
+    return root
+
+
+@pytest.fixture
+def make_revisitop_set(tmp_path):
+    """``make_revisitop_set(name, seed=0, ...)`` -> the data root (tmp_path) holding a tiny revisitop-layout set
+    ``name`` (12 database images and 3 queries with boxes by default; see :func:`write_revisitop_set`)."""
+    return lambda name, **kwargs: write_revisitop_set(tmp_path, name, **kwargs)

@@ -210,9 +210,10 @@ def validate(config: dict) -> None:
 
 def check_inputs(config: dict, data_root: str | Path, final_eval: bool = True):
     """The checks that need the data, run before any image is read or a model is built: the training set and
-    (``final_eval``) the benchmark exist under ``data_root``, the baselines exist, and the training classes
-    (validation classes held out) can fill the configured batches. Reads the training manifest only; returns
-    the training set (``training.data.load_training_set``)."""
+    (``final_eval``) the benchmark exist under ``data_root``, the baselines exist, the training classes
+    (validation classes held out) can fill the configured batches, and (``final_eval``) no training image is
+    one of the benchmark's images (:func:`refuse_training_on_benchmark_images`). Reads the manifests (and the
+    bytes of files of equal sizes) only; returns the training set (``training.data.load_training_set``)."""
     import numpy as np
 
     from .data import load_training_set, split_validation_classes
@@ -271,7 +272,23 @@ def check_inputs(config: dict, data_root: str | Path, final_eval: bool = True):
         if value > largest:
             raise ConfigError(f"{key} = {value}, but no training class of {images.name} has more than {largest} "
                               f"images (every class would repeat images): use at most {largest}")
+    if final_eval:
+        refuse_training_on_benchmark_images(images, data["train"], ecfg["benchmark"], data_root)
     return images
+
+
+def refuse_training_on_benchmark_images(images, train_spec: str, benchmark: str, data_root: Path) -> None:
+    """One line (:class:`data.overlap.SharedImagesError`) if a training image is one of the evaluation
+    benchmark's database or query images, by path or by identical bytes: the final table would then measure
+    memorisation. Reads only files whose byte size occurs on both sides."""
+    from data.overlap import refuse_shared_images
+    from retrieval.benchmarks import benchmark_test_images
+
+    refuse_shared_images(images.paths, benchmark_test_images(benchmark, data_root),
+                         what=f"the training set data.train = {train_spec}",
+                         against=f"the evaluation benchmark eval.benchmark = {benchmark}",
+                         advice="Train on images the benchmark does not evaluate (csv:PATH:train keeps a manifest's "
+                                "train rows), or evaluate on another benchmark")
 
 
 def unique_run_dir(path: str | Path) -> Path:

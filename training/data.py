@@ -24,7 +24,8 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from data.images import ImageLoadError, load_image
-from data.manifest import LabelledImageSet, flowers102, read_csv_manifest
+from data.image_sets import load_image_set
+from data.manifest import LabelledImageSet
 from data.samplers import class_members
 from data.train_transforms import TrainTransform
 from data.transforms import EvalTransform
@@ -39,17 +40,29 @@ class BadTrainingData(RunStopped):
 
 
 def load_training_set(spec: str, data_root: str | Path) -> LabelledImageSet:
-    """``flowers102[:SPLIT]`` | ``csv:PATH[:SPLIT]`` | ``gldv2:PATH`` (train.csv or train_clean.csv)."""
+    """``flowers102[:SPLIT]`` | ``csv:PATH[:SPLIT]`` | ``gldv2:PATH`` (train.csv or train_clean.csv)
+    (:func:`data.image_sets.load_image_set`). A manifest without ``:SPLIT`` trains on every row: one INFO
+    line says how many rows of which split values, and a warning is logged when some are ``test`` rows."""
+    images = load_image_set(spec, data_root, kinds=("flowers102", "csv", "gldv2"))
     kind, _, rest = spec.partition(":")
-    if kind == "flowers102":
-        return flowers102(data_root, rest or "train")
-    if kind == "csv":
-        path, _, split = rest.partition(":")
-        return read_csv_manifest(path, split=split or None)
-    if kind == "gldv2":
-        from data.gldv2 import read_gldv2
-        return read_gldv2(rest)
-    raise UserError(f"unknown training set {spec!r}; use flowers102[:SPLIT], csv:PATH[:SPLIT] or gldv2:PATH")
+    if kind == "csv" and not rest.partition(":")[2]:
+        _log_every_row(images, rest)
+    return images
+
+
+def _log_every_row(images: LabelledImageSet, manifest: str) -> None:
+    """``csv:PATH`` without a split: which rows the run trains on (all of them)."""
+    splits = images.extra.get("split")
+    if splits is None:
+        log.info("training on all %d rows of %s (no split column)", len(images), manifest)
+        return
+    values, counts = np.unique(np.asarray(splits, dtype=str), return_counts=True)
+    by_value = ", ".join(f"{count} {value or '(empty)'}" for value, count in zip(values, counts))
+    log.info("training on all %d rows of %s, every split value: %s (csv:PATH:SPLIT keeps one)", len(images),
+             manifest, by_value)
+    if "test" in values.tolist():
+        log.warning("the training set csv:%s includes its %d 'test' rows: use csv:%s:train to train on the train "
+                    "rows only", manifest, int(counts[values.tolist().index("test")]), manifest)
 
 
 def split_validation_classes(images: LabelledImageSet, count: int, seed: int

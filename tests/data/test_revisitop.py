@@ -128,10 +128,16 @@ def test_queries_are_cropped_to_bbx(toy):
             assert _close(crop.getpixel(xy), RED), (q, xy, crop.getpixel(xy))
         array = np.asarray(crop).astype(int)
         assert array[..., 2].max() < 150  # blue only ever appears outside the box
-    # Through the evaluation transform: crop first, then the longer side to 64.
-    transformed = ImageDataset(data.query_paths, EvalTransform(size=64, mode="longer"), boxes=data.query_boxes)
+    # Through the evaluation transform: crop first, then the FULL image's scale. "longer" to 128: the 64-pixel
+    # longer side of both full images gives a factor 2, so the 32x32 crop -> 64x64 and the 32x40 one -> 64x80.
+    transformed = ImageDataset(data.query_paths, EvalTransform(size=128, mode="longer"), boxes=data.query_boxes)
     assert tuple(transformed[0][0].shape) == (3, 64, 64)
-    assert tuple(transformed[1][0].shape) == (3, 64, 51)  # 32x40 -> 51.2x64
+    assert tuple(transformed[1][0].shape) == (3, 80, 64)
+    # The published rule (longer_max, shrink only): bound 128 * 32 / 64 = 64 and 128 * 40 / 64 = 80, which the
+    # crops fit in: they keep their size.
+    published = ImageDataset(data.query_paths, EvalTransform(size=128, mode="longer_max"), boxes=data.query_boxes)
+    assert tuple(published[0][0].shape) == (3, 32, 32)
+    assert tuple(published[1][0].shape) == (3, 40, 32)
     # Without the boxes the full query image is used (the bug the boxes exist to prevent).
     assert ImageDataset(data.query_paths)[0][0].size == (64, 48)
 
@@ -235,3 +241,23 @@ def test_ground_truth_with_numpy_arrays_still_loads(toy):
     gnd_path.write_bytes(pickle.dumps({"imlist": DATABASE, "qimlist": QUERIES, "gnd": arrays}))
     data = load_revisitop(root, NAME)
     assert [len(p) for p in data.protocol("medium")[0]] == [3, 3]
+
+
+def test_landmark_labels_for_fitting_on_a_revisitop_set(toy, tmp_path):
+    from data.revisitop import QueryTruth, RevisitopSet
+
+    # the toy set: both queries list db0 as a positive -> one landmark (0); db3 is only junk -> a label of its
+    # own, numbered after the one group (1); the two query images follow the database with the group's label
+    labelled = load_revisitop(toy[0], NAME).labelled_images()
+    assert [p.name for p in labelled.paths] == [f"{n}.jpg" for n in DATABASE + QUERIES]
+    assert labelled.labels.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    # a chain: q1-q2 share db1, q2-q3 share db2 -> q1, q2, q3 are one landmark (transitively); q0 and q4 alone.
+    # Groups in order of first query: q0 -> 0, q1..q3 -> 1, q4 -> 2; db5 is in no list -> 3; db3 (hard of q3) -> 1
+    def truth(easy, hard=()):
+        return QueryTruth((0, 0, 1, 1), np.array(easy, dtype=np.int64), np.array(hard, dtype=np.int64),
+                          np.array([], dtype=np.int64))
+
+    chain = RevisitopSet("chain", tmp_path, tuple(f"db{i}" for i in range(6)), tuple(f"q{i}" for i in range(5)),
+                         (truth([0]), truth([1]), truth([1], [2]), truth([2], [3]), truth([4])))
+    assert chain.landmark_groups().tolist() == [0, 1, 1, 1, 2]
+    assert chain.labelled_images().labels.tolist() == [0, 1, 1, 1, 2, 3] + [0, 1, 1, 1, 2]

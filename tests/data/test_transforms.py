@@ -76,7 +76,7 @@ def test_invalid_size(size):
 
 
 def test_modes_constant():
-    assert RESIZE_MODES == ("shorter", "longer", "shorter_max", "none")
+    assert RESIZE_MODES == ("shorter", "longer", "shorter_max", "longer_max", "none")
 
 
 def test_output_size_and_describe():

@@ -111,5 +111,5 @@ def test_a_method_that_fits_on_a_benchmark_without_training_images_is_told_how_t
             return True
 
     bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=2, per_class=2)))
-    with pytest.raises(ValueError, match=r"toy has none: .*csv:PATH:SPLIT .*'train' rows"):
+    with pytest.raises(ValueError, match=r"toy has no training split: give .* --fit-on SPEC .*csv:PATH:SPLIT .*'train' rows"):
         evaluate_methods([NeedsFit("fitter")], bench, EvalSettings(cache_dir=None))

@@ -47,7 +47,10 @@ def test_damaged_copies_fail_to_load_and_spare_the_validation_classes(tmp_path, 
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_like_the_undisturbed_one(tmp_path):
     manifest, _ = write_set(tmp_path / "data", num_classes=4, per_class=10)
-    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", manifest, steps=12, checkpoint_every=2))
+    settings = tiny_config(tmp_path / "run", manifest, steps=12, checkpoint_every=2)
+    # the final evaluation on other images than the training ones (training/config.py refuses shared images)
+    settings["eval"]["benchmark"] = f"csv:{write_set(tmp_path / 'test', num_classes=4, per_class=10, seed=1)[0]}"
+    config = write_config(tmp_path / "c.yaml", settings)
     out = tmp_path / "drill"
     done = subprocess.run([sys.executable, "scripts/fault_drill.py", "--config", config, "--out", str(out),
                            "--kills", "2", "--corrupt-fraction", "0.1", "--kill-window", "0.3", "0.6"],

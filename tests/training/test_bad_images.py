@@ -72,7 +72,9 @@ def test_a_class_whose_files_are_all_unreadable_stops_the_run(tmp_path, one_thre
 
 def test_training_skips_them_counts_them_and_reports_them(tmp_path, broken_set, caplog, one_thread):
     manifest, damaged = broken_set
-    clean, _ = write_set(tmp_path / "clean")  # the final evaluation reads a clean copy (evaluation is strict)
+    # the final evaluation reads a clean set (evaluation is strict), other images than the training ones (a copy
+    # of them would be refused: training/config.py)
+    clean, _ = write_set(tmp_path / "clean", seed=1)
     config = tiny_config(tmp_path / "run", manifest, steps=3)
     config["data"]["max_bad_fraction"] = 0.25  # 3 of 12 images: allowed
     config["mining"]["images_per_class"] = 4  # every batch holds every image: all three are met at step 1

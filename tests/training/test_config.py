@@ -193,3 +193,82 @@ def test_invalid_yaml_is_one_line_naming_the_place(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_yaml(path)
     assert str(error.value).startswith(f"{path}: invalid YAML at line 3, column 1: ") and "\n" not in str(error.value)
+
+
+# -- training images vs the final evaluation's benchmark ------------------------------------------------------------
+def _stopped_before_training(tmp_path, monkeypatch, config) -> str:
+    """train.main's one-line error for ``config``; no image decoded, no model built, no run directory."""
+    import PIL.Image
+
+    import train
+    import training.trainer
+    from utils.cli import run_cli
+
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("an image was decoded"))
+    monkeypatch.setattr(training.trainer, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ValueError) as error:
+        train.main(["--config", write(tmp_path, config), "--data-root", str(tmp_path)])
+    assert "\n" not in str(error.value) and not (tmp_path / "run").exists()
+    assert run_cli(lambda: train.main(["--config", write(tmp_path, config), "--data-root", str(tmp_path)])) == 2
+    return str(error.value)
+
+
+def test_training_on_a_renamed_copy_of_a_benchmark_image_stops_before_training(tmp_path, make_labelled_set,
+                                                                                monkeypatch):
+    import csv
+    import shutil
+
+    manifest = make_labelled_set()  # 3 classes x 4 images, split "test": the benchmark
+    rows = list(csv.DictReader(manifest.open()))
+    (tmp_path / "train").mkdir()
+    training_rows = []
+    for i, row in enumerate(rows):  # 12 training images: 10 generated anew, 2 copies of benchmark images
+        target = tmp_path / "train" / f"t{i}.jpg"
+        if i in (4, 9):
+            shutil.copyfile(manifest.parent / row["file"], target)
+        else:
+            from PIL import Image
+            Image.new("RGB", (48, 40), (i * 20, 255 - i * 20, 7)).save(target)
+        training_rows.append(f"{target},{row['class_id']},train")
+    train_manifest = tmp_path / "train.csv"
+    train_manifest.write_text("file,class_id,split\n" + "\n".join(training_rows) + "\n")
+    config = data_config(tmp_path, train_manifest)
+    config["eval"]["benchmark"] = f"csv:{manifest}"
+    message = _stopped_before_training(tmp_path, monkeypatch, config)
+    copies = [f"{tmp_path / 'train' / f't{i}.jpg'} (same bytes as {manifest.parent / rows[i]['file']})" for i in (4, 9)]
+    assert message == (f"the training set data.train = csv:{train_manifest} shares 2 of its 12 images with the "
+                       f"evaluation benchmark eval.benchmark = csv:{manifest} (by path or identical bytes): "
+                       f"{copies[0]}; {copies[1]}. Train on images the benchmark does not evaluate (csv:PATH:train "
+                       f"keeps a manifest's train rows), or evaluate on another benchmark")
+
+
+def test_training_on_the_benchmarks_own_files_stops_naming_the_first_three(tmp_path, make_labelled_set, monkeypatch):
+    manifest = make_labelled_set()
+    message = _stopped_before_training(tmp_path, monkeypatch, data_config(tmp_path, manifest))  # the same manifest
+    first = ", ".join(f"{manifest.parent / 'images' / f'c0_{i}.jpg'}" for i in range(3)).replace(", ", "; ")
+    assert message.startswith(f"the training set data.train = csv:{manifest} shares 12 of its 12 images with the "
+                              f"evaluation benchmark eval.benchmark = csv:{manifest} (by path or identical bytes): "
+                              f"{first}; .... Train on")
+
+
+def test_a_manifest_without_a_split_says_which_rows_it_trains_on(tmp_path, caplog):
+    import logging
+
+    from training.data import load_training_set
+
+    rows = ["file,class_id,split"] + [f"x{i}.jpg,{i % 2},{split}" for i, split in
+                                      enumerate(["train"] * 5 + ["test"] * 3 + ["val"] * 2)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "plain.csv").write_text("file,class_id\na.jpg,1\nb.jpg,2\n")
+    with caplog.at_level(logging.INFO, logger="training.data"):
+        assert len(load_training_set(f"csv:{tmp_path / 'm.csv'}", tmp_path)) == 10
+        assert len(load_training_set(f"csv:{tmp_path / 'm.csv'}:train", tmp_path)) == 5  # a split: nothing said
+        assert len(load_training_set(f"csv:{tmp_path / 'plain.csv'}", tmp_path)) == 2
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "training.data"]
+    manifest = tmp_path / "m.csv"
+    assert said == [
+        ("INFO", f"training on all 10 rows of {manifest}, every split value: 3 test, 5 train, 2 val "
+                 f"(csv:PATH:SPLIT keeps one)"),
+        ("WARNING", f"the training set csv:{manifest} includes its 3 'test' rows: use csv:{manifest}:train to train "
+                    f"on the train rows only"),
+        ("INFO", f"training on all 2 rows of {tmp_path / 'plain.csv'} (no split column)")]

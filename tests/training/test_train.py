@@ -46,7 +46,10 @@ def scalars(run_dir, tag) -> list[float]:
 
 @pytest.mark.parametrize("miner", ["batch", "algorithm1"])
 def test_run_writes_config_checkpoints_tensorboard_and_results(tmp_path, flowers_subset, miner):
-    config = tiny_config(tmp_path, flowers_subset({"train": [1, 2, 3]}), miner)
+    manifest = flowers_subset({"train": [1, 2, 3], "test": [60, 61]})
+    config = tiny_config(tmp_path, manifest, miner)
+    # the final evaluation's benchmark must not hold training images (training/config.py)
+    config["data"]["train"], config["eval"]["benchmark"] = f"csv:{manifest}:train", f"csv:{manifest}:test"
     assert train.main(["--config", write(tmp_path, config)]) == 0
     run = tmp_path / "run"
     saved = yaml.safe_load((run / "config.yaml").read_text())
