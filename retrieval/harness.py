@@ -362,7 +362,7 @@ def _fit_descriptors(method: RetrievalMethod, benchmark: Benchmark, settings: Ev
     entry = cache.entry(benchmark.name, method.cache_name, key)
     found = entry.load(len(dataset))
     if found is None:
-        rate = _extract_into([entry], [method], dataset, "database", settings, Processes())
+        rate = _extract_into([entry], [method], [None], dataset, "database", settings, Processes())
         entry.finish({"config": method.config(), "images_per_second": rate, "role": "fit", "fit_set": fit.record(),
                       "benchmark": benchmark.name, "source": benchmark.source, "fitted_state": None})
         found = entry.load(len(dataset))
