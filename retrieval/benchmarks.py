@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data.clutter import DEFAULT_DIRNAME as CLUTTER_NAME
 from data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, load_clutter_set
@@ -28,7 +29,7 @@ from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
 from utils.errors import UserError
 
 from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
-from .scores import ScoreSource
+from .scores import DenseScores, ScoreSource
 
 
 @dataclass
@@ -64,6 +65,11 @@ class Benchmark:
     def train_set(self) -> LabelledImageSet | None:
         """Images a method may ``fit`` on (never the test images)."""
         return None
+
+    def reference_rows(self, map_at_k: int | None = None) -> list[dict]:
+        """Rows the report prints after the methods: scores that look at no pixel, ``{"method", "metrics",
+        "config"}`` each (none here; the clutter benchmark has two)."""
+        return []
 
 
 @dataclass
@@ -156,6 +162,22 @@ class ClutterBenchmark(Benchmark):
             raise ValueError(f"scores of shape {scores.shape}, benchmark {self.name} has "
                              f"{len(self.queries)} queries x {len(self.database)} database images")
         return positive_list_metrics(scores, self.positives(), map_at_k=map_at_k)
+
+    def object_counts(self) -> np.ndarray:
+        """Per database composite, how many objects were pasted into it (its rows in boxes.csv)."""
+        return np.asarray([len(labels) for labels in self.database.labels], dtype=np.int64)
+
+    def reference_rows(self, map_at_k: int | None = None) -> list[dict]:
+        """``chance``: every composite scores the same, so the tie-aware metrics give their expectation over
+        random orders; ``object-count prior``: a composite scores its number of pasted objects (no pixels).
+        A benchmark that rewards finding the object keeps the prior at chance."""
+        shape = (len(self.queries), len(self.database))
+        counts = torch.from_numpy(self.object_counts()).double()
+        rows = [("chance", torch.zeros(shape, dtype=torch.float64), "every database image scores 0"),
+                ("object-count prior", counts[None, :].expand(shape),
+                 "a database image scores its number of pasted objects")]
+        return [{"method": name, "metrics": self.evaluate(DenseScores(scores), map_at_k=map_at_k),
+                 "config": {"reference": note}} for name, scores, note in rows]
 
     def train_set(self) -> LabelledImageSet | None:
         """The train composites, each labelled by the class of its first pasted object (``extra["class_ids"]``
