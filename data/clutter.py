@@ -1,46 +1,67 @@
 """A cluttered-scene retrieval set made from real Flowers-102 photos (the setting of Detect-to-Retrieve).
 
-Database images are *composites*: a canvas (448 x 448 by default) covered by a mosaic of random crops of
-*train-class* photos (the clutter), on which 1-3 whole flower photos are pasted at random positions and
-scales. Queries are clean, whole photos of the test classes; a query's positives are the test composites
-that contain a photo of its class. The pasted objects are small (longer side U(0.10, 0.40) x the canvas
-side), so a global descriptor of the whole composite mixes the object with clutter; regional search
-(detect the objects, describe each region) is what the set is for.
+Database images are *composites* (448 x 448 by default). Queries are clean, whole photos of the test classes;
+a query's positives are the test composites that contain a photo of its class. Every test composite holds
+**exactly one** object of a test class plus U{0..2} *distractor* objects of train classes, pasted the same
+way, so finding the object is what counts, and the number of objects says nothing about the class (the
+distractor counts are dealt evenly within every class: the object-count prior scores at chance, see
+``ClutterBenchmark.reference_rows``).
+
+How a composite is drawn (generator version 2; version 1 pasted hard-edged whole photos on a mosaic of photo
+tiles, and a detector trained on it learned the paste edges: it boxed 3 of 4,696 real photos):
+
+- **background**: a *foliage crop* of one train photo, resized over the whole canvas, under U{4..8} foliage
+  patches of other train photos (soft collage, no seam). A foliage crop is a square of 0.3-0.5 x the photo's
+  shorter side with at most 3 % *flower-like* pixels (:func:`flower_like`: anything but green vegetation,
+  shadow, earth or dull grey); photos without one (about 3 in 4: the flower fills most of a Flowers-102 photo)
+  are never backgrounds. So no unboxed flower sits in a background, which would teach a detector to ignore
+  real flowers;
+- **objects**: a crop of the photo around its centre (where Flowers-102 puts the flower; 0.55-1 x its sides,
+  aspect changed by up to 1.5x), longer side log-uniform in 0.15-0.9 x the canvas (whole-frame flowers
+  included), up to 20 % of it beyond the canvas border, alpha-blended through a soft superellipse mask
+  (:func:`soft_mask`: exponent U(2, 4), alpha ramping over 0.2-0.5 of the half-axes); foliage patches use the
+  same masks, so a soft edge does not mean "object";
+- **no low-level tell**: an object's sharpness is drawn between its own and the background's (the collage is
+  enlarged more than the objects), and the whole composite gets a mild blur (radius <= 0.6 px), sensor noise
+  (s.d. <= 3 levels) and a JPEG quality of its own (75-95).
 
 Rules, all checked by ``tests/data/test_clutter.py``:
 
-- *test* composites paste photos of the test classes and never a query photo; their backgrounds use only
-  train-class photos, so clutter is never a positive of a query;
-- *train* composites (detector training, codebook / PCA fitting) paste train-class photos on backgrounds made
-  of train photos of *other* classes than the pasted objects';
-- an object keeps its aspect ratio and lies fully inside the canvas; a later object may cover part of an
-  earlier one, but every object keeps at least ``1 - max_occlusion`` (70 %) of its area visible, counting
-  the union of everything pasted over it;
+- *test* composites paste exactly one test-class photo, never a query photo, plus 0-2 train-class distractors;
+  their backgrounds use only train-class photos, so clutter is never a positive of a query;
+- *train* composites (detector training, codebook / PCA fitting) paste 1-3 train-class photos on backgrounds
+  made of train photos of *other* classes than the pasted objects';
+- an object's *weight* in the composite is its alpha times (1 - alpha) of every object pasted over it; it is
+  *visible* where that weight is >= 0.5, and every object keeps at least ``1 - max_occlusion`` (70 %) of its
+  alpha >= 0.5 area visible (the part beyond the canvas counts as hidden); ``boxes.csv`` boxes the visible part;
 - everything is a function of ``(seed, params, the source manifest)``: the same inputs give byte-identical
   images and manifests (for one Pillow / libjpeg build).
 
 Layout written by :func:`build_clutter_set` (paths in every CSV are relative to the set's folder):
 
-- ``images/test/NNNNNN.jpg``, ``images/train/NNNNNN.jpg``: the composites (JPEG, quality 90);
+- ``images/test/NNNNNN.jpg``, ``images/train/NNNNNN.jpg``: the composites (JPEG);
 - ``queries/<name>.jpg``: byte-for-byte copies of the query photos (so the set stands alone);
 - ``images.csv`` ``file,split,class_ids``: one row per composite, test rows first; ``class_ids`` are the
-  pasted objects' classes, space-separated, in paste order (a class may repeat);
+  pasted objects' classes, space-separated, in paste order (a class may repeat in train composites);
 - ``boxes.csv`` ``file,x1,y1,x2,y2,class_id,split``: one row per pasted object, in paste order (later rows
   of a file lie on top); coordinates normalised to [0, 1] by the canvas side, x to the right, y down,
-  ``(x1, y1)`` the top-left and ``(x2, y2)`` the bottom-right corner (multiply by the canvas side for the
-  pixel box ``[x1, x2) x [y1, y2)``, whose pixels are exactly the pasted photo's);
+  ``(x1, y1)`` the top-left and ``(x2, y2)`` the bottom-right corner (times the canvas side: the pixel box
+  ``[x1, x2) x [y1, y2)`` of the object's visible pixels);
 - ``queries.csv`` ``file,class_id,source``: the query photos (``source`` = path in the Flowers-102 pack);
-- ``sources.csv`` ``file,role,order,source,class_id``: the construction record of every composite: each
-  pasted photo (``role`` = ``object``, ``order`` = paste order) and each background tile's photo (``role`` =
-  ``background``, ``order`` = tile order), ``source`` relative to the Flowers-102 pack;
+- ``sources.csv`` ``file,role,order,source,class_id,crop,placed,mask``: the construction record of every
+  composite: each pasted photo (``role`` = ``object``, ``order`` = paste order) and each background layer
+  (``role`` = ``background``, order 0 the base, then the foliage patches in paste order); ``crop`` = the
+  normalised ``x1 y1 x2 y2`` taken from the source photo, ``placed`` = the patch's ``x1 y1 x2 y2`` on the
+  canvas (normalised; may pass its border), ``mask`` = the soft mask's ``exponent feather`` (empty for the base);
 - ``params.json``: generator version, seed, :class:`ClutterParams`, the SHA-256 of the source manifest and
   the set's counts. Written last.
 
 Building is atomic: the set is written into a temporary sibling folder that is renamed into place when
 complete, so an interrupted build never leaves a half set at ``out_dir`` (a killed process may leave a
 ``.<name>.partial-*`` folder beside it, which is safe to delete). If ``out_dir`` already holds a set
-with the same seed, parameters and source manifest, building is a no-op; a set built otherwise is refused
-with a message naming the folder to delete (``overwrite=True`` replaces it, again atomically).
+with the same generator version, seed, parameters and source manifest, building is a no-op; a set built
+otherwise is refused with a message naming the folder to delete (``overwrite=True`` replaces it, again
+atomically).
 
 Command line: ``python -m data.clutter FLOWERS_ROOT OUT_DIR [--seed S] [--test N] [--train N] [--canvas PX]``.
 """
@@ -73,7 +94,7 @@ DEFAULT_DIRNAME = "flowers102-clutter"
 BOX_COLUMNS = ("file", "x1", "y1", "x2", "y2", "class_id", "split")
 IMAGE_COLUMNS = ("file", "split", "class_ids")
 QUERY_COLUMNS = ("file", "class_id", "source")
-SOURCE_COLUMNS = ("file", "role", "order", "source", "class_id", "crop", "placed")
+SOURCE_COLUMNS = ("file", "role", "order", "source", "class_id", "crop", "placed", "mask")
 SOURCE_MANIFEST_COLUMNS = ("file", "class_id", "split")
 SPLITS = ("test", "train")
 
@@ -325,6 +346,7 @@ class _Layer:
     source: int                                          # index into the source list
     crop: tuple[float, float, float, float]              # normalised [x1, y1, x2, y2] in the source photo
     placed: tuple[int, int, int, int]                    # the patch on the canvas, pixels (may pass its border)
+    mask: tuple[float, float] | None = None              # soft mask (exponent, feather); None: the opaque base
     box: tuple[int, int, int, int] | None = None         # objects: pixel box of their visible (weight >= 0.5) part
 
 
@@ -623,9 +645,9 @@ def _render(composite: _Composite, sources: list[_Source], foliage: dict[int, li
         x, y, crop_side = foliage[index][int(rng.integers(len(foliage[index])))]
         return load_image(flowers_root / sources[index].file), (x, y, x + crop_side, y + crop_side)
 
-    def record(index: int, photo: Image.Image, box, placed) -> _Layer:
+    def record(index: int, photo: Image.Image, box, placed, mask=None) -> _Layer:
         crop = (box[0] / photo.width, box[1] / photo.height, box[2] / photo.width, box[3] / photo.height)
-        return _Layer(index, crop, placed)
+        return _Layer(index, crop, placed, mask)
 
     # the background: one photo's foliage square over the whole canvas ...
     order = [background_pool[j] for j in rng.permutation(len(background_pool))]
@@ -642,10 +664,11 @@ def _render(composite: _Composite, sources: list[_Source], foliage: dict[int, li
         width, height = _patch_size(aspect, (params.min_foliage_scale, params.max_foliage_scale), side, rng)
         magnifications.append(width / (box[2] - box[0]))
         patch = _random_transpose(_resample(photo, (width, height), box), rng, rotate=False)
-        alpha = soft_mask(width, height, *_mask_shape(params, rng))
+        mask_shape = _mask_shape(params, rng)
+        alpha = soft_mask(width, height, *mask_shape)
         x, y = _position(width, height, params, rng)
         _blend(canvas, np.asarray(patch, dtype=np.float32), alpha, x, y)
-        composite.background.append(record(index, photo, box, (x, y, x + width, y + height)))
+        composite.background.append(record(index, photo, box, (x, y, x + width, y + height), mask_shape))
 
     background_magnification = float(np.median(magnifications))
     visibility = _Visibility(side, params.max_occlusion)
@@ -683,7 +706,7 @@ def _render(composite: _Composite, sources: list[_Source], foliage: dict[int, li
             patch = patch.transpose(Image.FLIP_LEFT_RIGHT)
         _blend(canvas, np.asarray(patch, dtype=np.float32), alpha, x, y)
         visibility.add(alpha, x, y, visible)
-        composite.placed.append(record(index, photo, box, (x, y, x + size[0], y + size[1])))
+        composite.placed.append(record(index, photo, box, (x, y, x + size[0], y + size[1]), mask_shape))
     for layer, pixel_box in zip(composite.placed, visibility.boxes()):
         layer.box = pixel_box
 
@@ -772,7 +795,8 @@ def _build_into(folder: Path, flowers_root: Path, sources: list[_Source], identi
                                      "split": composite.split})
                 source_rows.append({"file": composite.file, "role": role, "order": order, "source": source.file,
                                     "class_id": source.class_id, "crop": _corners(layer.crop),
-                                    "placed": _corners(layer.placed, side)})
+                                    "placed": _corners(layer.placed, side),
+                                    "mask": "" if layer.mask is None else _corners(layer.mask)})
     _write_csv(folder / "queries.csv", QUERY_COLUMNS, query_rows)
     _write_csv(folder / "images.csv", IMAGE_COLUMNS, image_rows)
     _write_csv(folder / "boxes.csv", BOX_COLUMNS, box_rows)
