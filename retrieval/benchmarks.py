@@ -6,12 +6,14 @@
 - ``revisitop:NAME`` (roxford5k, rparis6k or a user's set in that layout): queries cropped to their box;
   Easy / Medium / Hard mAP with junk and mP@k. Longer side -> N, the convention of those benchmarks.
 - ``flowers102-clutter``: clean Flowers-102 photos of the test classes (5 per class) as queries against
-  cluttered composites, each holding 1-3 small pasted flower photos on a mosaic of train-class photos
-  (:mod:`data.clutter`; built into ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` on first
-  use). A query's positives are the composites that contain its class; mAP, mAP@R (R = number of positives),
-  R@1/2/4/8, tie-aware, as the labelled sets. Images are used at their own size (resize mode ``none``: the
-  objects were pasted at the photos' pixel scale); ``train_set()`` is the train composites, and
-  ``database_boxes`` the ground-truth object boxes of the database (for oracle experiments).
+  cluttered composites, each holding exactly one soft-pasted test-class flower photo and 0-2 train-class
+  distractors on a collage of train-class foliage (:mod:`data.clutter`; built into
+  ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` on first use). A query's positives are the
+  composites that contain its class; mAP, mAP@R (R = number of positives), R@1/2/4/8, tie-aware, as the
+  labelled sets. Images are used at their own size (resize mode ``none``: the objects' scale is part of the
+  benchmark); ``train_set()`` is the train composites, and ``database_boxes`` the ground-truth object boxes
+  of the database (for oracle experiments). Its ``reference_rows`` (printed after the methods) are *chance*
+  and the *object-count prior* (a composite scores its number of pasted objects): scores that use no pixel.
 """
 from __future__ import annotations
 
@@ -201,7 +203,7 @@ class ClutterBenchmark(Benchmark):
 def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None) -> Benchmark:
     """``flowers102`` | ``flowers102-clutter`` | ``csv:PATH[:SPLIT]`` | ``revisitop:NAME``.
 
-    ``flowers102-clutter`` is built (seed 0, default parameters, about a minute) into
+    ``flowers102-clutter`` is built (seed 0, default parameters, about 1.5 CPU-minutes) into
     ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` the first time it is used.
     ``limit`` keeps N images of a labelled set, taken round-robin over its classes (for the clutter set: the
     first N composites and N queries round-robin over classes); smoke tests only, never for reported numbers.

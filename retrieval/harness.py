@@ -371,7 +371,8 @@ def format_table(report_dict: dict, columns: list[str] | None = None) -> str:
             columns += [name for name in result["metrics"] if name not in columns]
     header = ["method", *columns, "bytes", "img/s", "query ms"]
     rows = [[r["method"], *[_fmt(r["metrics"].get(c)) for c in columns], str(r.get("descriptor_bytes", "-")),
-             _fmt(r.get("images_per_second"), ".1f"), _fmt(r.get("query_ms"), ".1f")] for r in results]
+             "-" if r.get("images_per_second") is None else f"{r['images_per_second']:.1f}",
+             "-" if r.get("query_ms") is None else f"{r['query_ms']:.1f}"] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -380,7 +381,7 @@ def format_table(report_dict: dict, columns: list[str] | None = None) -> str:
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _fmt(value, spec: str = ".4f") -> str:
+def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:{spec}}"
+    return f"{value:.4f}"
