@@ -203,7 +203,7 @@ class ClutterBenchmark(Benchmark):
 def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None) -> Benchmark:
     """``flowers102`` | ``flowers102-clutter`` | ``csv:PATH[:SPLIT]`` | ``revisitop:NAME``.
 
-    ``flowers102-clutter`` is built (seed 0, default parameters, about 1.5 CPU-minutes) into
+    ``flowers102-clutter`` is built (seed 0, default parameters, about 100 CPU-seconds) into
     ``DATA_ROOT/flowers102-clutter`` from ``DATA_ROOT/flowers102`` the first time it is used.
     ``limit`` keeps N images of a labelled set, taken round-robin over its classes (for the clutter set: the
     first N composites and N queries round-robin over classes); smoke tests only, never for reported numbers.
