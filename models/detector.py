@@ -15,9 +15,9 @@ Design choices (all stored in the checkpoint's config, so ``load_detector`` need
   112 channels, the last stride-16 stage). A small object, 10 % of a 448 px canvas (the clutter set's
   smallest are 10-15 %), becomes 32 px at the default ``min_size=320``; at stride 32 it would cover one cell
   of a 10 x 10 map, at stride 16 two cells of a 20 x 20 map, which anchors and RoIAlign localise far better.
-  The trunk is *truncated* after that block: the stride-32 stages and the 1280-channel head are never run (cheaper on CPU) and not stored. Any
-  other tap works (``tap="features"``: the stride-32 last map); for non-EfficientNet backbones the tap is read
-  with ``Backbone.forward_taps`` (the whole network runs).
+  The trunk is *truncated* after that block: the stride-32 stages and the 1280-channel head are never run
+  (cheaper on CPU) and not stored. Any other tap works (``tap="features"``: the stride-32 last map); for
+  non-EfficientNet backbones the tap is read with ``Backbone.forward_taps`` (the whole network runs).
 * **Frozen parts**: BatchNorm statistics stay frozen (batches of a few images), and the stem plus the first
   ``frozen_blocks`` (default 2, stride <= 4) blocks are not trained: generic edges, and the most expensive
   part of the backward pass at full resolution.
