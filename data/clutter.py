@@ -395,6 +395,8 @@ def _identity(seed: int, params: ClutterParams, source_sha256: str) -> dict:
 
 
 def _differences(found: dict, wanted: dict) -> list[str]:
+    if found.get("generator_version") != wanted["generator_version"]:  # other parameters: not worth listing
+        return [f"generator_version: {found.get('generator_version')!r} -> {wanted['generator_version']!r}"]
     diffs = []
     for key, value in wanted.items():
         if key == "params":

@@ -325,6 +325,9 @@ def test_rebuild_is_a_no_op_or_refused(pack, tmp_path):
         build_clutter_set(pack, folder, params=other)
     with pytest.raises(ClutterError, match="seed: 0 -> 3"):
         build_clutter_set(pack, folder, seed=3, params=SMALL)
+    identity = json.loads((folder / "params.json").read_text())
+    older = {**identity, "generator_version": 1, "params": {"min_objects": 1}}
+    assert clutter_module._differences(older, identity) == ["generator_version: 1 -> 2"]
     assert (folder / "params.json").stat().st_mtime_ns == stamp  # refused: untouched
     build_clutter_set(pack, folder, params=other, overwrite=True, progress=False)
     assert len(rows(folder / "images.csv")) == 5 + 8
