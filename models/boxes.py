@@ -42,6 +42,21 @@ def box_area(boxes) -> np.ndarray:
     return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
 
 
+def union_area(boxes) -> float:
+    """Area of the union of boxes (overlaps counted once): the sum over the cells of the grid their edges make
+    of the cells some box covers. Exact; meant for a handful of boxes (cost grows with the square of N)."""
+    boxes = as_boxes(boxes)
+    boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+    if not len(boxes):
+        return 0.0
+    xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
+    centre_x, centre_y = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
+    inside_x = (boxes[:, None, 0] <= centre_x[None]) & (centre_x[None] <= boxes[:, None, 2])   # (N, X)
+    inside_y = (boxes[:, None, 1] <= centre_y[None]) & (centre_y[None] <= boxes[:, None, 3])   # (N, Y)
+    covered = (inside_y[:, :, None] & inside_x[:, None, :]).any(axis=0)                        # (Y, X)
+    return float((np.diff(ys)[:, None] * np.diff(xs)[None, :] * covered).sum())
+
+
 def box_iou(a, b) -> np.ndarray:
     """(N, M) intersection over union of two box sets; 0 where the union is empty (degenerate boxes)."""
     a, b = as_boxes(a, "a"), as_boxes(b, "b")

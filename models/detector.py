@@ -12,17 +12,17 @@ keeps fewer than 5 boxes per database image, the full image always being region 
 Design choices (all stored in the checkpoint's config, so ``load_detector`` needs no flags):
 
 * **Feature map**: a single stride-16 map, the output of ``blocks.4`` of EfficientNet-Lite0 (tap ``blocks4``,
-  112 channels, the last stride-16 stage). Objects of 10-40 % of a 448 px canvas become 32-128 px at the
-  default ``min_size=320``; at stride 32 the smallest would cover one cell of a 10 x 10 map, at stride 16 two
-  cells of a 20 x 20 map, which anchors and RoIAlign localise far better. The trunk is *truncated* after that
-  block: the stride-32 stages and the 1280-channel head are never run (cheaper on CPU) and not stored. Any
-  other tap works (``tap="features"``: the stride-32 last map); for non-EfficientNet backbones the tap is read
-  with ``Backbone.forward_taps`` (the whole network runs).
+  112 channels, the last stride-16 stage). A small object, 10 % of a 448 px canvas (the clutter set's
+  smallest are 10-15 %), becomes 32 px at the default ``min_size=320``; at stride 32 it would cover one cell
+  of a 10 x 10 map, at stride 16 two cells of a 20 x 20 map, which anchors and RoIAlign localise far better.
+  The trunk is *truncated* after that block: the stride-32 stages and the 1280-channel head are never run
+  (cheaper on CPU) and not stored. Any other tap works (``tap="features"``: the stride-32 last map); for
+  non-EfficientNet backbones the tap is read with ``Backbone.forward_taps`` (the whole network runs).
 * **Frozen parts**: BatchNorm statistics stay frozen (batches of a few images), and the stem plus the first
   ``frozen_blocks`` (default 2, stride <= 4) blocks are not trained: generic edges, and the most expensive
   part of the backward pass at full resolution.
 * **Anchors**: sizes 0.1, 0.2, 0.4 and 0.8 x ``min_size`` (32, 64, 128, 256 px at 320) with aspect ratios
-  0.5, 1, 2: the 10-40 % objects of the composites plus large landmarks of real photos.
+  0.5, 1, 2: the composites' objects (10-90 % of the canvas side) and large landmarks of real photos.
 * **Normalisation**: torchvision's ``GeneralizedRCNNTransform`` takes images in [0, 1], resizes them (shorter
   side ``min_size``, longer at most ``max_size``) and normalises with ``image_mean`` / ``image_std``, which are
   the backbone's own (``Preprocessing``: 0.5 / 0.5 for the offline Lite0 weights, i.e. inputs in [-1, 1]).

@@ -415,8 +415,14 @@ def _save_top_k(method: RetrievalMethod, queries: np.ndarray, database: np.ndarr
     log.info("top-%d neighbours of %s saved to %s", settings.top_k, method.name, path)
 
 
-def report(benchmark: Benchmark, results: list[MethodResult]) -> dict:
-    return {"benchmark": benchmark.name, "results": [r.to_json() for r in results]}
+def report(benchmark: Benchmark, results: list[MethodResult], map_at_k: int | None = None) -> dict:
+    """The JSON report; a benchmark's reference rows (scores that use no pixel, e.g. the clutter set's chance
+    and object-count prior) go under ``"reference"``, beside the methods' ``"results"``."""
+    summary = {"benchmark": benchmark.name, "results": [r.to_json() for r in results]}
+    reference = benchmark.reference_rows(map_at_k=map_at_k)
+    if reference:
+        summary["reference"] = reference
+    return summary
 
 
 def write_report(report_dict: dict, path: str | Path) -> None:
@@ -426,15 +432,16 @@ def write_report(report_dict: dict, path: str | Path) -> None:
 
 
 def format_table(report_dict: dict, columns: list[str] | None = None) -> str:
-    """A plain-text table: one row per method, metrics as columns, then bytes and images/s."""
-    results = report_dict["results"]
+    """A plain-text table: one row per method, metrics as columns, then bytes and images/s; the report's
+    reference rows (no descriptors: ``-`` in the last three columns) follow the methods."""
+    results = report_dict["results"] + report_dict.get("reference", [])
     if columns is None:
         columns = []
         for result in results:
             columns += [name for name in result["metrics"] if name not in columns]
     header = ["method", *columns, "bytes", "img/s", "query ms"]
-    rows = [[r["method"], *[_fmt(r["metrics"].get(c)) for c in columns], str(r["descriptor_bytes"]),
-             f"{r['images_per_second']:.1f}",
+    rows = [[r["method"], *[_fmt(r["metrics"].get(c)) for c in columns], str(r.get("descriptor_bytes", "-")),
+             "-" if r.get("images_per_second") is None else f"{r['images_per_second']:.1f}",
              "-" if r.get("query_ms") is None else f"{r['query_ms']:.1f}"] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     def line(cells: list[str]) -> str:

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         return 0
     for result in results:
         log.info("%s: %s", result.method, {k: round(v, 4) for k, v in result.metrics.items()})
-    summary = report(benchmark, results)
+    summary = report(benchmark, results, map_at_k=args.map_at_k)  # + the benchmark's reference rows
     print(format_table(summary))
     if args.out:
         write_report(summary, args.out)
