@@ -201,11 +201,11 @@ class FixedFeatures:
         return out
 
 
-def fixed_vocabulary(table, centroids, scales=(1.0,)) -> LocalVocabulary:
+def fixed_vocabulary(table, centroids, scales=(1.0,), region_size=224) -> LocalVocabulary:
     from retrieval.codebook import Codebook
 
-    vocabulary = LocalVocabulary(FixedFeatures(table, scales), KernelSettings(words=len(centroids), dims=2,
-                                                                               scales=tuple(scales)), None)
+    settings = KernelSettings(words=len(centroids), dims=2, scales=tuple(scales), region_size=region_size)
+    vocabulary = LocalVocabulary(FixedFeatures(table, scales), settings, None)
     vocabulary.codebook = Codebook(np.asarray(centroids, dtype=np.float32))
     return vocabulary
 
@@ -313,3 +313,25 @@ def test_kernel_settings_come_from_the_command_line_context_and_key_the_cache():
     for bad in ({"kernel_words": 0}, {"kernel_scales": (1.0, -2.0)}, {"kernel_scales": (1.0, 1.0)}):
         with pytest.raises(UserError):
             create_method("asmk", MethodContext(backbone="resnet18", pretrained=False, **bad))
+
+
+def test_r_asmk_describes_native_crops_and_its_rows_hold_the_words_every_crop_brings():
+    """Codebook c0 = (0,0), c1 = (4,0), c2 = (0,4), c3 = (4,4); at most 2 features per image. The database image
+    (id 3: the feature (1,0) -> word 0) has a detected box (0.5, 0.5, 1, 1) whose native crop is image id 4
+    (its top-left pixel): (0,6) -> c2 residual (0,2), (4.5,4) -> c3 residual (0.5,0), ||VLAD|| = sqrt(4.25).
+    S_0 = (1,0), S_2 = (0, 0.9701425), S_3 = (0.2425356, 0): 3 words, more than the 2 features of one image,
+    each normalised to unit length. Budget 2: floor(2 x 1 scale-1 word) = 2, the longest S: words 0 and 2."""
+    table = {3: ([[1, 0]], [1]), 4: ([[0, 6], [4.5, 4]], [1, 1])}
+    centroids = [[0, 0], [4, 0], [0, 4], [4, 4]]
+    vocabulary = fixed_vocabulary(table, centroids, region_size="native")
+    image = torch.zeros(1, 3, 8, 8)
+    image[0, 0, 0, 0], image[0, 0, 4:, 4:] = 3, 4
+    box = Boxes([[0, 0, 1, 1], [0.5, 0.5, 1, 1]])
+    r_asmk = MatchKernelMethod("r_asmk", vocabulary, box)
+    assert r_asmk.max_words == 4                          # min(C, 2 features x (1 + 1 region))
+    database = agg.from_rows(r_asmk.encode_database(image).numpy(), 2)[0]
+    assert database.words.tolist() == [0, 2, 3]
+    np.testing.assert_allclose(database.vectors, [[1, 0], [0, 1], [1, 0]], atol=1e-6)
+    assert r_asmk.config()["region_size"] == "native"
+    capped = MatchKernelMethod("r_asmk", vocabulary, box, word_budget=2.0)
+    assert agg.from_rows(capped.encode_database(image).numpy(), 2)[0].words.tolist() == [0, 2]
