@@ -53,7 +53,11 @@ extra forward pass) - a deviation. R regions, Y^(r) the features of region r:
 * Normaliser of regional kernels: DELF's index config for R-ASMK* sets ``use_l2_normalization: false``, which
   for ASMK types disables the sqrt(#words_1 #words_2) division at comparison time, so regional database
   images get gamma(Y) = 1 (``normalize=False``, default); ``normalize=True`` uses gamma = (#words)^(-1/2) as
-  plain ASMK does. The query-side gamma(X) is a constant per query and never changes a ranking.
+  plain ASMK does, and ``asmk(..., normalize=False)`` gives plain ASMK gamma = 1 (so the two kernels can be
+  compared under one normaliser). The query-side gamma(X) is a constant per query and never changes a ranking.
+* Word caps: ``rasmk(word_budget=B)`` keeps at most floor(B x the first region's word count) words, and
+  ``asmk`` / ``rasmk`` with ``max_words=n`` at most n: those whose aggregated (summed regional) residual is
+  longest, before the per-word normalisation; gamma counts the words kept.
 
 Storage and scoring: :class:`Aggregated` is one image (sorted word ids + one float32 vector or packed bit code
 per word + gamma). :class:`AggregatedDatabase` stores all database (word, vector) pairs in word-sorted flat
