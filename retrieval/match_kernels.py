@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models.backbones import Preprocessing
+from utils.errors import UserError
 
 from . import aggregation as agg
 from .codebook import Codebook, fit_or_load_codebook
@@ -40,7 +41,6 @@ from .local_features import LocalFeatureExtractor
 from .methods import MethodContext, RetrievalMethod, register_method
 from .regional import NATIVE, RegionProposer, crop_region, proposer_from_context
 from .scores import ScoreSource
-from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

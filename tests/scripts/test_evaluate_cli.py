@@ -152,4 +152,5 @@ def test_region_size_and_scales_parse():
                                 "--scales", "1,0.707,1.414"])
     assert args.region_size == "native" and args.scales == (1.0, 0.707, 1.414)
     defaults = evaluate.parse_args(["--benchmark", "flowers102", "--method", "r_asmk"])
-    assert (defaults.region_size, defaults.scales, defaults.words, defaults.kernel_gamma) == (224, None, None, "default")
+    assert (defaults.region_size, defaults.scales, defaults.words, defaults.kernel_gamma) == \
+        (224, None, None, "default")
