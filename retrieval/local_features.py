@@ -129,10 +129,9 @@ class LocalFeatureExtractor:
         self.per_scale = bool(per_scale)
         self.pca: PCA | None = None
 
-    @property
-    def features_per_image(self) -> int:
-        """The most features an image can have."""
-        return self.max_features * (len(self.scales) if self.per_scale else 1)
+    def features_per_image(self, scales: Sequence[float] | None = None) -> int:
+        """The most features an image can have (at the extractor's scales, or at ``scales``)."""
+        return self.max_features * (len(self.scales if scales is None else scales) if self.per_scale else 1)
 
     def config(self) -> dict:
         """Everything that changes the descriptors (key caches with it, plus what the PCA was fitted on)."""
@@ -146,14 +145,15 @@ class LocalFeatureExtractor:
                 "backbone_mode": "eval", **per}
 
     @torch.no_grad()
-    def raw(self, images: torch.Tensor) -> list[LocalFeatures]:
-        """Selected features before PCA (L2-normalised full-width descriptors) of (B, 3, H, W) images.
+    def raw(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> list[LocalFeatures]:
+        """Selected features before PCA (L2-normalised full-width descriptors) of (B, 3, H, W) images, at the
+        extractor's scales or at ``scales`` (e.g. the database side of an asymmetric method).
 
         The backbone runs in eval mode (it is set so): in training mode its BatchNorm layers would normalise
         with each batch's statistics and overwrite the running ones that every later pass uses."""
         self.backbone.eval()
         maps = []
-        for scale in self.scales:
+        for scale in self.scales if scales is None else scales:
             x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                           align_corners=False, antialias=scale < 1.0)
             maps.append((scale, self.backbone.forward_taps(x, [self.tap])[self.tap]))
@@ -196,10 +196,11 @@ class LocalFeatureExtractor:
             raise RuntimeError("the local-feature PCA is not fitted: call fit() or fit_pca() first")
         return self.pca(x).numpy().astype(np.float32, copy=False)
 
-    def __call__(self, images: torch.Tensor) -> list[LocalFeatures]:
-        """Final local features of (B, 3, H, W) equally sized images: one :class:`LocalFeatures` per image."""
+    def __call__(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> list[LocalFeatures]:
+        """Final local features of (B, 3, H, W) equally sized images: one :class:`LocalFeatures` per image
+        (``scales``: as in :meth:`raw`)."""
         out = []
-        for features in self.raw(images):
+        for features in self.raw(images, scales):
             features.descriptors = self.reduce_descriptors(features.descriptors)
             out.append(features)
         return out

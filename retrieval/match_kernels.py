@@ -58,16 +58,20 @@ class KernelSettings:
     region_size: int | str = 224
     kmeans_iterations: int = 20
     seed: int = 0
-    scales: tuple[float, ...] = (1.0,)  # image scales the local features are extracted at (every image, every side)
+    scales: tuple[float, ...] = (1.0,)  # image scales the local features are extracted at (fit, queries, database)
+    # the database side at other scales (None: ``scales``): queries and the fit stay at ``scales``, so multi-scale
+    # database features are a control for R-ASMK, whose crops add enlarged features to the database side only
+    database_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
         for name in ("words", "dims", "max_features", "fit_images"):
             if getattr(self, name) < 1:
                 raise UserError(f"kernel setting {name} must be at least 1, got {getattr(self, name)}")
-        if not self.scales or any(not (s > 0 and math.isfinite(s)) for s in self.scales):
-            raise UserError(f"kernel scales must be positive numbers, got {self.scales}")
-        if len(set(self.scales)) != len(self.scales):
-            raise UserError(f"kernel scales must differ from each other, got {self.scales}")
+        for scales in (self.scales, self.database_scales or (1.0,)):
+            if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+                raise UserError(f"kernel scales must be positive numbers, got {scales}")
+            if len(set(scales)) != len(scales):
+                raise UserError(f"kernel scales must differ from each other, got {scales}")
         if self.region_size != NATIVE and not (isinstance(self.region_size, int) and self.region_size >= 0):
             raise UserError(f"region_size must be a number of pixels >= 0 or 'native', got {self.region_size!r}")
 
@@ -126,12 +130,13 @@ class LocalVocabulary:
                                              niter=self.settings.kmeans_iterations, seed=self.settings.seed)
         self.fitted_on = fitted_on
 
-    def __call__(self, images: torch.Tensor):
-        """Per image: (descriptors, positions, words, scales) of its local features."""
+    def __call__(self, images: torch.Tensor, scales=None):
+        """Per image: (descriptors, positions, words, scales) of its local features (at the extractor's scales,
+        or at ``scales``)."""
         if self.codebook is None:
             raise RuntimeError("the local vocabulary is not fitted: call fit() on training images first")
         out = []
-        for features in self.extractor(images):
+        for features in self.extractor(images, scales):
             words, _ = self.codebook.assign(features.descriptors)
             out.append((features.descriptors, features.positions, words, features.scales))
         return out
@@ -153,23 +158,26 @@ class MatchKernelMethod(RetrievalMethod):
             raise ValueError(f"word_budget must be >= 0 (0: no cap), got {word_budget}")
         if gamma not in GAMMAS:
             raise UserError(f"kernel gamma must be one of {', '.join(GAMMAS)}, got {gamma!r}")
-        scales = vocabulary.extractor.scales
+        # database images are described at these scales (queries and the fit at the extractor's)
+        self.database_scales = vocabulary.settings.database_scales or vocabulary.extractor.scales
+        scales = self.database_scales
         # the budget caps R-ASMK / R-ASMK*, and ASMK / ASMK* over several scales (multi-scale ASMK at a budget)
         capped = self.regional in ("rasmk", "rasmk_star") or (self.whole != "vlad" and self.regional is None
                                                                and len(scales) > 1)
         self.word_budget = word_budget if capped else 0.0
         if self.word_budget and 1.0 not in scales:
             raise UserError(f"{name}: --word-budget counts words relative to the image's scale-1 features: "
-                            f"include 1 in --scales (got {', '.join(map(str, scales))})")
+                            f"include 1 in the database's scales (got {', '.join(map(str, scales))})")
         self.gamma = gamma if name in SELECTIVE else "default"
         # (whole image, regional) representations: normalised by (#words)^(-1/2)?
         self.normalize = {"default": (True, False), "words": (True, True), "one": (False, False)}[self.gamma]
         self.vocabulary, self.proposer = vocabulary, proposer
-        self.asymmetric = self.regional is not None or bool(self.word_budget)
+        self.other_scales = self.database_scales != vocabulary.extractor.scales
+        self.asymmetric = self.regional is not None or bool(self.word_budget) or self.other_scales
         self.binary = name.endswith("_star")
         # the most words a row can hold: an image has at most C words, and at most as many as its features (every
         # crop of a regional kernel brings its own)
-        features = vocabulary.extractor.features_per_image
+        features = max(vocabulary.extractor.features_per_image(), vocabulary.extractor.features_per_image(scales))
         if self.regional is not None and vocabulary.settings.region_size != 0:
             features *= 1 + proposer.max_regions
         self.max_words = min(vocabulary.settings.words, features)
@@ -183,7 +191,8 @@ class MatchKernelMethod(RetrievalMethod):
         regions = self.proposer.config() if self.proposer is not None else {}
         budget = {"word_budget": self.word_budget} if self.word_budget else {}  # absent: no cap
         gamma = {"gamma": self.gamma} if self.gamma != "default" else {}      # absent: each kernel's own
-        return {"name": self.name, **self.vocabulary.config(), **regions, **budget, **gamma}
+        database = {"database_scales": list(self.database_scales)} if self.other_scales else {}
+        return {"name": self.name, **self.vocabulary.config(), **regions, **budget, **gamma, **database}
 
     def needs_fit(self) -> bool:
         return True
@@ -233,8 +242,9 @@ class MatchKernelMethod(RetrievalMethod):
     def encode_database(self, images: torch.Tensor) -> torch.Tensor:
         if not self.asymmetric:
             return self.encode(images)
-        features = self.vocabulary(images)
-        if self.regional is None:  # a whole-image kernel at a word budget (several scales)
+        at = self.database_scales if self.other_scales else None  # None: the extractor's scales
+        features = self.vocabulary(images, at)
+        if self.regional is None:  # a whole-image kernel with a word budget or other database scales
             return self._rows([self._aggregate(self.whole, descriptors, positions, words,
                                                max_words=self._word_limit(descriptors, words, scales))
                                for descriptors, positions, words, scales in features])
@@ -249,7 +259,7 @@ class MatchKernelMethod(RetrievalMethod):
                 continue
             regions = [(descriptors, words)]  # the full image (box 0) as it is, then each detected crop
             for box in image_boxes[1:]:
-                crop_descriptors, _, crop_words, _ = self.vocabulary(crop_region(image, box, size)[None])[0]
+                crop_descriptors, _, crop_words, _ = self.vocabulary(crop_region(image, box, size)[None], at)[0]
                 regions.append((crop_descriptors, crop_words))
             items.append(self._aggregate(self.regional, regions, None, None, max_words=limit))
         return self._rows(items)
@@ -280,7 +290,9 @@ def kernel_settings(context: MethodContext) -> KernelSettings:
     defaults)."""
     chosen = {"words": context.kernel_words, "max_features": context.kernel_max_features,
               "fit_images": context.kernel_fit_images,
-              "scales": None if context.kernel_scales is None else tuple(float(s) for s in context.kernel_scales)}
+              "scales": None if context.kernel_scales is None else tuple(float(s) for s in context.kernel_scales),
+              "database_scales": None if context.kernel_database_scales is None else
+              tuple(float(s) for s in context.kernel_database_scales)}
     return KernelSettings(region_size=context.region_size, **{k: v for k, v in chosen.items() if v is not None})
 
 

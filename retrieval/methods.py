@@ -55,6 +55,7 @@ class MethodContext:
     kernel_words: int | None = None
     kernel_max_features: int | None = None
     kernel_scales: tuple[float, ...] | None = None
+    kernel_database_scales: tuple[float, ...] | None = None  # the database side's scales (None: kernel_scales)
     kernel_fit_images: int | None = None
     kernel_gamma: str = "default"
     region_score_threshold: float | None = None  # None: the detector checkpoint's

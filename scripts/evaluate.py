@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     kernels.add_argument("--scales", type=_scales, default=None,
                          help="image scales the local features are extracted at, comma-separated, e.g. "
                               "1,0.707,1.414 (default 1); fit, queries and database alike")
+    kernels.add_argument("--database-scales", type=_scales, default=None,
+                         help="the database side's scales instead (e.g. 1,2; default: --scales): queries and the fit "
+                              "stay at --scales, as R-ASMK's crops enlarge database objects only")
     kernels.add_argument("--fit-images", type=positive_int, default=None,
                          help=f"training images whose local features fit the PCA and the codebook (default "
                               f"{defaults.fit_images})")
@@ -151,6 +154,7 @@ def main(argv=None) -> int:
                             max_regions=args.max_regions, region_size=args.region_size,
                             word_budget=args.word_budget, kernel_words=args.words,
                             kernel_max_features=args.max_features, kernel_scales=args.scales,
+                            kernel_database_scales=args.database_scales,
                             kernel_fit_images=args.fit_images, kernel_gamma=args.kernel_gamma,
                             region_score_threshold=args.region_score_threshold,
                             region_nms_threshold=args.region_nms_threshold, cache_dir=args.cache_dir or None)

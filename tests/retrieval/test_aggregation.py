@@ -371,12 +371,13 @@ def test_per_scale_selection_is_in_the_extractor_key_only_where_it_selects_other
 
     backbone = create_backbone("resnet18", pretrained=False)
     one = LocalFeatureExtractor(backbone, tap="layer2", max_features=7, per_scale=True)
-    assert "max_features_per" not in one.config() and one.features_per_image == 7
+    assert "max_features_per" not in one.config() and one.features_per_image() == 7
     assert one.config() == LocalFeatureExtractor(backbone, tap="layer2", max_features=7).config()
     several = LocalFeatureExtractor(backbone, tap="layer2", max_features=7, scales=(1.0, 2.0), per_scale=True)
-    assert several.config()["max_features_per"] == "scale" and several.features_per_image == 14
+    assert several.config()["max_features_per"] == "scale" and several.features_per_image() == 14
     joint = LocalFeatureExtractor(backbone, tap="layer2", max_features=7, scales=(1.0, 2.0))
-    assert "max_features_per" not in joint.config() and joint.features_per_image == 7
+    assert "max_features_per" not in joint.config() and joint.features_per_image() == 7
+    assert several.features_per_image((1.0, 2.0, 4.0)) == 21 and joint.features_per_image((1.0, 2.0, 4.0)) == 7
 
 
 def test_local_feature_extractor_batch_and_pca(one_thread):

@@ -181,7 +181,9 @@ class FixedFeatures:
         self.backbone = torch.nn.Identity()
         self.backbone.preprocessing = None
         self.max_features = max(len(d) for d, _ in table.values())
-        self.features_per_image = self.max_features
+
+    def features_per_image(self, scales=None):
+        return self.max_features
 
     def config(self):
         return {"fixed": sorted(self.table)}
@@ -189,22 +191,24 @@ class FixedFeatures:
     def pca_state(self):
         return {}
 
-    def __call__(self, images):
+    def __call__(self, images, scales=None):
         from retrieval.local_features import LocalFeatures
 
         out = []
         for image in images:
-            descriptors, scales = self.table[int(image[0, 0, 0])]
-            n = len(descriptors)
-            out.append(LocalFeatures(np.asarray(descriptors, np.float32), np.full((n, 2), 0.5, np.float32),
-                                     np.zeros(n, np.float32), np.asarray(scales, np.float32)))
+            descriptors, image_scales = self.table[int(image[0, 0, 0])]
+            keep = np.isin(np.asarray(image_scales, np.float32), self.scales if scales is None else scales)
+            n = int(keep.sum())
+            out.append(LocalFeatures(np.asarray(descriptors, np.float32)[keep], np.full((n, 2), 0.5, np.float32),
+                                     np.zeros(n, np.float32), np.asarray(image_scales, np.float32)[keep]))
         return out
 
 
-def fixed_vocabulary(table, centroids, scales=(1.0,), region_size=224) -> LocalVocabulary:
+def fixed_vocabulary(table, centroids, scales=(1.0,), region_size=224, database_scales=None) -> LocalVocabulary:
     from retrieval.codebook import Codebook
 
-    settings = KernelSettings(words=len(centroids), dims=2, scales=tuple(scales), region_size=region_size)
+    settings = KernelSettings(words=len(centroids), dims=2, scales=tuple(scales), region_size=region_size,
+                              database_scales=database_scales)
     vocabulary = LocalVocabulary(FixedFeatures(table, scales), settings, None)
     vocabulary.codebook = Codebook(np.asarray(centroids, dtype=np.float32))
     return vocabulary
@@ -282,8 +286,17 @@ def test_multi_scale_asmk_at_a_word_budget_keeps_the_longest_residuals_up_to_b_t
     r_asmk = MatchKernelMethod("r_asmk", vocabulary, Boxes([[0, 0, 1, 1]]), word_budget=1.0)
     assert words(r_asmk.encode_database(ids(0))).words.tolist() == [0, 2]
     # the budget is relative to scale 1: it must be one of the scales
-    with pytest.raises(ValueError, match="include 1 in --scales"):
+    with pytest.raises(ValueError, match="include 1 in the database's scales"):
         MatchKernelMethod("asmk", fixed_vocabulary(table, centroids, scales=(0.5, 2.0)), word_budget=1.2)
+    # multi-scale on the database side only: queries (and the fit) at scale 1 keep words 0 and 1 alone
+    database_only = fixed_vocabulary(table, centroids, database_scales=(1.0, 2.0))
+    method = MatchKernelMethod("asmk", database_only, word_budget=1.5)
+    assert words(method.encode(ids(0))).words.tolist() == [0, 1]
+    assert words(method.encode_database(ids(0))).words.tolist() == [0, 1, 2]
+    assert method.asymmetric and method.config()["database_scales"] == [1.0, 2.0]
+    uncapped = MatchKernelMethod("vlad", database_only)     # VLAD too describes the database at its scales
+    assert words(uncapped.encode_database(ids(0))).words.tolist() == [0, 1, 2, 3] and uncapped.asymmetric
+    assert "database_scales" not in MatchKernelMethod("asmk", vocabulary).config()
 
 
 def test_kernel_settings_come_from_the_command_line_context_and_key_the_cache():
@@ -294,23 +307,26 @@ def test_kernel_settings_come_from_the_command_line_context_and_key_the_cache():
     default = create_method("asmk", MethodContext(backbone="resnet18", pretrained=False))
     context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, kernel_words=64,
                             kernel_max_features=100, kernel_scales=(1.0, 2.0), kernel_fit_images=50,
-                            kernel_gamma="one", region_size=NATIVE)
+                            kernel_gamma="one", region_size=NATIVE, kernel_database_scales=(1.0, 2.0, 4.0))
     method = create_method("asmk", context)
     settings, extractor = method.vocabulary.settings, method.vocabulary.extractor
     assert (settings.words, settings.max_features, settings.scales, settings.fit_images, settings.region_size) == \
         (64, 100, (1.0, 2.0), 50, NATIVE)
     assert (extractor.max_features, extractor.scales, extractor.per_scale) == (100, (1.0, 2.0), True)
+    assert settings.database_scales == (1.0, 2.0, 4.0) and method.asymmetric
     config = method.config()
     assert (config["words"], config["fit_images"], config["region_size"], config["gamma"]) == (64, 50, NATIVE, "one")
     assert config["local_features"]["max_features"] == 100 and config["local_features"]["scales"] == [1.0, 2.0]
     assert config["local_features"]["max_features_per"] == "scale"
-    assert method.max_words == 64                          # min(C, 100 features x 2 scales)
+    assert config["database_scales"] == [1.0, 2.0, 4.0]
+    assert method.max_words == 64                          # min(C, 100 features x 3 database scales)
     # the defaults: KernelSettings()'s, and the key of earlier caches (no new entries in the config)
     assert default.vocabulary.settings == KernelSettings()
     assert set(default.config()) == {"name", "local_features", "words", "region_size", "fit_images",
                                      "kmeans_iterations", "seed", "fitted_on"}
     assert "max_features_per" not in default.config()["local_features"]
-    for bad in ({"kernel_words": 0}, {"kernel_scales": (1.0, -2.0)}, {"kernel_scales": (1.0, 1.0)}):
+    for bad in ({"kernel_words": 0}, {"kernel_scales": (1.0, -2.0)}, {"kernel_scales": (1.0, 1.0)},
+                {"kernel_database_scales": (0.0, 1.0)}):
         with pytest.raises(UserError):
             create_method("asmk", MethodContext(backbone="resnet18", pretrained=False, **bad))
 

@@ -131,6 +131,7 @@ def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tm
 
 
 @pytest.mark.parametrize("flag, value", [("--scales", "1,-2"), ("--scales", "1,1"), ("--scales", "1;2"),
+                                         ("--database-scales", "0,1"),
                                          ("--words", "0"), ("--max-features", "0"), ("--fit-images", "0"),
                                          ("--kernel-gamma", "half"), ("--region-size", "-1"),
                                          ("--region-size", "natural")])
@@ -149,8 +150,8 @@ def test_region_size_and_scales_parse():
     import evaluate
 
     args = evaluate.parse_args(["--benchmark", "flowers102", "--method", "r_asmk", "--region-size", "native",
-                                "--scales", "1,0.707,1.414"])
-    assert args.region_size == "native" and args.scales == (1.0, 0.707, 1.414)
+                                "--scales", "1,0.707,1.414", "--database-scales", "1,2"])
+    assert args.region_size == "native" and args.scales == (1.0, 0.707, 1.414) and args.database_scales == (1.0, 2.0)
     defaults = evaluate.parse_args(["--benchmark", "flowers102", "--method", "r_asmk"])
     assert (defaults.region_size, defaults.scales, defaults.words, defaults.kernel_gamma) == \
         (224, None, None, "default")
