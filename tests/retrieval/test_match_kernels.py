@@ -305,21 +305,21 @@ def test_kernel_settings_come_from_the_command_line_context_and_key_the_cache():
     from utils.errors import UserError
 
     default = create_method("asmk", MethodContext(backbone="resnet18", pretrained=False))
-    context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, kernel_words=64,
+    context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, kernel_words=512,
                             kernel_max_features=100, kernel_scales=(1.0, 2.0), kernel_fit_images=50,
                             kernel_gamma="one", region_size=NATIVE, kernel_database_scales=(1.0, 2.0, 4.0))
     method = create_method("asmk", context)
     settings, extractor = method.vocabulary.settings, method.vocabulary.extractor
     assert (settings.words, settings.max_features, settings.scales, settings.fit_images, settings.region_size) == \
-        (64, 100, (1.0, 2.0), 50, NATIVE)
+        (512, 100, (1.0, 2.0), 50, NATIVE)
     assert (extractor.max_features, extractor.scales, extractor.per_scale) == (100, (1.0, 2.0), True)
     assert settings.database_scales == (1.0, 2.0, 4.0) and method.asymmetric
     config = method.config()
-    assert (config["words"], config["fit_images"], config["region_size"], config["gamma"]) == (64, 50, NATIVE, "one")
+    assert (config["words"], config["fit_images"], config["region_size"], config["gamma"]) == (512, 50, NATIVE, "one")
     assert config["local_features"]["max_features"] == 100 and config["local_features"]["scales"] == [1.0, 2.0]
     assert config["local_features"]["max_features_per"] == "scale"
     assert config["database_scales"] == [1.0, 2.0, 4.0]
-    assert method.max_words == 64                          # min(C, 100 features x 3 database scales)
+    assert method.max_words == 300                         # min(C, 100 features x 3 database scales)
     # the defaults: KernelSettings()'s, and the key of earlier caches (no new entries in the config)
     assert default.vocabulary.settings == KernelSettings()
     assert set(default.config()) == {"name", "local_features", "words", "region_size", "fit_images",

@@ -101,7 +101,7 @@ def test_settings_refuse_a_zero_image_size_instead_of_using_the_default():
 
 
 def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tmp_path):
-    """--words, --max-features, --scales, --fit-images, --kernel-gamma and --word-budget end in the method's
+    """--words, --max-features, --scales, --database-scales, --fit-images, --kernel-gamma and --word-budget end in the method's
     config (hence its cache key), end to end. ResNet-18's stride-32 map of a 64-px image has 2 x 2 cells at scale
     1 and 4 x 4 at scale 2: 20 features per image, 7 fitting images give 140 (the PCA to 128 needs > 128)."""
     rng = np.random.default_rng(3)
@@ -120,14 +120,14 @@ def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tm
         [sys.executable, str(REPO / "scripts/evaluate.py"), "--benchmark", f"csv:{folder / 'labels.csv'}:test",
          "--method", "asmk", "--backbone", "resnet18", "--random-init", "--image-size", "64", "--cache-dir", "",
          "--words", "4", "--max-features", "40", "--scales", "1,2", "--fit-images", "7", "--kernel-gamma", "one",
-         "--word-budget", "1.5", "--out", str(tmp_path / "out.json")],
+         "--word-budget", "1.5", "--database-scales", "1,2,4", "--out", str(tmp_path / "out.json")],
         capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "out.json").read_text())["results"][0]["config"]
     assert (config["words"], config["fit_images"], config["gamma"], config["word_budget"]) == (4, 7, "one", 1.5)
     features = config["local_features"]
     assert (features["max_features"], features["scales"], features["max_features_per"]) == (40, [1.0, 2.0], "scale")
-    assert config["fitted_on"].startswith("7 images")
+    assert config["fitted_on"].startswith("7 images") and config["database_scales"] == [1.0, 2.0, 4.0]
 
 
 @pytest.mark.parametrize("flag, value", [("--scales", "1,-2"), ("--scales", "1,1"), ("--scales", "1;2"),
