@@ -101,8 +101,8 @@ def test_settings_refuse_a_zero_image_size_instead_of_using_the_default():
 
 
 def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tmp_path):
-    """--words, --max-features, --scales, --database-scales, --fit-images, --kernel-gamma and --word-budget end in the method's
-    config (hence its cache key), end to end. ResNet-18's stride-32 map of a 64-px image has 2 x 2 cells at scale
+    """--words, --max-features, --scales, --database-scales, --fit-images, --kernel-gamma and --word-budget end in
+    the method's config (hence its cache key), end to end. ResNet-18's stride-32 map of a 64-px image has 2 x 2 cells at scale
     1 and 4 x 4 at scale 2: 20 features per image, 7 fitting images give 140 (the PCA to 128 needs > 128)."""
     rng = np.random.default_rng(3)
     folder = tmp_path / "set"
