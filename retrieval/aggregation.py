@@ -53,7 +53,11 @@ extra forward pass) - a deviation. R regions, Y^(r) the features of region r:
 * Normaliser of regional kernels: DELF's index config for R-ASMK* sets ``use_l2_normalization: false``, which
   for ASMK types disables the sqrt(#words_1 #words_2) division at comparison time, so regional database
   images get gamma(Y) = 1 (``normalize=False``, default); ``normalize=True`` uses gamma = (#words)^(-1/2) as
-  plain ASMK does. The query-side gamma(X) is a constant per query and never changes a ranking.
+  plain ASMK does, and ``asmk(..., normalize=False)`` gives plain ASMK gamma = 1 (so the two kernels can be
+  compared under one normaliser). The query-side gamma(X) is a constant per query and never changes a ranking.
+* Word caps: ``rasmk(word_budget=B)`` keeps at most floor(B x the first region's word count) words, and
+  ``asmk`` / ``rasmk`` with ``max_words=n`` at most n: those whose aggregated (summed regional) residual is
+  longest, before the per-word normalisation; gamma counts the words kept.
 
 Storage and scoring: :class:`Aggregated` is one image (sorted word ids + one float32 vector or packed bit code
 per word + gamma). :class:`AggregatedDatabase` stores all database (word, vector) pairs in word-sorted flat
@@ -207,6 +211,21 @@ def _count_gamma(count: int) -> float:
     return count ** -0.5 if count else 0.0
 
 
+def _gamma(count: int, normalize: bool) -> float:
+    """The database normaliser of a selective kernel: (#words)^(-1/2), or 1 (an empty image: 0 either way)."""
+    return _count_gamma(count) if normalize else (1.0 if count else 0.0)
+
+
+def _keep_longest(words: np.ndarray, vectors: np.ndarray, norms: np.ndarray, limit: int | None):
+    """The ``limit`` words of longest vector norm (all when ``limit`` is None or not exceeded), in word order."""
+    if limit is None or len(words) <= limit:
+        return words, vectors, norms
+    if limit < 1:
+        raise ValueError(f"a word limit must be at least 1, got {limit}")
+    keep = np.sort(np.argsort(-norms, kind="stable")[:limit])  # word order stays ascending
+    return words[keep], vectors[keep], norms[keep]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # whole-image kernels
 
@@ -230,12 +249,15 @@ def to_dense(image: Aggregated, num_words: int) -> np.ndarray:
 
 
 def asmk(descriptors: np.ndarray, codebook: Codebook, words=None, assignments: int = 1,
-         binary: bool = False) -> Aggregated:
+         binary: bool = False, normalize: bool = True, max_words: int | None = None) -> Aggregated:
     """ASMK (``binary=False``: V_hat per word) or ASMK* (``binary=True``: packed signs of V);
-    gamma = (#words)^(-1/2)."""
+    gamma = (#words)^(-1/2), or 1 with ``normalize=False`` (DELF's ``use_l2_normalization: false``).
+
+    ``max_words`` caps the memory: at most that many words are kept, those whose aggregated residual V(X_c) is
+    longest (the rule of :func:`rasmk`'s ``word_budget``); gamma counts the words kept."""
     w, v = residual_sums(descriptors, _word_matrix(descriptors, codebook, words, assignments), codebook.centroids)
-    w, v, norms = _present(w, v)
-    return _finish(w, v / norms[:, None], codebook.dims, binary, _count_gamma(len(w)))
+    w, v, norms = _keep_longest(*_present(w, v), max_words)
+    return _finish(w, v / norms[:, None], codebook.dims, binary, _gamma(len(w), normalize))
 
 
 def asmk_star(descriptors: np.ndarray, codebook: Codebook, words=None, assignments: int = 1) -> Aggregated:
@@ -325,7 +347,7 @@ def naive_rasmk(descriptors, positions, boxes, codebook: Codebook, words=None, a
 
 def rasmk(descriptors, positions, boxes, codebook: Codebook, words=None, assignments: int = 1,
           binary: bool = False, region_weights: str = "vlad", normalize: bool = False,
-          word_budget: float = 0.0) -> Aggregated:
+          word_budget: float = 0.0, max_words: int | None = None) -> Aggregated:
     """R-ASMK (``binary=False``) / R-ASMK* (``binary=True``): per word, the normalised sum over regions of
     the residuals, each region's residuals divided by the norm of its whole VLAD vector
     (``region_weights="vlad"``, DELF) or per word (``"word"``). gamma = 1 (DELF) or (#words)^(-1/2) with
@@ -334,11 +356,13 @@ def rasmk(descriptors, positions, boxes, codebook: Codebook, words=None, assignm
     ``word_budget`` > 0 caps the memory: at most ``floor(word_budget x`` the first region's word count``)``
     words are kept (the first region is the full image, so 1.2 = at most 1.2x the image's ASMK memory), those
     whose summed regional residual is longest - the words several regions agree on, or that a small region
-    weighs heavily."""
+    weighs heavily. ``max_words`` gives the cap as a count instead (the caller's reference word count)."""
     if region_weights not in ("vlad", "word"):
         raise ValueError(f"region_weights must be 'vlad' or 'word', got {region_weights!r}")
     if word_budget < 0:
         raise ValueError(f"word_budget must be >= 0 (0: no cap), got {word_budget}")
+    if word_budget and max_words is not None:
+        raise ValueError("give the word cap as word_budget or as max_words, not both")
     regions = _regional_residuals(descriptors, positions, boxes, codebook, words, assignments)
     parts_w, parts_v = [], []
     for w, v, norms in regions:
@@ -348,14 +372,10 @@ def rasmk(descriptors, positions, boxes, codebook: Codebook, words=None, assignm
         parts_v.append(v / math.sqrt(float((v ** 2).sum())) if region_weights == "vlad" else v / norms[:, None])
     w, s = _sum_by_word(np.concatenate(parts_w or [np.empty(0, np.int64)]),
                         np.concatenate(parts_v or [np.zeros((0, codebook.dims))]))
-    w, s, norms = _present(w, s)
     if word_budget > 0:
-        limit = max(1, math.floor(word_budget * len(regions[0][0])))
-        if len(w) > limit:
-            keep = np.sort(np.argsort(-norms, kind="stable")[:limit])  # word order stays ascending
-            w, s, norms = w[keep], s[keep], norms[keep]
-    gamma = _count_gamma(len(w)) if normalize else (1.0 if len(w) else 0.0)
-    return _finish(w, s / norms[:, None], codebook.dims, binary, gamma)
+        max_words = max(1, math.floor(word_budget * len(regions[0][0])))
+    w, s, norms = _keep_longest(*_present(w, s), max_words)
+    return _finish(w, s / norms[:, None], codebook.dims, binary, _gamma(len(w), normalize))
 
 
 # ---------------------------------------------------------------------------------------------------------

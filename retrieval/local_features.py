@@ -4,8 +4,10 @@ Every spatial position of a feature map (one tap of a :class:`~models.backbones.
 descriptor. DELF (Noh et al., ICCV 2017) ranks them by a learned attention score; we have no attention
 network, so the **score is the L2 norm of the feature vector** at that position (the raw activation energy,
 the usual training-free stand-in: strongly activated positions are the ones a pooled descriptor is made of).
-Each image keeps its ``max_features`` best-scoring positions, over all ``scales`` together; ties are broken
-by scale order, then raster order (deterministic).
+Each image keeps its ``max_features`` best-scoring positions, over all ``scales`` together
+(``per_scale=False``, the default), or ``max_features`` at *each* scale (``per_scale=True``: the match-kernel
+methods' choice, so that every extra scale adds up to ``max_features`` features to an image as every detected
+region's crop does for R-ASMK); ties are broken by scale order, then raster order (deterministic).
 
 Positions are the centres of the feature-map cells in normalised image coordinates: ``cx = (j + 0.5) / w``,
 ``cy = (i + 0.5) / h`` for row ``i``, column ``j`` of an ``h x w`` map, both in [0, 1] whatever the scale
@@ -78,19 +80,26 @@ def select_local_features(fmap: torch.Tensor, max_features: int) -> list[LocalFe
     return _select([(1.0, fmap)], max_features)
 
 
-def _select(maps: Sequence[tuple[float, torch.Tensor]], max_features: int) -> list[LocalFeatures]:
-    """Merge the positions of several scales' maps (same batch) and keep each image's best ``max_features``."""
+def _select(maps: Sequence[tuple[float, torch.Tensor]], max_features: int,
+            per_scale: bool = False) -> list[LocalFeatures]:
+    """Merge the positions of several scales' maps (same batch) and keep each image's best ``max_features``
+    (``per_scale``: the best ``max_features`` of each scale, then all of them sorted by score)."""
     if max_features < 1:
         raise UserError(f"max_features must be at least 1, got {max_features}")
     parts = [(scale, *dense_features(fmap)) for scale, fmap in maps]
     batch = parts[0][1].shape[0]
     out = []
     for i in range(batch):
-        descriptors = torch.cat([p[1][i] for p in parts])
-        scores = torch.cat([p[2][i] for p in parts])
-        positions = torch.cat([p[3] for p in parts])
-        scales = torch.cat([torch.full((len(p[3]),), p[0], dtype=torch.float32) for p in parts])
-        keep = top_by_score(scores, max_features)
+        if per_scale:  # each scale's best first, so the merged sort below keeps them all
+            picks = [top_by_score(p[2][i], max_features) for p in parts]
+            parts_i = [(p[0], p[1][i][k], p[2][i][k], p[3][k]) for p, k in zip(parts, picks)]
+        else:
+            parts_i = [(p[0], p[1][i], p[2][i], p[3]) for p in parts]
+        descriptors = torch.cat([p[1] for p in parts_i])
+        scores = torch.cat([p[2] for p in parts_i])
+        positions = torch.cat([p[3] for p in parts_i])
+        scales = torch.cat([torch.full((len(p[3]),), p[0], dtype=torch.float32) for p in parts_i])
+        keep = top_by_score(scores, len(scores) if per_scale else max_features)
         out.append(LocalFeatures(l2n(descriptors[keep]).numpy().astype(np.float32, copy=False),
                                  positions[keep].numpy(), scores[keep].numpy().astype(np.float32, copy=False),
                                  scales[keep].numpy()))
@@ -105,7 +114,8 @@ class LocalFeatureExtractor:
     """
 
     def __init__(self, backbone: Backbone, tap: str | None = None, max_features: int = 300,
-                 scales: Sequence[float] = (1.0,), dims: int | None = 128, pca_seed: int = 0):
+                 scales: Sequence[float] = (1.0,), dims: int | None = 128, pca_seed: int = 0,
+                 per_scale: bool = False):
         if tap is None:
             tap = "blocks5_expand" if "blocks5_expand" in backbone.taps else FEATURES
         if not scales or any(s <= 0 for s in scales):
@@ -116,35 +126,48 @@ class LocalFeatureExtractor:
         self.scales = tuple(float(s) for s in scales)
         self.dims = dims
         self.pca_seed = pca_seed
+        self.per_scale = bool(per_scale)
         self.pca: PCA | None = None
+
+    def features_per_image(self, scales: Sequence[float] | None = None) -> int:
+        """The most features an image can have (at the extractor's scales, or at ``scales``)."""
+        return self.max_features * (len(self.scales if scales is None else scales) if self.per_scale else 1)
 
     def config(self) -> dict:
         """Everything that changes the descriptors (key caches with it, plus what the PCA was fitted on)."""
         # "backbone_mode": the features (and the PCA and codebook fitted on them) come from the backbone in eval
         # mode; caches made before that was enforced have no such key, so they are never reused
+        # "max_features_per": only for per-scale selection over several scales, the one case that selects other
+        # features than the original rule (so every earlier configuration keeps its cache key)
+        per = {"max_features_per": "scale"} if self.per_scale and len(self.scales) > 1 else {}
         return {"backbone": self.backbone.describe(), "tap": self.tap, "max_features": self.max_features,
                 "scales": list(self.scales), "score": "l2norm", "dims": self.dims, "pca_seed": self.pca_seed,
-                "backbone_mode": "eval"}
+                "backbone_mode": "eval", **per}
 
     @torch.no_grad()
-    def raw(self, images: torch.Tensor) -> list[LocalFeatures]:
-        """Selected features before PCA (L2-normalised full-width descriptors) of (B, 3, H, W) images.
+    def raw(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> list[LocalFeatures]:
+        """Selected features before PCA (L2-normalised full-width descriptors) of (B, 3, H, W) images, at the
+        extractor's scales or at ``scales`` (e.g. the database side of an asymmetric method).
 
         The backbone runs in eval mode (it is set so): in training mode its BatchNorm layers would normalise
         with each batch's statistics and overwrite the running ones that every later pass uses."""
         self.backbone.eval()
         maps = []
-        for scale in self.scales:
+        for scale in self.scales if scales is None else scales:
             x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                           align_corners=False, antialias=scale < 1.0)
             maps.append((scale, self.backbone.forward_taps(x, [self.tap])[self.tap]))
-        return _select(maps, self.max_features)
+        return _select(maps, self.max_features, self.per_scale)
 
     def fit_pca(self, descriptors) -> None:
         """Fit the PCA on raw training descriptors (N, C) (the rows of :meth:`raw` outputs)."""
         if self.dims is None:
             return
         x = torch.as_tensor(np.asarray(descriptors, dtype=np.float32))
+        if len(x) <= self.dims:  # PCA would keep fewer dimensions, and every later consumer expects ``dims``
+            raise UserError(f"the local-feature PCA to {self.dims} dimensions needs more than {self.dims} training "
+                            f"descriptors, got {len(x)}: fit on more images (--fit-images) or more features per "
+                            f"image (--max-features)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.pca_seed)
             self.pca = PCA.fit(x, self.dims, name=f"local features {self.tap}")
@@ -173,10 +196,11 @@ class LocalFeatureExtractor:
             raise RuntimeError("the local-feature PCA is not fitted: call fit() or fit_pca() first")
         return self.pca(x).numpy().astype(np.float32, copy=False)
 
-    def __call__(self, images: torch.Tensor) -> list[LocalFeatures]:
-        """Final local features of (B, 3, H, W) equally sized images: one :class:`LocalFeatures` per image."""
+    def __call__(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> list[LocalFeatures]:
+        """Final local features of (B, 3, H, W) equally sized images: one :class:`LocalFeatures` per image
+        (``scales``: as in :meth:`raw`)."""
         out = []
-        for features in self.raw(images):
+        for features in self.raw(images, scales):
             features.descriptors = self.reduce_descriptors(features.descriptors)
             out.append(features)
         return out

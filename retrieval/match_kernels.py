@@ -1,20 +1,29 @@
 """Aggregated match kernels as harness methods: ``vlad``, ``asmk``, ``asmk_star`` and their regional versions
 ``r_vlad``, ``r_asmk_naive``, ``r_asmk``, ``r_asmk_star`` (Detect-to-Retrieve §4.3).
 
-Pipeline: backbone tap -> DELF-style local features (top 300 by feature norm, L2 -> PCA 128 -> L2;
-:mod:`retrieval.local_features`) -> nearest of C = 256 k-means words (:mod:`retrieval.codebook`, cached on
+Pipeline: backbone tap -> DELF-style local features (top 300 by feature norm at each scale, L2 -> PCA 128 ->
+L2; :mod:`retrieval.local_features`) -> nearest of C = 256 k-means words (:mod:`retrieval.codebook`, cached on
 disk) -> the kernel's per-word aggregation (:mod:`retrieval.aggregation`). ``fit`` learns the PCA and the
 codebook on the benchmark's training images, once for every kernel built from one :class:`MethodContext`.
+Codebook size, features per image and scale, the scales and the number of fitting images are
+:class:`KernelSettings` (``--words``, ``--max-features``, ``--scales``, ``--fit-images``).
 
 The regional kernels aggregate the database image over its detected regions (the full image first; regions on
 the database side only, as in the paper), each detected region described by the local features of its crop
-(as DELF does); queries are aggregated whole. Descriptors are the padded rows of
-:func:`retrieval.aggregation.to_rows`; ``descriptor_bytes`` counts an image's real words (2-byte word id +
-float32 vector, or d bits for the starred kernels).
+(as DELF does), resized to ``region_size`` on its shorter side or at the image's own scale (``"native"``);
+queries are aggregated whole. Descriptors are the padded rows of :func:`retrieval.aggregation.to_rows`;
+``descriptor_bytes`` counts an image's real words (2-byte word id + float32 vector, or d bits for the starred
+kernels).
+
+Controls for comparing kernels (docs/aggregation.md): ``gamma`` sets the normaliser of the selective kernels
+(ASMK, ASMK*, R-ASMK, R-ASMK*) the same way for all of them; ``word_budget`` caps each database image at B x
+the word count of its scale-1 features (single-scale ASMK's memory) for R-ASMK / R-ASMK* and, with several
+scales, for ASMK / ASMK* (multi-scale ASMK at R-ASMK's memory).
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,13 +32,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models.backbones import Preprocessing
+from utils.errors import UserError
 
 from . import aggregation as agg
 from .codebook import Codebook, fit_or_load_codebook
 from .descriptor_cache import image_list_fingerprint
 from .local_features import LocalFeatureExtractor
 from .methods import MethodContext, RetrievalMethod, register_method, state_fingerprint
-from .regional import RegionProposer, crop_region, proposer_from_context
+from .regional import NATIVE, RegionProposer, crop_region, proposer_from_context
 from .scores import ScoreSource
 
 log = logging.getLogger(__name__)
@@ -39,14 +49,39 @@ log = logging.getLogger(__name__)
 class KernelSettings:
     words: int = 256             # 256 beat 1,024 on Flowers (about 265 features per image leave most words empty)
     dims: int = 128
-    max_features: int = 300
+    max_features: int = 300      # per image and scale (each extra scale adds up to this many, as a crop does)
     fit_images: int = 300        # training images whose local features fit the PCA and the codebook
     # regional kernels: a detected region's features come from its crop, resized to this shorter side (DELF
-    # re-extracts each region: a small object gets as many features as a query); 0 = select the whole image's
-    # features inside the box instead (no extra forward pass, but a small object keeps only a few of them)
-    region_size: int = 224
+    # re-extracts each region: a small object gets as many features as a query); "native": the crop at the
+    # image's own scale (DELF crops without resizing); 0 = select the whole image's features inside the box
+    # instead (no extra forward pass, but a small object keeps only a few of them)
+    region_size: int | str = 224
     kmeans_iterations: int = 20
     seed: int = 0
+    scales: tuple[float, ...] = (1.0,)  # image scales the local features are extracted at (fit, queries, database)
+    # the database side at other scales (None: ``scales``): queries and the fit stay at ``scales``, so multi-scale
+    # database features are a control for R-ASMK, whose crops add enlarged features to the database side only
+    database_scales: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("words", "dims", "max_features", "fit_images"):
+            if getattr(self, name) < 1:
+                raise UserError(f"kernel setting {name} must be at least 1, got {getattr(self, name)}")
+        for scales in (self.scales, self.database_scales or (1.0,)):
+            if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+                raise UserError(f"kernel scales must be positive numbers, got {scales}")
+            if len(set(scales)) != len(scales):
+                raise UserError(f"kernel scales must differ from each other, got {scales}")
+        if self.region_size != NATIVE and not (isinstance(self.region_size, int) and self.region_size >= 0):
+            raise UserError(f"region_size must be a number of pixels >= 0 or 'native', got {self.region_size!r}")
+
+
+#: database normaliser of the selective kernels (``--kernel-gamma``): "default" = each kernel's own (ASMK /
+#: ASMK* (#words)^(-1/2); R-ASMK / R-ASMK* 1, DELF's regional index config), "words" = (#words)^(-1/2) for all,
+#: "one" = 1 for all (DELF's ``use_l2_normalization: false``). It applies to queries and database alike.
+GAMMAS = ("default", "words", "one")
+#: the kernels it applies to: VLAD's normaliser is the L2 norm inside its vector, naive R-ASMK's is inside Phi_R
+SELECTIVE = ("asmk", "asmk_star", "r_asmk", "r_asmk_star")
 
 
 #: name -> (whole-image kernel, regional kernel or None, selectivity)
@@ -100,14 +135,15 @@ class LocalVocabulary:
                                              niter=self.settings.kmeans_iterations, seed=self.settings.seed)
         self.fitted_on = fitted_on
 
-    def __call__(self, images: torch.Tensor):
-        """Per image: (descriptors, positions, words) of its local features."""
+    def __call__(self, images: torch.Tensor, scales=None):
+        """Per image: (descriptors, positions, words, scales) of its local features (at the extractor's scales,
+        or at ``scales``)."""
         if self.codebook is None:
             raise RuntimeError("the local vocabulary is not fitted: call fit() on training images first")
         out = []
-        for features in self.extractor(images):
+        for features in self.extractor(images, scales):
             words, _ = self.codebook.assign(features.descriptors)
-            out.append((features.descriptors, features.positions, words))
+            out.append((features.descriptors, features.positions, words, features.scales))
         return out
 
 
@@ -116,7 +152,7 @@ class MatchKernelMethod(RetrievalMethod):
     :class:`RegionProposer`)."""
 
     def __init__(self, name: str, vocabulary: LocalVocabulary, proposer: RegionProposer | None = None,
-                 word_budget: float = 0.0):
+                 word_budget: float = 0.0, gamma: str = "default"):
         if name not in KERNELS:
             raise ValueError(f"unknown kernel {name!r}; one of {', '.join(KERNELS)}")
         super().__init__(name)
@@ -125,12 +161,31 @@ class MatchKernelMethod(RetrievalMethod):
             raise ValueError(f"{name} aggregates detected regions: it needs a RegionProposer")
         if word_budget < 0:
             raise ValueError(f"word_budget must be >= 0 (0: no cap), got {word_budget}")
-        self.word_budget = word_budget if self.regional in ("rasmk", "rasmk_star") else 0.0
+        if gamma not in GAMMAS:
+            raise UserError(f"kernel gamma must be one of {', '.join(GAMMAS)}, got {gamma!r}")
+        # database images are described at these scales (queries and the fit at the extractor's)
+        self.database_scales = vocabulary.settings.database_scales or vocabulary.extractor.scales
+        scales = self.database_scales
+        # the budget caps R-ASMK / R-ASMK*, and ASMK / ASMK* over several scales (multi-scale ASMK at a budget)
+        capped = self.regional in ("rasmk", "rasmk_star") or (self.whole != "vlad" and self.regional is None
+                                                               and len(scales) > 1)
+        self.word_budget = word_budget if capped else 0.0
+        if self.word_budget and 1.0 not in scales:
+            raise UserError(f"{name}: --word-budget counts words relative to the image's scale-1 features: "
+                            f"include 1 in the database's scales (got {', '.join(map(str, scales))})")
+        self.gamma = gamma if name in SELECTIVE else "default"
+        # (whole image, regional) representations: normalised by (#words)^(-1/2)?
+        self.normalize = {"default": (True, False), "words": (True, True), "one": (False, False)}[self.gamma]
         self.vocabulary, self.proposer = vocabulary, proposer
-        self.asymmetric = self.regional is not None
+        self.other_scales = self.database_scales != vocabulary.extractor.scales
+        self.asymmetric = self.regional is not None or bool(self.word_budget) or self.other_scales
         self.binary = name.endswith("_star")
-        self.max_words = min(vocabulary.settings.words,
-                             vocabulary.extractor.max_features * len(vocabulary.extractor.scales))
+        # the most words a row can hold: an image has at most C words, and at most as many as its features (every
+        # crop of a regional kernel brings its own)
+        features = max(vocabulary.extractor.features_per_image(), vocabulary.extractor.features_per_image(scales))
+        if self.regional is not None and vocabulary.settings.region_size != 0:
+            features *= 1 + proposer.max_regions
+        self.max_words = min(vocabulary.settings.words, features)
         self.backbone = vocabulary.extractor.backbone  # a submodule: extraction moves it to the device
 
     @property
@@ -140,7 +195,9 @@ class MatchKernelMethod(RetrievalMethod):
     def config(self) -> dict:
         regions = self.proposer.config() if self.proposer is not None else {}
         budget = {"word_budget": self.word_budget} if self.word_budget else {}  # absent: no cap
-        return {"name": self.name, **self.vocabulary.config(), **regions, **budget}
+        gamma = {"gamma": self.gamma} if self.gamma != "default" else {}      # absent: each kernel's own
+        database = {"database_scales": list(self.database_scales)} if self.other_scales else {}
+        return {"name": self.name, **self.vocabulary.config(), **regions, **budget, **gamma, **database}
 
     def needs_fit(self) -> bool:
         return True
@@ -153,44 +210,63 @@ class MatchKernelMethod(RetrievalMethod):
         return [*super().fitted_objects(), self.vocabulary.extractor.pca_state(),
                 None if codebook is None else codebook.centroids]
 
-    def _aggregate(self, kernel: str, descriptors, positions, words, boxes=None) -> agg.Aggregated:
+    def _aggregate(self, kernel: str, descriptors, positions, words, boxes=None,
+                   max_words: int | None = None) -> agg.Aggregated:
         """``positions=None``: ``descriptors`` is one (descriptors, words) pair per region."""
         codebook = self.vocabulary.codebook
         if kernel == "vlad":
             return agg.vlad(descriptors, codebook, words=words)
         if kernel in ("asmk", "asmk_star"):
-            return agg.asmk(descriptors, codebook, words=words, binary=kernel == "asmk_star")
+            return agg.asmk(descriptors, codebook, words=words, binary=kernel == "asmk_star",
+                            normalize=self.normalize[0], max_words=max_words)
         if kernel == "rvlad":
             return agg.rvlad(descriptors, positions, boxes, codebook, words=words)
         if kernel == "naive_rasmk":
             return agg.naive_rasmk(descriptors, positions, boxes, codebook, words=words)
         return agg.rasmk(descriptors, positions, boxes, codebook, words=words, binary=kernel == "rasmk_star",
-                         word_budget=self.word_budget)
+                         normalize=self.normalize[1], max_words=max_words)
+
+    def _word_limit(self, descriptors: np.ndarray, words: np.ndarray, scales: np.ndarray) -> int | None:
+        """The budget's cap for one database image: floor(B x the word count of its scale-1 features, i.e. of its
+        single-scale ASMK), at least 1; None without a budget. The arguments are the full image's features."""
+        if not self.word_budget:
+            return None
+        at_scale_1 = scales == 1.0
+        single = agg.asmk(descriptors[at_scale_1], self.vocabulary.codebook, words=words[at_scale_1])
+        return max(1, math.floor(self.word_budget * len(single)))
 
     def _rows(self, items: list[agg.Aggregated]) -> torch.Tensor:
         return torch.from_numpy(agg.to_rows(items, self.max_words, self.vocabulary.settings.dims, self.binary))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._rows([self._aggregate(self.whole, *features) for features in self.vocabulary(images)])
+        return self._rows([self._aggregate(self.whole, descriptors, positions, words)
+                           for descriptors, positions, words, _ in self.vocabulary(images)])
 
     @torch.no_grad()
     def encode_database(self, images: torch.Tensor) -> torch.Tensor:
-        if self.regional is None:
+        if not self.asymmetric:
             return self.encode(images)
+        at = self.database_scales if self.other_scales else None  # None: the extractor's scales
+        features = self.vocabulary(images, at)
+        if self.regional is None:  # a whole-image kernel with a word budget or other database scales
+            return self._rows([self._aggregate(self.whole, descriptors, positions, words,
+                                               max_words=self._word_limit(descriptors, words, scales))
+                               for descriptors, positions, words, scales in features])
         boxes = self.proposer(images, self.preprocessing)
         size = self.vocabulary.settings.region_size
         items = []
-        for image, (descriptors, positions, words), image_boxes in zip(images, self.vocabulary(images), boxes):
-            if size <= 0:
+        for image, (descriptors, positions, words, scales), image_boxes in zip(images, features, boxes):
+            limit = self._word_limit(descriptors, words, scales)
+            if size == 0:
                 items.append(self._aggregate(self.regional, descriptors, positions, words,
-                                             boxes=[tuple(b) for b in image_boxes]))
+                                             boxes=[tuple(b) for b in image_boxes], max_words=limit))
                 continue
             regions = [(descriptors, words)]  # the full image (box 0) as it is, then each detected crop
             for box in image_boxes[1:]:
-                crop_descriptors, _, crop_words = self.vocabulary(crop_region(image, box, size)[None])[0]
+                crop_descriptors, _, crop_words, _ = self.vocabulary(crop_region(image, box, size)[None], at)[0]
                 regions.append((crop_descriptors, crop_words))
-            items.append(self._aggregate(self.regional, regions, None, None))
+            items.append(self._aggregate(self.regional, regions, None, None, max_words=limit))
         return self._rows(items)
 
     def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
@@ -207,19 +283,30 @@ def shared_vocabulary(context: MethodContext, settings: KernelSettings = KernelS
     key = ("local vocabulary", settings)
     if key not in context._shared:
         backbone = context.create_backbone()
-        extractor = LocalFeatureExtractor(backbone, max_features=settings.max_features, dims=settings.dims,
-                                          pca_seed=settings.seed)
+        extractor = LocalFeatureExtractor(backbone, max_features=settings.max_features, scales=settings.scales,
+                                          dims=settings.dims, pca_seed=settings.seed, per_scale=True)
         codebooks = None if context.cache_dir is None else f"{context.cache_dir}/codebooks"
         context._shared[key] = LocalVocabulary(extractor, settings, codebooks)
     return context._shared[key]
 
 
+def kernel_settings(context: MethodContext) -> KernelSettings:
+    """The kernel settings chosen on the command line (the context's None fields: :class:`KernelSettings`'s
+    defaults)."""
+    chosen = {"words": context.kernel_words, "max_features": context.kernel_max_features,
+              "fit_images": context.kernel_fit_images,
+              "scales": None if context.kernel_scales is None else tuple(float(s) for s in context.kernel_scales),
+              "database_scales": None if context.kernel_database_scales is None else
+              tuple(float(s) for s in context.kernel_database_scales)}
+    return KernelSettings(region_size=context.region_size, **{k: v for k, v in chosen.items() if v is not None})
+
+
 def _kernel_factory(name: str):
     def factory(context: MethodContext) -> RetrievalMethod:
         regional = KERNELS[name][1] is not None
-        settings = KernelSettings(region_size=context.region_size)
-        return MatchKernelMethod(name, shared_vocabulary(context, settings),
-                                 proposer_from_context(context, name) if regional else None, context.word_budget)
+        return MatchKernelMethod(name, shared_vocabulary(context, kernel_settings(context)),
+                                 proposer_from_context(context, name) if regional else None, context.word_budget,
+                                 context.kernel_gamma)
     factory.__doc__ = f"{name}: aggregated match kernel over local features ({KERNELS[name][1] or 'whole image'})."
     return factory
 

@@ -43,10 +43,21 @@ class MethodContext:
     #: landmark detector checkpoint for the regional methods, and how many boxes it may add per image
     detector: str | None = None
     max_regions: int = 4
-    #: shorter side of a detected region's crop; 0: regional kernels take the image's features inside the box
-    region_size: int = 224
-    #: r_asmk / r_asmk_star: at most this many times the full image's word count per database image; 0: no cap
+    #: shorter side of a detected region's crop; "native": the crop at the image's own scale; 0: regional kernels
+    #: take the image's features inside the box
+    region_size: int | str = 224
+    #: r_asmk / r_asmk_star (and asmk / asmk_star over several scales): at most this many times the full image's
+    #: scale-1 word count per database image; 0: no cap
     word_budget: float = 0.0
+    #: match kernels (retrieval.match_kernels.KernelSettings; None: its default): codebook size, local features
+    #: per image and scale, the scales, training images for the PCA and codebook, and the selective kernels'
+    #: database normaliser ("default", "words", "one")
+    kernel_words: int | None = None
+    kernel_max_features: int | None = None
+    kernel_scales: tuple[float, ...] | None = None
+    kernel_database_scales: tuple[float, ...] | None = None  # the database side's scales (None: kernel_scales)
+    kernel_fit_images: int | None = None
+    kernel_gamma: str = "default"
     region_score_threshold: float | None = None  # None: the detector checkpoint's
     region_nms_threshold: float | None = None
     #: where fitted state that is worth keeping (codebooks) is cached; None: nowhere

@@ -91,18 +91,48 @@ def proposer_from_context(context: MethodContext, method: str) -> RegionProposer
     return context._shared[key]
 
 
-def crop_region(image: torch.Tensor, box, shorter_side: int) -> torch.Tensor:
+#: ``region_size`` value (``--region-size native``): a detected region is described from its pixels as they are in
+#: the evaluated image, at the image's own scale (DELF crops the box and extracts from the crop unresized)
+NATIVE = "native"
+
+
+def parse_region_size(text: str) -> int | str:
+    """``--region-size``: a shorter side in pixels (an integer >= 0; 0 for the regional kernels' in-box
+    selection) or ``native``."""
+    value = str(text).strip().lower()
+    if value == NATIVE:
+        return NATIVE
+    try:
+        size = int(value)
+    except ValueError:
+        raise UserError(f"--region-size must be a number of pixels or 'native', got {text!r}") from None
+    if size < 0:
+        raise UserError(f"--region-size must be >= 0 or 'native', got {size}")
+    return size
+
+
+def crop_region(image: torch.Tensor, box, shorter_side: int | str) -> torch.Tensor:
     """(3, H, W) -> the box's pixels resized (bilinear, aspect kept) by the rule that sizes every evaluation image
     (:func:`data.transforms.resized_shape`): shorter side ``shorter_side``, but the longer side at most 4x that
     and no side under 32 px (or ``shorter_side`` if smaller). Without the cap a sliver box (a detection clipped
-    at the image border, 1 px wide) became a 224 x 66,528 crop whose forward pass took 13 s."""
+    at the image border, 1 px wide) became a 224 x 66,528 crop whose forward pass took 13 s.
+
+    ``shorter_side="native"`` (:data:`NATIVE`): the box's pixels as they are, except that a side under 32 px is
+    stretched to 32 (the same floor; a crop cannot be larger than its image, so no cap is needed).
+
+    The box covers pixels ``floor(x1 W) .. ceil(x2 W)`` (at least one), as DELF's crop does."""
     height, width = image.shape[-2:]
     x1, y1, x2, y2 = (float(v) for v in box)
     left, top = int(np.floor(x1 * width)), int(np.floor(y1 * height))
     right, bottom = max(left + 1, int(np.ceil(x2 * width))), max(top + 1, int(np.ceil(y2 * height)))
     crop = image[:, top:bottom, left:right]
-    new_width, new_height = resized_shape(crop.shape[-1], crop.shape[-2], shorter_side, "shorter",
-                                           min_side=min(32, shorter_side))
+    if shorter_side == NATIVE:
+        new_width, new_height = resized_shape(crop.shape[-1], crop.shape[-2], 0, "none", min_side=32)
+        if (new_height, new_width) == tuple(crop.shape[-2:]):
+            return crop
+    else:
+        new_width, new_height = resized_shape(crop.shape[-1], crop.shape[-2], shorter_side, "shorter",
+                                               min_side=min(32, shorter_side))
     return F.interpolate(crop[None], size=(new_height, new_width), mode="bilinear", align_corners=False)[0]
 
 
@@ -148,17 +178,18 @@ class RegionalScores(ScoreSource):
 class RegionalSearch(RetrievalMethod):
     """A global descriptor per region: the full image as it is, and each detected box re-encoded from its
     pixels with the shorter side at ``region_size`` (a small object is enlarged to about the scale of a query;
-    224 keeps a region as cheap as a standard query); image score = max / average of the region similarities."""
+    224 keeps a region as cheap as a standard query), or at the image's own scale (``region_size="native"``);
+    image score = max / average of the region similarities."""
 
     asymmetric = True
 
     def __init__(self, name: str, describer: RetrievalMethod, proposer: RegionProposer, pooling: str,
-                 region_size: int = 224):
+                 region_size: int | str = 224):
         super().__init__(name)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if region_size < 16:
-            raise ValueError(f"region_size must be at least 16 pixels, got {region_size}")
+        if region_size != NATIVE and region_size < 16:
+            raise ValueError(f"region_size must be at least 16 pixels or 'native', got {region_size}")
         self.describer, self.proposer, self.pooling, self.region_size = describer, proposer, pooling, region_size
         self.slots = 1 + proposer.max_regions
 
@@ -199,9 +230,9 @@ def _regional_gem(pooling: str):
     def factory(context: MethodContext) -> RetrievalMethod:
         name = f"regional_search_{pooling}"
         gem = PooledFeatures("gem", context.create_backbone(), "gem", p=3.0, learn_p=False)
-        if context.region_size < 16:
-            raise UserError(f"{name} describes each region's crop: --region-size must be at least 16 pixels, "
-                            f"got {context.region_size} (0 is for the regional kernels only)")
+        if context.region_size != NATIVE and context.region_size < 16:
+            raise UserError(f"{name} describes each region's crop: --region-size must be at least 16 pixels or "
+                            f"'native', got {context.region_size} (0 is for the regional kernels only)")
         return RegionalSearch(name, gem, proposer_from_context(context, name), pooling, context.region_size)
     factory.__doc__ = f"GeM per detected region (and the full image), image score = {pooling} over regions."
     return factory

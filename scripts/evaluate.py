@@ -30,6 +30,9 @@ from utils.cli import non_negative_float, non_negative_int, positive_int, run_cl
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
+from retrieval.match_kernels import GAMMAS, KernelSettings  # noqa: E402
+from retrieval.regional import parse_region_size  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from retrieval.processes import Processes  # noqa: E402
 from retrieval.whitening import WHITENINGS  # noqa: E402
 
@@ -83,13 +86,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="landmark detector checkpoint (scripts/train_detector.py) for the regional methods")
     parser.add_argument("--max-regions", type=non_negative_int, default=4,
                         help="regional methods: detected boxes per database image, besides the full image")
-    parser.add_argument("--region-size", type=non_negative_int, default=224,
+    parser.add_argument("--region-size", type=_region_size, default=224,
                         help="regional methods: shorter side a detected region's crop is resized to before it is "
-                             "described; 0 (regional kernels only): no crop, the whole image's local features "
-                             "inside the box")
+                             "described (default 224); 'native': the crop as it is in the evaluated image (its own "
+                             "scale, no resizing; sides under 32 px are stretched to 32); 0 (regional kernels "
+                             "only): no crop, the whole image's local features inside the box")
     parser.add_argument("--word-budget", type=non_negative_float, default=0.0,
-                        help="r_asmk / r_asmk_star: keep at most this many times the full image's ASMK words per "
-                             "database image (1.2: at most 1.2x ASMK's memory), the strongest ones; 0: no cap")
+                        help="r_asmk / r_asmk_star, and asmk / asmk_star with several --scales: keep at most this "
+                             "many times the word count of the image's scale-1 features per database image (1.2: "
+                             "at most 1.2x single-scale ASMK's memory), the strongest ones; 0: no cap")
+    # match kernels (vlad, asmk, asmk_star, r_*): docs/aggregation.md; every setting is in the cache key
+    kernels, defaults = parser.add_argument_group("match kernels"), KernelSettings()
+    kernels.add_argument("--words", type=positive_int, default=None,
+                         help=f"codebook size (default {defaults.words})")
+    kernels.add_argument("--max-features", type=positive_int, default=None,
+                         help=f"local features kept per image at each scale, the strongest by feature norm (default "
+                              f"{defaults.max_features}; each region's crop gets as many)")
+    kernels.add_argument("--scales", type=_scales, default=None,
+                         help="image scales the local features are extracted at, comma-separated, e.g. "
+                              "1,0.707,1.414 (default 1); fit, queries and database alike")
+    kernels.add_argument("--database-scales", type=_scales, default=None,
+                         help="the database side's scales instead (e.g. 1,2; default: --scales): queries and the fit "
+                              "stay at --scales, as R-ASMK's crops enlarge database objects only")
+    kernels.add_argument("--fit-images", type=positive_int, default=None,
+                         help=f"training images whose local features fit the PCA and the codebook (default "
+                              f"{defaults.fit_images})")
+    kernels.add_argument("--kernel-gamma", choices=GAMMAS, default="default",
+                         help="normaliser of asmk, asmk_star, r_asmk, r_asmk_star: default = each kernel's own "
+                              "(ASMK (#words)^-1/2, R-ASMK 1 as DELF's regional index), words = (#words)^-1/2 for "
+                              "all, one = 1 for all")
     parser.add_argument("--region-score-threshold", type=float, default=None,
                         help="regional methods: keep detections scoring above this (default: the detector's, 0.3)")
     parser.add_argument("--region-nms-threshold", type=float, default=None,
@@ -115,6 +140,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _region_size(text: str):
+    try:
+        return parse_region_size(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,0.707,1.414, got {text!r}") \
+            from None
+    if any(not 0 < scale < float("inf") for scale in scales) or len(set(scales)) != len(scales):
+        raise argparse.ArgumentTypeError(f"scales must be distinct positive numbers, got {text!r}")
+    return scales
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # under accelerate launch: one process per device of the chosen kind; alone: just this process
@@ -128,7 +171,10 @@ def main(argv=None) -> int:
     context = MethodContext(backbone=args.backbone, pretrained=not args.random_init, weights=args.weights,
                             device=device, share_backbone=args.together, detector=args.detector,
                             max_regions=args.max_regions, region_size=args.region_size,
-                            word_budget=args.word_budget,
+                            word_budget=args.word_budget, kernel_words=args.words,
+                            kernel_max_features=args.max_features, kernel_scales=args.scales,
+                            kernel_database_scales=args.database_scales,
+                            kernel_fit_images=args.fit_images, kernel_gamma=args.kernel_gamma,
                             region_score_threshold=args.region_score_threshold,
                             region_nms_threshold=args.region_nms_threshold, cache_dir=args.cache_dir or None)
     settings = EvalSettings(image_size=args.image_size, resize_mode=args.resize_mode, batch_size=args.batch_size,

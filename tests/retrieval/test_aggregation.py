@@ -79,6 +79,26 @@ def test_asmk_star_toy():
     assert asmk(X, TOY).descriptor_bytes(num_words=70000) == 2 * (4 + 8)
 
 
+def test_asmk_normaliser_one_and_word_cap_by_hand():
+    # gamma = 1 on both sides (DELF's use_l2_normalization: false): K = sigma(u0) + sigma(u1) = 0.8538149 + 0
+    x, y = asmk(X, TOY, normalize=False), asmk(Y, TOY, normalize=False)
+    assert x.gamma == 1.0 and y.gamma == 1.0
+    np.testing.assert_allclose(x.vectors, asmk(X, TOY).vectors)      # only gamma changes
+    assert pair_similarity(x, y) == pytest.approx((3 / math.sqrt(10)) ** 3, rel=1e-6)
+    assert pair_similarity(x, y) == pytest.approx(0.8538149, rel=1e-6)
+    assert asmk(np.zeros((0, 2)), TOY, normalize=False).gamma == 0.0  # an empty image still scores 0
+    # max_words = 1: ||V(X_0)|| = ||(1,1)|| = 1.414 < ||V(X_1)|| = ||(0,2)|| = 2 -> word 1 alone, gamma 1^(-1/2)
+    capped = asmk(X, TOY, max_words=1)
+    np.testing.assert_array_equal(capped.words, [1])
+    np.testing.assert_allclose(capped.vectors, [[0.0, 1.0]])
+    assert capped.gamma == 1.0
+    assert asmk(X, TOY, max_words=2).words.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="at least 1"):
+        asmk(X, TOY, max_words=0)
+    with pytest.raises(ValueError, match="not both"):
+        rasmk(Z, Z_POS, Z_BOXES, TOY, word_budget=1.0, max_words=1)
+
+
 def test_word_on_its_centroid_is_absent():
     # (4,0) sits on c1: zero residual, so word 1 is not stored (DELF drops norms <= 1e-6)
     a = asmk(np.array([[1.0, 0.0], [4.0, 0.0]]), TOY)
@@ -317,6 +337,49 @@ def test_local_feature_selection_hand_made_map():
     assert len(select_local_features(fmap, max_features=100)[0]) == 6
 
 
+def test_local_features_per_scale_keep_the_best_of_every_scale():
+    from retrieval.local_features import _select
+
+    # scale 1: a 2 x 3 map with norms [5, 1, 0 / 3, 5, 2] (as above); scale 0.5: a 1 x 2 map with norms [4, 0.5]
+    fine = torch.zeros(1, 2, 2, 3)
+    fine[0, :, 0, 0], fine[0, :, 0, 1] = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])
+    fine[0, :, 1, 0], fine[0, :, 1, 1] = torch.tensor([0.0, 3.0]), torch.tensor([4.0, 3.0])
+    fine[0, :, 1, 2] = torch.tensor([0.0, 2.0])
+    coarse = torch.zeros(1, 2, 1, 2)
+    coarse[0, :, 0, 0], coarse[0, :, 0, 1] = torch.tensor([0.0, 4.0]), torch.tensor([0.5, 0.0])
+    maps = [(1.0, fine), (0.5, coarse)]
+    # over the image: the best 2 of all 8 positions are both at scale 1
+    (joint,) = _select(maps, max_features=2)
+    np.testing.assert_allclose(joint.scores, [5, 5])
+    np.testing.assert_array_equal(joint.scales, [1.0, 1.0])
+    # per scale: the best 2 of each (5, 5 | 4, 0.5), all 4 sorted by score; positions at each map's cell centres
+    (each,) = _select(maps, max_features=2, per_scale=True)
+    np.testing.assert_allclose(each.scores, [5, 5, 4, 0.5])
+    np.testing.assert_array_equal(each.scales, [1.0, 1.0, 0.5, 0.5])
+    np.testing.assert_allclose(each.positions, [[1 / 6, 0.25], [0.5, 0.75], [0.25, 0.5], [0.75, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(each.descriptors[2:], [[0.0, 1.0], [1.0, 0.0]])
+    # a tie across scales goes to the scale listed first: norm 5 at scale 0.5 (listed first) and at scale 1
+    coarse[0, :, 0, 1] = torch.tensor([4.0, 3.0])
+    (tied,) = _select([(0.5, coarse), (1.0, fine)], max_features=1, per_scale=True)
+    np.testing.assert_allclose(tied.scores, [5, 5])
+    np.testing.assert_array_equal(tied.scales, [0.5, 1.0])
+    np.testing.assert_allclose(tied.positions, [[0.75, 0.5], [1 / 6, 0.25]], rtol=1e-6)
+
+
+def test_per_scale_selection_is_in_the_extractor_key_only_where_it_selects_other_features():
+    from models.backbones import create_backbone
+
+    backbone = create_backbone("resnet18", pretrained=False)
+    one = LocalFeatureExtractor(backbone, tap="layer2", max_features=7, per_scale=True)
+    assert "max_features_per" not in one.config() and one.features_per_image() == 7
+    assert one.config() == LocalFeatureExtractor(backbone, tap="layer2", max_features=7).config()
+    several = LocalFeatureExtractor(backbone, tap="layer2", max_features=7, scales=(1.0, 2.0), per_scale=True)
+    assert several.config()["max_features_per"] == "scale" and several.features_per_image() == 14
+    joint = LocalFeatureExtractor(backbone, tap="layer2", max_features=7, scales=(1.0, 2.0))
+    assert "max_features_per" not in joint.config() and joint.features_per_image() == 7
+    assert several.features_per_image((1.0, 2.0, 4.0)) == 21 and joint.features_per_image((1.0, 2.0, 4.0)) == 7
+
+
 def test_local_feature_extractor_batch_and_pca(one_thread):
     from models.backbones import create_backbone
 
@@ -368,3 +431,14 @@ def test_a_codebook_of_another_format_version_is_fitted_again(tmp_path, monkeypa
     assert codebook_key(codebook_config(3, {"test": "toy"}, niter=5)) != key
     fit_or_load_codebook(data, 3, tmp_path, {"test": "toy"}, niter=5)
     assert len(list(tmp_path.glob("codebook-*.npy"))) == 2
+
+
+def test_a_pca_with_too_few_training_descriptors_says_what_to_raise():
+    from models.backbones import create_backbone
+    from utils.errors import UserError
+
+    extractor = LocalFeatureExtractor(create_backbone("resnet18", pretrained=False), tap="layer2", dims=8)
+    with pytest.raises(UserError, match="needs more than 8 training descriptors, got 8: fit on more images"):
+        extractor.fit_pca(np.random.default_rng(0).normal(size=(8, 128)))
+    extractor.fit_pca(np.random.default_rng(0).normal(size=(9, 128)))
+    assert extractor.pca_state()["basis"].shape == (128, 8)

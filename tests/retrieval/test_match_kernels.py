@@ -11,6 +11,7 @@ from PIL import Image
 from data.datasets import ImageDataset
 from data.manifest import LabelledImageSet
 from data.transforms import EvalTransform
+from retrieval import aggregation as agg
 from retrieval.benchmarks import LabelledBenchmark
 from retrieval.harness import EvalSettings, evaluate_methods
 from retrieval.match_kernels import KernelSettings, LocalVocabulary, MatchKernelMethod
@@ -229,3 +230,189 @@ def test_kernel_cache_keys_do_not_depend_on_the_order_of_methods_or_on_an_earlie
     alone = _fresh_vocabulary(vocabulary)
     evaluate_methods([MatchKernelMethod("vlad", alone)], bench, cached)
     assert alone.codebook is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# controls (normaliser, multi-scale word budget, command-line settings) on hand-made local features: a stand-in
+# extractor returns fixed features per image (the image's id is its first pixel), words from a toy codebook
+
+
+class FixedFeatures:
+    """A stand-in LocalFeatureExtractor: image i (pixel [0, 0, 0] = i) has the features ``table[i]``
+    = (descriptors, scales)."""
+
+    def __init__(self, table, scales=(1.0,)):
+        self.table, self.scales = table, tuple(scales)
+        self.backbone = torch.nn.Identity()
+        self.backbone.preprocessing = None
+        self.max_features = max(len(d) for d, _ in table.values())
+
+    def features_per_image(self, scales=None):
+        return self.max_features
+
+    def config(self):
+        return {"fixed": sorted(self.table)}
+
+    def pca_state(self):
+        return {}
+
+    def __call__(self, images, scales=None):
+        from retrieval.local_features import LocalFeatures
+
+        out = []
+        for image in images:
+            descriptors, image_scales = self.table[int(image[0, 0, 0])]
+            keep = np.isin(np.asarray(image_scales, np.float32), self.scales if scales is None else scales)
+            n = int(keep.sum())
+            out.append(LocalFeatures(np.asarray(descriptors, np.float32)[keep], np.full((n, 2), 0.5, np.float32),
+                                     np.zeros(n, np.float32), np.asarray(image_scales, np.float32)[keep]))
+        return out
+
+
+def fixed_vocabulary(table, centroids, scales=(1.0,), region_size=224, database_scales=None) -> LocalVocabulary:
+    from retrieval.codebook import Codebook
+
+    settings = KernelSettings(words=len(centroids), dims=2, scales=tuple(scales), region_size=region_size,
+                              database_scales=database_scales)
+    vocabulary = LocalVocabulary(FixedFeatures(table, scales), settings, None)
+    vocabulary.codebook = Codebook(np.asarray(centroids, dtype=np.float32))
+    return vocabulary
+
+
+def ids(*numbers):
+    images = torch.zeros(len(numbers), 3, 4, 4)
+    images[:, 0, 0, 0] = torch.tensor(numbers, dtype=torch.float32)
+    return images
+
+
+def score_row(method, query, database):
+    return method.scores(method.encode(query).numpy(), method.encode_database(database).numpy()).rows(0, 1)[0].numpy()
+
+
+def test_the_kernel_gamma_gives_asmk_and_r_asmk_one_normaliser():
+    """Codebook c0 = (0,0), c1 = (4,0). Query q: (0,1) -> c0 residual (0,1); (5,0) -> c1 residual (1,0).
+    Image A: (0,1) -> word 0 only, V_hat = (0,1). Image B: (1,1) -> word 0, V_hat = (1,1)/sqrt2; (5,0) -> word 1,
+    V_hat = (1,0). sigma(u) = u^3 (u > 0): A: sigma(1) = 1; B: sigma(1/sqrt2) + sigma(1) = 0.3535534 + 1 = 1.3535534.
+    gamma(q) = 1/sqrt2, gamma(A) = 1, gamma(B) = 1/sqrt2 by word count.
+      words: A = 0.7071068 * 1 * 1 = 0.7071068, B = 0.7071068 * 0.7071068 * 1.3535534 = 0.6767767  (A first)
+      one:   A = 1, B = 1.3535534                                                                  (B first)
+    R-ASMK with the full image as its only region normalises each word like ASMK, so under one setting both
+    kernels score alike; by default R-ASMK drops the database gamma (DELF) and ASMK keeps it:
+      default r_asmk: A = 0.7071068 * 1 = 0.7071068, B = 0.7071068 * 1.3535534 = 0.9571068."""
+    vocabulary = fixed_vocabulary({0: ([[0, 1], [5, 0]], [1, 1]), 1: ([[0, 1]], [1]), 2: ([[1, 1], [5, 0]], [1, 1])},
+                                  [[0, 0], [4, 0]])
+    full = Boxes([[0, 0, 1, 1]])
+    expected = {("asmk", "default"): [0.7071068, 0.6767767], ("r_asmk", "default"): [0.7071068, 0.9571068],
+                ("asmk", "words"): [0.7071068, 0.6767767], ("r_asmk", "words"): [0.7071068, 0.6767767],
+                ("asmk", "one"): [1.0, 1.3535534], ("r_asmk", "one"): [1.0, 1.3535534]}
+    for (name, gamma), scores in expected.items():
+        method = MatchKernelMethod(name, vocabulary, full if name == "r_asmk" else None, gamma=gamma)
+        np.testing.assert_allclose(score_row(method, ids(0), ids(1, 2)), scores, rtol=1e-6, err_msg=f"{name} {gamma}")
+        # in the cache key only when asked for (earlier caches keep their keys)
+        assert method.config().get("gamma") == (None if gamma == "default" else gamma)
+    # the binary kernels follow the same setting; VLAD (normalised inside its vector) and naive R-ASMK ignore it
+    star = MatchKernelMethod("r_asmk_star", vocabulary, full, gamma="words")
+    assert star.normalize == (True, True) and star.config()["gamma"] == "words"
+    for name in ("vlad", "r_vlad", "r_asmk_naive"):
+        method = MatchKernelMethod(name, vocabulary, full if name.startswith("r_") else None, gamma="one")
+        assert "gamma" not in method.config()
+    with pytest.raises(ValueError, match="kernel gamma must be one of"):
+        MatchKernelMethod("asmk", vocabulary, gamma="sqrt")
+
+
+def test_multi_scale_asmk_at_a_word_budget_keeps_the_longest_residuals_up_to_b_times_its_scale_1_words():
+    """Codebook c0 = (0,0), c1 = (4,0), c2 = (0,4), c3 = (4,4). The database image's features:
+      scale 1: (1,0) -> c0 residual (1,0); (4,1) -> c1 residual (0,1)          -> 2 words at scale 1
+      scale 2: (0,6) -> c2 residual (0,2); (4.5,4) -> c3 residual (0.5,0); (0.5,0) -> c0 residual (0.5,0)
+    ||V|| per word: V0 = (1.5,0) 1.5, V1 = (0,1) 1, V2 = (0,2) 2, V3 = (0.5,0) 0.5.
+    Budget 1.5: floor(1.5 x 2) = 3 words, the longest: 2, 0, 1 -> [0, 1, 2], gamma 3^(-1/2);
+    budget 1.0: 2 words -> [0, 2]; budget 0.4: floor(0.8) = 0 -> at least 1 -> [2]. The query side keeps all 4."""
+    table = {0: ([[1, 0], [4, 1], [0, 6], [4.5, 4], [0.5, 0]], [1, 1, 2, 2, 2])}
+    centroids = [[0, 0], [4, 0], [0, 4], [4, 4]]
+    vocabulary = fixed_vocabulary(table, centroids, scales=(1.0, 2.0))
+
+    def words(rows):
+        return agg.from_rows(rows.numpy(), 2)[0]
+
+    free = MatchKernelMethod("asmk", vocabulary)
+    assert words(free.encode_database(ids(0))).words.tolist() == [0, 1, 2, 3] and not free.asymmetric
+    for budget, kept in ((1.5, [0, 1, 2]), (1.0, [0, 2]), (0.4, [2])):
+        capped = MatchKernelMethod("asmk", vocabulary, word_budget=budget)
+        database = words(capped.encode_database(ids(0)))
+        assert database.words.tolist() == kept, budget
+        assert database.gamma == pytest.approx(len(kept) ** -0.5)
+        assert capped.asymmetric and capped.config()["word_budget"] == budget
+        assert words(capped.encode(ids(0))).words.tolist() == [0, 1, 2, 3]   # queries are not capped
+    # one scale: the budget does not reach asmk (and its key is unchanged)
+    single = MatchKernelMethod("asmk", fixed_vocabulary({0: ([[1, 0]], [1])}, centroids), word_budget=1.2)
+    assert single.word_budget == 0 and "word_budget" not in single.config() and not single.asymmetric
+    # R-ASMK's cap counts the full image's scale-1 words too: the crop-free full-image region here holds the
+    # same 4 summed residuals (one region: S_c = V_c / ||V||, the same order of norms) -> the same words kept
+    r_asmk = MatchKernelMethod("r_asmk", vocabulary, Boxes([[0, 0, 1, 1]]), word_budget=1.0)
+    assert words(r_asmk.encode_database(ids(0))).words.tolist() == [0, 2]
+    # the budget is relative to scale 1: it must be one of the scales
+    with pytest.raises(ValueError, match="include 1 in the database's scales"):
+        MatchKernelMethod("asmk", fixed_vocabulary(table, centroids, scales=(0.5, 2.0)), word_budget=1.2)
+    # multi-scale on the database side only: queries (and the fit) at scale 1 keep words 0 and 1 alone
+    database_only = fixed_vocabulary(table, centroids, database_scales=(1.0, 2.0))
+    method = MatchKernelMethod("asmk", database_only, word_budget=1.5)
+    assert words(method.encode(ids(0))).words.tolist() == [0, 1]
+    assert words(method.encode_database(ids(0))).words.tolist() == [0, 1, 2]
+    assert method.asymmetric and method.config()["database_scales"] == [1.0, 2.0]
+    uncapped = MatchKernelMethod("vlad", database_only)     # VLAD too describes the database at its scales
+    assert words(uncapped.encode_database(ids(0))).words.tolist() == [0, 1, 2, 3] and uncapped.asymmetric
+    assert "database_scales" not in MatchKernelMethod("asmk", vocabulary).config()
+
+
+def test_kernel_settings_come_from_the_command_line_context_and_key_the_cache():
+    from retrieval.methods import MethodContext, create_method
+    from retrieval.regional import NATIVE
+    from utils.errors import UserError
+
+    default = create_method("asmk", MethodContext(backbone="resnet18", pretrained=False))
+    context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, kernel_words=512,
+                            kernel_max_features=100, kernel_scales=(1.0, 2.0), kernel_fit_images=50,
+                            kernel_gamma="one", region_size=NATIVE, kernel_database_scales=(1.0, 2.0, 4.0))
+    method = create_method("asmk", context)
+    settings, extractor = method.vocabulary.settings, method.vocabulary.extractor
+    assert (settings.words, settings.max_features, settings.scales, settings.fit_images, settings.region_size) == \
+        (512, 100, (1.0, 2.0), 50, NATIVE)
+    assert (extractor.max_features, extractor.scales, extractor.per_scale) == (100, (1.0, 2.0), True)
+    assert settings.database_scales == (1.0, 2.0, 4.0) and method.asymmetric
+    config = method.config()
+    assert (config["words"], config["fit_images"], config["region_size"], config["gamma"]) == (512, 50, NATIVE, "one")
+    assert config["local_features"]["max_features"] == 100 and config["local_features"]["scales"] == [1.0, 2.0]
+    assert config["local_features"]["max_features_per"] == "scale"
+    assert config["database_scales"] == [1.0, 2.0, 4.0]
+    assert method.max_words == 300                         # min(C, 100 features x 3 database scales)
+    # the defaults: KernelSettings()'s, and the key of earlier caches (no new entries in the config)
+    assert default.vocabulary.settings == KernelSettings()
+    assert set(default.config()) == {"name", "local_features", "words", "region_size", "fit_images",
+                                     "kmeans_iterations", "seed"}
+    assert "max_features_per" not in default.config()["local_features"]
+    for bad in ({"kernel_words": 0}, {"kernel_scales": (1.0, -2.0)}, {"kernel_scales": (1.0, 1.0)},
+                {"kernel_database_scales": (0.0, 1.0)}):
+        with pytest.raises(UserError):
+            create_method("asmk", MethodContext(backbone="resnet18", pretrained=False, **bad))
+
+
+def test_r_asmk_describes_native_crops_and_its_rows_hold_the_words_every_crop_brings():
+    """Codebook c0 = (0,0), c1 = (4,0), c2 = (0,4), c3 = (4,4); at most 2 features per image. The database image
+    (id 3: the feature (1,0) -> word 0) has a detected box (0.5, 0.5, 1, 1) whose native crop is image id 4
+    (its top-left pixel): (0,6) -> c2 residual (0,2), (4.5,4) -> c3 residual (0.5,0), ||VLAD|| = sqrt(4.25).
+    S_0 = (1,0), S_2 = (0, 0.9701425), S_3 = (0.2425356, 0): 3 words, more than the 2 features of one image,
+    each normalised to unit length. Budget 2: floor(2 x 1 scale-1 word) = 2, the longest S: words 0 and 2."""
+    table = {3: ([[1, 0]], [1]), 4: ([[0, 6], [4.5, 4]], [1, 1])}
+    centroids = [[0, 0], [4, 0], [0, 4], [4, 4]]
+    vocabulary = fixed_vocabulary(table, centroids, region_size="native")
+    image = torch.zeros(1, 3, 8, 8)
+    image[0, 0, 0, 0], image[0, 0, 4:, 4:] = 3, 4
+    box = Boxes([[0, 0, 1, 1], [0.5, 0.5, 1, 1]])
+    r_asmk = MatchKernelMethod("r_asmk", vocabulary, box)
+    assert r_asmk.max_words == 4                          # min(C, 2 features x (1 + 1 region))
+    database = agg.from_rows(r_asmk.encode_database(image).numpy(), 2)[0]
+    assert database.words.tolist() == [0, 2, 3]
+    np.testing.assert_allclose(database.vectors, [[1, 0], [0, 1], [1, 0]], atol=1e-6)
+    assert r_asmk.config()["region_size"] == "native"
+    capped = MatchKernelMethod("r_asmk", vocabulary, box, word_budget=2.0)
+    assert agg.from_rows(capped.encode_database(image).numpy(), 2)[0].words.tolist() == [0, 2]

@@ -8,8 +8,9 @@ import torch
 
 from models.backbones import Preprocessing
 from retrieval.methods import MethodContext, RetrievalMethod, create_method
-from retrieval.regional import (DetectorMissing, RegionalScores, RegionalSearch, crop_region, pack_regions,
-                                unpack_regions)
+from retrieval.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch, crop_region,
+                                pack_regions, parse_region_size, unpack_regions)
+from utils.errors import UserError
 
 
 def test_pack_and_unpack_regions_round_trip():
@@ -52,6 +53,37 @@ def test_crop_region_caps_a_sliver_box_like_an_evaluation_image():
     assert crop.shape == (3, 896, 32)
     wide = crop_region(image, (0.0, 0.0, 1.0, 0.1), shorter_side=16)  # 40 x 4 px -> 64 x 6.4: capped at 4 x 16
     assert wide.shape == (3, 16, 64)
+
+
+def test_native_crops_keep_the_box_pixels_at_the_image_scale():
+    image = torch.rand(3, 448, 448)
+    # box (0.1, 0.2, 0.35, 0.3) of a 448-px image: columns floor(44.8) = 44 .. ceil(156.8) = 157 (113 px), rows
+    # floor(89.6) = 89 .. ceil(134.4) = 135 (46 px): the pixels as they are, no resampling
+    crop = crop_region(image, (0.1, 0.2, 0.35, 0.3), NATIVE)
+    assert crop.shape == (3, 46, 113)
+    assert torch.equal(crop, image[:, 89:135, 44:157])
+    # the same box upscaled to a 224-px shorter side: 224 / 46 x 113 = 550.26 -> 224 x 550 (under the 4 x 224 cap)
+    assert crop_region(image, (0.1, 0.2, 0.35, 0.3), 224).shape == (3, 224, 550)
+    # a 23 x 9 px box (columns 224 .. ceil(246.4) = 247, rows 224 .. ceil(232.96) = 233): each side floored at 32
+    assert crop_region(image, (0.5, 0.5, 0.55, 0.52), NATIVE).shape == (3, 32, 32)
+    # a 10 x 40 px box: only the short side is stretched
+    assert crop_region(image, (0.0, 0.0, 10 / 448, 40 / 448), NATIVE).shape == (3, 40, 32)
+
+
+def test_region_size_is_pixels_or_native():
+    assert parse_region_size("native") == NATIVE == parse_region_size(" Native ")
+    assert parse_region_size("0") == 0 and parse_region_size("224") == 224
+    for bad in ("-1", "big", "22.5"):
+        with pytest.raises(UserError, match="--region-size"):
+            parse_region_size(bad)
+    method = RegionalSearch("rs", MeanColour("colour"), FixedBoxes(), "max", region_size=NATIVE)
+    assert method.config()["region_size"] == NATIVE
+    images = torch.zeros(1, 3, 64, 64)
+    images[:, 0, :32, :32] = 1.0                     # the red top-left quarter, a 32-px native crop
+    regions, _ = unpack_regions(method.encode_database(images).numpy(), 3)
+    assert regions[0, 1].argmax() == 0 and regions[0, 1, 0] > 0.99
+    with pytest.raises(ValueError, match="at least 16 pixels or 'native'"):
+        RegionalSearch("rs", MeanColour("colour"), FixedBoxes(), "max", region_size=8)
 
 
 class MeanColour(RetrievalMethod):

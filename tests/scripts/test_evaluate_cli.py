@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,60 @@ def test_settings_refuse_a_zero_image_size_instead_of_using_the_default():
     with pytest.raises(ValueError, match="image_size must be at least 1"):
         EvalSettings(image_size=0)
     assert EvalSettings(image_size=None).image_size is None
+
+
+def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tmp_path):
+    """--words, --max-features, --scales, --database-scales, --fit-images, --kernel-gamma and --word-budget end in
+    the method's config (hence its cache key), end to end. ResNet-18's stride-32 map of a 64-px image has 2 x 2 cells at scale
+    1 and 4 x 4 at scale 2: 20 features per image, 7 fitting images give 140 (the PCA to 128 needs > 128)."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "set"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for i in range(16):  # 8 test images (classes 1, 2), 8 train images (classes 3, 4)
+        name = f"img/{i}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / name)
+        rows.append((name, i % 2 + 1 + 2 * (i >= 8), "train" if i >= 8 else "test"))
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "class_id", "split"])
+        writer.writerows(rows)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/evaluate.py"), "--benchmark", f"csv:{folder / 'labels.csv'}:test",
+         "--method", "asmk", "--backbone", "resnet18", "--random-init", "--image-size", "64", "--cache-dir", "",
+         "--words", "4", "--max-features", "40", "--scales", "1,2", "--fit-images", "7", "--kernel-gamma", "one",
+         "--word-budget", "1.5", "--database-scales", "1,2,4", "--out", str(tmp_path / "out.json")],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "out.json").read_text())["results"][0]["config"]
+    assert (config["words"], config["fit_images"], config["gamma"], config["word_budget"]) == (4, 7, "one", 1.5)
+    features = config["local_features"]
+    assert (features["max_features"], features["scales"], features["max_features_per"]) == (40, [1.0, 2.0], "scale")
+    assert config["fitted_on"].startswith("7 images") and config["database_scales"] == [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("flag, value", [("--scales", "1,-2"), ("--scales", "1,1"), ("--scales", "1;2"),
+                                         ("--database-scales", "0,1"),
+                                         ("--words", "0"), ("--max-features", "0"), ("--fit-images", "0"),
+                                         ("--kernel-gamma", "half"), ("--region-size", "-1"),
+                                         ("--region-size", "natural")])
+def test_impossible_kernel_settings_are_refused_before_any_work(flag, value, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--benchmark", "flowers102", "--method", "asmk", flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_region_size_and_scales_parse():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import evaluate
+
+    args = evaluate.parse_args(["--benchmark", "flowers102", "--method", "r_asmk", "--region-size", "native",
+                                "--scales", "1,0.707,1.414", "--database-scales", "1,2"])
+    assert args.region_size == "native" and args.scales == (1.0, 0.707, 1.414) and args.database_scales == (1.0, 2.0)
+    defaults = evaluate.parse_args(["--benchmark", "flowers102", "--method", "r_asmk"])
+    assert (defaults.region_size, defaults.scales, defaults.words, defaults.kernel_gamma) == \
+        (224, None, None, "default")
