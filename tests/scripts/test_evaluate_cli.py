@@ -127,7 +127,10 @@ def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tm
     assert (config["words"], config["fit_images"], config["gamma"], config["word_budget"]) == (4, 7, "one", 1.5)
     features = config["local_features"]
     assert (features["max_features"], features["scales"], features["max_features_per"]) == (40, [1.0, 2.0], "scale")
-    assert config["fitted_on"].startswith("7 images") and config["database_scales"] == [1.0, 2.0, 4.0]
+    assert config["database_scales"] == [1.0, 2.0, 4.0]
+    # settings only in a method's config (fitted state never keys a cache); the fit set (8 train images, of
+    # which the kernel fits on --fit-images 7) is recorded beside them
+    assert "fitted_on" not in config and config["fit_set"]["images"] == 8
 
 
 @pytest.mark.parametrize("flag, value", [("--scales", "1,-2"), ("--scales", "1,1"), ("--scales", "1;2"),
