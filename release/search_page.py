@@ -69,6 +69,8 @@ class SearchPage:
         self.top_k = top_k
         self.images = self.index.meta["images"]
         self.rows_by_path = {entry["path"]: row for row, entry in enumerate(self.images)}
+        known = [label for label in map(self.labels.get, self.rows_by_path) if label is not None] if labels else []
+        self.labelled, self.classes = len(known), set(known)  # the page offers the indexed classes for an upload
         self.lock = threading.Lock()  # one encoding at a time: the server's worker threads share the model
         self.thumbnail = functools.lru_cache(maxsize=1024)(self._thumbnail)
 
@@ -252,7 +254,8 @@ input.k { width: 4em; }
 .card img { max-width: 100%; max-height: 150px; }
 .card .line { display: flex; justify-content: space-between; gap: 6px; margin-top: 4px; }
 .card .name { color: #5a6478; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.mark { font-weight: bold; } .correct .mark { color: #1e9e4a; } .wrong .mark { color: #d33; }
+.mark { font-weight: bold; font-size: 16px; line-height: 1; }
+.correct .mark { color: #1e9e4a; } .wrong .mark { color: #d33; }
 """
 
 SCRIPT = """
@@ -270,11 +273,11 @@ def render_page(page: SearchPage, k: int, query: Query | None, hits: list[Hit], 
     meta = page.index.meta
     about = (f"{len(page.images):,} images · {Path(meta['release']).name} ({page.retriever.dim}"
              f"{' bytes' if page.retriever.binary else '-d'}) · "
-             + (f"labels of {len(page.labels.by_path):,} images" if page.labels else "no labels"))
+             + (f"labels for {page.labelled:,} of them" if page.labels else "no labels"))
     label_field = ""
     if page.labels:
         options = "".join(f'<option value="{c}">{esc(names.get(c, str(c)))}</option>'
-                          for c in sorted(set(page.labels.by_path.values()), key=lambda c: (names.get(c, ""), c)))
+                          for c in sorted(page.classes, key=lambda c: (names.get(c, ""), c)))
         label_field = (f'<select name="label" title="the query\'s class, to mark the results">'
                        f'<option value="">class: unknown</option>{options}</select>')
     parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Image search</title>
@@ -285,7 +288,7 @@ def render_page(page: SearchPage, k: int, query: Query | None, hits: list[Hit], 
 <label id="drop" for="image">Drop a query image here, or click to choose one
 <input type="file" id="image" name="image" accept="image/*"></label>
 {label_field}<label>k <input class="k" name="k" value="{k}"></label></form>
-<form method="get" action="./" class="box"><label>or an indexed image, by row or path
+<form method="get" action="./" class="box" style="flex: 1 1 360px"><label>or an indexed image, by row or path
 <input name="pick" size="24" placeholder="0 to {len(page.images) - 1}"></label>
 <input type="hidden" name="k" value="{k}"><button>Search</button></form>
 </div>"""]

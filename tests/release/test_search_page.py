@@ -55,7 +55,7 @@ def test_the_page_loads_with_an_upload_form_and_the_labels_classes(site):
     page = labelled.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'enctype="multipart/form-data"' in page.text and 'type="file"' in page.text
-    assert "12 images" in page.text and "labels of 12 images" in page.text
+    assert "12 images" in page.text and "labels for 12 of them" in page.text
     assert re.findall(r'<option value="(\d+)">', page.text) == ["1", "2", "3"]
     assert 'class="card' not in page.text  # no query yet, no results
     assert "no labels" in plain.get("/").text and "<select" not in plain.get("/").text
@@ -150,7 +150,8 @@ def test_a_bad_query_is_a_400_with_one_line(site):
     for request, message in cases:
         answer = labelled.post("/api/search", **request)
         assert (answer.status_code, answer.json()) == (400, {"error": message})
-    for k, message in (("0", f"k must be between 1 and {MAX_K}, got 0"), ("ten", "k must be a whole number, got 'ten'")):
+    for k, message in (("0", f"k must be between 1 and {MAX_K}, got 0"),
+                       ("ten", "k must be a whole number, got 'ten'")):
         answer = labelled.get("/api/search", params={"pick": "0", "k": k})
         assert (answer.status_code, answer.json()) == (400, {"error": message})
     for answer in (labelled.get("/api/search", params={"pick": "0", "k": "0"}),
@@ -166,7 +167,8 @@ def test_serve_script_reports_a_bad_index_dir_in_one_line(tmp_path, capsys):
     spec.loader.exec_module(serve)
     assert run_cli(lambda: serve.main([str(tmp_path / "missing")])) == 2
     error = capsys.readouterr().err
-    assert error == f"error: {tmp_path / 'missing' / 'index.json'} not found: build the index with scripts/index.py first\n"
+    missing = tmp_path / "missing" / "index.json"
+    assert error == f"error: {missing} not found: build the index with scripts/index.py first\n"
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "index.json").write_text("{not json")
     assert run_cli(lambda: serve.main([str(tmp_path / "broken")])) == 2
