@@ -10,6 +10,10 @@ update, so a growing index switches to IVF-PQ once it passes the threshold; ``in
 choice (factory, nlist, m, nprobe, train size). A hashing release stores packed codes
 (uint8) in a FAISS binary index (Hamming distance; ``Flat`` means ``BFlat``, or ``BIVF64``, ``BHash4x16``...)
 and scores are negated Hamming distances.
+
+Searching it (``scripts/search.py``, the search page ``release/search_page.py``): :meth:`ImageIndex.load_retriever`
+encodes the queries with the index's own release, :meth:`ImageIndex.top_k` ranks them, leaving a query that is
+itself in the index out of its own results, and :class:`PathLabels` (a CSV manifest) marks each hit correct or not.
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from utils.errors import UserError, first_line
 
+from .load import load_release
 from .retriever import Retriever
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,34 @@ def build_faiss(descriptors: np.ndarray, factory: str) -> tuple[object, dict]:
     built = SearchIndex(descriptors, "hamming" if binary else "inner_product", use_gpu=False,
                         factory="BFlat" if binary and factory == "Flat" else factory)
     return built.index, built.parameters
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: its index row, image path and score; ``label`` when the labels know the image,
+    ``correct`` when the query's label is known too."""
+
+    row: int
+    path: str
+    score: float
+    label: int | None = None
+    correct: bool | None = None
+
+
+class PathLabels:
+    """Class ids of images, looked up by resolved path, from a CSV manifest (``file`` and ``class_id`` columns,
+    paths relative to it); ``names`` maps a class id to its ``class_name`` column when the manifest has one."""
+
+    def __init__(self, manifest: str | Path):
+        from data.manifest import read_csv_manifest
+
+        images = read_csv_manifest(manifest)
+        labels = [int(label) for label in images.labels]
+        self.by_path = {str(p.resolve()): label for p, label in zip(images.paths, labels)}
+        self.names = dict(zip(labels, images.extra["class_name"])) if "class_name" in images.extra else {}
+
+    def get(self, path: str | Path) -> int | None:
+        return self.by_path.get(str(path))
 
 
 @dataclass
@@ -96,6 +130,14 @@ class ImageIndex:
             raise UserError(f"{directory}: {len(images)} images, {len(descriptors)} descriptors and "
                              f"{index.ntotal} index rows disagree; rebuild it into a new directory")
         return cls(directory, meta, descriptors, index)
+
+    def load_retriever(self, release: str | Path | None = None, device: str = "cpu") -> Retriever:
+        """The release that encodes queries for this index: the one recorded in it, or ``release``, which must
+        hold the same weights."""
+        retriever = load_release(release or self.meta["release"], device=device)
+        if retriever.config["weights_sha256"] != self.meta["weights_sha256"]:
+            raise UserError(f"the release's weights differ from those {self.directory} was built with")
+        return retriever
 
     @classmethod
     def update(cls, directory: str | Path, folder: str | Path, retriever: Retriever, release: str | Path,
@@ -169,3 +211,25 @@ class ImageIndex:
             return -distances.astype(np.float32), rows
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, rows
+
+    def top_k(self, queries: np.ndarray, k: int, exclude: Sequence[str | None] | None = None,
+              labels: PathLabels | None = None, query_labels: Sequence[int | None] | None = None) -> list[list[Hit]]:
+        """The ``k`` best hits of each query descriptor, best first. ``exclude[q]``: an image path left out of
+        query ``q``'s hits (the query itself when it is in the index). With ``labels``, hits carry their label,
+        and ``correct`` where ``query_labels[q]`` is known."""
+        exclude = exclude if exclude is not None else [None] * len(queries)
+        query_labels = query_labels if query_labels is not None else [None] * len(queries)
+        # one more when a query may find itself, so k remain after leaving it out
+        scores, rows = self.search(queries, k + any(path is not None for path in exclude))
+        images = self.meta["images"]
+        hits = []
+        for q in range(len(queries)):
+            found = [(int(r), images[r]["path"], float(s)) for s, r in zip(scores[q], rows[q])
+                     if r >= 0 and images[r]["path"] != exclude[q]][:k]
+            query_label = query_labels[q]
+            hits.append([])
+            for row, path, score in found:
+                label = labels.get(path) if labels is not None else None
+                correct = label == query_label if label is not None and query_label is not None else None
+                hits[-1].append(Hit(row, path, score, label, correct))
+        return hits

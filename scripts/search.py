@@ -21,9 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.manifest import read_csv_manifest  # noqa: E402
-from release import load_release  # noqa: E402
-from release.image_index import ImageIndex, list_images  # noqa: E402
+from release.image_index import ImageIndex, PathLabels, list_images  # noqa: E402
 from retrieval.contact_sheet import SheetRow, contact_sheet  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -64,43 +62,35 @@ def main(argv=None) -> int:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     index = ImageIndex.open(args.index)
-    retriever = load_release(args.release or index.meta["release"], device=args.device)
-    if retriever.config["weights_sha256"] != index.meta["weights_sha256"]:
-        raise UserError(f"the release's weights differ from those {args.index} was built with")
+    retriever = index.load_retriever(args.release, device=args.device)
     queries = query_paths(args.queries)
-    labels = {}
-    if args.labels:
-        manifest = read_csv_manifest(args.labels)
-        labels = {str(p.resolve()): int(label) for p, label in zip(manifest.paths, manifest.labels)}
+    labels = PathLabels(args.labels) if args.labels else None
+    query_labels = [labels.get(query) if labels else None for query in queries]
     started = time.perf_counter()
     descriptors = retriever.encode(queries, batch_size=args.batch_size)
     encoded = time.perf_counter()
-    scores, rows = index.search(descriptors, args.k + 1)  # one more: the query itself may be in the index
+    hits = index.top_k(descriptors, args.k, exclude=[str(q) for q in queries], labels=labels,
+                       query_labels=query_labels)
     searched = time.perf_counter()
-    paths = [str(p) for p in index.paths]
     output, sheet_rows = [], []
-    for q, query in enumerate(queries):
-        hits = [(paths[r], float(s)) for s, r in zip(scores[q], rows[q]) if r >= 0 and paths[r] != str(query)]
-        hits = hits[:args.k]
-        query_label = labels.get(str(query))
-        results = []
-        for path, score in hits:
-            entry = {"path": path, "score": round(score, 6)}
-            if query_label is not None and path in labels:
-                entry.update(label=labels[path], correct=labels[path] == query_label)
-            results.append(entry)
+    for q, (query, query_label) in enumerate(zip(queries, query_labels)):
+        results = [{"path": hit.path, "score": round(hit.score, 6),
+                    **({"label": hit.label, "correct": hit.correct} if hit.correct is not None else {})}
+                   for hit in hits[q]]
         output.append({"query": str(query), **({"label": query_label} if query_label is not None else {}),
                        "results": results})
         if q < args.sheet_rows:
-            correct = [r.get("correct") for r in results] if query_label is not None else None
-            sheet_rows.append(SheetRow(query, [Path(p) for p, _ in hits], [s for _, s in hits], correct))
+            correct = [hit.correct for hit in hits[q]] if query_label is not None else None
+            sheet_rows.append(SheetRow(query, [Path(hit.path) for hit in hits[q]], [hit.score for hit in hits[q]],
+                                       correct))
+    size = len(index.meta["images"])
     timing = {"queries": len(queries), "encode_ms_per_query": 1000 * (encoded - started) / len(queries),
-              "search_ms_per_query": 1000 * (searched - encoded) / len(queries), "index_size": len(paths)}
+              "search_ms_per_query": 1000 * (searched - encoded) / len(queries), "index_size": size}
     json_path = Path(args.json) if args.json else Path(args.index) / "search.json"
     json_path.write_text(json.dumps({"index": str(args.index), "k": args.k, "timing": timing, "queries": output},
                                     indent=1))
     judged = [r["correct"] for q in output for r in q["results"][:1] if "correct" in r]
-    print(f"{len(queries)} queries against {len(paths)} images: encoding {timing['encode_ms_per_query']:.1f} ms "
+    print(f"{len(queries)} queries against {size} images: encoding {timing['encode_ms_per_query']:.1f} ms "
           f"and search {timing['search_ms_per_query']:.2f} ms per query; results in {json_path}"
           + (f"; top-1 correct {sum(judged) / len(judged):.3f} ({len(judged)} labelled queries)" if judged else ""))
     if args.sheet:
