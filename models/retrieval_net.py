@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
+from utils.files import atomic_write
 
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .hashing import HashHead
@@ -247,9 +248,9 @@ def create_model(architecture: str, backbone: str = "tf_efficientnet_lite0", pre
 
 
 def save_model(model: RetrievalNet, path: str | Path, extra: dict | None = None) -> None:
-    """A self-describing checkpoint: the config to rebuild the network plus its weights."""
-    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config(), "state_dict": model.state_dict(),
-                **(extra or {})}, path)
+    """A self-describing checkpoint: the config to rebuild the network plus its weights (written atomically)."""
+    payload = {"format": CHECKPOINT_FORMAT, "config": model.config(), "state_dict": model.state_dict(), **(extra or {})}
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def model_from_config(config: dict) -> RetrievalNet:

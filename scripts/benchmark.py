@@ -37,6 +37,7 @@ import bench_miner  # noqa: E402
 import bench_train  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     machine_rows = machine()
     results = run_all(args.size, args.data_root, args.threads)
     command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
-    Path(args.out).write_text(markdown(results, command, args.size, machine_rows))
+    atomic_write_text(args.out, markdown(results, command, args.size, machine_rows))
     log.info("wrote %s", args.out)
     return 0
 

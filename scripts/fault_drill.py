@@ -49,6 +49,7 @@ from training.config import DEFAULT_CONFIG, resolve_config  # noqa: E402
 from training.data import load_training_set, split_validation_classes  # noqa: E402
 from utils.cli import positive_int, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("fault_drill")
 
@@ -207,7 +208,7 @@ def record(out: Path, key: str, value) -> None:
     path = out / "progress.json"
     progress = json.loads(path.read_text()) if path.is_file() else {}
     progress[key] = value
-    path.write_text(json.dumps(progress, indent=2))
+    atomic_write_text(path, json.dumps(progress, indent=2))
 
 
 def _number(value) -> str:
@@ -229,7 +230,7 @@ def report(out: Path, kills_asked: int, tolerance: float) -> dict:
     }
     result = {"injected": len(damaged), "kills": kills, "runs": runs, "differences": differences,
               "wall_seconds": wall, "checks": checks, "passed": all(checks.values())}
-    (out / "drill.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "drill.json", json.dumps(result, indent=2))
 
     lines = [f"{'':24s}" + "".join(f"{k:>9s}" for k in runs["undisturbed"]["metrics"]) + "  best val  unreadable"]
     for name, run in runs.items():

@@ -42,6 +42,7 @@ from models.boxes import box_area, union_area  # noqa: E402
 from retrieval.regional import RegionProposer  # noqa: E402
 from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("proposal_rate")
 
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                   "proposals": [int(len(r) - 1) for r in regions],
                   "files": [str(images.paths[i]) for i in chosen]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
         log.info("written to %s", args.out)
     return 0
 

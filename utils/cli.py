@@ -94,11 +94,12 @@ def benchmark_main(parse_args: Callable, run: Callable, report: Callable, argv=N
     """``main`` of a benchmark script: parse the flags, run, print the report, and write the measurements to
     ``--json`` when given."""
     import json
-    from pathlib import Path
+
+    from .files import atomic_write_text
 
     args = parse_args(argv)
     result = run(args)
     print(report(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0

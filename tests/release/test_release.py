@@ -199,3 +199,19 @@ def test_graph_of_a_same_padded_backbone_matches_at_odd_sizes(tmp_path):
         images = torch.rand(*shape)
         with torch.no_grad():
             torch.testing.assert_close(graph(images), model(images), atol=1e-6, rtol=0)
+
+
+def test_an_interrupted_export_leaves_no_directory_and_can_be_run_again(tmp_path, monkeypatch):
+    import release.export as export
+
+    def killed_while_writing_the_graph(model, path):
+        path.write_bytes(b"half a graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_graph", killed_while_writing_the_graph)
+    with pytest.raises(KeyboardInterrupt):
+        export_release(small_model(), tmp_path / "rel", image_size=64, graph=True)
+    assert list(tmp_path.iterdir()) == []  # neither rel nor its partial sibling
+    export_release(small_model(), tmp_path / "rel", image_size=64, graph=False)  # the same command again
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["name"] == "rel"
