@@ -270,6 +270,11 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsafeCheckpointError(f"refusing {path}: it is not a plain-tensor checkpoint ({reason})") from None
+    except RuntimeError as error:  # torch refuses a TorchScript archive under weights_only rather than run it
+        if "TorchScript" not in str(error):
+            raise
+        raise UnsafeCheckpointError(f"refusing {path}: it is not a plain-tensor checkpoint (a TorchScript "
+                                    "archive, which would run code)") from None
 
 
 def read_model_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
