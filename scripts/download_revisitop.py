@@ -13,6 +13,8 @@ Sources (as in the revisitop download code):
   revisitop1m    http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{1..100}.tar.gz
                  http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt
 If an Oxford/Paris archive answers 404, its ``-v1`` name (e.g. oxbuild_images-v1.tgz) is tried as well.
+No checksums: neither the revisitop authors (their download code) nor the Oxford VGG pages publish any for these
+files, so downloads are not verified (the log says so); each set is validated instead (below).
 The environment variable ``REVISITOP_URL`` replaces all of these by one base URL holding every file by its
 plain name (a mirror, or a test server).
 

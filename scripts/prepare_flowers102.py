@@ -8,7 +8,8 @@ Three ways in:
 * ``--from DIR`` where DIR holds the official VGG files: ``imagelabels.mat`` plus ``102flowers.tgz`` or its
   extracted ``jpg/`` folder. The pack is built from them.
 * no ``--from``: ``102flowers.tgz`` and ``imagelabels.mat`` are downloaded from the VGG site (the environment
-  variable ``FLOWERS102_URL`` replaces the base URL, e.g. for a mirror), then the pack is built.
+  variable ``FLOWERS102_URL`` replaces the base URL, e.g. for a mirror), checked against their published MD5s
+  (``--no-checksum`` skips that), then the pack is built.
 
 A built pack has ``labels.csv`` with the columns ``file,class_id,class_name,split,orig_w,orig_h``; ``split`` is
 the class-disjoint metric-learning split (``train`` = classes 1-51, ``test`` = classes 52-102). Images are
@@ -47,6 +48,9 @@ DEFAULT_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 URL_ENV = "FLOWERS102_URL"
 ARCHIVE = "102flowers.tgz"
 LABELS_MAT = "imagelabels.mat"
+# MD5s of the official files as torchvision records them (torchvision.datasets.Flowers102; the VGG page lists
+# none); a download that does not match is deleted
+CHECKSUMS = {ARCHIVE: "md5:52808999861908f626f3c1f4e79d11fa", LABELS_MAT: "md5:e0620be6f572b9609742df49c70aed4d"}
 NUM_TRAIN_CLASSES = 51  # class-disjoint split: train = 1..51, test = 52..102
 JPEG_QUALITY = 90
 DOWNLOAD_HINT = (f"Use --from DIR with a local copy of {ARCHIVE} + {LABELS_MAT} (or a prepared pack with "
@@ -263,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "quality 90); 0 keeps the original files (default: 144)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads for decoding/resizing (default: min(8, CPUs))")
+    parser.add_argument("--no-checksum", dest="verify", action="store_false",
+                        help="use downloads whose MD5 differs from the published one (a repacked mirror)")
     parser.add_argument("--keep-archives", action="store_true",
                         help="keep the downloaded files in DATA_ROOT/.downloads/flowers102 after a successful build")
     add_output_options(parser)
@@ -297,9 +303,9 @@ def run(args: argparse.Namespace) -> None:
                     f"({LABELS_MAT} plus {ARCHIVE} or a jpg/ folder)")
         else:
             for filename in (LABELS_MAT, ARCHIVE):
-                remote = RemoteFile(filename, DEFAULT_BASE_URL)
+                remote = RemoteFile(filename, DEFAULT_BASE_URL, checksum=CHECKSUMS[filename])
                 stage.downloaded.append(download(remote, stage.downloads / filename, URL_ENV, show_progress,
-                                                 DOWNLOAD_HINT))
+                                                 DOWNLOAD_HINT, verify=args.verify))
             mat_path, archive = stage.downloaded
             build_pack(mat_path, archive, stage.partial, args.shorter_side, args.workers, show_progress)
         validate(stage.partial.parent)
