@@ -59,9 +59,12 @@ def atomic_write_files(writers: dict[str | Path, Callable[[BinaryIO], None]], un
                 os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them the file
         for temporary, path in staged:
             os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None and staged:
+            # write() / fsync() errors name no file; a full disk should say which file it stopped
+            raise OSError(error.errno, error.strerror, str(staged[-1][1])) from error
         raise
     for folder in {path.parent for _, path in staged}:
         fsync_directory(folder)

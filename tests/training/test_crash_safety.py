@@ -190,3 +190,32 @@ def test_sigint_to_the_command_exits_130_after_writing_a_checkpoint(tmp_path, ma
     step = torch.load(run / "last.pth", weights_only=True)["training_state"]["step"]
     assert 1 <= step < 500
     assert f"training interrupted by SIGINT at step {step}/500" in stderr and f"--resume {run}" in stderr
+
+
+# -- a full disk ---------------------------------------------------------------------------------------------------
+def test_a_full_disk_ends_in_one_line_with_the_resume_command_that_continues(tmp_path, manifest, monkeypatch,
+                                                                           capsys, one_thread):
+    import errno
+
+    from utils import files
+    from utils.cli import run_cli
+
+    fsync = files.os.fsync
+
+    def full_at_step_four(descriptor):  # the checkpoint of step 2 fits on the disk, that of step 4 does not
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith("step-00000004.pth.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(descriptor)
+
+    monkeypatch.setattr(files.os, "fsync", full_at_step_four)
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "a.yaml", tiny_config(run, manifest, steps=6))
+    assert run_cli(lambda: train.main(["--config", config, "--skip-final-eval"])) == 2
+    assert capsys.readouterr().err == (
+        f"error: disk full while training (writing {run / 'step-00000004.pth'}: No space left on device); the last "
+        f"checkpoint, {run / 'last.pth'} (step 2), is intact: free space, then resume with: python train.py "
+        f"--resume {run}\n")
+    assert not list(run.glob("*.tmp"))
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    assert train.main(["--resume", str(run), "--skip-final-eval"]) == 0  # the printed command continues the run
+    assert torch.load(run / "last.pth", weights_only=True)["training_state"]["step"] == 6
