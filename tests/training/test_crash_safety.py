@@ -219,3 +219,39 @@ def test_a_full_disk_ends_in_one_line_with_the_resume_command_that_continues(tmp
     monkeypatch.setattr(files.os, "fsync", fsync)
     assert train.main(["--resume", str(run), "--skip-final-eval"]) == 0  # the printed command continues the run
     assert torch.load(run / "last.pth", weights_only=True)["training_state"]["step"] == 6
+
+
+def test_stop_handlers_are_installed_only_while_training_runs(tmp_path, manifest, monkeypatch, one_thread):
+    def own_handler(signum, frame):  # the embedding program's handler
+        pass
+
+    seen = {}
+    setup, step = Trainer.setup, Trainer.train_step
+
+    def record_setup(self, *args):
+        seen["setup"] = signal.getsignal(signal.SIGTERM)
+        return setup(self, *args)
+
+    def record_step(self):
+        seen["step"] = signal.getsignal(signal.SIGTERM)
+        if self.step == 1 and seen.get("fail"):
+            raise RuntimeError("a bug in the step")
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "setup", record_setup)
+    monkeypatch.setattr(Trainer, "train_step", record_step)
+    previous = {signum: signal.signal(signum, own_handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        config = write_config(tmp_path / "a.yaml", tiny_config(tmp_path / "a", manifest, steps=2))
+        assert train.main(["--config", config, "--skip-final-eval"]) == 0
+        assert seen["setup"] is own_handler and seen["step"] is not own_handler  # the trainer's, during steps only
+        assert signal.getsignal(signal.SIGTERM) is own_handler and signal.getsignal(signal.SIGINT) is own_handler
+        seen.clear()
+        seen["fail"] = True
+        config = write_config(tmp_path / "b.yaml", tiny_config(tmp_path / "b", manifest, steps=2))
+        with pytest.raises(RuntimeError, match="a bug in the step"):
+            train.main(["--config", config, "--skip-final-eval"])
+        assert signal.getsignal(signal.SIGTERM) is own_handler and signal.getsignal(signal.SIGINT) is own_handler
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
