@@ -14,9 +14,10 @@ The config is checked against the data (``training.config.check_inputs``) before
 image is read or a model is built. SIGINT / SIGTERM during training write a checkpoint and exit with 128 +
 the signal number (130 / 143) and a line saying how to resume; a run stopped by unreadable training images, a
 diverged loss or a full disk exits with 2 and a one-line reason (for a full disk: the file it was writing and
-the ``python train.py --resume RUN_DIR`` command that continues from the intact checkpoint). Under ``accelerate launch``, a process that dies or stops
-responding ends all of them: the others' collectives fail (at once, or after ``train.collective_timeout``
-seconds) with one line each (``training.distributed.PeerFailure``), exit code 2.
+the ``python train.py --resume RUN_DIR`` command that continues from the intact checkpoint). Under
+``accelerate launch``, a process that dies or stops responding ends all of them: the others' collectives fail
+(at once, or after ``train.collective_timeout`` seconds) with one line each (``training.distributed.PeerFailure``),
+exit code 2.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--run-dir", default=None, help="output folder (default: the config's run_dir)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--resume", default=None, help="run directory (its newest checkpoint that loads) or a "
                         "checkpoint file to resume")
     parser.add_argument("--init-from", default=None, help="fine-tune a release directory (scripts/export.py) "

@@ -268,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(size="full")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch and FAISS threads, also in the benchmarks' subprocesses (default: all cores)")
-    parser.add_argument("--data-root", default=None, help="holds flowers102/ (default: $DATA_ROOT, ./data)")
+    parser.add_argument("--data-root", default=None,
+                        help="holds flowers102/ (default: $DATA_ROOT, ../shared/data, ./data, ./datasets)")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     return parser.parse_args(argv)
 

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm architecture name")
     parser.add_argument("--weights", default=None, help="local weights file for the backbone (else pretrained)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="labelled sets: shorter side (default 224); revisitop: longer side at most N "
                              "(default 1024; shrink only); "

@@ -67,7 +67,8 @@ METRICS = ("mAP", "mAP@R", "R@1", "R@2", "R@4", "R@8")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: the main job's)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--out", default="runs/fault-drill", help="folder for the manifest, damaged copies, runs")
     parser.add_argument("--corrupt-fraction", type=float, default=0.05, help="training images damaged")
     parser.add_argument("--kills", type=positive_int, default=5, help="SIGKILLs of the disturbed run")

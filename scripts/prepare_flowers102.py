@@ -39,7 +39,7 @@ from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa
                            add_source_target_options, download, listing, one_line, place_folder, progress,
                            resolve_source, run_script, staged)
 from data.manifest import ManifestError, flowers102, read_csv_manifest  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
+from data.roots import download_root  # noqa: E402
 
 LOG = logging.getLogger("prepare_flowers102")
 
@@ -259,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         from_help="use local files instead of downloading: a ready pack (labels.csv + images/), which is linked, "
                   f"or the official files ({LABELS_MAT} plus {ARCHIVE} or its extracted jpg/ folder), from which "
                   "the pack is built",
-        data_root_help="data root; the pack goes to DATA_ROOT/flowers102 (default: $DATA_ROOT, else ./data)",
+        data_root_help="data root; the pack goes to DATA_ROOT/flowers102 (default: $DATA_ROOT, else ./datasets)",
         copy_help="with --from a ready pack: copy it instead of creating a symlink",
         force_help="replace an existing DATA_ROOT/flowers102 (a symlink is removed, not followed)")
     parser.add_argument("--shorter-side", type=int, default=144, metavar="PX",
@@ -279,7 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    data_root = resolve_data_root(args.data_root)
+    data_root = download_root(args.data_root)
     target = data_root / NAME
     show_progress = not args.no_progress
     source = resolve_source(args.source)

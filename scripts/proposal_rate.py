@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", default="flowers102:test",
                         help="flowers102:SPLIT (test = the 4,696 photos of classes 52-102, train = 1-51) or "
                              "csv:PATH[:SPLIT] (default flowers102:test)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="N images spread evenly over the list (recipe selection on a subset)")
     parser.add_argument("--image-size", type=positive_int, default=224, help="default 224 (Flowers-102's)")
