@@ -20,6 +20,7 @@ from models.retrieval_net import RetrievalNet
 from utils.files import atomic_directory
 
 from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE, sha256_file
+from .licences import CODE_LICENCE, NOT_RECORDED, data_terms
 from .load import release_config
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,10 @@ def model_card(config: dict) -> str:
         for row in evaluation["table"]:
             lines.append(f"| {row['method']} | " + " | ".join(f"{row['metrics'][c]:.4f}" for c in columns) + " |")
         lines.append("")
+    licences = config.get("licences") or {}
+    lines += ["## Licences", "", f"- code: {licences.get('code', CODE_LICENCE)}",
+              f"- backbone weights: {licences.get('backbone_weights', NOT_RECORDED)}",
+              f"- training data: {licences.get('training_data', NOT_RECORDED)}", ""]
     lines += ["## Files", "", f"- `{WEIGHTS_FILE}`: SHA-256 `{config['weights_sha256']}` (checked on load)",
               f"- `{CONFIG_FILE}`: everything above, machine-readable", f"- code version: `{config['code_version']}`",
               f"- format: `{config['format']}`", ""]
@@ -134,14 +139,16 @@ def model_card(config: dict) -> str:
 
 
 def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, resize: str = "shorter",
-                   training: dict | None = None, evaluation: dict | None = None, graph: bool = True) -> Path:
+                   training: dict | None = None, evaluation: dict | None = None, graph: bool = True,
+                   licences: dict | None = None) -> Path:
     """Write ``out_dir`` (created; an existing non-empty directory is an error) and return it. The release is
     built in a hidden sibling folder and renamed into place once complete (:func:`utils.files.atomic_directory`),
     so an interrupted export leaves no ``out_dir`` behind and the same command can simply be run again.
 
     ``image_size`` / ``resize``: the evaluation input the model was measured with (the release encodes the
     same way). ``training``: plain record (data, classes, steps...); ``evaluation``: ``{"benchmark",
-    "method", "table": [{"method", "metrics"}]}``."""
+    "method", "table": [{"method", "metrics"}]}``; ``licences``: :func:`release.licences.release_licences` of the
+    run (without it the card says the weights' licence was not recorded)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; export into a new directory")
@@ -153,6 +160,8 @@ def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, re
         config = {"format": RELEASE_FORMAT, "name": out_dir.name, **release_config(model.config(), resize)}
         config["input"]["image_size"] = int(image_size)
         config.update({"training": training or {}, "evaluation": evaluation or {}, "code_version": code_version(),
+                       "licences": licences or {"code": CODE_LICENCE, "backbone_weights": NOT_RECORDED,
+                                                "training_data": data_terms((training or {}).get("data"))},
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "weights_sha256": sha256_file(building / WEIGHTS_FILE),
                        "files": {"weights": WEIGHTS_FILE, "graph": GRAPH_FILE if graph else None}})
