@@ -2,10 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Flowers-102 is looked for in $(DATA_ROOT) if set, else ../shared/data, else ./data; if none has it,
-# `make main` downloads it into ./data (scripts/prepare_flowers102.py).
-FIND_DATA = for root in $(DATA_ROOT) ../shared/data data; do \
+# Flowers-102 is looked for in $(DATA_ROOT) if set, else ../shared/data, ./data, ./datasets (the order of
+# data/roots.py); if none has it, `make main` downloads it into $(DATA_ROOT) if set, else ./datasets
+# (scripts/prepare_flowers102.py; ./data is the `data` package, so nothing is downloaded into it).
+FIND_DATA = for root in $(DATA_ROOT) ../shared/data data datasets; do \
 	  if [ -f "$$root/flowers102/labels.csv" ]; then echo "$$root"; break; fi; done
+DOWNLOAD_ROOT = $(or $(DATA_ROOT),datasets)
 
 .PHONY: venv test main baselines ablation bench clean
 
@@ -24,19 +26,19 @@ test: venv
 main: venv
 	@root=$$($(FIND_DATA)); \
 	if [ -z "$$root" ]; then \
-	  echo "Flowers-102 not found in $(or $(DATA_ROOT),../shared/data or ./data): downloading it into ./data"; \
-	  $(PY) scripts/prepare_flowers102.py || exit 2; root=data; \
+	  echo "Flowers-102 not found in $(or $(DATA_ROOT),../shared/data ./data ./datasets): downloading it into $(DOWNLOAD_ROOT)"; \
+	  $(PY) scripts/prepare_flowers102.py --data-root $(DOWNLOAD_ROOT) || exit 2; root=$(DOWNLOAD_ROOT); \
 	fi; \
 	$(PY) train.py --data-root "$$root"
 
 baselines: venv
-	@root=$$($(FIND_DATA)); $(PY) scripts/evaluate.py --data-root "$${root:-data}" --benchmark flowers102 \
+	@root=$$($(FIND_DATA)); $(PY) scripts/evaluate.py --data-root "$${root:-$(DOWNLOAD_ROOT)}" --benchmark flowers102 \
 		--together --method gem --method gap --method scda --method scda_plus --method scda_flip_plus \
 		--backbone tf_efficientnet_lite0 --out runs/baselines/results.json
 
 # The README's ablation (head, miner, training resolution at the main job's budget; ~1 h 50 min on 2 cores).
 ablation: venv
-	@root=$$($(FIND_DATA)); $(PY) scripts/ablation.py --data-root "$${root:-data}"
+	@root=$$($(FIND_DATA)); $(PY) scripts/ablation.py --data-root "$${root:-$(DOWNLOAD_ROOT)}"
 
 bench: venv
 	$(PY) scripts/bench_metrics.py

@@ -12,10 +12,12 @@ config is saved as RUN_DIR/config.yaml; TensorBoard logs go to RUN_DIR/tb.
 
 The config is checked against the data (``training.config.check_inputs``) before a run directory is made, an
 image is read or a model is built. SIGINT / SIGTERM during training write a checkpoint and exit with 128 +
-the signal number (130 / 143) and a line saying how to resume; a run stopped by unreadable training images or
-a diverged loss exits with 2 and a one-line reason. Under ``accelerate launch``, a process that dies or stops
-responding ends all of them: the others' collectives fail (at once, or after ``train.collective_timeout``
-seconds) with one line each (``training.distributed.PeerFailure``), exit code 2.
+the signal number (130 / 143) and a line saying how to resume; a run stopped by unreadable training images, a
+diverged loss or a full disk exits with 2 and a one-line reason (for a full disk: the file it was writing and
+the ``python train.py --resume RUN_DIR`` command that continues from the intact checkpoint). Under
+``accelerate launch``, a process that dies or stops responding ends all of them: the others' collectives fail
+(at once, or after ``train.collective_timeout`` seconds) with one line each (``training.distributed.PeerFailure``),
+exit code 2.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from training.config import DEFAULT_CONFIG, check_inputs, resolve_config, unique
 from training.distributed import peer_failures_stop_the_run, process_group_kwargs
 from training.evaluation import final_evaluation
 from training.trainer import Trainer
-from utils.cli import run_cli
+from utils.cli import command_line, full_disk_stops_the_run, run_cli
 from utils.config import save_yaml
 
 log = logging.getLogger("train")
@@ -48,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--run-dir", default=None, help="output folder (default: the config's run_dir)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--resume", default=None, help="run directory (its newest checkpoint that loads) or a "
                         "checkpoint file to resume")
     parser.add_argument("--init-from", default=None, help="fine-tune a release directory (scripts/export.py) "
@@ -62,6 +65,15 @@ def peak_memory_gb() -> float:
     """Peak resident memory of this process (Linux reports KiB). Children are left out: a forked child's
     peak counts the pages it shares with this process, so it would report this process's size again."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def continue_after_full_disk(trainer: Trainer | None, run_dir: Path, argv: list[str] | None) -> str:
+    """What a full disk leaves intact and the command that continues: the resume command once a checkpoint
+    exists, else the original command."""
+    if trainer is None or trainer.last_saved_step is None:
+        return f"no checkpoint was written yet: free space, then run again: {command_line('train.py', argv)}"
+    return (f"the last checkpoint, {run_dir / LAST} (step {trainer.last_saved_step}), is intact: free space, then "
+            f"resume with: python train.py --resume {run_dir}")
 
 
 def main(argv=None) -> int:
@@ -84,11 +96,20 @@ def main(argv=None) -> int:
     else:
         chosen = [unique_run_dir(args.run_dir or config["run_dir"])] if accelerator.is_main_process else [None]
         run_dir = Path(broadcast_object_list(chosen)[0])  # every process writes to the same new directory
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml({**config, "run_dir": str(run_dir)}, run_dir / "config.yaml")
-    set_seed(int(config["seed"]))
-    trainer = Trainer(config, run_dir, data_root, accelerator, images=images)
+    trainer = None
+    with full_disk_stops_the_run("training", lambda: continue_after_full_disk(trainer, run_dir, argv)):
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml({**config, "run_dir": str(run_dir)}, run_dir / "config.yaml")
+        set_seed(int(config["seed"]))
+        trainer = Trainer(config, run_dir, data_root, accelerator, images=images)
+        return train_and_evaluate(trainer, resume_from, args, data_root, accelerator, started)
+
+
+def train_and_evaluate(trainer: Trainer, resume_from: Path | None, args: argparse.Namespace, data_root: Path,
+                       accelerator: Accelerator, started: float) -> int:
+    """Train (from scratch or ``resume_from``), then evaluate on the main process; returns the exit code."""
+    config, run_dir, timeout = trainer.config, trainer.run_dir, trainer.config["train"]["collective_timeout"]
     # a dead or silent process ends every process with one line instead of a hang
     with peer_failures_stop_the_run(accelerator.process_index, accelerator.num_processes, timeout,
                                     note=trainer.checkpoint_note):

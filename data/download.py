@@ -1,13 +1,20 @@
 """Shared plumbing of the data preparation scripts (scripts/prepare_flowers102.py, scripts/download_revisitop.py).
 
-Downloading with resumable ``.part`` files, safe archive extraction, placing a prepared folder, logging and
-one-line error reporting live here so that both scripts behave the same way. Torch-free on purpose: the
+Downloading with resumable ``.part`` files and checksums, safe archive extraction, placing a prepared folder,
+logging and one-line error reporting live here so that both scripts behave the same way.
+
+Checksums: a :class:`RemoteFile` carries the digest its source publishes (``"md5:<hex>"`` or ``"sha256:<hex>"``);
+:func:`download` checks every file it fetches or reuses against it and deletes a file that does not match
+(one line, exit code 2). A file whose source publishes no checksum is used as it is, and the log says so.
+``verify=False`` (prepare_flowers102.py ``--no-checksum``) skips the check, for a mirror that repacked the files
+or a source that changed them. Torch-free on purpose: the
 scripts must stay quick to start and usable without torch installed.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import logging
 import os
@@ -37,11 +44,13 @@ class PrepareError(UserError):
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """A file published at ``base_url``; ``alternatives`` are other published names of it, tried on HTTP 404."""
+    """A file published at ``base_url``; ``alternatives`` are other published names of it, tried on HTTP 404.
+    ``checksum``: ``"md5:<hex>"`` / ``"sha256:<hex>"`` as published for it, None when its source publishes none."""
 
     filename: str
     base_url: str
     alternatives: tuple[str, ...] = ()
+    checksum: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -222,13 +231,41 @@ def candidate_urls(remote: RemoteFile, url_env: str) -> list[str]:
     return [remote.base_url + name for name in remote.names]
 
 
-def download(remote: RemoteFile, destination: Path, url_env: str, show_progress: bool, hint: str) -> Path:
-    """Fetch ``remote`` to ``destination`` (via ``.part``); an existing complete file is reused.
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path, remote: RemoteFile, origin: str) -> None:
+    """Check ``path`` against ``remote.checksum``; a mismatch deletes the file and is a one-line PrepareError
+    (exit code 2). ``origin``: where the file came from, for the message."""
+    if remote.checksum is None:
+        LOG.info("%s: its source publishes no checksum; not verified", remote.filename)
+        return
+    algorithm, _, expected = remote.checksum.partition(":")
+    actual = file_digest(path, algorithm)
+    if actual != expected.lower():
+        path.unlink(missing_ok=True)
+        raise PrepareError(f"{remote.filename} from {origin} is damaged or not the published file: {algorithm} "
+                           f"{actual}, published {expected}; it is deleted: run again (or pass --no-checksum if "
+                           f"the source changed the file)", code=2)
+    LOG.info("%s: %s checksum verified", remote.filename, algorithm)
+
+
+def download(remote: RemoteFile, destination: Path, url_env: str, show_progress: bool, hint: str,
+             verify: bool = True) -> Path:
+    """Fetch ``remote`` to ``destination`` (via ``.part``); an existing complete file is reused. Both are
+    checked against the published checksum (:func:`verify_checksum`) unless ``verify`` is False.
 
     A 404 moves on to the next published name; any other failure is a PrepareError with exit code 2 that names
     the URL and ends with ``hint`` (how to run without network)."""
     if destination.is_file():
         LOG.info("using the already downloaded %s", destination)
+        if verify:
+            verify_checksum(destination, remote, f"an earlier download ({destination})")
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
@@ -254,6 +291,8 @@ def download(remote: RemoteFile, destination: Path, url_env: str, show_progress:
                 continue
             raise PrepareError(f"download of {url} failed ({one_line(error)}); no network? {hint}",
                                code=2) from None
+        if verify:
+            verify_checksum(partial, remote, url)
         partial.replace(destination)
         return destination
     raise AssertionError("unreachable")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
+from utils.files import atomic_write
 
 from .manifest import LabelledImageSet
 
@@ -193,6 +194,6 @@ def save_revisitop(data_root: str | Path, name: str, database: list[str], querie
     gnd = [{"bbx": list(t["bbx"]), "easy": list(t.get("easy", [])), "hard": list(t.get("hard", [])),
             "junk": list(t.get("junk", []))} for t in truth]
     path = root / f"gnd_{name}.pkl"
-    with path.open("wb") as handle:
-        pickle.dump({"imlist": list(database), "qimlist": list(queries), "gnd": gnd}, handle)
+    atomic_write(path, lambda handle: pickle.dump({"imlist": list(database), "qimlist": list(queries), "gnd": gnd},
+                                                  handle))
     return path

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
+from utils.files import atomic_write
 
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .hashing import HashHead
@@ -247,9 +248,9 @@ def create_model(architecture: str, backbone: str = "tf_efficientnet_lite0", pre
 
 
 def save_model(model: RetrievalNet, path: str | Path, extra: dict | None = None) -> None:
-    """A self-describing checkpoint: the config to rebuild the network plus its weights."""
-    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config(), "state_dict": model.state_dict(),
-                **(extra or {})}, path)
+    """A self-describing checkpoint: the config to rebuild the network plus its weights (written atomically)."""
+    payload = {"format": CHECKPOINT_FORMAT, "config": model.config(), "state_dict": model.state_dict(), **(extra or {})}
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def model_from_config(config: dict) -> RetrievalNet:
@@ -269,6 +270,11 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsafeCheckpointError(f"refusing {path}: it is not a plain-tensor checkpoint ({reason})") from None
+    except RuntimeError as error:  # torch refuses a TorchScript archive under weights_only rather than run it
+        if "TorchScript" not in str(error):
+            raise
+        raise UnsafeCheckpointError(f"refusing {path}: it is not a plain-tensor checkpoint (a TorchScript "
+                                    "archive, which would run code)") from None
 
 
 def read_model_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:

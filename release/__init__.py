@@ -1,8 +1,8 @@
 """Released models for downstream retrieval code: export a training run, load it back, encode images.
 
 A release directory holds ``model.safetensors`` (the weights: tensors only, no pickle), ``config.json`` (how
-to rebuild and feed the network, what it was trained on, how it scored, the weights' SHA-256), ``README.md``
-(a model card) and ``model.pt2`` (a ``torch.export`` graph that computes the same descriptors with torch
+to rebuild and feed the network, what it was trained on, how it scored, the weights' SHA-256, the licences of
+the code, the backbone weights and the training data: :mod:`release.licences`), ``README.md`` (a model card) and ``model.pt2`` (a ``torch.export`` graph that computes the same descriptors with torch
 alone). Loading needs ``models/``, ``data/`` and ``utils/errors.py`` of this repository, never its training code::
 
     from release import load_release

@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from models.retrieval_net import RetrievalNet
+from utils.files import atomic_directory
 
 from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE, sha256_file
+from .licences import CODE_LICENCE, NOT_RECORDED, data_terms
 from .load import release_config
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,10 @@ def model_card(config: dict) -> str:
         for row in evaluation["table"]:
             lines.append(f"| {row['method']} | " + " | ".join(f"{row['metrics'][c]:.4f}" for c in columns) + " |")
         lines.append("")
+    licences = config.get("licences") or {}
+    lines += ["## Licences", "", f"- code: {licences.get('code', CODE_LICENCE)}",
+              f"- backbone weights: {licences.get('backbone_weights', NOT_RECORDED)}",
+              f"- training data: {licences.get('training_data', NOT_RECORDED)}", ""]
     lines += ["## Files", "", f"- `{WEIGHTS_FILE}`: SHA-256 `{config['weights_sha256']}` (checked on load)",
               f"- `{CONFIG_FILE}`: everything above, machine-readable", f"- code version: `{config['code_version']}`",
               f"- format: `{config['format']}`", ""]
@@ -133,30 +139,36 @@ def model_card(config: dict) -> str:
 
 
 def export_release(model: RetrievalNet, out_dir: str | Path, image_size: int, resize: str = "shorter",
-                   training: dict | None = None, evaluation: dict | None = None, graph: bool = True) -> Path:
-    """Write ``out_dir`` (created; an existing non-empty directory is an error) and return it.
+                   training: dict | None = None, evaluation: dict | None = None, graph: bool = True,
+                   licences: dict | None = None) -> Path:
+    """Write ``out_dir`` (created; an existing non-empty directory is an error) and return it. The release is
+    built in a hidden sibling folder and renamed into place once complete (:func:`utils.files.atomic_directory`),
+    so an interrupted export leaves no ``out_dir`` behind and the same command can simply be run again.
 
     ``image_size`` / ``resize``: the evaluation input the model was measured with (the release encodes the
     same way). ``training``: plain record (data, classes, steps...); ``evaluation``: ``{"benchmark",
-    "method", "table": [{"method", "metrics"}]}``."""
+    "method", "table": [{"method", "metrics"}]}``; ``licences``: :func:`release.licences.release_licences` of the
+    run (without it the card says the weights' licence was not recorded)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; export into a new directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": RELEASE_FORMAT})
-    _readable_by_all(out_dir / WEIGHTS_FILE)
-    config = {"format": RELEASE_FORMAT, "name": out_dir.name, **release_config(model.config(), resize)}
-    config["input"]["image_size"] = int(image_size)
-    config.update({"training": training or {}, "evaluation": evaluation or {}, "code_version": code_version(),
-                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE),
-                   "files": {"weights": WEIGHTS_FILE, "graph": GRAPH_FILE if graph else None}})
-    if graph:
-        export_graph(model, out_dir / GRAPH_FILE)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / CARD_FILE).write_text(model_card(config))
+    with atomic_directory(out_dir) as building:
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(building / WEIGHTS_FILE), metadata={"format": RELEASE_FORMAT})
+        _readable_by_all(building / WEIGHTS_FILE)
+        config = {"format": RELEASE_FORMAT, "name": out_dir.name, **release_config(model.config(), resize)}
+        config["input"]["image_size"] = int(image_size)
+        config.update({"training": training or {}, "evaluation": evaluation or {}, "code_version": code_version(),
+                       "licences": licences or {"code": CODE_LICENCE, "backbone_weights": NOT_RECORDED,
+                                                "training_data": data_terms((training or {}).get("data"))},
+                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "weights_sha256": sha256_file(building / WEIGHTS_FILE),
+                       "files": {"weights": WEIGHTS_FILE, "graph": GRAPH_FILE if graph else None}})
+        if graph:
+            export_graph(model, building / GRAPH_FILE)
+        (building / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (building / CARD_FILE).write_text(model_card(config))
     log.info("release written to %s (%s, weights SHA-256 %s)", out_dir,
              f"{config['descriptor']['bits']}-bit codes" if config["descriptor"]["binary"] else
              f"{config['descriptor']['dim']}-d descriptors", config["weights_sha256"][:12])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from utils.errors import UserError, first_line
+from utils.files import atomic_write_files
 
 from .load import load_release
 from .retriever import Retriever
@@ -187,20 +187,15 @@ class ImageIndex:
 
     @staticmethod
     def _write(directory: Path, meta: dict, descriptors: np.ndarray, index) -> None:
-        """Each file is written beside and renamed over the old one, so an interrupted update leaves a
-        readable (older or newer) file, and the row counts are checked on open."""
+        """The three files are written together (:func:`utils.files.atomic_write_files`): all are on disk
+        before the first replaces its old version, so a failed update (a full disk) leaves the previous index;
+        the row counts are checked on open."""
         import faiss
 
-        def save_array(path: Path) -> None:
-            with path.open("wb") as handle:  # a handle: np.save would append .npy to the temporary name
-                np.save(handle, descriptors)
-
-        write_index = faiss.write_index_binary if meta.get("binary") else faiss.write_index
-        for name, write in ((DESCRIPTORS_FILE, save_array), (FAISS_FILE, lambda p: write_index(index, str(p))),
-                            (META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))):
-            temporary = directory / (name + ".tmp")
-            write(temporary)
-            os.replace(temporary, directory / name)
+        serialize = faiss.serialize_index_binary if meta.get("binary") else faiss.serialize_index
+        atomic_write_files({directory / DESCRIPTORS_FILE: lambda handle: np.save(handle, descriptors),
+                            directory / FAISS_FILE: lambda handle: handle.write(serialize(index).tobytes()),
+                            directory / META_FILE: lambda handle: handle.write(json.dumps(meta, indent=1).encode())})
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (Q, k), best first (inner products of L2-normalised descriptors, or negated

@@ -81,6 +81,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from utils.files import atomic_write
+
 from .codebook import Codebook
 from .scores import ScoreSource
 
@@ -556,9 +558,10 @@ class AggregatedDatabase:
         return self.counts.astype(np.int64) * (word_id_bytes(self.num_words) + vector_bytes(self.dims, self.binary))
 
     def save(self, path: str | Path) -> None:
-        """The flat arrays as one ``.npz`` (compact: no padding)."""
-        np.savez(path, offsets=self.offsets, images=self.images, vectors=self.vectors, gamma=self.gamma,
-                 counts=self.counts, dims=np.array(self.dims))
+        """The flat arrays as one ``.npz`` (compact: no padding), written atomically."""
+        atomic_write(path, lambda handle: np.savez(handle, offsets=self.offsets, images=self.images,
+                                                   vectors=self.vectors, gamma=self.gamma, counts=self.counts,
+                                                   dims=np.array(self.dims)))
 
     @classmethod
     def load(cls, path: str | Path) -> "AggregatedDatabase":

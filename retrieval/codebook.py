@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import faiss
 import numpy as np
 
 from utils.errors import UserError
+from utils.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,11 @@ class Codebook:
         return cls(kmeans.centroids.copy(), dict(config or {}))
 
     def save(self, stem: str | Path) -> None:
-        """Write ``stem.npy`` and ``stem.json`` (each via a temporary file, then renamed)."""
+        """Write ``stem.npy`` and ``stem.json``, each atomically (several processes may fit the same codebook)."""
         stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stem.with_name(f"{stem.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, self.centroids)
-        os.replace(tmp, stem.with_suffix(".npy"))
-        tmp_json = stem.with_name(f"{stem.name}.{os.getpid()}.tmp.json")
-        tmp_json.write_text(json.dumps(self.config, indent=2, sort_keys=True, default=str))
-        os.replace(tmp_json, stem.with_suffix(".json"))
+        atomic_write(stem.with_suffix(".npy"), lambda handle: np.save(handle, self.centroids), unique=True)
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(self.config, indent=2, sort_keys=True, default=str),
+                          unique=True)
 
     @classmethod
     def load(cls, stem: str | Path) -> "Codebook":

@@ -59,6 +59,7 @@ from data.datasets import ImageDataset
 from data.image_sets import SYNTAX
 from data.transforms import EvalTransform
 from utils.errors import UserError
+from utils.files import atomic_write, atomic_write_text
 
 from .benchmarks import Benchmark, FitSet
 from .descriptor_cache import CacheEntry, DescriptorCache, image_list_fingerprint, safe_name
@@ -411,7 +412,7 @@ def _save_top_k(method: RetrievalMethod, queries: np.ndarray, database: np.ndarr
     folder = Path(settings.cache_dir or ".") / "topk"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{safe_name(benchmark.name)}-{safe_name(method.name)}.npz"
-    np.savez(path, indices=indices, scores=scores)
+    atomic_write(path, lambda handle: np.savez(handle, indices=indices, scores=scores))
     log.info("top-%d neighbours of %s saved to %s", settings.top_k, method.name, path)
 
 
@@ -426,9 +427,8 @@ def report(benchmark: Benchmark, results: list[MethodResult], map_at_k: int | No
 
 
 def write_report(report_dict: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report_dict, indent=2, default=str))
+    """``results.json`` and the like, written atomically (never half a report)."""
+    atomic_write_text(path, json.dumps(report_dict, indent=2, default=str))
 
 
 def format_table(report_dict: dict, columns: list[str] | None = None) -> str:

@@ -155,7 +155,8 @@ def report(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=None, help="holds flowers102/ (default: $DATA_ROOT, ./data)")
+    parser.add_argument("--data-root", default=None,
+                        help="holds flowers102/ (default: $DATA_ROOT, ../shared/data, ./data, ./datasets)")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=224, help="shorter side, as the flowers102 benchmark")
     parser.add_argument("--batch-size", type=int, default=16, help="the harness's default")

@@ -37,6 +37,7 @@ import bench_miner  # noqa: E402
 import bench_train  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -267,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(size="full")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch and FAISS threads, also in the benchmarks' subprocesses (default: all cores)")
-    parser.add_argument("--data-root", default=None, help="holds flowers102/ (default: $DATA_ROOT, ./data)")
+    parser.add_argument("--data-root", default=None,
+                        help="holds flowers102/ (default: $DATA_ROOT, ../shared/data, ./data, ./datasets)")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     return parser.parse_args(argv)
 
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
     machine_rows = machine()
     results = run_all(args.size, args.data_root, args.threads)
     command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
-    Path(args.out).write_text(markdown(results, command, args.size, machine_rows))
+    atomic_write_text(args.out, markdown(results, command, args.size, machine_rows))
     log.info("wrote %s", args.out)
     return 0
 

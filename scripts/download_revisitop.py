@@ -13,6 +13,8 @@ Sources (as in the revisitop download code):
   revisitop1m    http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{1..100}.tar.gz
                  http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt
 If an Oxford/Paris archive answers 404, its ``-v1`` name (e.g. oxbuild_images-v1.tgz) is tried as well.
+No checksums: neither the revisitop authors (their download code) nor the Oxford VGG pages publish any for these
+files, so downloads are not verified (the log says so); each set is validated instead (below).
 The environment variable ``REVISITOP_URL`` replaces all of these by one base URL holding every file by its
 plain name (a mirror, or a test server).
 
@@ -40,7 +42,7 @@ from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa
                            add_source_target_options, download, extract_jpegs, find_local, listing, one_line,
                            place_folder, resolve_source, run_script, staged)
 from data.revisitop import RevisitopError, load_revisitop  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
+from data.roots import download_root  # noqa: E402
 
 LOG = logging.getLogger("download_revisitop")
 
@@ -210,7 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser,
         from_help="use local files instead of downloading: DIR/<name>/ or DIR holding gnd_<name>.pkl and either "
                   "a jpg/ folder (linked) or the image archives (extracted)",
-        data_root_help="data root; sets go to DATA_ROOT/<name> (default: $DATA_ROOT, else ./data)",
+        data_root_help="data root; sets go to DATA_ROOT/<name> (default: $DATA_ROOT, else ./datasets)",
         copy_help="with --from and a jpg/ folder: copy the folder instead of creating a symlink",
         force_help="replace existing DATA_ROOT/<name> folders (a symlink is removed, not followed)")
     parser.add_argument("--keep-archives", action="store_true",
@@ -222,7 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    data_root = resolve_data_root(args.data_root)
+    data_root = download_root(args.data_root)
     names = args.datasets + ([DISTRACTORS] if args.distractors else [])
     show_progress = not args.no_progress
     source = resolve_source(args.source)

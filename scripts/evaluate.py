@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import RESIZE_MODES  # noqa: E402
-from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli  # noqa: E402
+from utils.cli import (command_line, full_disk_stops_the_run, non_negative_float, non_negative_int,  # noqa: E402
+                       positive_int, run_cli)
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm architecture name")
     parser.add_argument("--weights", default=None, help="local weights file for the backbone (else pretrained)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (for smoke tests)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="labelled sets: shorter side (default 224); revisitop: longer side at most N "
                              "(default 1024; shrink only); "
@@ -158,6 +160,14 @@ def _scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+def continue_after_full_disk(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """The same command continues: extraction resumes after the last finished shard of the descriptor cache."""
+    again = command_line("scripts/evaluate.py", argv)
+    if not args.cache_dir:
+        return f"free space, then run again (without a cache it starts over): {again}"
+    return f"the finished shards in {args.cache_dir} are kept: free space, then resume with the same command: {again}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # under accelerate launch: one process per device of the chosen kind; alone: just this process
@@ -184,7 +194,8 @@ def main(argv=None) -> int:
                             dba=args.dba, dba_alpha=args.dba_alpha, whiten=args.whiten,
                             whiten_dims=args.whiten_dims)
     methods = [create_method(name, context) for name in args.method]
-    results = evaluate_methods(methods, benchmark, settings, together=args.together, processes=processes)
+    with full_disk_stops_the_run("extracting and evaluating", lambda: continue_after_full_disk(args, argv)):
+        results = evaluate_methods(methods, benchmark, settings, together=args.together, processes=processes)
     if not processes.is_main:  # the main process computes the metrics and reports them
         return 0
     for result in results:

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 from models.retrieval_net import load_model  # noqa: E402
 from release.export import export_release  # noqa: E402
+from release.licences import release_licences  # noqa: E402
 from retrieval.trained import resolve_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.config import load_yaml  # noqa: E402
@@ -91,9 +92,12 @@ def main(argv=None) -> int:
         log.warning("the release carries no evaluation: the run's table measured %s", evaluated.name)
     # the benchmark's resize convention: revisitop resizes the longer side, labelled sets the shorter one
     resize = "longer" if config["eval"]["benchmark"].startswith("revisitop") else "shorter"
+    model = config["model"]
     out = export_release(load_model(checkpoint), args.out_dir, image_size=config["eval"]["image_size"],
                          resize=resize, evaluation=evaluation, graph=args.graph,
-                         training={**training_record(run_dir, config, args.data_root), "checkpoint": checkpoint.name})
+                         training={**training_record(run_dir, config, args.data_root), "checkpoint": checkpoint.name},
+                         licences=release_licences(model["backbone"], bool(model["pretrained"]), model["weights"],
+                                                   model["init_from"], config["data"]["train"]))
     print(f"release: {out} ({checkpoint})")
     return 0
 

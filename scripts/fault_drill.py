@@ -49,6 +49,7 @@ from training.config import DEFAULT_CONFIG, resolve_config  # noqa: E402
 from training.data import load_training_set, split_validation_classes  # noqa: E402
 from utils.cli import positive_int, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("fault_drill")
 
@@ -66,7 +67,8 @@ METRICS = ("mAP", "mAP@R", "R@1", "R@2", "R@4", "R@8")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: the main job's)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--out", default="runs/fault-drill", help="folder for the manifest, damaged copies, runs")
     parser.add_argument("--corrupt-fraction", type=float, default=0.05, help="training images damaged")
     parser.add_argument("--kills", type=positive_int, default=5, help="SIGKILLs of the disturbed run")
@@ -207,7 +209,7 @@ def record(out: Path, key: str, value) -> None:
     path = out / "progress.json"
     progress = json.loads(path.read_text()) if path.is_file() else {}
     progress[key] = value
-    path.write_text(json.dumps(progress, indent=2))
+    atomic_write_text(path, json.dumps(progress, indent=2))
 
 
 def _number(value) -> str:
@@ -229,7 +231,7 @@ def report(out: Path, kills_asked: int, tolerance: float) -> dict:
     }
     result = {"injected": len(damaged), "kills": kills, "runs": runs, "differences": differences,
               "wall_seconds": wall, "checks": checks, "passed": all(checks.values())}
-    (out / "drill.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "drill.json", json.dumps(result, indent=2))
 
     lines = [f"{'':24s}" + "".join(f"{k:>9s}" for k in runs["undisturbed"]["metrics"]) + "  best val  unreadable"]
     for name, run in runs.items():

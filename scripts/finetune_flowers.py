@@ -30,6 +30,7 @@ from retrieval.harness import EvalSettings, evaluate_methods  # noqa: E402
 from retrieval.methods import MethodContext, create_method  # noqa: E402
 from retrieval.trained import TrainedModelMethod, resolve_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("finetune")
 BASE_CLASSES, NEW_CLASSES = range(1, 26), range(26, 52)
@@ -102,8 +103,8 @@ def main(argv=None) -> int:
         lines.append(f"| {method} | " + " | ".join(f"{metrics[t]['mAP']:.4f} | {metrics[t]['R@1']:.4f}"
                                                     for t in titles) + " |")
     print("\n".join(lines))
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(table, indent=2))
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(table, indent=2))
     return 0
 
 

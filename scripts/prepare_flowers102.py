@@ -8,7 +8,8 @@ Three ways in:
 * ``--from DIR`` where DIR holds the official VGG files: ``imagelabels.mat`` plus ``102flowers.tgz`` or its
   extracted ``jpg/`` folder. The pack is built from them.
 * no ``--from``: ``102flowers.tgz`` and ``imagelabels.mat`` are downloaded from the VGG site (the environment
-  variable ``FLOWERS102_URL`` replaces the base URL, e.g. for a mirror), then the pack is built.
+  variable ``FLOWERS102_URL`` replaces the base URL, e.g. for a mirror), checked against their published MD5s
+  (``--no-checksum`` skips that), then the pack is built.
 
 A built pack has ``labels.csv`` with the columns ``file,class_id,class_name,split,orig_w,orig_h``; ``split`` is
 the class-disjoint metric-learning split (``train`` = classes 1-51, ``test`` = classes 52-102). Images are
@@ -38,7 +39,7 @@ from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa
                            add_source_target_options, download, listing, one_line, place_folder, progress,
                            resolve_source, run_script, staged)
 from data.manifest import ManifestError, flowers102, read_csv_manifest  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
+from data.roots import download_root  # noqa: E402
 
 LOG = logging.getLogger("prepare_flowers102")
 
@@ -47,6 +48,9 @@ DEFAULT_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 URL_ENV = "FLOWERS102_URL"
 ARCHIVE = "102flowers.tgz"
 LABELS_MAT = "imagelabels.mat"
+# MD5s of the official files as torchvision records them (torchvision.datasets.Flowers102; the VGG page lists
+# none); a download that does not match is deleted
+CHECKSUMS = {ARCHIVE: "md5:52808999861908f626f3c1f4e79d11fa", LABELS_MAT: "md5:e0620be6f572b9609742df49c70aed4d"}
 NUM_TRAIN_CLASSES = 51  # class-disjoint split: train = 1..51, test = 52..102
 JPEG_QUALITY = 90
 DOWNLOAD_HINT = (f"Use --from DIR with a local copy of {ARCHIVE} + {LABELS_MAT} (or a prepared pack with "
@@ -255,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         from_help="use local files instead of downloading: a ready pack (labels.csv + images/), which is linked, "
                   f"or the official files ({LABELS_MAT} plus {ARCHIVE} or its extracted jpg/ folder), from which "
                   "the pack is built",
-        data_root_help="data root; the pack goes to DATA_ROOT/flowers102 (default: $DATA_ROOT, else ./data)",
+        data_root_help="data root; the pack goes to DATA_ROOT/flowers102 (default: $DATA_ROOT, else ./datasets)",
         copy_help="with --from a ready pack: copy it instead of creating a symlink",
         force_help="replace an existing DATA_ROOT/flowers102 (a symlink is removed, not followed)")
     parser.add_argument("--shorter-side", type=int, default=144, metavar="PX",
@@ -263,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "quality 90); 0 keeps the original files (default: 144)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads for decoding/resizing (default: min(8, CPUs))")
+    parser.add_argument("--no-checksum", dest="verify", action="store_false",
+                        help="use downloads whose MD5 differs from the published one (a repacked mirror)")
     parser.add_argument("--keep-archives", action="store_true",
                         help="keep the downloaded files in DATA_ROOT/.downloads/flowers102 after a successful build")
     add_output_options(parser)
@@ -273,7 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    data_root = resolve_data_root(args.data_root)
+    data_root = download_root(args.data_root)
     target = data_root / NAME
     show_progress = not args.no_progress
     source = resolve_source(args.source)
@@ -297,9 +303,9 @@ def run(args: argparse.Namespace) -> None:
                     f"({LABELS_MAT} plus {ARCHIVE} or a jpg/ folder)")
         else:
             for filename in (LABELS_MAT, ARCHIVE):
-                remote = RemoteFile(filename, DEFAULT_BASE_URL)
+                remote = RemoteFile(filename, DEFAULT_BASE_URL, checksum=CHECKSUMS[filename])
                 stage.downloaded.append(download(remote, stage.downloads / filename, URL_ENV, show_progress,
-                                                 DOWNLOAD_HINT))
+                                                 DOWNLOAD_HINT, verify=args.verify))
             mat_path, archive = stage.downloaded
             build_pack(mat_path, archive, stage.partial, args.shorter_side, args.workers, show_progress)
         validate(stage.partial.parent)

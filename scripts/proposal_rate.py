@@ -42,6 +42,7 @@ from models.boxes import box_area, union_area  # noqa: E402
 from retrieval.regional import RegionProposer  # noqa: E402
 from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("proposal_rate")
 
@@ -52,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", default="flowers102:test",
                         help="flowers102:SPLIT (test = the 4,696 photos of classes 52-102, train = 1-51) or "
                              "csv:PATH[:SPLIT] (default flowers102:test)")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="N images spread evenly over the list (recipe selection on a subset)")
     parser.add_argument("--image-size", type=positive_int, default=224, help="default 224 (Flowers-102's)")
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
                   "proposals": [int(len(r) - 1) for r in regions],
                   "files": [str(images.paths[i]) for i in chosen]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
         log.info("written to %s", args.out)
     return 0
 

@@ -25,6 +25,7 @@ from release.image_index import ImageIndex, PathLabels, list_images  # noqa: E40
 from retrieval.contact_sheet import SheetRow, contact_sheet  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("search")
 
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
     timing = {"queries": len(queries), "encode_ms_per_query": 1000 * (encoded - started) / len(queries),
               "search_ms_per_query": 1000 * (searched - encoded) / len(queries), "index_size": size}
     json_path = Path(args.json) if args.json else Path(args.index) / "search.json"
-    json_path.write_text(json.dumps({"index": str(args.index), "k": args.k, "timing": timing, "queries": output},
-                                    indent=1))
+    atomic_write_text(json_path, json.dumps({"index": str(args.index), "k": args.k, "timing": timing,
+                                             "queries": output}, indent=1))
     judged = [r["correct"] for q in output for r in q["results"][:1] if "correct" in r]
     print(f"{len(queries)} queries against {size} images: encoding {timing['encode_ms_per_query']:.1f} ms "
           f"and search {timing['search_ms_per_query']:.2f} ms per query; results in {json_path}"

@@ -39,6 +39,7 @@ from retrieval.index import DEFAULT_FLAT_LIMIT, SearchIndex  # noqa: E402
 from retrieval.sharded_search import exact_search  # noqa: E402
 from retrieval.shards import ShardedArray, ShardWriter  # noqa: E402
 from utils.cli import positive_int, run_cli  # noqa: E402
+from utils.files import atomic_write, atomic_write_text  # noqa: E402
 
 log = logging.getLogger("search_large")
 
@@ -178,8 +179,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        np.savez(out.with_suffix(".npz"), **arrays)
+        atomic_write_text(out, json.dumps(result, indent=2))
+        atomic_write(out.with_suffix(".npz"), lambda handle: np.savez(handle, **arrays))
         log.info("results written to %s and %s", out, out.with_suffix(".npz"))
     return 0
 

@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--benchmark-csv", default=None, help="labelled manifest (file, class_id[, split, x1..y2])")
     source.add_argument("--flowers102", action="store_true", help="DATA_ROOT/flowers102/labels.csv")
-    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--data-root", default=None, help="data sets root (default: $DATA_ROOT, else the first of "
+                        "../shared/data, ./data, ./datasets that holds the set)")
     parser.add_argument("--split", default=None,
                         help="rows with this split value (default: test for --flowers102, all rows for a CSV)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm architecture name")

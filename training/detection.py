@@ -41,6 +41,7 @@ from models.boxes import detection_metrics
 from models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector, detector_from_checkpoint,
                              detector_payload, read_detector_checkpoint)
 from utils.errors import UserError
+from utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class DetectorTrainer:
         log.info("detector: %s (%s weights), tap %s, anchors %s, %d trainable parameters", config.backbone,
                  detector.weights_tag, config.tap, list(config.anchor_sizes),
                  sum(p.numel() for p in detector.parameters() if p.requires_grad))
-        (run_dir / "options.json").write_text(json.dumps(options, indent=2, default=str) + "\n")
+        atomic_write_text(run_dir / "options.json", json.dumps(options, indent=2, default=str) + "\n")
         return cls(run_dir, options, detector, splits=splits)
 
     @classmethod
@@ -378,5 +379,5 @@ class DetectorTrainer:
             log.info("test (%s): AP@0.5 %.4f, recall %.4f, proposal recall %.4f on %d images", chosen.name,
                      metrics["ap50"], metrics["recall50"], metrics["proposal_recall50"], metrics["images"])
         self.writer.close()
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
         return results

@@ -8,10 +8,13 @@ exception, a plain ``ValueError`` or ``KeyError`` included, is a bug and keeps i
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shlex
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import UserError
 from .memory import reuse_freed_memory
@@ -20,6 +23,34 @@ from .memory import reuse_freed_memory
 class RunStopped(RuntimeError):
     """A run stopped on purpose (too many unreadable training images, a diverged loss...); the message says
     why and what was kept, in one line."""
+
+
+class DiskFull(RunStopped):
+    """The disk (or the user's quota) filled up while a run wrote a file; the message names the file and the
+    command that continues the run."""
+
+
+#: errno values of a full disk / an exhausted quota
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def full_disk_stops_the_run(doing: str, then: Callable[[], str]) -> Iterator[None]:
+    """Turn a full disk inside the block into :class:`DiskFull`: one line naming what was being written and
+    ``then()`` (evaluated at the failure: what is intact and the exact command that continues), no traceback."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        target = f"writing {error.filename}" if error.filename else "writing"
+        raise DiskFull(f"disk full while {doing} ({target}: {error.strerror or 'no space left on device'}); "
+                       f"{then()}") from None
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran ``script`` (``python SCRIPT ARGS``), quoted for a shell, for "run it again" hints."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 #: Errors caused by inputs (flags, config, files, data) or a deliberate stop, reported in one line with exit
@@ -94,11 +125,12 @@ def benchmark_main(parse_args: Callable, run: Callable, report: Callable, argv=N
     """``main`` of a benchmark script: parse the flags, run, print the report, and write the measurements to
     ``--json`` when given."""
     import json
-    from pathlib import Path
+
+    from .files import atomic_write_text
 
     args = parse_args(argv)
     result = run(args)
     print(report(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .files import atomic_write_text
 
 
 class ConfigError(UserError):
@@ -83,4 +84,5 @@ def get(config: dict, dotted: str, default: Any = None) -> Any:
 
 
 def save_yaml(config: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    """Written atomically: a run killed while saving keeps the previous file or the whole new one."""
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))

@@ -30,7 +30,7 @@ class MSBDSettings:
     codebook: int = 200
     nearest_words: int = 10
     # salient branch
-    saliency: str = "spectral_residual"        # spectral_residual | fine_grained | torchscript:PATH
+    saliency: str = "spectral_residual"        # spectral_residual | fine_grained | network:MODULE:FACTORY@WEIGHTS
     saliency_size: int = 224                   # the detector sees a square of this side (paper: 500)
     # fusion
     branch_dims: int = 512                     # D1: PCA dims per branch

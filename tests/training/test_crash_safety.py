@@ -190,3 +190,68 @@ def test_sigint_to_the_command_exits_130_after_writing_a_checkpoint(tmp_path, ma
     step = torch.load(run / "last.pth", weights_only=True)["training_state"]["step"]
     assert 1 <= step < 500
     assert f"training interrupted by SIGINT at step {step}/500" in stderr and f"--resume {run}" in stderr
+
+
+# -- a full disk ---------------------------------------------------------------------------------------------------
+def test_a_full_disk_ends_in_one_line_with_the_resume_command_that_continues(tmp_path, manifest, monkeypatch,
+                                                                           capsys, one_thread):
+    import errno
+
+    from utils import files
+    from utils.cli import run_cli
+
+    fsync = files.os.fsync
+
+    def full_at_step_four(descriptor):  # the checkpoint of step 2 fits on the disk, that of step 4 does not
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith("step-00000004.pth.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(descriptor)
+
+    monkeypatch.setattr(files.os, "fsync", full_at_step_four)
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "a.yaml", tiny_config(run, manifest, steps=6))
+    assert run_cli(lambda: train.main(["--config", config, "--skip-final-eval"])) == 2
+    assert capsys.readouterr().err == (
+        f"error: disk full while training (writing {run / 'step-00000004.pth'}: No space left on device); the last "
+        f"checkpoint, {run / 'last.pth'} (step 2), is intact: free space, then resume with: python train.py "
+        f"--resume {run}\n")
+    assert not list(run.glob("*.tmp"))
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    assert train.main(["--resume", str(run), "--skip-final-eval"]) == 0  # the printed command continues the run
+    assert torch.load(run / "last.pth", weights_only=True)["training_state"]["step"] == 6
+
+
+def test_stop_handlers_are_installed_only_while_training_runs(tmp_path, manifest, monkeypatch, one_thread):
+    def own_handler(signum, frame):  # the embedding program's handler
+        pass
+
+    seen = {}
+    setup, step = Trainer.setup, Trainer.train_step
+
+    def record_setup(self, *args):
+        seen["setup"] = signal.getsignal(signal.SIGTERM)
+        return setup(self, *args)
+
+    def record_step(self):
+        seen["step"] = signal.getsignal(signal.SIGTERM)
+        if self.step == 1 and seen.get("fail"):
+            raise RuntimeError("a bug in the step")
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "setup", record_setup)
+    monkeypatch.setattr(Trainer, "train_step", record_step)
+    previous = {signum: signal.signal(signum, own_handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        config = write_config(tmp_path / "a.yaml", tiny_config(tmp_path / "a", manifest, steps=2))
+        assert train.main(["--config", config, "--skip-final-eval"]) == 0
+        assert seen["setup"] is own_handler and seen["step"] is not own_handler  # the trainer's, during steps only
+        assert signal.getsignal(signal.SIGTERM) is own_handler and signal.getsignal(signal.SIGINT) is own_handler
+        seen.clear()
+        seen["fail"] = True
+        config = write_config(tmp_path / "b.yaml", tiny_config(tmp_path / "b", manifest, steps=2))
+        with pytest.raises(RuntimeError, match="a bug in the step"):
+            train.main(["--config", config, "--skip-final-eval"])
+        assert signal.getsignal(signal.SIGTERM) is own_handler and signal.getsignal(signal.SIGINT) is own_handler
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
