@@ -2,7 +2,7 @@
 """Run train.py once per variant of a config and print one table (validation mAP, test mAP and R@1,
 training minutes).
 
-    python scripts/ablation.py                                   # the README's head, miner and resolution rows
+    python scripts/ablation.py                          # the head, miner and resolution rows of docs/training.md
     python scripts/ablation.py --variant "gem: model.architecture=gem" --variant "K16: model.head.num_clusters=16"
 
 Each variant is ``NAME: override override ...`` applied to ``--config`` (default: the main job). The
@@ -43,7 +43,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
-    parser.add_argument("--variant", action="append", help="NAME: overrides (repeatable; default: the README's)")
+    parser.add_argument("--variant", action="append",
+                        help="NAME: overrides (repeatable; default: the ablation of docs/training.md)")
     parser.add_argument("--out", default="runs/ablation", help="parent folder of the runs")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--table", default=None, help="also write the markdown table to this file")

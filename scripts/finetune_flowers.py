@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tuning a release on new classes, measured on Flowers-102 (the README's fine-tuning table).
+"""Fine-tuning a release on new classes, measured on Flowers-102 (the fine-tuning table of docs/releases.md).
 
     python scripts/finetune_flowers.py --data-root ../shared/data --out runs/finetune
 

@@ -13,7 +13,7 @@ model in its self-describing format plus the whole training state (optimiser, sc
 miner, RNGs, step, unreadable files and skipped steps), so a resumed run continues exactly. Validation uses
 classes held out of the training set; the test benchmark is not read here.
 
-Reliability (README, "Reliability"):
+Reliability (docs/reliability.md):
 
 - an unreadable training image is skipped and a readable one of its class takes its place
   (``training.data.ImageBatches``); more than ``data.max_bad_fraction`` of the training images unreadable
