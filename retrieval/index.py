@@ -82,18 +82,20 @@ def to_gpus(index, use_gpu: str | bool = "auto", float16: bool = False,
     ``index`` itself and 0 on the CPU. ``use_gpu``: ``"auto"``, ``True`` (GPUs or :class:`FaissGpuMissing`),
     ``False``. ``float16``: half-precision storage / lookup tables (IVF-PQ needs them for many sub-quantizers;
     flat indexes keep float32, the CPU's results). FAISS's Python wrapper keeps the GPU resources alive as long
-    as the returned index. ``name`` is for the log line."""
+    as the returned index. ``name`` is for the log line: INFO for what ``"auto"`` chose, DEBUG for an explicit
+    choice (a caller building many indexes, one per shard, says it once itself)."""
     if use_gpu not in USE_GPU_CHOICES or isinstance(use_gpu, int) and not isinstance(use_gpu, bool):
         raise ValueError(f"use_gpu must be one of {USE_GPU_CHOICES}, got {use_gpu!r}")
     if use_gpu is False:
         return index, 0
     gpus = faiss_gpu_count()
+    level = logging.INFO if use_gpu == "auto" else logging.DEBUG
     if gpus == 0:
         if use_gpu is True:
             raise FaissGpuMissing("GPU search was asked for but FAISS sees no GPU: install FAISS's CUDA build "
                                   "(pip uninstall -y faiss-cpu && pip install -r requirements-gpu.txt, "
                                   "docs/gpu.md) or search on the CPU")
-        log.info("%s on the CPU (FAISS sees no GPU)", name)
+        log.log(level, "%s on the CPU (FAISS sees no GPU)", name)
         return index, 0
     try:
         if gpus == 1:
@@ -111,9 +113,9 @@ def to_gpus(index, use_gpu: str | bool = "auto", float16: bool = False,
         if use_gpu is True:
             raise UserError(f"{name} cannot move to the GPU ({reason}); use another factory or the CPU") \
                 from None
-        log.info("%s on the CPU (FAISS cannot move it to the GPU: %s)", name, reason)
+        log.log(level, "%s on the CPU (FAISS cannot move it to the GPU: %s)", name, reason)
         return index, 0
-    log.info("%s on %d GPU(s)%s", name, gpus, " (sharded)" if gpus > 1 else "")
+    log.log(level, "%s on %d GPU(s)%s", name, gpus, " (sharded)" if gpus > 1 else "")
     return moved, gpus
 
 

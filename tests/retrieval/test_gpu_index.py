@@ -100,12 +100,13 @@ def test_flat_and_ivf_indexes_move_to_one_gpu_and_give_the_cpu_results(fake_gpus
 def test_ivf_pq_uses_half_precision_and_several_gpus_share_the_rows(fake_gpus, caplog):
     database = vectors(3000)
     clones = fake_gpus(2)
-    with caplog.at_level(logging.INFO, logger="retrieval.index"):
+    with caplog.at_level(logging.DEBUG, logger="retrieval.index"):  # an explicit choice logs at DEBUG
         index = SearchIndex(database, factory="IVF16,PQ8np", use_gpu=True, nprobe=2)
         flat = SearchIndex(database, use_gpu=True)
     assert [(c["how"], c["kind"], c["float16"], c["shard"]) for c in clones] == \
         [("all", "IndexIVFPQ", True, True), ("all", "IndexFlat", False, True)]
     assert index.gpus == flat.gpus == 2 and "on 2 GPU(s) (sharded)" in caplog.text
+    assert {record.levelno for record in caplog.records} == {logging.DEBUG}
 
 
 def test_auto_stays_on_the_cpu_without_gpu_faiss(caplog):
@@ -115,8 +116,11 @@ def test_auto_stays_on_the_cpu_without_gpu_faiss(caplog):
         index = SearchIndex(database, factory="IVF4,Flat")
     assert index.gpus == 0 and isinstance(index.index, faiss.IndexIVFFlat)
     assert "FAISS IVF4,Flat index on the CPU (FAISS sees no GPU)" in caplog.text
-    scores, indices = exact_search(vectors(5, seed=2), database, 3)  # the sharded search's default is "auto" too
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        scores, indices = exact_search(vectors(5, seed=2), database, 3)  # "auto" too, decided once for all shards
     assert indices.shape == (5, 3)
+    assert [r.getMessage() for r in caplog.records] == ["exact search shard by shard on the CPU (FAISS sees no GPU)"]
 
 
 def test_asking_for_the_gpu_without_gpu_faiss_is_one_clear_error(monkeypatch):
@@ -190,3 +194,18 @@ def test_search_script_with_device_cuda_needs_gpu_faiss(tmp_path, capsys):
     assert run_cli(lambda: script.main([str(tmp_path / "index"), str(query), "--device", "cuda"])) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: GPU search was asked for but FAISS sees no GPU") and error.count("\n") == 1
+
+
+def test_the_sharded_exact_search_puts_every_shard_on_the_gpu(tmp_path, fake_gpus, caplog):
+    from tests.retrieval.test_large_index import write_shards
+
+    database, queries = vectors(300), vectors(4, seed=3)
+    sharded = write_shards(tmp_path / "shards", database, 100)
+    expected = exact_search(queries, database, 7, use_gpu=False)
+    clones = fake_gpus(1)
+    with caplog.at_level(logging.INFO, logger="retrieval"):
+        scores, indices = exact_search(queries, sharded, 7)
+    assert len(clones) == 3 and all(c["index"].searches == 1 for c in clones)  # one GPU index a shard
+    assert [r.getMessage() for r in caplog.records] == ["exact search shard by shard on the GPU"]
+    np.testing.assert_array_equal(indices, expected[1])
+    np.testing.assert_array_equal(scores, expected[0])
