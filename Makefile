@@ -11,13 +11,21 @@ DOWNLOAD_ROOT = $(or $(DATA_ROOT),datasets)
 
 .PHONY: venv test main baselines ablation bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# GPU=1 (`make venv GPU=1`, once): FAISS's CUDA build replaces faiss-cpu (both install the `faiss` module, so
+# both are removed first); the marker keeps it through later reinstalls.
+GPU_FAISS := $(VENV)/.gpu-faiss
+SWAP_FAISS = $(PY) -m pip uninstall --quiet -y faiss-cpu faiss-gpu && \
+	$(PY) -m pip install --quiet -r requirements-gpu.txt && touch $(GPU_FAISS)
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-gpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	if [ -n "$(GPU)" ] || [ -f $(GPU_FAISS) ]; then $(SWAP_FAISS); fi
 	touch $@
 
 venv: $(VENV)/.installed
+	@if [ -n "$(GPU)" ] && [ ! -f $(GPU_FAISS) ]; then $(SWAP_FAISS); fi
 
 test: venv
 	$(PY) -m pytest -q

@@ -384,7 +384,8 @@ def detector_from_checkpoint(checkpoint: dict) -> LandmarkDetector:
     return detector.train(False)
 
 
-def load_detector(path: str | Path, map_location: str = "cpu") -> LandmarkDetector:
+def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> LandmarkDetector:
     """Rebuild a detector saved by :func:`save_detector` (or a training run's ``best.pth`` / ``last.pth``),
-    in eval mode; no flags needed."""
-    return detector_from_checkpoint(read_detector_checkpoint(path, map_location))
+    in eval mode, on the device ``map_location`` (``detect`` / ``propose`` move their images there); no flags
+    needed."""
+    return detector_from_checkpoint(read_detector_checkpoint(path)).to(map_location)  # built on the CPU, then moved

@@ -102,15 +102,18 @@ class IndexUpdate:
 class ImageIndex:
     """Load with :meth:`open`, make or refresh with :meth:`update`, query with :meth:`search`."""
 
-    def __init__(self, directory: Path, meta: dict, descriptors: np.ndarray, index):
+    def __init__(self, directory: Path, meta: dict, descriptors: np.ndarray, index, gpus: int = 0):
         self.directory, self.meta, self.descriptors, self.index = directory, meta, descriptors, index
+        self.gpus = gpus  # GPUs the FAISS index is searched on (0: the CPU)
 
     @property
     def paths(self) -> list[Path]:
         return [Path(entry["path"]) for entry in self.meta["images"]]
 
     @classmethod
-    def open(cls, directory: str | Path) -> "ImageIndex":
+    def open(cls, directory: str | Path, use_gpu: str | bool = False) -> "ImageIndex":
+        """The index in ``directory``; ``use_gpu`` (``retrieval.index.to_gpus``: False, "auto", True) searches
+        a float index on the GPU(s) FAISS sees (packed codes stay on the CPU). Update only a CPU index."""
         import faiss
 
         directory = Path(directory)
@@ -129,7 +132,16 @@ class ImageIndex:
         if not len(images) == len(descriptors) == index.ntotal:
             raise UserError(f"{directory}: {len(images)} images, {len(descriptors)} descriptors and "
                              f"{index.ntotal} index rows disagree; rebuild it into a new directory")
-        return cls(directory, meta, descriptors, index)
+        gpus = 0
+        if binary:
+            if use_gpu is True:
+                log.info("%s holds packed codes: searched on the CPU", directory)
+        else:
+            from retrieval.index import to_gpus
+
+            factory = meta.get("index", {}).get("factory", meta.get("factory", ""))
+            index, gpus = to_gpus(index, use_gpu, float16="PQ" in str(factory), name=f"image index {directory}")
+        return cls(directory, meta, descriptors, index, gpus)
 
     def load_retriever(self, release: str | Path | None = None, device: str = "cpu") -> Retriever:
         """The release that encodes queries for this index: the one recorded in it, or ``release``, which must
@@ -201,6 +213,12 @@ class ImageIndex:
         """(scores, rows), each (Q, k), best first (inner products of L2-normalised descriptors, or negated
         Hamming distances of packed codes)."""
         k = min(k, self.index.ntotal)
+        if self.gpus:
+            from retrieval.index import GPU_MAX_K
+
+            if k > GPU_MAX_K:
+                raise UserError(f"k={k}: FAISS's GPU search returns at most {GPU_MAX_K} neighbours; ask for fewer "
+                                f"or search on the CPU")
         if self.meta.get("binary"):
             distances, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.uint8), k)
             return -distances.astype(np.float32), rows

@@ -20,12 +20,17 @@ The database may be an array or a :class:`~retrieval.shards.ShardedArray`: a sha
 shard by shard (each shard memory-mapped in turn) and a trained index learns from a fixed random sample of its
 rows, so the database is never one array in memory; only the index's own copy is (for IVF-PQ, m bytes a row).
 
-A GPU index is used for float descriptors when FAISS sees a GPU (``use_gpu="auto"``); with several GPUs the
-database is sharded across them (``GpuMultipleClonerOptions.shard``: each holds 1/n of the rows), which
-divides the memory instead of replicating it. The index is trained and filled on the CPU, then cloned (one
-coarse quantizer for every shard; no GPU was available to test this path). Queries are
-searched in chunks so that the result buffers stay bounded however large the query set is. An approximate
-index may find fewer than k neighbours: the missing ones are index -1, score -inf.
+Float indexes (flat, IVF-Flat, IVF-PQ) move to the GPU when FAISS sees one (:func:`to_gpus`), which needs FAISS's
+CUDA build (``faiss-gpu``, ``requirements-gpu.txt``; ``faiss-cpu`` always sees none): ``use_gpu="auto"`` (the
+default) takes the GPUs if there are any and stays on the CPU otherwise, ``True`` demands them (one clear error
+without), ``False`` stays on the CPU; one log line says which was used. One GPU holds the whole index; with
+several the database is sharded across them (``GpuMultipleClonerOptions.shard``: each holds 1/n of the rows),
+which divides the memory instead of replicating it. The index is trained and filled on the CPU, then cloned (one
+coarse quantizer for every shard). Flat and IVF-Flat keep float32 on the GPU (the CPU's results); IVF-PQ uses
+half-precision lookup tables, which GPU IVF-PQ needs for many sub-quantizers. Packed codes stay on the CPU:
+FAISS's CPU binary flat index breaks ties by database index, which the evaluation's exact ranking relies on.
+Queries are searched in chunks so that the result buffers stay bounded however large the query set is. An
+approximate index may find fewer than k neighbours: the missing ones are index -1, score -inf.
 """
 from __future__ import annotations
 
@@ -56,10 +61,62 @@ TRAIN_POINTS_PER_LIST, MIN_TRAIN_SIZE = 40, 40 * 256
 DIMS_PER_SUBQUANTIZER, MAX_SUBQUANTIZERS = 8, 64
 APPROXIMATE_KINDS = ("ivfpq", "hnsw")
 Database = np.ndarray | ShardedArray
+#: FAISS's GPU search returns at most this many neighbours per query (GPU_MAX_SELECTION_K)
+GPU_MAX_K = 2048
+USE_GPU_CHOICES = (True, False, "auto")
 
 
-def _gpu_count() -> int:
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+class FaissGpuMissing(UserError):
+    """GPU search was asked for, and FAISS sees no GPU (the CPU build, or no CUDA device)."""
+
+
+def faiss_gpu_count() -> int:
+    """GPUs FAISS can use: 0 with the CPU build (``faiss-cpu``), whatever torch sees."""
+    count = getattr(faiss, "get_num_gpus", None)
+    return int(count()) if count is not None else 0
+
+
+def to_gpus(index, use_gpu: str | bool = "auto", float16: bool = False,
+            name: str = "FAISS index") -> tuple[object, int]:
+    """(index, GPUs it is on): ``index`` (a filled CPU float index) cloned onto the GPU(s) FAISS sees, or
+    ``index`` itself and 0 on the CPU. ``use_gpu``: ``"auto"``, ``True`` (GPUs or :class:`FaissGpuMissing`),
+    ``False``. ``float16``: half-precision storage / lookup tables (IVF-PQ needs them for many sub-quantizers;
+    flat indexes keep float32, the CPU's results). FAISS's Python wrapper keeps the GPU resources alive as long
+    as the returned index. ``name`` is for the log line: INFO for what ``"auto"`` chose, DEBUG for an explicit
+    choice (a caller building many indexes, one per shard, says it once itself)."""
+    if use_gpu not in USE_GPU_CHOICES or isinstance(use_gpu, int) and not isinstance(use_gpu, bool):
+        raise ValueError(f"use_gpu must be one of {USE_GPU_CHOICES}, got {use_gpu!r}")
+    if use_gpu is False:
+        return index, 0
+    gpus = faiss_gpu_count()
+    level = logging.INFO if use_gpu == "auto" else logging.DEBUG
+    if gpus == 0:
+        if use_gpu is True:
+            raise FaissGpuMissing("GPU search was asked for but FAISS sees no GPU: install FAISS's CUDA build "
+                                  "(pip uninstall -y faiss-cpu && pip install -r requirements-gpu.txt, "
+                                  "docs/gpu.md) or search on the CPU")
+        log.log(level, "%s on the CPU (FAISS sees no GPU)", name)
+        return index, 0
+    try:
+        if gpus == 1:
+            resources = faiss.StandardGpuResources()
+            options = faiss.GpuClonerOptions()
+            options.useFloat16 = float16
+            moved = faiss.index_cpu_to_gpu(resources, 0, index, options)
+        else:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True  # each GPU holds 1/gpus of the rows (replicas would each hold all of them)
+            options.useFloat16 = float16
+            moved = faiss.index_cpu_to_all_gpus(index, co=options)
+    except RuntimeError as error:  # an index kind FAISS has no GPU version of (HNSW...)
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(error).strip()).splitlines()[0]
+        if use_gpu is True:
+            raise UserError(f"{name} cannot move to the GPU ({reason}); use another factory or the CPU") \
+                from None
+        log.log(level, "%s on the CPU (FAISS cannot move it to the GPU: %s)", name, reason)
+        return index, 0
+    log.log(level, "%s on %d GPU(s)%s", name, gpus, " (sharded)" if gpus > 1 else "")
+    return moved, gpus
 
 
 def _power_of_two_at_most(value: float) -> int:
@@ -190,23 +247,15 @@ class SearchIndex:
         self.seconds = {"train": trained - started, "add": time.perf_counter() - trained}
         # filled on the CPU, then cloned: every GPU shard shares one quantizer, and FAISS's sharded flat index
         # takes only one add; the CPU copy is compact for IVF-PQ (m bytes a row) and freed after cloning
-        self.gpus = 0
-        self.index = self._to_gpus(index, use_gpu) if metric == "inner_product" else index
+        #: GPUs the index is on (0: the CPU)
+        self.index, self.gpus = index, 0
+        if metric == "inner_product":
+            self.index, self.gpus = to_gpus(index, use_gpu, float16="PQ" in self.factory,
+                                            name=f"FAISS {self.factory} index")
+        elif use_gpu is True:
+            raise UserError("packed binary codes are searched on the CPU (use_gpu=True is for float descriptors)")
         for name in ("nprobe", "nflip", "efSearch"):
             self._set_parameter(name, self.parameters.get(name))
-
-    def _to_gpus(self, index, use_gpu: str | bool):
-        gpus = _gpu_count()
-        if use_gpu is True and gpus == 0:
-            raise RuntimeError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
-        if use_gpu not in (True, "auto") or gpus == 0:
-            return index
-        options = faiss.GpuMultipleClonerOptions()
-        options.shard = True  # each GPU holds 1/gpus of the rows (replicas would each hold all of them)
-        options.useFloat16 = True  # GPU IVF-PQ needs half-precision lookup tables for many sub-quantizers
-        self.gpus = gpus
-        log.info("FAISS index sharded over %d GPU(s)", gpus)
-        return faiss.index_cpu_to_all_gpus(index, co=options)
 
     def _build(self, make: Callable[[], object], kind: str):
         try:
@@ -239,6 +288,9 @@ class SearchIndex:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         k = min(k, len(self))
+        if self.gpus and k > GPU_MAX_K:
+            raise UserError(f"k={k}: FAISS's GPU search returns at most {GPU_MAX_K} neighbours; ask for fewer or "
+                            f"search on the CPU (use_gpu=False)")
         if self.metric == "hamming":
             queries = check_codes(queries, "query codes", self.dim)
         else:

@@ -47,7 +47,9 @@ class RegionProposer:
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():
             raise DetectorMissing(f"detector checkpoint not found: {self.checkpoint}")
-        self.detector = load_detector(self.checkpoint, map_location=device)
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device}: torch sees no CUDA device (install a CUDA build of torch, or use cpu)")
+        self.detector = load_detector(self.checkpoint, map_location=device)  # detects on that device
         # thresholds: the detector checkpoint's own (0.3 score, 0.5 NMS by default) unless given
         config = self.detector.config
         self.max_regions = max_regions

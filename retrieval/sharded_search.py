@@ -9,10 +9,14 @@ reference for large databases, not a serving index (see ``SearchIndex(factory="a
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from .index import SearchIndex
+from .index import SearchIndex, faiss_gpu_count
 from .shards import ShardedArray
+
+log = logging.getLogger(__name__)
 
 
 def merge_top_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -26,7 +30,11 @@ def merge_top_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.nda
 def exact_search(queries: np.ndarray, database: ShardedArray | np.ndarray, k: int, metric: str = "inner_product",
                  use_gpu: str | bool = "auto") -> tuple[np.ndarray, np.ndarray]:
     """(scores, indices), each (Q, min(k, N)), best first: the exact top k of every query over all shards
-    (scores are inner products, or negated Hamming distances)."""
+    (scores are inner products, or negated Hamming distances). ``use_gpu``: as :class:`SearchIndex`'s, decided
+    once for every shard."""
+    if use_gpu == "auto" and metric == "inner_product":  # one log line, not one per shard
+        use_gpu = faiss_gpu_count() > 0
+        log.info("exact search shard by shard on the %s", "GPU" if use_gpu else "CPU (FAISS sees no GPU)")
     blocks = database.blocks() if isinstance(database, ShardedArray) else [(0, database)]
     best_scores = best_indices = None
     for start, rows in blocks:

@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--score-threshold", type=float, default=None, help="default: the detector's (0.3)")
     parser.add_argument("--nms-threshold", type=float, default=None, help="default: the detector's (0.5)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="where the detector runs: cpu (default) or cuda")
     parser.add_argument("--out", default=None, help="write the numbers (and per-image counts) as JSON")
     return parser.parse_args(argv)
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     images = image_list(args.images, resolve_data_root(args.data_root))
     chosen = evenly_spread(len(images), args.limit)
     proposer = RegionProposer(args.detector, max_regions=args.max_regions, score_threshold=args.score_threshold,
-                              nms_threshold=args.nms_threshold)
+                              nms_threshold=args.nms_threshold, device=args.device)
     # the proposer un-normalises what it is given: any mean / std round-trips to the same pixels
     preprocessing = Preprocessing()
     transform = EvalTransform(size=args.image_size, mode=args.resize_mode, mean=preprocessing.mean,

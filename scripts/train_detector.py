@@ -15,7 +15,8 @@ AP@0.5), split ``test`` is evaluated once at the end with ``--eval-split test``.
 
 Writes RUN_DIR/options.json, last.pth (every evaluation, atomic; ``--resume``), best.pth, tb/ (TensorBoard)
 and results.json. Checkpoints load with ``models.detector.load_detector(path)`` (``weights_only``).
-Default optimiser: AdamW, lr 2e-4, weight decay 1e-4, 20 warm-up steps, cosine decay.
+Default optimiser: AdamW, lr 2e-4, weight decay 1e-4, 20 warm-up steps, cosine decay. Trains on CUDA when torch
+sees it (``--device cpu`` to stay on the CPU), in ``--mixed-precision bf16`` or ``fp16`` (CUDA) if asked.
 """
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, help="default 0")
     run.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
     run.add_argument("--log-every", type=int, help="TensorBoard loss scalars every N steps (default 10)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                     help="auto (default): CUDA when torch sees it, else the CPU")
+    run.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                     help="autocast of the training forward pass (default no; fp16 needs CUDA)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's; 1 is often faster on a busy shared machine)")
     model = parser.add_argument_group("model")

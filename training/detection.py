@@ -15,6 +15,10 @@ The loop behind ``scripts/train_detector.py``:
   of all detections (score > 0, NMS at the config's threshold, at most 100 per image; the full-image region is
   not a detection), plus the recall of what ``propose`` keeps (score > 0.3, at most 4). ``best.pth`` keeps the
   best validation AP; ``last.pth`` is written at every evaluation (atomically) and resumes the run.
+* **Device**: an ``accelerate.Accelerator`` places the detector, its optimiser and every batch on
+  ``accelerator.device`` (CUDA when torch sees it, unless ``device="cpu"``) and runs the forward pass in
+  ``mixed_precision`` (``bf16``, or ``fp16`` with a loss scaler, CUDA only); validation runs in float32. One
+  process: the batch of a step is a few images, so there is nothing to split across devices.
 * **Logs**: TensorBoard scalars in RUN_DIR/tb (the four Faster R-CNN losses, their sum, learning rate,
   images/s, validation and test metrics), ``logging`` lines, a tqdm bar on terminals; ``results.json`` at the
   end.
@@ -35,6 +39,8 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from accelerate import Accelerator
+
 from data.boxes import BoxImage, read_box_csv
 from data.images import load_image
 from models.boxes import detection_metrics
@@ -52,9 +58,11 @@ DEFAULTS = {
     "warmup": 20, "grad_clip": 10.0, "val_fraction": 0.1, "eval_every": 100, "eval_split": None, "seed": 0,
     "backbone": "tf_efficientnet_lite0", "pretrained": True, "weights": None, "tap": "blocks4",
     "min_size": 320, "max_size": 512, "frozen_blocks": 2, "workers": 0, "log_every": 10,
+    "device": "auto", "mixed_precision": "no",
 }
 #: What may change when a run is resumed (everything else defines the run).
-RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_split", "workers", "log_every")
+RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_split", "workers", "log_every", "device")
+DEVICES, PRECISIONS = ("auto", "cpu", "cuda"), ("no", "bf16", "fp16")
 #: Detection settings of the validation/test AP.
 EVAL_MAX_DETECTIONS = 100
 
@@ -190,6 +198,27 @@ def _optimizer(detector: LandmarkDetector, options: dict) -> torch.optim.Optimiz
     raise UserError(f"unknown optimizer {options['optimizer']!r} (adamw or sgd)")
 
 
+def detector_accelerator(options: dict) -> Accelerator:
+    """The accelerator of a run: ``device`` auto (CUDA when torch sees it), cpu or cuda; ``mixed_precision``
+    no, bf16 or fp16 (CUDA only: on the CPU, accelerate would quietly train in float32)."""
+    device, precision = options["device"], options["mixed_precision"]
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise UserError("--device cuda: torch sees no CUDA device (install a CUDA build of torch, or --device cpu)")
+    on_cpu = device == "cpu" or not cuda
+    if precision == "fp16" and on_cpu:
+        raise UserError("--mixed-precision fp16 needs a CUDA device; on the CPU use bf16 or no")
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
+    if accelerator.num_processes > 1:
+        raise UserError("the detector trains in one process: run scripts/train_detector.py without accelerate "
+                        "launch")
+    return accelerator
+
+
 def _finite(metrics: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
@@ -199,12 +228,15 @@ class DetectorTrainer:
     then ``fit()`` and ``finish()``."""
 
     def __init__(self, run_dir: Path, options: dict, detector: LandmarkDetector, state: dict | None = None,
-                 splits: Splits | None = None):
-        self.run_dir, self.options, self.detector = run_dir, options, detector
+                 splits: Splits | None = None, accelerator: Accelerator | None = None):
+        self.run_dir, self.options = run_dir, options
+        self.accelerator = accelerator if accelerator is not None else detector_accelerator(options)
+        self.device = self.accelerator.device
         self.splits = splits if splits is not None else load_splits(options)
         log.info("images: %d train, %d validation, %d test (boxes: %d, %d, %d)",
                  *(len(s) for s in (self.splits.train, self.splits.val, self.splits.test)),
                  *(sum(len(im.boxes) for im in s) for s in (self.splits.train, self.splits.val, self.splits.test)))
+        detector.to(self.device)  # before the optimiser: loaded optimiser state follows its parameters' device
         self.optimizer = _optimizer(detector, options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_factor(step, int(options["warmup"]), int(options["steps"])))
@@ -218,7 +250,19 @@ class DetectorTrainer:
             self.best_ap = -math.inf if state["best_ap"] is None else float(state["best_ap"])
             self.history, self.timing = list(state["history"]), dict(state["timing"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":  # the RPN's sampling on CUDA
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        # the scheduler keeps the plain optimiser (it only sets learning rates); the prepared one scales fp16
+        # losses and skips their overflowing steps
+        self.detector, self.optimizer = self.accelerator.prepare(detector, self.optimizer)
+        if state is not None and state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        log.info("detector on %s, mixed precision %s", self.device, self.accelerator.mixed_precision)
         self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    @property
+    def unwrapped(self) -> LandmarkDetector:
+        return self.accelerator.unwrap_model(self.detector)
 
     # -- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -232,7 +276,8 @@ class DetectorTrainer:
         run_dir = Path(run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"{run_dir} exists and is not empty: pick a new --out, or --resume it")
-        splits = load_splits(options)  # bad data fails before anything is written
+        splits = load_splits(options)  # bad data or a bad device fails before anything is written
+        accelerator = detector_accelerator(options)
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(int(options["seed"]))
         config = DetectorConfig(backbone=options["backbone"], tap=options["tap"], min_size=int(options["min_size"]),
@@ -242,7 +287,7 @@ class DetectorTrainer:
                  detector.weights_tag, config.tap, list(config.anchor_sizes),
                  sum(p.numel() for p in detector.parameters() if p.requires_grad))
         atomic_write_text(run_dir / "options.json", json.dumps(options, indent=2, default=str) + "\n")
-        return cls(run_dir, options, detector, splits=splits)
+        return cls(run_dir, options, detector, splits=splits, accelerator=accelerator)
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: dict | None = None) -> "DetectorTrainer":
@@ -254,7 +299,7 @@ class DetectorTrainer:
         state = checkpoint.get("training_state")
         if not isinstance(state, dict):
             raise UserError(f"{path} is not a resumable training checkpoint (no training state)")
-        options = dict(state["options"])
+        options = {**DEFAULTS, **state["options"]}  # runs from before a new option have its default
         for key, value in (overrides or {}).items():
             if key not in RESUMABLE_OVERRIDES:
                 raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (only "
@@ -268,19 +313,22 @@ class DetectorTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def training_state(self) -> dict:
+        scaler = self.accelerator.scaler
         return {"step": self.step, "options": {k: v for k, v in self.options.items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "best_ap": None if not math.isfinite(self.best_ap) else self.best_ap, "best_step": self.best_step,
-                "history": self.history, "timing": self.timing, "torch_rng": torch.get_rng_state()}
+                "history": self.history, "timing": self.timing, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "scaler": scaler.state_dict() if scaler is not None else None}
 
     def save(self, name: str, metrics: dict | None = None) -> None:
-        payload = detector_payload(self.detector, {"training_state": self.training_state(),
+        payload = detector_payload(self.unwrapped, {"training_state": self.training_state(),
                                                    "metrics": _finite(metrics or {})})
         atomic_save(payload, self.run_dir / name)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
-        options, config = self.options, self.detector.config
+        options, config = self.options, self.unwrapped.config
         steps, eval_every = int(options["steps"]), int(options["eval_every"])
         if self.step == 0 and self.splits.val:
             self.validate()
@@ -295,14 +343,17 @@ class DetectorTrainer:
         self.detector.train()
         for images, targets in loader:
             tick = time.perf_counter()
-            losses = self.detector(images, targets)
+            images = [image.to(self.device, non_blocking=True) for image in images]
+            targets = [{key: value.to(self.device, non_blocking=True) for key, value in target.items()}
+                       for target in targets]
+            losses = self.detector(images, targets)  # under the accelerator's autocast when mixed precision
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {self.step + 1}: loss is {loss.item()} "
                                          f"({ {k: v.item() for k, v in losses.items()} }); lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(
+            self.accelerator.backward(loss)  # scaled under fp16
+            self.accelerator.clip_grad_norm_(  # unscales fp16 gradients first
                 [p for p in self.detector.parameters() if p.requires_grad], float(options["grad_clip"]))
             self.optimizer.step()
             self.scheduler.step()
@@ -333,7 +384,7 @@ class DetectorTrainer:
 
     def validate(self) -> dict:
         tick = time.perf_counter()
-        metrics = evaluate_detector(self.detector, self.splits.val, desc="validation")
+        metrics = evaluate_detector(self.unwrapped, self.splits.val, desc="validation")
         self.timing["eval_seconds"] += time.perf_counter() - tick
         self.log_scalars({f"val/{k}": v for k, v in metrics.items() if k not in ("images", "boxes")})
         self.history.append({"step": self.step, **_finite(metrics)})
@@ -361,7 +412,7 @@ class DetectorTrainer:
             "eval_seconds": round(self.timing["eval_seconds"], 1),
             "steps_per_second": self.step_rate(),
             "images_per_second": self.timing["images"] / max(self.timing["train_seconds"], 1e-9),
-            "config": self.detector.config.to_dict(), "options": self.options,
+            "config": self.unwrapped.config.to_dict(), "options": self.options,
         }
         split = self.options["eval_split"]
         if split:
@@ -370,7 +421,7 @@ class DetectorTrainer:
             if not self.splits.test:
                 raise UserError("--eval-split test: the box CSV has no image of split 'test'")
             chosen = self.run_dir / ("best.pth" if (self.run_dir / "best.pth").is_file() else "last.pth")
-            detector = detector_from_checkpoint(read_detector_checkpoint(chosen))
+            detector = detector_from_checkpoint(read_detector_checkpoint(chosen)).to(self.device)
             tick = time.perf_counter()
             metrics = evaluate_detector(detector, self.splits.test, desc="test")
             results["test"] = {"checkpoint": chosen.name, **_finite(metrics),
