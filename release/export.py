@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from models.retrieval_net import RetrievalNet
+from utils.files import sha256_file
 
-from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE, sha256_file
+from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE
 from .load import release_config
 
 log = logging.getLogger(__name__)

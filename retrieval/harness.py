@@ -57,11 +57,12 @@ import numpy as np
 
 from data.datasets import ImageDataset
 from data.image_sets import SYNTAX
+from data.images import image_list_fingerprint
 from data.transforms import EvalTransform
 from utils.errors import UserError
 
 from .benchmarks import Benchmark, FitSet
-from .descriptor_cache import CacheEntry, DescriptorCache, image_list_fingerprint, safe_name
+from .descriptor_cache import CacheEntry, DescriptorCache, safe_name
 from .extract import Extraction, extract_shards
 from .methods import RetrievalMethod
 from .postprocess import postprocess, ranks_by_inner_product

@@ -31,12 +31,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from data.images import image_list_fingerprint
 from models.backbones import Preprocessing
 from utils.errors import UserError
 
 from . import aggregation as agg
 from .codebook import Codebook, fit_or_load_codebook
-from .descriptor_cache import image_list_fingerprint
 from .local_features import LocalFeatureExtractor
 from .methods import MethodContext, RetrievalMethod, register_method, state_fingerprint
 from .regional import NATIVE, RegionProposer, crop_region, proposer_from_context

@@ -37,7 +37,7 @@ from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import offline_weights_path  # noqa: E402
 from retrieval.extract import SizeBucketBatchSampler, extract, output_sizes  # noqa: E402
-from retrieval.methods import MethodContext, create_method  # noqa: E402
+from retrieval.catalogue import MethodContext, create_method  # noqa: E402
 from utils.cli import benchmark_main, run_cli  # noqa: E402
 
 log = logging.getLogger("bench_extract")

@@ -29,7 +29,7 @@ from data.transforms import RESIZE_MODES  # noqa: E402
 from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli  # noqa: E402
 from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
-from retrieval.methods import MethodContext, available_methods, create_method  # noqa: E402
+from retrieval.catalogue import MethodContext, available_methods, create_method  # noqa: E402
 from retrieval.match_kernels import GAMMAS, KernelSettings  # noqa: E402
 from retrieval.regional import parse_region_size  # noqa: E402
 from utils.errors import UserError  # noqa: E402

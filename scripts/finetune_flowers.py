@@ -27,7 +27,7 @@ from models.retrieval_net import load_model  # noqa: E402
 from release.export import export_release  # noqa: E402
 from retrieval.benchmarks import create_benchmark  # noqa: E402
 from retrieval.harness import EvalSettings, evaluate_methods  # noqa: E402
-from retrieval.methods import MethodContext, create_method  # noqa: E402
+from retrieval.catalogue import MethodContext, create_method  # noqa: E402
 from retrieval.trained import TrainedModelMethod, resolve_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 

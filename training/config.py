@@ -247,7 +247,7 @@ def check_inputs(config: dict, data_root: str | Path, final_eval: bool = True):
             name = benchmark.partition(":")[2]
             where_file("eval.benchmark", benchmark, str(data_root / name / f"gnd_{name}.pkl"))
         if ecfg["baselines"]:
-            from retrieval.methods import available_methods
+            from retrieval.catalogue import available_methods
 
             unknown = [name for name in ecfg["baselines"] if name not in available_methods()]
             if unknown:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from retrieval.benchmarks import create_benchmark
 from retrieval.harness import EvalSettings, evaluate_method, evaluate_methods, report
-from retrieval.methods import MethodContext, create_method
+from retrieval.catalogue import MethodContext, create_method
 from retrieval.trained import TrainedModelMethod
 
 log = logging.getLogger(__name__)

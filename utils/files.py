@@ -1,10 +1,13 @@
-"""Atomic file writes: readers (and a process killed mid-write) see the old file or the whole new one.
+"""Files: atomic writes, and content hashes.
+
+Atomic writes: readers (and a process killed mid-write) see the old file or the whole new one.
 
 The bytes go to a temporary file in the same folder, are flushed and fsynced, the temporary is renamed over the
 target (``os.replace``) and the folder is fsynced, so the rename itself survives a crash.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -46,3 +49,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], unique: bo
         temporary.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

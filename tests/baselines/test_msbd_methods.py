@@ -13,7 +13,7 @@ from data.manifest import read_csv_manifest
 from data.transforms import EvalTransform
 from models.backbones import create_backbone
 from retrieval.extract import extract
-from retrieval.methods import MethodContext, create_method
+from retrieval.catalogue import MethodContext, create_method
 from utils.config import load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +114,7 @@ def test_paper_config_loads():
 def test_fine_tuning_msbd_in_a_together_run_leaves_the_shared_backbone_alone():
     from baselines.msbd.methods import shared_pipeline
     from baselines.msbd.settings import MSBDSettings
-    from retrieval.methods import MethodContext, create_method
+    from retrieval.catalogue import MethodContext, create_method
 
     context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True)
     gem = create_method("gem", context)

@@ -7,7 +7,7 @@ from data.datasets import ImageDataset
 from data.images import load_image
 from data.transforms import EvalTransform
 from retrieval.extract import SizeBucketBatchSampler, extract, output_sizes
-from retrieval.methods import MethodContext, create_method
+from retrieval.catalogue import MethodContext, create_method
 
 
 def test_extraction_encodes_exactly_the_transformed_images_in_channels_last_batches(tmp_path, one_thread):

@@ -9,7 +9,7 @@ from retrieval.benchmarks import LabelledBenchmark, create_benchmark
 from retrieval.extract import extract
 from retrieval.harness import EvalSettings, evaluate_method, format_table, report, write_report
 from retrieval.index import SearchIndex
-from retrieval.methods import MethodContext, create_method, available_methods
+from retrieval.catalogue import MethodContext, create_method, available_methods
 from retrieval.reference_metrics import labelled_evaluate
 
 

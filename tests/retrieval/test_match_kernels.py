@@ -122,7 +122,7 @@ def test_regional_kernels_describe_a_small_detected_object_by_its_crop(tmp_path,
 
 
 def test_region_size_reaches_the_regional_methods_from_the_context(tmp_path):
-    from retrieval.methods import MethodContext, create_method
+    from retrieval.catalogue import MethodContext, create_method
     from utils.errors import UserError
 
     context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, region_size=0)
@@ -135,7 +135,7 @@ def test_a_word_budget_caps_each_database_image_at_a_multiple_of_its_asmk_words(
                                                                                monkeypatch):
     from retrieval import aggregation as agg
     from retrieval import match_kernels
-    from retrieval.methods import MethodContext, create_method
+    from retrieval.catalogue import MethodContext, create_method
 
     images = near_duplicates(tmp_path)
     pre = vocabulary.extractor.backbone.preprocessing
@@ -365,7 +365,7 @@ def test_multi_scale_asmk_at_a_word_budget_keeps_the_longest_residuals_up_to_b_t
 
 
 def test_kernel_settings_come_from_the_command_line_context_and_key_the_cache():
-    from retrieval.methods import MethodContext, create_method
+    from retrieval.catalogue import MethodContext, create_method
     from retrieval.regional import NATIVE
     from utils.errors import UserError
 

@@ -116,7 +116,7 @@ def test_the_harness_evaluates_the_expanded_descriptors_and_says_so(make_labelle
     from retrieval.benchmarks import LabelledBenchmark
     from retrieval.extract import extract
     from retrieval.harness import EvalSettings, _transform, evaluate_method
-    from retrieval.methods import MethodContext, create_method
+    from retrieval.catalogue import MethodContext, create_method
     from retrieval.scores import InnerProductScores
 
     bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=3, per_class=3)))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from models.backbones import Preprocessing
-from retrieval.methods import MethodContext, RetrievalMethod, create_method
+from retrieval.methods import RetrievalMethod
+from retrieval.catalogue import MethodContext, create_method
 from retrieval.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch, crop_region,
                                 pack_regions, parse_region_size, unpack_regions)
 from utils.errors import UserError

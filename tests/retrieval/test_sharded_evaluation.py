@@ -20,7 +20,8 @@ from data.transforms import EvalTransform
 from retrieval.benchmarks import LabelledBenchmark, create_benchmark
 from retrieval.extract import extract_shards, extract_together
 from retrieval.harness import EvalSettings, _cache_keys, evaluate_methods
-from retrieval.methods import MethodContext, RetrievalMethod, create_method
+from retrieval.methods import RetrievalMethod
+from retrieval.catalogue import MethodContext, create_method
 from retrieval.shards import ShardedArray, ShardWriter
 from tests.conftest import REPO, write_labelled_set
 
@@ -235,7 +236,7 @@ def test_cached_descriptors_of_another_fit_are_described_again_and_never_paired(
 
 
 def test_state_fingerprints_tell_fits_apart_and_refuse_what_they_cannot_hash():
-    from baselines.msbd.pca import PCA
+    from models.pca import PCA
     from retrieval.methods import state_fingerprint
 
     pca = PCA(torch.zeros(3), torch.eye(3))

@@ -9,7 +9,7 @@ import retrieval.scores
 from models.retrieval_net import create_model
 from retrieval.binary import HammingScores
 from retrieval.harness import EvalSettings, _save_top_k
-from retrieval.methods import MethodContext, create_method
+from retrieval.catalogue import MethodContext, create_method
 from retrieval.scores import DenseScores
 from retrieval.trained import TrainedModelMethod
 

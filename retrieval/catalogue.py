@@ -1,0 +1,14 @@
+"""Every method the harness can build by name: importing this module registers them all.
+
+:mod:`retrieval.methods` holds the registry and knows none of the methods defined above it; each module that
+defines methods registers them when it is imported. Entry points (``scripts/evaluate.py``, the trainer's
+evaluation) take :func:`create_method` and :func:`available_methods` from here, so every name is there.
+"""
+from __future__ import annotations
+
+import baselines  # noqa: F401  (scda*, msbd*, itq)
+
+from . import match_kernels, regional, trained  # noqa: F401  (vlad, asmk*, r_*; gem_regions...; run:, model:)
+from .methods import MethodContext, available_methods, create_method
+
+__all__ = ["MethodContext", "available_methods", "create_method"]
