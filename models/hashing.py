@@ -75,13 +75,13 @@ class HashHead(nn.Module):
             raise UserError(f"ITQ to {k} bits needs at least {2 * k} training descriptors, got {len(descriptors)}: "
                              "raise model.init_images or lower model.head.hash_bits")
         x = descriptors.double().cpu()
-        mean = x.mean(0)
-        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        if len(vt) < k:
+        if x.shape[1] < k:
             raise UserError(f"ITQ to {k} bits of {x.shape[1]}-d descriptors: lower model.head.hash_bits")
-        projected = (x - mean) @ vt[:k].T
+        mean = x.mean(0)
+        basis = pca_basis(x - mean, k, exact=True)
+        projected = (x - mean) @ basis
         rotation, _ = itq_rotation(projected, iterations, torch.Generator().manual_seed(seed))
-        weight = rotation.T @ vt[:k]
+        weight = rotation.T @ basis.T
         weight = weight / (projected @ rotation).std(0).mean()
         self.linear.weight.copy_(weight.float())
         self.linear.bias.copy_((-weight @ mean).float())

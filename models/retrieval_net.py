@@ -39,6 +39,7 @@ from utils.errors import UserError
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .hashing import HashHead
 from .netvlad import NetVLAD, multiscale_columns, single_scale_columns
+from .pca import principal_axes
 from .pooling import GeM
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ def init_linear_pca(linear: nn.Linear, descriptors: torch.Tensor, whiten: bool, 
         raise UserError(f"PCA to {k} dimensions needs at least {2 * k} training descriptors, got "
                          f"{len(descriptors)}: raise model.init_images or lower {option}")
     x = descriptors.double()
-    mean = x.mean(0)
-    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    weight = vt[:k]
-    if len(weight) < k:
+    if x.shape[1] < k:
         raise UserError(f"PCA to {k} dimensions of {x.shape[1]}-d descriptors: lower {option}")
+    mean = x.mean(0)
+    axes, s = principal_axes(x - mean, k, exact=True)
+    weight = axes.T
     if whiten:
         weight = weight / (s[:k] / np.sqrt(len(x) - 1)).clamp(min=eps).unsqueeze(1)
     linear.weight.copy_(weight.float())

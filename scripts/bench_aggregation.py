@@ -36,6 +36,7 @@ from retrieval.codebook import fit_or_load_codebook  # noqa: E402
 from retrieval.extract import SizeBucketBatchSampler, output_sizes  # noqa: E402
 from retrieval.local_features import LocalFeatureExtractor, LocalFeatures  # noqa: E402
 from retrieval.metrics import labelled_metrics  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 BOXES = [agg.FULL_IMAGE, (0.2, 0.2, 0.8, 0.8)]
 
@@ -210,4 +211,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

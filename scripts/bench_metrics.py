@@ -29,6 +29,7 @@ from data.revisitop import PROTOCOLS  # noqa: E402
 from retrieval import reference_metrics  # noqa: E402
 from retrieval.metrics import revisitop_metrics  # noqa: E402
 from retrieval.scores import DenseScores  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 KS = (1, 5, 10)
 
@@ -137,4 +138,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
