@@ -7,8 +7,9 @@ evaluation) take :func:`create_method` and :func:`available_methods` from here, 
 from __future__ import annotations
 
 import baselines  # noqa: F401  (scda*, msbd*, itq)
-
-from . import match_kernels, regional, trained  # noqa: F401  (vlad, asmk*, r_*; gem_regions...; run:, model:)
-from .methods import MethodContext, available_methods, create_method
+import retrieval.match_kernels  # noqa: F401  (vlad, asmk, asmk_star, r_*)
+import retrieval.regional  # noqa: F401  (regional_search_*)
+import retrieval.trained  # noqa: F401  (run:, model:, itq@, pca@)
+from retrieval.methods import MethodContext, available_methods, create_method
 
 __all__ = ["MethodContext", "available_methods", "create_method"]
