@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from data.roots import resolve_data_root
-from retrieval.harness import format_table, write_report
+from retrieval.evaluation.harness import format_table, write_report
 from training.checkpoint import LAST, load_resumable
 from training.config import DEFAULT_CONFIG, check_inputs, resolve_config, unique_run_dir
 from training.distributed import peer_failures_stop_the_run, process_group_kwargs

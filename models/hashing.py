@@ -3,7 +3,7 @@
 ``HashHead(in_dim, bits)``: ``Linear(in_dim, bits)``, then
 - training: ``tanh(beta * x)``, relaxed codes in (-1, 1)^bits that the hashing losses train;
 - eval: sign codes as floats in {-1, +1}, with sign(0) = +1 so every bit is defined.
-``codes(x)`` gives the same bits as booleans (True = +1) for ``retrieval.binary.pack_bits``.
+``codes(x)`` gives the same bits as booleans (True = +1) for ``retrieval.search.binary.pack_bits``.
 
 HashNet (Cao et al., "HashNet: Deep Learning to Hash by Continuation", ICCV 2017) trains through
 tanh(beta * x) and raises beta during training so the relaxation tends to sign(x); its code

@@ -3,7 +3,7 @@
 branches, DELF-style local features, ``pca@DIMS:run:``).
 
 The projection layer of a network (``models.retrieval_net``), the hash head's ITQ start (``models.hashing``) and
-PCA-whitening (``retrieval.whitening``) take their axes from here too.
+PCA-whitening (``retrieval.aggregation.whitening``) take their axes from here too.
 """
 from __future__ import annotations
 

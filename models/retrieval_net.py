@@ -209,7 +209,7 @@ class RetrievalNet(nn.Module):
 
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, bits) booleans (True = +1) of a hashing network, for ``retrieval.binary.pack_bits``."""
+        """(B, bits) booleans (True = +1) of a hashing network, for ``retrieval.search.binary.pack_bits``."""
         if self.hash_bits is None:
             raise ValueError("codes() needs a hashing network (model.head.hash_bits)")
         return self.head.hash.codes(self.head.descriptor(self.feature_map(images)))

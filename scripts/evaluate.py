@@ -27,14 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import RESIZE_MODES  # noqa: E402
 from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli  # noqa: E402
-from retrieval.harness import EvalSettings, evaluate_methods, format_table, report, write_report  # noqa: E402
-from retrieval.benchmarks import create_benchmark  # noqa: E402
-from retrieval.catalogue import MethodContext, available_methods, create_method  # noqa: E402
-from retrieval.match_kernels import GAMMAS, KernelSettings  # noqa: E402
-from retrieval.regional import parse_region_size  # noqa: E402
+from retrieval.evaluation.harness import (EvalSettings, evaluate_methods, format_table, report,  # noqa: E402
+                                          write_report)
+from retrieval.evaluation.benchmarks import create_benchmark  # noqa: E402
+from retrieval.evaluation.catalogue import MethodContext, available_methods, create_method  # noqa: E402
+from retrieval.aggregation.match_kernels import GAMMAS, KernelSettings  # noqa: E402
+from retrieval.aggregation.regional import parse_region_size  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from retrieval.processes import Processes  # noqa: E402
-from retrieval.whitening import WHITENINGS  # noqa: E402
+from retrieval.evaluation.processes import Processes  # noqa: E402
+from retrieval.aggregation.whitening import WHITENINGS  # noqa: E402
 
 log = logging.getLogger("evaluate")
 

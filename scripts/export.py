@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 from models.retrieval_net import load_model  # noqa: E402
 from release.export import export_release  # noqa: E402
-from retrieval.trained import resolve_checkpoint  # noqa: E402
+from retrieval.descriptors.trained import resolve_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.config import load_yaml  # noqa: E402
 

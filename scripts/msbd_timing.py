@@ -23,7 +23,7 @@ from baselines.msbd.settings import MSBDSettings  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
-from retrieval.benchmarks import create_benchmark  # noqa: E402
+from retrieval.evaluation.benchmarks import create_benchmark  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
 log = logging.getLogger("msbd.timing")

@@ -34,7 +34,7 @@ from models.backbones import Backbone, Preprocessing
 from models.hashing import SignCodes, learn_itq
 from models.pca import PCA
 from models.pooling import l2n
-from retrieval.extract import SizeBucketBatchSampler, output_sizes
+from retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
 
 from .binary import learn_msbd
 from .classifier import SoftmaxClassifier

@@ -50,7 +50,7 @@ def test_domain_errors_are_user_errors():
     from models.backbones import WeightsError
     from models.retrieval_net import UnsafeCheckpointError
     from release.format import ReleaseError
-    from retrieval.regional import DetectorMissing
+    from retrieval.aggregation.regional import DetectorMissing
     from training.data import BadTrainingData
     from training.trainer import TrainingDiverged
     from utils.config import ConfigError

@@ -1,7 +1,7 @@
 """Descriptors on disk: one entry per (benchmark images, method, role, resize), found again by its key.
 
 **Keys.** An entry's key hashes everything the descriptors depend on (the harness builds it,
-:func:`retrieval.harness`): the cache format version :data:`CACHE_FORMAT` (bumped when code changes what a
+:func:`retrieval.evaluation.harness`): the cache format version :data:`CACHE_FORMAT` (bumped when code changes what a
 config produces), the method's ``config()`` (its settings, weights fingerprint included; never fitted state),
 the benchmark's name and source (the resolved manifest path or data folder), the role, the transform, a
 fingerprint of the image list itself (:func:`data.images.image_list_fingerprint`: resolved paths, file sizes and
@@ -9,7 +9,7 @@ modification times; ``stat`` only, so a million files cost seconds, not a read o
 method, the same fingerprint of its training images and labels. Two manifests of the same size, the same set
 name under another data root, or a replaced image thus never share descriptors.
 
-**Entries.** An extraction writes ``<method>-<key>.shards/`` (:mod:`retrieval.shards`: whole shards only, so an
+**Entries.** An extraction writes ``<method>-<key>.shards/`` (:mod:`retrieval.search.shards`: whole shards only, so an
 interrupted extraction resumes from its last finished shard, and several processes may write different shards
 at once). The shard folder records the fit that writes it (``fitted_state``, None for a method that is not
 fitted): a resumed extraction of another fit starts the folder over. When every shard is there,
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 
-from .extract import Extraction
+from retrieval.descriptors.extract import Extraction
 from utils.files import atomic_write
 
-from .shards import ShardedArray, ShardWriter
+from retrieval.search.shards import ShardedArray, ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ from data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_
 from data.overlap import refuse_shared_images
 from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
 from data.samplers import spread_over_classes
+from retrieval.search.scores import DenseScores, ScoreSource
 from utils.errors import UserError
 
 from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
-from .scores import DenseScores, ScoreSource
 
 
 @dataclass

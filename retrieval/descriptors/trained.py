@@ -24,9 +24,9 @@ from models.retrieval_net import RetrievalNet, load_model
 from utils.errors import UserError
 from utils.files import sha256_file
 
-from .binary import HammingScores, pack_bits
+from retrieval.search.binary import HammingScores, pack_bits
 from .methods import MethodContext, RetrievalMethod, register_method_pattern
-from .scores import ScoreSource
+from retrieval.search.scores import ScoreSource
 
 CHECKPOINT_NAMES = ("best.pth", "last.pth")
 #: ``itq@64:run:DIR``, ``itq@64s3:model:FILE``, ``pca@64:run:DIR``

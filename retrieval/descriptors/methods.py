@@ -12,7 +12,7 @@ arguments (``@register_method_pattern(r"run:.+")``: a trained network's run dire
 :func:`create_method` from a :class:`MethodContext` (the backbone and weights chosen on the command line). The
 registry knows only what has registered into it: the packages that define methods (the aggregation kernels,
 trained networks, the baselines) sit above this module and register themselves when imported;
-:mod:`retrieval.catalogue` imports them all.
+:mod:`retrieval.evaluation.catalogue` imports them all.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from models.backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from models.pooling import create_pooling, l2n
 from utils.errors import UserError
 
-from .scores import InnerProductScores, ScoreSource
+from retrieval.search.scores import InnerProductScores, ScoreSource
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class MethodContext:
     #: r_asmk / r_asmk_star (and asmk / asmk_star over several scales): at most this many times the full image's
     #: scale-1 word count per database image; 0: no cap
     word_budget: float = 0.0
-    #: match kernels (retrieval.match_kernels.KernelSettings; None: its default): codebook size, local features
-    #: per image and scale, the scales, training images for the PCA and codebook, and the selective kernels'
+    #: match kernels (retrieval.aggregation.match_kernels.KernelSettings; None: its default): codebook size, local
+    #: features per image and scale, the scales, training images for the PCA and codebook, and the selective kernels'
     #: database normaliser ("default", "words", "one")
     kernel_words: int | None = None
     kernel_max_features: int | None = None

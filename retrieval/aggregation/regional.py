@@ -24,8 +24,8 @@ from models.backbones import Preprocessing
 from utils.errors import UserError
 from utils.files import sha256_file
 
-from .methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
-from .scores import ScoreSource, as_tensor
+from retrieval.descriptors.methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
+from retrieval.search.scores import ScoreSource, as_tensor
 
 log = logging.getLogger(__name__)
 
