@@ -9,10 +9,12 @@ FIND_DATA = for root in $(DATA_ROOT) ../shared/data data; do \
 
 .PHONY: venv test main baselines ablation bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The pinned stack (requirements*.txt), then this repository itself, editable, as the msretrieval package.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed

@@ -95,7 +95,7 @@ def model_card(config: dict) -> str:
                  f"{descriptor['dim']}-d L2-normalised {descriptor['dtype']} descriptors, compared by inner "
                  "product."), "",
              "## Use", "", "```python",
-             "from release import load_release    # this repository's models/, data/ and utils/; no training code",
+             "from release import load_release    # torch, timm, safetensors...; no training code, no FAISS",
              f"retriever = load_release(\"{config['name']}\")",
              "descriptors = retriever.encode([\"query.jpg\", \"db1.jpg\"])   # " + (
                  "(N, bytes) uint8 packed codes" if descriptor.get("binary") else "(N, D) float32"),

@@ -125,7 +125,8 @@ class ImageIndex:
         descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(retriever.dtype)
         if not len(descriptors):
             raise UserError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
-        from retrieval.search.index import DEFAULT_FACTORY, DEFAULT_FLAT_LIMIT  # FAISS is imported when it is needed
+        from retrieval.search.index import (DEFAULT_FACTORY,  # FAISS is imported when it is needed
+                                            DEFAULT_FLAT_LIMIT)
 
         flat = factory == "Flat" or (factory == "auto" and len(descriptors) <= DEFAULT_FLAT_LIMIT)
         old_factory = old.meta.get("index", {}).get("factory") if old is not None else None

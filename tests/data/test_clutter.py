@@ -497,8 +497,8 @@ def test_images_and_boxes_must_agree(tmp_path):
 
 
 def test_create_benchmark_builds_on_first_use(pack, monkeypatch):
-    monkeypatch.setattr("retrieval.evaluation.benchmarks.build_clutter_set", partial(build_clutter_set, params=SMALL,
-                                                                          progress=False))
+    monkeypatch.setattr("retrieval.evaluation.benchmarks.build_clutter_set",
+                        partial(build_clutter_set, params=SMALL, progress=False))
     bench = create_benchmark("flowers102-clutter", pack.parent)
     assert (pack.parent / "flowers102-clutter" / "params.json").is_file()
     assert bench.name == "flowers102-clutter" and bench.default_size == CANVAS

@@ -9,7 +9,8 @@ from PIL import Image
 
 from models.retrieval_net import create_model, load_model, save_model
 from retrieval.search.binary import HammingScores, hamming_distances, pack_bits
-from retrieval.descriptors.trained import PROJECTED_SPEC, ITQTrainedMethod, PCATrainedMethod, TrainedModelMethod
+from retrieval.descriptors.trained import (PROJECTED_SPEC, ITQTrainedMethod, PCATrainedMethod,
+                                           TrainedModelMethod)
 
 
 def hashing_net(bits=16, seed=0):

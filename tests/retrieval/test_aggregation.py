@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from retrieval.aggregation import vlad_asmk as agg
-from retrieval.aggregation.vlad_asmk import (ASMK_SELECTIVITY, FULL_IMAGE, IDENTITY, Aggregated, AggregatedDatabase,
-                                   AggregatedScores, asmk, asmk_star, from_rows, in_box, naive_rasmk,
-                                   pair_similarity, rasmk, rows_descriptor_bytes, rvlad, selectivity, to_dense,
-                                   to_rows, vlad)
+from retrieval.aggregation.vlad_asmk import (ASMK_SELECTIVITY, FULL_IMAGE, IDENTITY, Aggregated,
+                                             AggregatedDatabase, AggregatedScores, asmk, asmk_star,
+                                             from_rows, in_box, naive_rasmk, pair_similarity, rasmk,
+                                             rows_descriptor_bytes, rvlad, selectivity, to_dense, to_rows,
+                                             vlad)
 from retrieval.aggregation.codebook import Codebook, codebook_config, codebook_key, fit_or_load_codebook
-from retrieval.aggregation.local_features import LocalFeatureExtractor, grid_positions, select_local_features
+from retrieval.aggregation.local_features import (LocalFeatureExtractor, grid_positions,
+                                                  select_local_features)
 
 TOY = Codebook(np.array([[0.0, 0.0], [4.0, 0.0]]))
 # X: (1,0) and (0,1) -> c0 (squared distances 1 vs 9 and 1 vs 17), (4,2) -> c1 (4 vs 20)

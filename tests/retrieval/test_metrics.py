@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from retrieval.evaluation import reference_metrics as ref
-from retrieval.evaluation.metrics import (
-    RankedPositives, _rank_by_bins, average_precision, labelled_metrics, map_at_r, nan_mean, positive_ranks, rank_items,
-    recall_at_k, revisitop_average_precision, revisitop_metrics, revisitop_precision_at_k,
-)
+from retrieval.evaluation.metrics import (RankedPositives, _rank_by_bins, average_precision,
+                                                      labelled_metrics, map_at_r, nan_mean, positive_ranks, rank_items,
+                                                      recall_at_k, revisitop_average_precision, revisitop_metrics,
+                                                      revisitop_precision_at_k)
 from retrieval.search.scores import DenseScores, InnerProductScores, ScoreSource
 
 

@@ -9,8 +9,8 @@ import torch
 from models.backbones import Preprocessing
 from retrieval.descriptors.methods import RetrievalMethod
 from retrieval.evaluation.catalogue import MethodContext, create_method
-from retrieval.aggregation.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch, crop_region,
-                                pack_regions, parse_region_size, unpack_regions)
+from retrieval.aggregation.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch,
+                                                        crop_region, pack_regions, parse_region_size, unpack_regions)
 from utils.errors import UserError
 
 

@@ -358,7 +358,8 @@ def test_a_resumed_extraction_never_mixes_the_shards_of_two_fits(tmp_path, caplo
     assert len(list(cache.rglob("shard-*.npy"))) == 1
     # resumed in a run whose fit comes out differently: fit 1's shard is dropped, not completed by fit 2
     _Offset.offset = 2.0
-    with caplog.at_level("WARNING", logger="retrieval.search.shards"), pytest.raises(RuntimeError, match="killed"):
+    with caplog.at_level("WARNING", logger="retrieval.search.shards"), \
+            pytest.raises(RuntimeError, match="killed"):
         evaluate_methods([_Offset(fail_after=1)], benchmark, settings)  # rows 0-3 of fit 2
     assert "another fit" in caplog.text
     resumed = _Offset()

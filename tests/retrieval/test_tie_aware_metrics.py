@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from retrieval.evaluation import reference_metrics as ref
-from retrieval.evaluation.metrics import (
-    RankedPositives, TiedPositives, average_precision, labelled_metrics, map_at_r, positive_ranks, recall_at_k,
-    tied_positives,
-)
+from retrieval.evaluation.metrics import (RankedPositives, TiedPositives, average_precision,
+                                                      labelled_metrics, map_at_r, positive_ranks, recall_at_k,
+                                                      tied_positives)
 from retrieval.search.scores import DenseScores
 
 KS = (1, 2, 3, 5)
