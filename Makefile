@@ -11,17 +11,19 @@ DOWNLOAD_ROOT = $(or $(DATA_ROOT),datasets)
 
 .PHONY: venv test main baselines ablation bench clean
 
+# The pinned stack (requirements*.txt), then this repository itself, editable, as the msretrieval package.
 # GPU=1 (`make venv GPU=1`, once): FAISS's CUDA build replaces faiss-cpu (both install the `faiss` module, so
 # both are removed first); the marker keeps it through later reinstalls.
 GPU_FAISS := $(VENV)/.gpu-faiss
 SWAP_FAISS = $(PY) -m pip uninstall --quiet -y faiss-cpu faiss-gpu && \
 	$(PY) -m pip install --quiet -r requirements-gpu.txt && touch $(GPU_FAISS)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-gpu.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-gpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	if [ -n "$(GPU)" ] || [ -f $(GPU_FAISS) ]; then $(SWAP_FAISS); fi
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from models.backbones import FEATURES, Backbone, Preprocessing
 from models.pooling import l2n, mac, spoc
-from retrieval.methods import MethodContext, RetrievalMethod, register_method
+from retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method
 from utils.errors import UserError
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)

@@ -63,11 +63,10 @@ with the same generator version, seed, parameters and source manifest, building 
 otherwise is refused with a message naming the folder to delete (``overwrite=True`` replaces it, again
 atomically).
 
-Command line: ``python -m data.clutter FLOWERS_ROOT OUT_DIR [--seed S] [--test N] [--train N] [--canvas PX]``.
+Command line: ``python scripts/build_clutter.py FLOWERS_ROOT OUT_DIR [--seed S] [--test N] [--train N] [--canvas PX]``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -86,7 +85,7 @@ from PIL import Image, ImageFilter
 from .images import load_image
 from .manifest import LabelledImageSet, ManifestError, read_csv_manifest, read_csv_rows
 
-log = logging.getLogger("data.clutter")  # also when run as __main__
+log = logging.getLogger(__name__)
 
 #: Bumped whenever the generator's output for given params changes; part of a set's identity.
 GENERATOR_VERSION = 2
@@ -897,28 +896,3 @@ def _move_into_place(staging: Path, out_dir: Path, identity: dict, overwrite: bo
     os.rename(out_dir, retired / out_dir.name)
     os.rename(staging, out_dir)
     shutil.rmtree(retired, ignore_errors=True)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Build the Flowers-102 clutter retrieval set.")
-    parser.add_argument("flowers_root", help="folder with labels.csv and images/ (DATA_ROOT/flowers102)")
-    parser.add_argument("out_dir", help="output folder (default layout: DATA_ROOT/flowers102-clutter)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--test", type=int, default=ClutterParams.test_composites, help="test composites")
-    parser.add_argument("--train", type=int, default=ClutterParams.train_composites, help="train composites")
-    parser.add_argument("--canvas", type=int, default=ClutterParams.canvas, help="composite side, pixels")
-    parser.add_argument("--overwrite", action="store_true", help="replace a set built with other parameters")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    params = ClutterParams(canvas=args.canvas, test_composites=args.test, train_composites=args.train)
-    try:
-        build_clutter_set(args.flowers_root, args.out_dir, seed=args.seed, params=params, overwrite=args.overwrite)
-    except ClutterError as error:
-        log.error("%s", error)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

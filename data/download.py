@@ -1,14 +1,14 @@
 """Shared plumbing of the data preparation scripts (scripts/prepare_flowers102.py, scripts/download_revisitop.py).
 
-Downloading with resumable ``.part`` files and checksums, safe archive extraction, placing a prepared folder,
-logging and one-line error reporting live here so that both scripts behave the same way.
+Downloading with resumable ``.part`` files and checksums, safe archive extraction and placing a prepared folder
+live here so that both scripts behave the same way (their logging and error lines: ``utils.cli.run_cli``).
 
 Checksums: a :class:`RemoteFile` carries the digest its source publishes (``"md5:<hex>"`` or ``"sha256:<hex>"``);
 :func:`download` checks every file it fetches or reuses against it and deletes a file that does not match
 (one line, exit code 2). A file whose source publishes no checksum is used as it is, and the log says so.
 ``verify=False`` (prepare_flowers102.py ``--no-checksum``) skips the check, for a mirror that repacked the files
-or a source that changed them. Torch-free on purpose: the
-scripts must stay quick to start and usable without torch installed.
+or a source that changed them. Torch-free on purpose: the scripts must stay quick to start and usable without
+torch installed.
 """
 from __future__ import annotations
 
@@ -19,13 +19,12 @@ import http.client
 import logging
 import os
 import shutil
-import sys
 import tarfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from utils.errors import UserError
 
@@ -35,11 +34,11 @@ DOWNLOAD_TIMEOUT = 60  # seconds, for the connection and for each read
 
 
 class PrepareError(UserError):
-    """A failure reported as one line on stderr; ``code`` is the exit status."""
+    """A failure reported as one line on stderr (by ``utils.cli.run_cli``); ``exit_code`` is the exit status."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
-        self.code = code
+        self.exit_code = code
 
 
 @dataclass(frozen=True)
@@ -74,36 +73,6 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     """The options every preparation script has for what it prints."""
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-
-
-def setup_logging(quiet: bool) -> None:
-    """Progress (INFO) goes to stdout, warnings and errors to stderr."""
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    out = logging.StreamHandler(sys.stdout)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
-    out.setFormatter(logging.Formatter("%(message)s"))
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
-    err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    root.addHandler(out)
-    root.addHandler(err)
-
-
-def run_script(prog: str, run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """Set up logging (``args.quiet``), call ``run(args)`` and turn a PrepareError or Ctrl-C into one stderr
-    line and the exit status, never a traceback."""
-    setup_logging(args.quiet)
-    try:
-        run(args)
-    except PrepareError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return error.code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 def progress(**kwargs):

@@ -7,7 +7,7 @@ re-encoded or resized copy is not found (that would need image hashing; the sets
 another's files, not re-encodings). A file that cannot be ``stat``-ed (missing) is compared by path only:
 reading it fails later with its own error.
 
-Used by ``scripts/evaluate.py --fit-on`` (:meth:`retrieval.benchmarks.Benchmark.use_fit_set`) and by training
+Used by ``scripts/evaluate.py --fit-on`` (:meth:`retrieval.evaluation.benchmarks.Benchmark.use_fit_set`) and by training
 (``training.config.check_inputs``: training images vs the final evaluation's benchmark).
 """
 from __future__ import annotations

@@ -202,3 +202,13 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+def spread_over_classes(labels: np.ndarray, limit: int) -> np.ndarray:
+    """The first ``limit`` indices when images are dealt one per class in turn (deterministic)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank_in_class = np.arange(len(labels)) - starts
+    dealt = order[np.lexsort((sorted_labels, rank_in_class))]
+    return np.sort(dealt[:limit])

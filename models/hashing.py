@@ -3,7 +3,7 @@
 ``HashHead(in_dim, bits)``: ``Linear(in_dim, bits)``, then
 - training: ``tanh(beta * x)``, relaxed codes in (-1, 1)^bits that the hashing losses train;
 - eval: sign codes as floats in {-1, +1}, with sign(0) = +1 so every bit is defined.
-``codes(x)`` gives the same bits as booleans (True = +1) for ``retrieval.binary.pack_bits``.
+``codes(x)`` gives the same bits as booleans (True = +1) for ``retrieval.search.binary.pack_bits``.
 
 HashNet (Cao et al., "HashNet: Deep Learning to Hash by Continuation", ICCV 2017) trains through
 tanh(beta * x) and raises beta during training so the relaxation tends to sign(x); its code
@@ -15,12 +15,15 @@ without saving it; ``beta`` is therefore a plain attribute of the head, not a pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from utils.errors import UserError
+
+from .pca import pca_basis
 
 
 def sign_codes(x: torch.Tensor) -> torch.Tensor:
@@ -72,13 +75,13 @@ class HashHead(nn.Module):
             raise UserError(f"ITQ to {k} bits needs at least {2 * k} training descriptors, got {len(descriptors)}: "
                              "raise model.init_images or lower model.head.hash_bits")
         x = descriptors.double().cpu()
-        mean = x.mean(0)
-        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        if len(vt) < k:
+        if x.shape[1] < k:
             raise UserError(f"ITQ to {k} bits of {x.shape[1]}-d descriptors: lower model.head.hash_bits")
-        projected = (x - mean) @ vt[:k].T
+        mean = x.mean(0)
+        basis = pca_basis(x - mean, k, exact=True)
+        projected = (x - mean) @ basis
         rotation, _ = itq_rotation(projected, iterations, torch.Generator().manual_seed(seed))
-        weight = rotation.T @ vt[:k]
+        weight = rotation.T @ basis.T
         weight = weight / (projected @ rotation).std(0).mean()
         self.linear.weight.copy_(weight.float())
         self.linear.bias.copy_((-weight @ mean).float())
@@ -115,6 +118,47 @@ def itq_rotation(v: torch.Tensor, iterations: int = 50, generator: torch.Generat
         rotation = procrustes(v, codes)
         history.append(itq_loss(v, rotation))
     return rotation, history
+
+
+@dataclass
+class SignCodes:
+    """A learned linear binary code: bit = 1 where ``(x - mean) @ projection > 0`` (ITQ's {-1, 1} codes stored
+    as {0, 1}; Hamming distances are the same in either convention)."""
+
+    mean: np.ndarray                 # (D,)
+    projection: np.ndarray           # (D, L), orthonormal columns
+    objective: list[float] = field(default_factory=list)  # the learning's loss per iteration
+
+    @property
+    def bits(self) -> int:
+        return self.projection.shape[1]
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """(N, D) float descriptors -> (N, L) bool codes."""
+        return self.project(x).numpy() > 0
+
+    def project(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(((np.asarray(x, dtype=np.float64) - self.mean) @ self.projection).astype(np.float32))
+
+
+def centre_rows(x: np.ndarray, bits: int) -> tuple[np.ndarray, torch.Tensor]:
+    """(mean, centred float32 rows) of descriptors ``x`` (N, D) that ``bits`` bits are learned from."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"descriptors must be 2-D, got shape {x.shape}")
+    if not 0 < bits <= min(x.shape):
+        raise UserError(f"{bits} bits need at least {bits} training descriptors and dimensions, got {x.shape}")
+    mean = x.mean(0)
+    return mean, torch.from_numpy((x - mean).astype(np.float32))  # float32: twice as fast, precise enough
+
+
+def learn_itq(x: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -> SignCodes:
+    """Classical ITQ (Gong & Lazebnik, CVPR 2011) of descriptors ``x`` (N, D): PCA to ``bits`` dims and the
+    learned rotation, from a random rotation drawn with ``seed``; bit = 1 where the projection is positive."""
+    mean, xc = centre_rows(x, bits)
+    basis = pca_basis(xc, bits)
+    rotation, history = itq_rotation(xc @ basis, iterations, torch.Generator().manual_seed(seed))
+    return SignCodes(mean, (basis @ rotation).numpy(), objective=history)
 
 
 

@@ -40,6 +40,7 @@ from utils.files import atomic_write
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .hashing import HashHead
 from .netvlad import NetVLAD, multiscale_columns, single_scale_columns
+from .pca import principal_axes
 from .pooling import GeM
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,11 @@ def init_linear_pca(linear: nn.Linear, descriptors: torch.Tensor, whiten: bool, 
         raise UserError(f"PCA to {k} dimensions needs at least {2 * k} training descriptors, got "
                          f"{len(descriptors)}: raise model.init_images or lower {option}")
     x = descriptors.double()
-    mean = x.mean(0)
-    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    weight = vt[:k]
-    if len(weight) < k:
+    if x.shape[1] < k:
         raise UserError(f"PCA to {k} dimensions of {x.shape[1]}-d descriptors: lower {option}")
+    mean = x.mean(0)
+    axes, s = principal_axes(x - mean, k, exact=True)
+    weight = axes.T
     if whiten:
         weight = weight / (s[:k] / np.sqrt(len(x) - 1)).clamp(min=eps).unsqueeze(1)
     linear.weight.copy_(weight.float())
@@ -209,7 +210,7 @@ class RetrievalNet(nn.Module):
 
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, bits) booleans (True = +1) of a hashing network, for ``retrieval.binary.pack_bits``."""
+        """(B, bits) booleans (True = +1) of a hashing network, for ``retrieval.search.binary.pack_bits``."""
         if self.hash_bits is None:
             raise ValueError("codes() needs a hashing network (model.head.hash_bits)")
         return self.head.hash.codes(self.head.descriptor(self.feature_map(images)))

@@ -2,8 +2,10 @@
 
 A release directory holds ``model.safetensors`` (the weights: tensors only, no pickle), ``config.json`` (how
 to rebuild and feed the network, what it was trained on, how it scored, the weights' SHA-256, the licences of
-the code, the backbone weights and the training data: :mod:`release.licences`), ``README.md`` (a model card) and ``model.pt2`` (a ``torch.export`` graph that computes the same descriptors with torch
-alone). Loading needs ``models/``, ``data/`` and ``utils/errors.py`` of this repository, never its training code::
+the code, the backbone weights and the training data: :mod:`release.licences`), ``README.md`` (a model card)
+and ``model.pt2`` (a ``torch.export`` graph that computes the same descriptors with torch alone). Loading
+needs torch, torchvision, timm, safetensors, numpy, pillow and tqdm (``hubconf.py``'s ``dependencies``),
+never the training code or FAISS::
 
     from release import load_release
     retriever = load_release("releases/flowers102")

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from models.retrieval_net import RetrievalNet
-from utils.files import atomic_directory
+from utils.files import atomic_directory, sha256_file
 
-from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE, sha256_file
+from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE
 from .licences import CODE_LICENCE, NOT_RECORDED, data_terms
 from .load import release_config
 
@@ -96,7 +96,7 @@ def model_card(config: dict) -> str:
                  f"{descriptor['dim']}-d L2-normalised {descriptor['dtype']} descriptors, compared by inner "
                  "product."), "",
              "## Use", "", "```python",
-             "from release import load_release    # this repository's models/, data/ and utils/; no training code",
+             "from release import load_release    # torch, timm, safetensors...; no training code, no FAISS",
              f"retriever = load_release(\"{config['name']}\")",
              "descriptors = retriever.encode([\"query.jpg\", \"db1.jpg\"])   # " + (
                  "(N, bytes) uint8 packed codes" if descriptor.get("binary") else "(N, D) float32"),

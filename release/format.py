@@ -1,11 +1,11 @@
 """What a release directory holds and how its config is checked (shared by export and load)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.files import sha256_file
 
 RELEASE_FORMAT = "msretrieval-release-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -21,14 +21,6 @@ REQUIRED_INPUT = {"mean", "std", "image_size", "resize"}
 
 class ReleaseError(UserError):
     """A release directory is incomplete, corrupt or of another format; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_config(directory: Path) -> dict:

@@ -5,7 +5,7 @@ image: path, size, modification time), ``descriptors.npy`` (N, D float32, the ro
 ``index.faiss``. Updating an index encodes only the images that are new or changed since; removed images are
 dropped. A flat index (exact inner product, the default) grows by ``add``; other factories (``IVF64,Flat``,
 ``HNSW32``...) are rebuilt from the stored descriptors, which costs no image decoding. ``auto`` chooses by the
-number of images (``retrieval.index.choose_index``: exact up to 200,000, then IVF-PQ / binary IVF) at every
+number of images (``retrieval.search.index.choose_index``: exact up to 200,000, then IVF-PQ / binary IVF) at every
 update, so a growing index switches to IVF-PQ once it passes the threshold; ``index.json`` records the
 choice (factory, nlist, m, nprobe, train size). A hashing release stores packed codes
 (uint8) in a FAISS binary index (Hamming distance; ``Flat`` means ``BFlat``, or ``BIVF64``, ``BHash4x16``...)
@@ -54,7 +54,7 @@ def file_stamp(path: Path) -> list[int]:
 def build_faiss(descriptors: np.ndarray, factory: str) -> tuple[object, dict]:
     """(CPU FAISS index, its parameters): inner product over float descriptors, Hamming over packed codes
     (uint8 rows); ``factory="auto"`` chooses by size. The nprobe chosen is kept in the written index."""
-    from retrieval.index import SearchIndex
+    from retrieval.search.index import SearchIndex
 
     binary = descriptors.dtype == np.uint8
     built = SearchIndex(descriptors, "hamming" if binary else "inner_product", use_gpu=False,
@@ -179,7 +179,8 @@ class ImageIndex:
         descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(retriever.dtype)
         if not len(descriptors):
             raise UserError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
-        from retrieval.index import DEFAULT_FACTORY, DEFAULT_FLAT_LIMIT  # FAISS is imported when it is needed
+        from retrieval.search.index import (DEFAULT_FACTORY,  # FAISS is imported when it is needed
+                                            DEFAULT_FLAT_LIMIT)
 
         flat = factory == "Flat" or (factory == "auto" and len(descriptors) <= DEFAULT_FLAT_LIMIT)
         old_factory = old.meta.get("index", {}).get("factory") if old is not None else None

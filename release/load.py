@@ -11,8 +11,9 @@ import torch
 
 from models.backbones import Preprocessing
 from models.retrieval_net import RetrievalNet, load_model, model_from_config, read_model_checkpoint
+from utils.files import sha256_file
 
-from .format import CONFIG_FILE, ReleaseError, read_config, sha256_file, verify_weights
+from .format import CONFIG_FILE, ReleaseError, read_config, verify_weights
 from .retriever import Retriever
 
 

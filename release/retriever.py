@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from data.images import image_size, load_image
 from data.transforms import EvalTransform
 from models.retrieval_net import RetrievalNet
-from retrieval.binary import pack_bits
-from retrieval.extract import SizeBucketBatchSampler
+from retrieval.search.binary import pack_bits
+from retrieval.descriptors.extract import SizeBucketBatchSampler
 from utils.errors import UserError
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]

@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils.cli import run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "msnetvlad + batch schedule (default):",
@@ -36,7 +40,7 @@ DEFAULT_VARIANTS = [
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition(":")
     if not sep or not name.strip():
-        raise SystemExit(f"error: a variant is 'NAME: key=value ...', got {text!r}")
+        raise UserError(f"a variant is 'NAME: key=value ...', got {text!r}")
     return name.strip(), shlex.split(overrides)
 
 
@@ -80,4 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

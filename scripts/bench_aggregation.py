@@ -31,11 +31,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from data.datasets import ImageDataset  # noqa: E402
 from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
-from retrieval import aggregation as agg  # noqa: E402
-from retrieval.codebook import fit_or_load_codebook  # noqa: E402
-from retrieval.extract import SizeBucketBatchSampler, output_sizes  # noqa: E402
-from retrieval.local_features import LocalFeatureExtractor, LocalFeatures  # noqa: E402
-from retrieval.metrics import labelled_metrics  # noqa: E402
+from retrieval.aggregation import vlad_asmk as agg  # noqa: E402
+from retrieval.aggregation.codebook import fit_or_load_codebook  # noqa: E402
+from retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes  # noqa: E402
+from retrieval.aggregation.local_features import LocalFeatureExtractor, LocalFeatures  # noqa: E402
+from retrieval.evaluation.metrics import labelled_metrics  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 BOXES = [agg.FULL_IMAGE, (0.2, 0.2, 0.8, 0.8)]
 
@@ -210,4 +211,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -28,7 +28,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils.cli import benchmark_main, run_cli  # noqa: E402
-from retrieval.index import SearchIndex  # noqa: E402
+from retrieval.search.index import SearchIndex  # noqa: E402
 
 #: rows of random float vectors made at a time (bounds the generator's temporaries)
 FLOAT_CHUNK = 65536

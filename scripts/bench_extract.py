@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Extraction throughput: the harness's ``retrieval.extract.extract`` against a bare ``encode(x)`` loop.
+"""Extraction throughput: the harness's ``retrieval.descriptors.extract.extract`` against a bare ``encode(x)`` loop.
 
 Harness: ``extract(method, ImageDataset(...), batch_size, num_workers)`` on real Flowers-102 test images
 with the evaluation transform (shorter side ``--size``, the method's mean/std), i.e. header reads for the
@@ -36,8 +36,8 @@ from data.manifest import flowers102  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import offline_weights_path  # noqa: E402
-from retrieval.extract import SizeBucketBatchSampler, extract, output_sizes  # noqa: E402
-from retrieval.methods import MethodContext, create_method  # noqa: E402
+from retrieval.descriptors.extract import SizeBucketBatchSampler, extract, output_sizes  # noqa: E402
+from retrieval.evaluation.catalogue import MethodContext, create_method  # noqa: E402
 from utils.cli import benchmark_main, run_cli  # noqa: E402
 
 log = logging.getLogger("bench_extract")

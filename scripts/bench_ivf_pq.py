@@ -4,7 +4,7 @@
 Synthetic clustered database: N L2-normalised float32 vectors around ``--clusters`` random centres (real
 descriptors are clustered too; on uniform random vectors an inverted file has nothing to exploit), and
 queries drawn from the same distribution (not copies of database items). Both indexes are
-``retrieval.index.SearchIndex`` (inner product): ``"Flat"`` and the ``--factory`` string with ``--nprobe``
+``retrieval.search.index.SearchIndex`` (inner product): ``"Flat"`` and the ``--factory`` string with ``--nprobe``
 cells visited per query. Recall@k = the fraction of each query's exact top k that the approximate index
 also returns in its top k. Times are of the search alone, median of ``--repeats`` runs; build = train + add.
 
@@ -25,7 +25,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils.cli import benchmark_main, run_cli  # noqa: E402
-from retrieval.index import SearchIndex  # noqa: E402
+from retrieval.search.index import SearchIndex  # noqa: E402
 
 #: index rows kept per item besides the code: IVF lists store a 64-bit id next to each code
 ID_BYTES = 8

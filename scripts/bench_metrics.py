@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Benchmark: query x database similarity matrix -> revisitop Easy/Medium/Hard mAP and mP@k.
 
-Compares :func:`retrieval.metrics.revisitop_metrics` (blockwise, rows ranked without an argsort) with the steps of
-the official revisitop evaluation (:mod:`retrieval.reference_metrics`: the similarity in its (database x queries)
-layout, one argsort along the database axis with NumPy's default kind, then per query and protocol membership
-tests of positives and junk along the ranking and the trapezoid AP with that code's arithmetic), on synthetic
-ground truth shaped like Revisited Oxford. Each measurement runs in a fresh subprocess so its peak memory (max RSS
-above the similarity matrix it was given) is its own.
+Compares :func:`retrieval.evaluation.metrics.revisitop_metrics` (blockwise, rows ranked without an argsort) with
+the steps of the official revisitop evaluation (:mod:`retrieval.evaluation.reference_metrics`: the similarity in
+its (database x queries) layout, one argsort along the database axis with NumPy's default kind, then per query and
+protocol membership tests of positives and junk along the ranking and the trapezoid AP with that code's
+arithmetic), on synthetic ground truth shaped like Revisited Oxford. Each measurement runs in a fresh subprocess so
+its peak memory (max RSS above the similarity matrix it was given) is its own.
 
     python scripts/bench_metrics.py                      # 70x5000, 1000x100000, 70x1000000
     python scripts/bench_metrics.py --shapes 70x5000     # one shape
@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from data.revisitop import PROTOCOLS  # noqa: E402
-from retrieval import reference_metrics  # noqa: E402
-from retrieval.metrics import revisitop_metrics  # noqa: E402
-from retrieval.scores import DenseScores  # noqa: E402
+from retrieval.evaluation import reference_metrics  # noqa: E402
+from retrieval.evaluation.metrics import revisitop_metrics  # noqa: E402
+from retrieval.search.scores import DenseScores  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 KS = (1, 5, 10)
 
@@ -137,4 +138,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from pytorch_metric_learning.miners import TripletMarginMiner  # noqa: E402
 
 from miners import Algorithm1Miner  # noqa: E402
-from utils.cli import setup_logging  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 log = logging.getLogger("bench_miner")
 
@@ -193,10 +193,9 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child[0], int(args.child[1]), args.dim, args.repeats, args.budget_mb, args.budget_s)
         return 0
-    setup_logging()
     print(report(run(args)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -134,10 +134,11 @@ def metrics_section(rows: list[dict]) -> list[str]:
                    [[r["shape"], f"{r['matrix_mb']:.0f}", seconds(r["reference_seconds"]), seconds(r["fast_seconds"]),
                      ratio(r["speedup_vs_reference"]), f"{r['reference_extra_peak_mb']:.0f}",
                      f"{r['fast_extra_peak_mb']:.0f}", f"{r['max_abs_diff']:.1e}"] for r in rows]),
-            "", "`retrieval.metrics.revisitop_metrics` (Easy/Medium/Hard mAP, mP@1/5/10) against the steps of "
-                "the revisitop evaluation code in `retrieval.reference_metrics` (one default-kind argsort of the "
-                "database x queries similarity along the database axis, then membership tests and its trapezoid AP "
-                "per query and protocol); each in its own process; +peak MB = peak RSS above the similarity matrix."]
+            "", "`retrieval.evaluation.metrics.revisitop_metrics` (Easy/Medium/Hard mAP, mP@1/5/10) against the "
+                "steps of the revisitop evaluation code in `retrieval.evaluation.reference_metrics` (one default-kind "
+                "argsort of the database x queries similarity along the database axis, then membership tests and "
+                "its trapezoid AP per query and protocol); each in its own process; +peak MB = peak RSS above the "
+                "similarity matrix."]
 
 
 def miner_section(result: dict) -> list[str]:
@@ -185,8 +186,9 @@ def extract_section(result: dict) -> list[str]:
                 f"weights), Flowers-102 test images at shorter side {result['size']}, batches of <= "
                 f"{result['batch_size']} of one size ({result['distinct_sizes']} distinct sizes), "
                 f"{result['workers']} loader workers, {result['threads']} torch thread(s); best of "
-                f"{result['repeats']} alternating passes. Harness = the whole `retrieval.extract.extract` call "
-                "(header reads, DataLoader, decoding, resizing, batch normalisation, network); bare = the same "
+                f"{result['repeats']} alternating passes. Harness = the whole "
+                "`retrieval.descriptors.extract.extract` call (header reads, DataLoader, decoding, resizing, batch "
+                "normalisation, network); bare = the same "
                 "batches decoded beforehand, `method.encode(x)` only. Target: harness >= 0.85x bare."]
 
 
@@ -211,7 +213,8 @@ def ivf_pq_section(result: dict) -> list[str]:
                      f"{result['recall']:.3f}", ratio(result["speedup"])]]),
             "", f"{result['queries']:,} queries x {result['database']:,} synthetic clustered L2-normalised vectors "
                 f"of {result['dim']} dimensions ({result['clusters']} centres), inner product via "
-                "`retrieval.index.SearchIndex`; recall = share of the exact top k the IVF-PQ index also returns."]
+                "`retrieval.search.index.SearchIndex`; recall = share of the exact top k the IVF-PQ index also "
+                "returns."]
 
 
 def run_all(size: str, data_root: str | None, threads: int | None) -> dict:

@@ -40,9 +40,10 @@ import shutil  # noqa: E402
 
 from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa: E402
                            add_source_target_options, download, extract_jpegs, find_local, listing, one_line,
-                           place_folder, resolve_source, run_script, staged)
+                           place_folder, resolve_source, staged)
 from data.revisitop import RevisitopError, load_revisitop  # noqa: E402
 from data.roots import download_root  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 LOG = logging.getLogger("download_revisitop")
 
@@ -253,7 +254,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    return run_script("download_revisitop", run, parse_args(argv))
+    args = parse_args(argv)
+    return run_cli(lambda: run(args), quiet=args.quiet, progress_to_stdout=True)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from retrieval.methods import MethodContext, available_methods, create_method  #
 from retrieval.match_kernels import GAMMAS, KernelSettings  # noqa: E402
 from retrieval.regional import parse_region_size  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from retrieval.processes import Processes  # noqa: E402
-from retrieval.whitening import WHITENINGS  # noqa: E402
+from retrieval.evaluation.processes import Processes  # noqa: E402
+from retrieval.aggregation.whitening import WHITENINGS  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -208,5 +208,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    """Console entry point."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -25,10 +25,10 @@ from data.manifest import flowers102  # noqa: E402
 from data.roots import resolve_data_root  # noqa: E402
 from models.retrieval_net import load_model  # noqa: E402
 from release.export import export_release  # noqa: E402
-from retrieval.benchmarks import create_benchmark  # noqa: E402
-from retrieval.harness import EvalSettings, evaluate_methods  # noqa: E402
-from retrieval.methods import MethodContext, create_method  # noqa: E402
-from retrieval.trained import TrainedModelMethod, resolve_checkpoint  # noqa: E402
+from retrieval.evaluation.benchmarks import create_benchmark  # noqa: E402
+from retrieval.evaluation.harness import EvalSettings, evaluate_methods  # noqa: E402
+from retrieval.evaluation.catalogue import MethodContext, create_method  # noqa: E402
+from retrieval.descriptors.trained import TrainedModelMethod, resolve_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.files import atomic_write_text  # noqa: E402
 

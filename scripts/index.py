@@ -50,5 +50,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    """Console entry point."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -44,9 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def training_descriptors(args, settings: MSBDSettings) -> np.ndarray:
     from data.datasets import ImageDataset
     from data.roots import resolve_data_root
-    from retrieval.benchmarks import create_benchmark
-    from retrieval.harness import EvalSettings, _transform
-    from retrieval.methods import MethodContext
+    from retrieval.evaluation.benchmarks import create_benchmark
+    from retrieval.evaluation.harness import EvalSettings, _transform
+    from retrieval.descriptors.methods import MethodContext
 
     from baselines.msbd.methods import shared_pipeline
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root))

@@ -37,9 +37,10 @@ from typing import Callable, Iterator  # noqa: E402
 
 from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa: E402
                            add_source_target_options, download, listing, one_line, place_folder, progress,
-                           resolve_source, run_script, staged)
+                           resolve_source, staged)
 from data.manifest import ManifestError, flowers102, read_csv_manifest  # noqa: E402
 from data.roots import download_root  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 LOG = logging.getLogger("prepare_flowers102")
 
@@ -312,7 +313,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    return run_script("prepare_flowers102", run, parse_args(argv))
+    args = parse_args(argv)
+    return run_cli(lambda: run(args), quiet=args.quiet, progress_to_stdout=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 Every image goes through the evaluation's own path: resized as the benchmark resizes it (``--image-size``,
 ``--resize-mode``; default: shorter side 224, Flowers-102's), normalised, then handed to
-``retrieval.regional.RegionProposer`` with the evaluation's settings (``--max-regions`` 4, the checkpoint's
+``retrieval.aggregation.regional.RegionProposer`` with the evaluation's settings (``--max-regions`` 4, the checkpoint's
 score threshold 0.3, NMS 0.5 and ``min_box_side``, unless overridden). The full-image region every method keeps
 is not a proposal. Prints one table line and optionally writes the numbers as JSON:
 
@@ -39,7 +39,7 @@ from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import RESIZE_MODES, EvalTransform  # noqa: E402
 from models.backbones import Preprocessing  # noqa: E402
 from models.boxes import box_area, union_area  # noqa: E402
-from retrieval.regional import RegionProposer  # noqa: E402
+from retrieval.aggregation.regional import RegionProposer  # noqa: E402
 from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.files import atomic_write_text  # noqa: E402

@@ -32,9 +32,9 @@ from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
 from models.pooling import l2n  # noqa: E402
-from retrieval.benchmarks import LabelledBenchmark, create_benchmark  # noqa: E402
-from retrieval.harness import format_table  # noqa: E402
-from retrieval.scores import InnerProductScores  # noqa: E402
+from retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark  # noqa: E402
+from retrieval.evaluation.harness import format_table  # noqa: E402
+from retrieval.search.scores import InnerProductScores  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Search a large on-disk database: exact (shard by shard) against the size-chosen index (IVF-PQ), with memory.
 
-Writes a synthetic database of N x D float32 rows, L2-normalised, into shards on disk (``retrieval.shards``;
+Writes a synthetic database of N x D float32 rows, L2-normalised, into shards on disk (``retrieval.search.shards``;
 kept, and reused by later runs: only missing shards are written), then searches it with Q queries:
 
-- exact: each shard searched with a flat index of its own, per-shard top-k merged (``retrieval.sharded_search``);
+- exact: each shard searched with a flat index of its own, per-shard top-k merged (``retrieval.search.sharded_search``);
 - approximate: ``SearchIndex(factory="auto")`` (IVF-PQ above ``--flat-limit`` rows), trained on a fixed random
   sample and filled shard by shard;
 
@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from retrieval.index import DEFAULT_FLAT_LIMIT, SearchIndex  # noqa: E402
-from retrieval.sharded_search import exact_search  # noqa: E402
-from retrieval.shards import ShardedArray, ShardWriter  # noqa: E402
+from retrieval.search.index import DEFAULT_FLAT_LIMIT, SearchIndex  # noqa: E402
+from retrieval.search.sharded_search import exact_search  # noqa: E402
+from retrieval.search.shards import ShardedArray, ShardWriter  # noqa: E402
 from utils.cli import positive_int, run_cli  # noqa: E402
 from utils.files import atomic_write, atomic_write_text  # noqa: E402
 

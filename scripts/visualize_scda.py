@@ -38,7 +38,8 @@ from data.manifest import LabelledImageSet, flowers102, read_csv_manifest  # noq
 from data.roots import resolve_data_root  # noqa: E402
 from data.transforms import EvalTransform  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
-from retrieval.localization import boxes_from_manifest, box_iou, original_sizes, pcp, rescale_boxes  # noqa: E402
+from retrieval.evaluation.localization import (boxes_from_manifest, box_iou, original_sizes, pcp,  # noqa: E402
+                                               rescale_boxes)
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 

@@ -12,6 +12,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 # Tests never reach the model hub: fail at once instead of retrying for a minute on offline machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Scripts and ``python -c`` run by the tests import msretrieval from this tree, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def shared_data_root() -> Path | None:
@@ -98,7 +100,7 @@ def write_revisitop_set(root: Path, name: str, seed: int = 0, landmarks: int = 3
     into ``views`` database images on noise (the first two of a landmark's views are its query's ``easy``
     images, the others ``hard``), ``distractors`` noise-only database images (``junk`` of query 0), and one
     query per landmark, its ``bbx`` around the patch. Returns ``root``; the images differ with ``seed``."""
-    from data.revisitop import save_revisitop
+    from msretrieval.data.revisitop import save_revisitop
 
     rng = np.random.default_rng(seed)
     width, height = size

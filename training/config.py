@@ -247,7 +247,7 @@ def check_inputs(config: dict, data_root: str | Path, final_eval: bool = True):
             name = benchmark.partition(":")[2]
             where_file("eval.benchmark", benchmark, str(data_root / name / f"gnd_{name}.pkl"))
         if ecfg["baselines"]:
-            from retrieval.methods import available_methods
+            from retrieval.evaluation.catalogue import available_methods
 
             unknown = [name for name in ecfg["baselines"] if name not in available_methods()]
             if unknown:
@@ -282,7 +282,7 @@ def refuse_training_on_benchmark_images(images, train_spec: str, benchmark: str,
     benchmark's database or query images, by path or by identical bytes: the final table would then measure
     memorisation. Reads only files whose byte size occurs on both sides."""
     from data.overlap import refuse_shared_images
-    from retrieval.benchmarks import benchmark_test_images
+    from retrieval.evaluation.benchmarks import benchmark_test_images
 
     refuse_shared_images(images.paths, benchmark_test_images(benchmark, data_root),
                          what=f"the training set data.train = {train_spec}",

@@ -44,8 +44,8 @@ from accelerate import Accelerator
 from data.boxes import BoxImage, read_box_csv
 from data.images import load_image
 from models.boxes import detection_metrics
-from models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector, detector_from_checkpoint,
-                             detector_payload, read_detector_checkpoint)
+from models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector,
+                                         detector_from_checkpoint, detector_payload, read_detector_checkpoint)
 from utils.errors import UserError
 from utils.files import atomic_write_text
 

@@ -55,10 +55,10 @@ from losses.hashing import QuantizedLoss
 from miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
 from models.hashing import BetaSchedule
 from models.retrieval_net import RetrievalNet, create_model
-from retrieval.benchmarks import LabelledBenchmark
-from retrieval.harness import EvalSettings, evaluate_method
+from retrieval.evaluation.benchmarks import LabelledBenchmark
+from retrieval.evaluation.harness import EvalSettings, evaluate_method
 from release.load import load_release
-from retrieval.trained import TrainedModelMethod
+from retrieval.descriptors.trained import TrainedModelMethod
 from utils.cli import RunStopped
 from utils.memory import release_free_memory
 

@@ -5,6 +5,10 @@ or torch. What counts as the user's error is explicit: a :class:`utils.errors.Us
 value, file or file content, method or benchmark name; ``ConfigError``, ``ManifestError``, ``ImageLoadError``,
 ``ReleaseError``... derive from it), a :class:`RunStopped`, or a missing / already existing file. Every other
 exception, a plain ``ValueError`` or ``KeyError`` included, is a bug and keeps its traceback.
+
+Every script's ``main`` runs through :func:`run_cli`, the one place that sets up logging
+(:func:`setup_logging`) and turns errors into an exit status: 2 for a user's error (or the error's
+``exit_code``), 130 for Ctrl-C.
 """
 from __future__ import annotations
 
@@ -94,9 +98,25 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
-def setup_logging(level: str | None = None) -> None:
-    logging.basicConfig(level=(level or os.environ.get("LOGLEVEL", "INFO")).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def setup_logging(level: str | None = None, quiet: bool = False, progress_to_stdout: bool = False) -> None:
+    """The root logger: ``level`` (else ``$LOGLEVEL``, else INFO; WARNING when ``quiet``), timestamped lines on
+    stderr. ``progress_to_stdout`` (the data preparation scripts): INFO lines go bare to stdout, warnings and
+    errors to stderr."""
+    level = "WARNING" if quiet else (level or os.environ.get("LOGLEVEL", "INFO")).upper()
+    if not progress_to_stdout:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        return
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(out)
+    root.addHandler(err)
 
 
 def error_line(error: BaseException) -> str:
@@ -108,14 +128,17 @@ def error_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def run_cli(main: Callable[[], int]) -> int:
-    setup_logging()
+def run_cli(main: Callable[[], int | None], **logging_options) -> int:
+    """Set up logging (``logging_options``: see :func:`setup_logging`), run ``main`` and return its exit status
+    (None counts as 0); a user's error is one ``error: ...`` line on stderr and status 2 (or its
+    ``exit_code``), Ctrl-C is ``interrupted`` and 130."""
+    setup_logging(**logging_options)
     reuse_freed_memory()
     try:
-        return main()
+        return main() or 0
     except USER_ERRORS as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,6 @@
-"""Atomic file writes: readers (and a process killed mid-write) see the old file or the whole new one.
+"""Files: atomic writes, and content hashes.
+
+Atomic writes: readers (and a process killed mid-write) see the old file or the whole new one.
 
 The bytes go to a temporary file in the same folder, are flushed and fsynced, the temporary is renamed over the
 target (``os.replace``) and the folder is fsynced, so the rename itself survives a crash. Every file a run, an
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -118,3 +121,12 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(building, ignore_errors=True)
         raise
     fsync_directory(path.parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

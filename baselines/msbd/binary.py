@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.hashing import itq_loss, itq_rotation, procrustes  # noqa: F401  (ITQ lives with the hash head)
+from models.hashing import SignCodes, centre_rows, itq_rotation, procrustes  # ITQ lives with the hash head
+from models.pca import pca_basis
 from utils.errors import UserError
-
-from .pca import pca_basis
 
 log = logging.getLogger(__name__)
 
@@ -102,46 +101,20 @@ def sparsify_exact(v: torch.Tensor, bits: torch.Tensor, k: int, alpha: float) ->
 
 
 @dataclass
-class BinaryModel:
+class BinaryModel(SignCodes):
     """A learned binary projection: bits = sparsify([(x - mean) W > 0]) (no sparsify when k is None)."""
 
-    mean: np.ndarray                 # (D,)
-    projection: np.ndarray           # (D, L), orthonormal columns
-    k: int | None = None             # at most k ones per code (MSBD); None: plain sign codes (ITQ, MSBD-s)
+    k: int | None = None             # at most k ones per code (MSBD); None: plain sign codes (MSBD-s)
     alpha: float = 0.001
-    objective: list[float] = field(default_factory=list)  # per iteration of the learning
     itq_objective: list[float] = field(default_factory=list)
-
-    @property
-    def bits(self) -> int:
-        return self.projection.shape[1]
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(N, D) float descriptors -> (N, L) bool codes."""
-        v = torch.from_numpy(((np.asarray(x, dtype=np.float64) - self.mean) @ self.projection).astype(np.float32))
+        v = self.project(x)
         bits = v > 0
         if self.k is not None:
             bits = sparsify_exact(v, bits, self.k, self.alpha)
         return bits.numpy()
-
-
-def _centre(x: np.ndarray, bits: int) -> tuple[np.ndarray, torch.Tensor]:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"descriptors must be 2-D, got shape {x.shape}")
-    if not 0 < bits <= min(x.shape):
-        raise UserError(f"{bits} bits need at least {bits} training descriptors and dimensions, got {x.shape}")
-    mean = x.mean(0)
-    return mean, torch.from_numpy((x - mean).astype(np.float32))  # float32: twice as fast, precise enough
-
-
-def learn_itq(x: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -> BinaryModel:
-    """Classical ITQ: PCA to ``bits`` dims + learned rotation; bit = 1 where the projection is positive."""
-    mean, xc = _centre(x, bits)
-    generator = torch.Generator().manual_seed(seed)
-    basis = pca_basis(xc, bits)
-    rotation, history = itq_rotation(xc @ basis, iterations, generator)
-    return BinaryModel(mean, (basis @ rotation).numpy(), k=None, objective=history, itq_objective=history)
 
 
 SPARSIFY_MODES = ("exact", "random")
@@ -157,7 +130,7 @@ def learn_msbd(x: np.ndarray, bits: int, density: float | None = 0.3, iterations
         raise UserError(f"sparsify must be one of {SPARSIFY_MODES}, got {sparsify!r}")
     if trials < 1:
         raise UserError(f"trials must be at least 1, got {trials}")
-    mean, xc = _centre(x, bits)
+    mean, xc = centre_rows(x, bits)
     generator = torch.Generator().manual_seed(seed)
     k = None if density is None else max(1, int(round(density * bits)))
     basis = pca_basis(xc, bits)                                    # step 1: R by PCA

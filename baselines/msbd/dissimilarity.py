@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retrieval.binary import hamming_distances
-from retrieval.scores import ScoreSource
+from retrieval.search.binary import hamming_distances
+from retrieval.search.scores import ScoreSource
 
 #: query rows per dissimilarity computation
 _ROWS = 256

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.datasets import ImageDataset
-from retrieval.extract import SizeBucketBatchSampler, output_sizes
+from retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
 
 from .fen import FEN
 

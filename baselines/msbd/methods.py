@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from models.backbones import Preprocessing
-from retrieval.binary import HammingScores, pack_bits
-from retrieval.methods import MethodContext, RetrievalMethod, register_method
-from retrieval.scores import ScoreSource
+from retrieval.search.binary import HammingScores, pack_bits
+from retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method
+from retrieval.search.scores import ScoreSource
 from utils.errors import UserError
 
 from .dissimilarity import DissimilarityScores

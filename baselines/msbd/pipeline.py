@@ -29,16 +29,17 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from data.datasets import ImageDataset
+from data.samplers import spread_over_classes
 from models.backbones import Backbone, Preprocessing
+from models.hashing import SignCodes, learn_itq
+from models.pca import PCA
 from models.pooling import l2n
-from retrieval.benchmarks import _spread_over_classes
-from retrieval.extract import SizeBucketBatchSampler, output_sizes
+from retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
 
-from .binary import BinaryModel, learn_itq, learn_msbd
+from .binary import learn_msbd
 from .classifier import SoftmaxClassifier
 from .fen import FEN
 from .finetune import finetune_fen
-from .pca import PCA
 from .proposals import create_proposer, multi_scale_boxes
 from .saliency import create_saliency
 from .settings import MSBDSettings
@@ -83,7 +84,7 @@ class MSBDPipeline(nn.Module):
         self.train_float: np.ndarray | None = None
         self._fit_key: str | None = None
         self._memo: dict[bytes, tuple[np.ndarray, np.ndarray | None]] = {}
-        self._binary: dict[tuple, BinaryModel] = {}
+        self._binary: dict[tuple, SignCodes] = {}
 
     @property
     def backbone(self) -> Backbone:
@@ -185,7 +186,7 @@ class MSBDPipeline(nn.Module):
         labels = np.asarray(labels)
         if limit is None or limit >= len(dataset):
             return dataset, labels
-        keep = _spread_over_classes(labels, limit)
+        keep = spread_over_classes(labels, limit)
         return ImageDataset([dataset.paths[i] for i in keep], dataset.transform), labels[keep]
 
     @torch.no_grad()
@@ -260,7 +261,7 @@ class MSBDPipeline(nn.Module):
         probs = None if self.classifier is None else np.stack([self._memo[k][1] for k in keys])
         return floats, probs
 
-    def binary_model(self, learner: str, bits: int) -> BinaryModel:
+    def binary_model(self, learner: str, bits: int) -> SignCodes:
         """The binary projection learned on the training descriptors (once per learner and code length)."""
         if learner not in LEARNERS:
             raise ValueError(f"unknown binary learner {learner!r}; available: {', '.join(LEARNERS)}")

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.msbd.binary import learn_itq, learn_msbd, sparse_loss, sparsify_exact, sparsify_random
+from baselines.msbd.binary import learn_msbd, sparse_loss, sparsify_exact, sparsify_random
+from models.hashing import learn_itq
 from baselines.msbd.dissimilarity import DissimilarityScores, msbd_dissimilarity
-from retrieval.binary import HammingScores, hamming_distances, pack_bits, unpack_bits
-from retrieval.index import SearchIndex
+from retrieval.search.binary import HammingScores, hamming_distances, pack_bits, unpack_bits
+from retrieval.search.index import SearchIndex
 
 
 def _data(n=200, d=40, seed=0):

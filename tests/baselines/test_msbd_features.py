@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from baselines.msbd.fen import FEN, fen_taps
-from baselines.msbd.pca import PCA
+from models.pca import PCA
 from baselines.msbd.proposals import create_proposer, multi_scale_boxes
 from baselines.msbd.saliency import create_saliency
 from baselines.msbd.settings import MSBDSettings
@@ -124,7 +124,7 @@ def test_a_missing_opencv_saliency_module_breaks_only_the_salient_branch(monkeyp
     # a fresh process without cv2.saliency still imports every method (gem, msbd's registry) and lists them
     repo = Path(__file__).resolve().parents[2]
     code = ("import cv2, sys; del cv2.saliency; sys.path.insert(0, '.');"
-            "from retrieval.methods import available_methods; names = available_methods();"
+            "from retrieval.evaluation.catalogue import available_methods; names = available_methods();"
             "assert 'gem' in names and 'msbd' in names, names")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.scda import SCDA, aggregation_masks, component_boxes, largest_component, scda_layers, scda_masks, select_and_pool, upsample_mask
+from baselines.scda import (SCDA, aggregation_masks, component_boxes, largest_component, scda_layers,
+                            scda_masks, select_and_pool, upsample_mask)
 from models.backbones import create_backbone
-from retrieval.methods import MethodContext, create_method
+from retrieval.evaluation.catalogue import MethodContext, create_method
 
 
 def test_two_blobs_keep_the_larger():

@@ -11,8 +11,8 @@ from pytorch_metric_learning.reducers import MeanReducer, SumReducer
 from torch import nn
 
 from losses import (LOSS_NAMES, CirtorchContrastiveLoss, CSQLoss, DPSHLoss, QuantizedLoss,
-                    SquaredEuclideanTripletLoss, bit_balance, create_loss, hadamard_matrix, hash_centres,
-                    quantization_errors)
+                                SquaredEuclideanTripletLoss, bit_balance, create_loss, hadamard_matrix, hash_centres,
+                                quantization_errors)
 from miners import create_miner
 from models.hashing import BetaSchedule, HashHead
 

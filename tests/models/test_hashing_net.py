@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from models.retrieval_net import create_model, load_model, save_model
-from retrieval.binary import HammingScores, hamming_distances, pack_bits
-from retrieval.trained import PROJECTED_SPEC, ITQTrainedMethod, PCATrainedMethod, TrainedModelMethod
+from retrieval.search.binary import HammingScores, hamming_distances, pack_bits
+from retrieval.descriptors.trained import (PROJECTED_SPEC, ITQTrainedMethod, PCATrainedMethod,
+                                           TrainedModelMethod)
 
 
 def hashing_net(bits=16, seed=0):
@@ -211,7 +212,7 @@ def test_folder_index_of_a_hashing_release_is_a_binary_faiss_index(tmp_path):
 
 
 def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_descriptors(tmp_path, monkeypatch):
-    import retrieval.extract
+    import retrieval.descriptors.extract
 
     model, images = float_net_and_images(tmp_path, count=20)
     save_model(model, tmp_path / "float.pth")
@@ -222,8 +223,9 @@ def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_de
     assert isinstance(itq, ITQTrainedMethod) and isinstance(pca, PCATrainedMethod)
     assert itq.model is pca.model and other.model is not pca.model
     calls = []
-    real_extract = retrieval.extract.extract
-    monkeypatch.setattr(retrieval.extract, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    real_extract = retrieval.descriptors.extract.extract
+    monkeypatch.setattr(retrieval.descriptors.extract, "extract",
+                        lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     itq.fit(images)
     pca.fit(images)
     assert len(calls) == 1
@@ -235,7 +237,7 @@ def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_de
 def test_projected_methods_extracted_together_run_the_shared_backbone_once_per_batch(tmp_path):
     from data.datasets import ImageDataset
     from data.transforms import EvalTransform
-    from retrieval.extract import extract_together
+    from retrieval.descriptors.extract import extract_together
 
     model, images = float_net_and_images(tmp_path, count=12)
     save_model(model, tmp_path / "float.pth")

@@ -1,6 +1,7 @@
 """Releases: export, load without training code, same descriptors, refused corruption and pickled code."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -251,3 +252,57 @@ def test_pretrained_weights_licences_come_from_their_packages():
         "ships the weights)")
     assert weights_licence("resnet18", True, weights="/x/mine.pth").endswith("the licence of that file's source applies")
     assert weights_licence("resnet18", True, init_from="releases/base").startswith("fine-tuned from base:")
+def test_a_user_with_own_utils_models_and_data_modules_loads_the_release(exported, tmp_path):
+    """A downstream project whose own ``utils``, ``models`` and ``data`` are already imported loads a release
+    through torch.hub and through the documented Python API and gets the reference descriptors from both. The
+    load imports no training code and no faiss, and the modules it loads import (at module level) nothing from
+    outside the standard library that hubconf.py's ``dependencies`` do not declare."""
+    model, release, paths = exported
+    expected = reference_descriptors(model, paths)
+    user = tmp_path / "user_project"
+    for name in ("utils", "models", "data"):
+        (user / name).mkdir(parents=True)
+        (user / name / "__init__.py").write_text("OWNER = 'user'\n")
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(user)!r})
+import utils, models, data                     # the user's own packages, imported first
+import numpy as np, torch
+hub = torch.hub.load({str(REPO)!r}, "retriever", source="local", release={str(release)!r})
+sys.path.insert(1, {str(REPO)!r})             # the documented API from a checkout (pip install puts it on the path)
+from msretrieval.release import load_release
+paths = {[str(p) for p in paths]!r}
+ours = {{name: module.__file__ for name, module in sys.modules.items()
+        if name.split('.')[0] in ('msretrieval', 'hubconf', 'train') and getattr(module, '__file__', None)}}
+print(json.dumps({{"hub": hub.encode(paths).tolist(), "api": load_release({str(release)!r}).encode(paths).tolist(),
+                   "owners": [utils.OWNER, models.OWNER, data.OWNER], "ours": ours, "faiss": "faiss" in sys.modules}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=str(user))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["owners"] == ["user"] * 3
+    np.testing.assert_allclose(np.array(result["hub"]), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.array(result["api"]), expected, atol=1e-5, rtol=0)
+    assert not result["faiss"]
+    assert not [name for name in result["ours"] if name.split(".")[:2] in (["msretrieval", "training"],
+                                                                          ["msretrieval", "losses"], ["train"])]
+    hubconf = ast.parse((REPO / "hubconf.py").read_text())
+    declared = next(ast.literal_eval(node.value) for node in hubconf.body
+                    if isinstance(node, ast.Assign) and node.targets[0].id == "dependencies")
+    imported = set()
+    for file in result["ours"].values():  # what importing them needs (functions' own imports run only if called)
+        for node in _module_level(ast.parse(Path(file).read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"msretrieval", "__future__"}
+    assert third_party <= set(declared), sorted(third_party - set(declared))
+
+
+def _module_level(tree: ast.AST):
+    """The nodes of a module outside function bodies."""
+    for node in ast.iter_child_nodes(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+            yield from _module_level(node)

@@ -16,7 +16,7 @@ from models.backbones import WeightsError, create_backbone
 from models.retrieval_net import CHECKPOINT_FORMAT, UnsafeCheckpointError, load_model
 from release import load_release
 from release.load import describe_release
-from retrieval.trained import TrainedModelMethod
+from retrieval.descriptors.trained import TrainedModelMethod
 from training.checkpoint import load_training_state
 from training.config import DEFAULT_CONFIG
 

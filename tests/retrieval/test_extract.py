@@ -1,4 +1,4 @@
-"""retrieval.extract: the batches the networks see are the transform's values, whatever the batch size."""
+"""retrieval.descriptors.extract: the batches the networks see are the transform's values, whatever the batch size."""
 import numpy as np
 import torch
 from PIL import Image
@@ -6,8 +6,8 @@ from PIL import Image
 from data.datasets import ImageDataset
 from data.images import load_image
 from data.transforms import EvalTransform
-from retrieval.extract import SizeBucketBatchSampler, extract, output_sizes
-from retrieval.methods import MethodContext, create_method
+from retrieval.descriptors.extract import SizeBucketBatchSampler, extract, output_sizes
+from retrieval.evaluation.catalogue import MethodContext, create_method
 
 
 def test_extraction_encodes_exactly_the_transformed_images_in_channels_last_batches(tmp_path, one_thread):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data.revisitop import load_revisitop
-from retrieval.benchmarks import create_benchmark
+from retrieval.evaluation.benchmarks import create_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 REVISITOP_KEYS = {f"{metric}_{protocol}" for protocol in ("easy", "medium", "hard")
@@ -143,8 +143,8 @@ def test_a_copy_of_a_benchmark_image_under_another_name_is_refused(landmarks, tm
 
 
 def test_the_fit_set_is_in_the_cache_key_of_fitted_methods_only(landmarks, tmp_path):
-    from retrieval.harness import EvalSettings, _cache_keys
-    from retrieval.methods import RetrievalMethod
+    from retrieval.evaluation.harness import EvalSettings, _cache_keys
+    from retrieval.descriptors.methods import RetrievalMethod
 
     class Fitted(RetrievalMethod):
         def needs_fit(self):
@@ -161,9 +161,9 @@ def test_the_fit_set_is_in_the_cache_key_of_fitted_methods_only(landmarks, tmp_p
 
 
 def test_whitening_is_refused_for_methods_it_does_not_apply_to(landmarks):
-    from retrieval.binary import HammingScores
-    from retrieval.harness import EvalSettings, _whiten
-    from retrieval.methods import RetrievalMethod
+    from retrieval.search.binary import HammingScores
+    from retrieval.evaluation.harness import EvalSettings, _whiten
+    from retrieval.descriptors.methods import RetrievalMethod
 
     class Fitted(RetrievalMethod):
         def needs_fit(self):

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from data.manifest import read_csv_manifest
-from retrieval.benchmarks import LabelledBenchmark, create_benchmark
-from retrieval.extract import extract
-from retrieval.harness import EvalSettings, evaluate_method, format_table, report, write_report
-from retrieval.index import SearchIndex
-from retrieval.methods import MethodContext, create_method, available_methods
-from retrieval.reference_metrics import labelled_evaluate
+from retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark
+from retrieval.descriptors.extract import extract
+from retrieval.evaluation.harness import EvalSettings, evaluate_method, format_table, report, write_report
+from retrieval.search.index import SearchIndex
+from retrieval.evaluation.catalogue import MethodContext, create_method, available_methods
+from retrieval.evaluation.reference_metrics import labelled_evaluate
 
 
 def test_registry_has_baselines_and_rejects_unknown():
@@ -84,8 +84,8 @@ def test_methods_extracted_together_equal_separately(make_labelled_set, tmp_path
     """One pass with a shared backbone gives exactly the descriptors of separate passes."""
     import torch
     from data.transforms import EvalTransform
-    from retrieval.extract import extract_together
-    from retrieval.harness import evaluate_methods
+    from retrieval.descriptors.extract import extract_together
+    from retrieval.evaluation.harness import evaluate_methods
     bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=3, per_class=3)))
     torch.manual_seed(0)
     shared = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True)
@@ -103,8 +103,8 @@ def test_methods_extracted_together_equal_separately(make_labelled_set, tmp_path
 
 
 def test_a_method_that_fits_on_a_benchmark_without_training_images_is_told_how_to_get_some(make_labelled_set):
-    from retrieval.harness import evaluate_methods
-    from retrieval.methods import RetrievalMethod
+    from retrieval.evaluation.harness import evaluate_methods
+    from retrieval.descriptors.methods import RetrievalMethod
 
     class NeedsFit(RetrievalMethod):
         def needs_fit(self):

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from retrieval.index import SearchIndex, choose_index
-from retrieval.sharded_search import exact_search, merge_top_k
-from retrieval.shards import ShardedArray, ShardWriter
+from retrieval.search.index import SearchIndex, choose_index
+from retrieval.search.sharded_search import exact_search, merge_top_k
+from retrieval.search.shards import ShardedArray, ShardWriter
 
 
 def write_shards(folder, rows, shard_rows):

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from retrieval.methods import RetrievalMethod
-from retrieval.postprocess import database_augmentation, postprocess, query_expansion
-from retrieval.scores import DenseScores
+from retrieval.descriptors.methods import RetrievalMethod
+from retrieval.aggregation.postprocess import database_augmentation, postprocess, query_expansion
+from retrieval.search.scores import DenseScores
 from utils.errors import UserError
 
 
@@ -113,11 +113,11 @@ def test_the_harness_evaluates_the_expanded_descriptors_and_says_so(make_labelle
     import torch
 
     from data.manifest import read_csv_manifest
-    from retrieval.benchmarks import LabelledBenchmark
-    from retrieval.extract import extract
-    from retrieval.harness import EvalSettings, _transform, evaluate_method
-    from retrieval.methods import MethodContext, create_method
-    from retrieval.scores import InnerProductScores
+    from retrieval.evaluation.benchmarks import LabelledBenchmark
+    from retrieval.descriptors.extract import extract
+    from retrieval.evaluation.harness import EvalSettings, _transform, evaluate_method
+    from retrieval.evaluation.catalogue import MethodContext, create_method
+    from retrieval.search.scores import InnerProductScores
 
     bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=3, per_class=3)))
     assert bench.queries_are_database  # leave-one-out: QE must skip each query's own copy

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from models.backbones import Preprocessing
-from retrieval.methods import MethodContext, RetrievalMethod, create_method
-from retrieval.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch, crop_region,
-                                pack_regions, parse_region_size, unpack_regions)
+from retrieval.descriptors.methods import RetrievalMethod
+from retrieval.evaluation.catalogue import MethodContext, create_method
+from retrieval.aggregation.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch,
+                                                        crop_region, pack_regions, parse_region_size, unpack_regions)
 from utils.errors import UserError
 
 
@@ -125,8 +126,8 @@ def test_the_harness_encodes_queries_as_queries_on_leave_one_out_sets(tmp_path):
     from PIL import Image
 
     from data.manifest import LabelledImageSet
-    from retrieval.benchmarks import LabelledBenchmark
-    from retrieval.harness import EvalSettings, evaluate_methods
+    from retrieval.evaluation.benchmarks import LabelledBenchmark
+    from retrieval.evaluation.harness import EvalSettings, evaluate_methods
 
     paths = []
     for i, colour in enumerate([(250, 10, 10), (240, 20, 10), (10, 10, 250), (10, 20, 240)]):
@@ -151,7 +152,7 @@ def test_regional_methods_without_a_detector_say_how_to_get_one():
 
 def test_region_proposer_uses_the_checkpoint_thresholds_and_detects_each_image_once(tmp_path):
     from models.detector import create_detector, save_detector
-    from retrieval.regional import RegionProposer
+    from retrieval.aggregation.regional import RegionProposer
 
     torch.manual_seed(0)
     detector = create_detector(pretrained=False, min_size=64, max_size=64, rpn_pre_nms_top_n_test=50,

@@ -20,10 +20,10 @@ from PIL import Image
 
 from data.revisitop import save_revisitop
 from data.transforms import resized_shape
-from retrieval.benchmarks import create_benchmark
-from retrieval.extract import output_sizes
-from retrieval.harness import EvalSettings, _transform
-from retrieval.methods import RetrievalMethod
+from retrieval.evaluation.benchmarks import create_benchmark
+from retrieval.descriptors.extract import output_sizes
+from retrieval.evaluation.harness import EvalSettings, _transform
+from retrieval.descriptors.methods import RetrievalMethod
 
 NAME = "golden"
 DATABASE = {  # name: (full size, expected size by hand)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from retrieval.binary import hamming_distances
-from retrieval.index import SearchIndex
+from retrieval.search.binary import hamming_distances
+from retrieval.search.index import SearchIndex
 
 
 def brute_force_hamming(queries, database, k):

@@ -1,7 +1,7 @@
 """Tie-aware labelled metrics: each is its expectation over all orders of tied items.
 
 References here are written from the definition (every database order, one plain ranking each), not from
-the closed forms in :mod:`retrieval.metrics`.
+the closed forms in :mod:`retrieval.evaluation.metrics`.
 """
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import math
 import numpy as np
 import pytest
 
-from retrieval import reference_metrics as ref
-from retrieval.metrics import (
-    RankedPositives, TiedPositives, average_precision, labelled_metrics, map_at_r, positive_ranks, recall_at_k,
-    tied_positives,
-)
-from retrieval.scores import DenseScores
+from retrieval.evaluation import reference_metrics as ref
+from retrieval.evaluation.metrics import (RankedPositives, TiedPositives, average_precision,
+                                                      labelled_metrics, map_at_r, positive_ranks, recall_at_k,
+                                                      tied_positives)
+from retrieval.search.scores import DenseScores
 
 KS = (1, 2, 3, 5)
 AP_KS = (1, 2, 4)
@@ -320,7 +319,7 @@ def test_labelled_benchmark_reports_map_at_k_only_when_asked():
     from pathlib import Path
 
     from data.manifest import LabelledImageSet
-    from retrieval.benchmarks import LabelledBenchmark
+    from retrieval.evaluation.benchmarks import LabelledBenchmark
 
     labels = np.array([0, 0, 1, 1, 1])
     images = LabelledImageSet(name="toy", paths=tuple(Path(f"{i}.jpg") for i in range(5)), labels=labels)

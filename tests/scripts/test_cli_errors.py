@@ -50,7 +50,7 @@ def test_domain_errors_are_user_errors():
     from models.backbones import WeightsError
     from models.retrieval_net import UnsafeCheckpointError
     from release.format import ReleaseError
-    from retrieval.regional import DetectorMissing
+    from retrieval.aggregation.regional import DetectorMissing
     from training.data import BadTrainingData
     from training.trainer import TrainingDiverged
     from utils.config import ConfigError
@@ -64,7 +64,7 @@ def test_domain_errors_are_user_errors():
     assert issubclass(ImageLoadError, RuntimeError) and issubclass(WeightsError, RuntimeError)
     assert issubclass(SaliencyUnavailable, ImportError)
     assert str(ImageLoadError("a.jpg", "truncated")) == "cannot load image a.jpg: truncated"
-    assert PrepareError("no network", code=3).code == 3
+    assert PrepareError("no network", code=3).exit_code == 3
 
 
 def _manifest(folder: Path) -> Path:

@@ -177,7 +177,7 @@ def test_configs_that_do_not_fit_the_data_fail_before_any_work(tmp_path, make_la
         config[section].update({k: v.format(root=tmp_path) if isinstance(v, str) else v for k, v in values.items()})
     opened = []
     monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("an image was read"))
-    monkeypatch.setattr(training.trainer, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(msretrieval.training.trainer, "create_model", lambda *a, **k: pytest.fail("a model was built"))
     with pytest.raises(ValueError) as error:
         train.main(["--config", write(tmp_path, config), "--data-root", str(tmp_path)])
     expected = message.format(root=tmp_path)
@@ -205,7 +205,7 @@ def _stopped_before_training(tmp_path, monkeypatch, config) -> str:
     from utils.cli import run_cli
 
     monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("an image was decoded"))
-    monkeypatch.setattr(training.trainer, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(msretrieval.training.trainer, "create_model", lambda *a, **k: pytest.fail("a model was built"))
     with pytest.raises(ValueError) as error:
         train.main(["--config", write(tmp_path, config), "--data-root", str(tmp_path)])
     assert "\n" not in str(error.value) and not (tmp_path / "run").exists()

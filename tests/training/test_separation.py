@@ -69,8 +69,8 @@ def test_training_pulls_positives_together_and_pushes_negatives_apart(tmp_path, 
 def hamming_separation(model, images) -> tuple[float, float]:
     """Mean AP of each image against the others ranked by Hamming distance of the packed codes, ties counted
     as their expectation over orders (the harness's rule), and the mean Hamming gap negative - positive."""
-    from retrieval.binary import HammingScores, pack_bits
-    from retrieval.metrics import labelled_metrics
+    from retrieval.search.binary import HammingScores, pack_bits
+    from retrieval.evaluation.metrics import labelled_metrics
 
     pre = model.preprocessing
     batch = ImageBatches(images, 96, pre.mean, pre.std, torch.device("cpu")).load(range(len(images)))

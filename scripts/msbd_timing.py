@@ -1,6 +1,7 @@
+#!/usr/bin/env python
 """Time MSBD's branches on a few benchmark images and extrapolate to a full run.
 
-    .venv/bin/python -m baselines.msbd.timing --data-root /work/shared/data --images 100
+    python scripts/msbd_timing.py --data-root /work/shared/data --images 100
 
 Prints images/s per branch (global, object and its proposal step, salient) and the estimated wall time of
 fitting (``fit_images`` training images) plus extracting the test split, with the current settings
@@ -11,16 +12,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
-from data.roots import resolve_data_root
-from data.transforms import EvalTransform
-from retrieval.benchmarks import create_benchmark
-from utils.cli import run_cli
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from .pipeline import MSBDPipeline
-from .settings import MSBDSettings
+from baselines.msbd.pipeline import MSBDPipeline  # noqa: E402
+from baselines.msbd.settings import MSBDSettings  # noqa: E402
+from data.roots import resolve_data_root  # noqa: E402
+from data.transforms import EvalTransform  # noqa: E402
+from models.backbones import create_backbone  # noqa: E402
+from retrieval.evaluation.benchmarks import create_benchmark  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 log = logging.getLogger("msbd.timing")
 
@@ -36,7 +40,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models.backbones import create_backbone
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root), limit=args.images)
     settings = MSBDSettings.from_env()
     pipeline = MSBDPipeline(create_backbone(args.backbone, pretrained=True), settings).eval()

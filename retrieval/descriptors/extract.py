@@ -5,7 +5,7 @@ Images keep their aspect ratio, so a batch may only hold images of one output si
 the images are grouped by their resized size (read from the file headers) and each group is batched.
 
 :func:`extract_together` returns every descriptor in memory (training descriptors, small sets).
-:func:`extract_shards` encodes chosen shards of consecutive images (:mod:`retrieval.shards`), size-bucketed
+:func:`extract_shards` encodes chosen shards of consecutive images (:mod:`retrieval.search.shards`), size-bucketed
 within each shard, and writes each finished shard to disk: memory holds one shard, a restarted extraction
 skips the shards already written, and several processes can each take their own shards. A shard's batches
 depend only on its images, so its descriptors are the same whichever process (or how many) extracts it.
@@ -29,10 +29,10 @@ from data.images import image_size
 from data.transforms import EvalTransform
 
 from models.backbones import Backbone
+from retrieval.search.shards import ShardWriter
 from utils.errors import UserError
 
 from .methods import RetrievalMethod
-from .shards import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ CNN image retrieval with no human annotation", TPAMI 2018), for descriptors as r
 - **PCA-whitening** (``pcawhitenlearn``): m = mean of x; the eigenvectors v_i of the covariance
   (x - m)^T (x - m) / N with eigenvalues l_1 >= l_2 >= ...; P has rows v_i / sqrt(l_i). At most N - 1
   components (the others have no variance to divide by). The directions come from the PCA of the MSBD
-  baseline (:func:`baselines.msbd.pca.pca_basis`), the eigenvalues are the variances along them.
+  baseline (:func:`models.pca.pca_basis`), the eigenvalues are the variances along them.
 - **Lw** (``whitenlearn``), from matching pairs (q, p): m = mean of the x_q; S = mean of
   (x_q - x_p)(x_q - x_p)^T over the pairs; P1 = L^-1 with L the Cholesky factor of S (with cirtorch's
   fallback: 1e-10 on the diagonal, times 10 until S is positive definite); then the eigenvectors of
@@ -74,7 +74,7 @@ def learn_pca_whitening(x: np.ndarray) -> Whitening:
     """PCA-whitening of rows ``x`` (N, D): min(N - 1, D) directions (see the module docstring)."""
     import torch
 
-    from baselines.msbd.pca import pca_basis
+    from models.pca import pca_basis
 
     x = np.asarray(x, dtype=np.float64)
     if len(x) < 2:

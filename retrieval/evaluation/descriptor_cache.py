@@ -1,15 +1,15 @@
 """Descriptors on disk: one entry per (benchmark images, method, role, resize), found again by its key.
 
 **Keys.** An entry's key hashes everything the descriptors depend on (the harness builds it,
-:func:`retrieval.harness`): the cache format version :data:`CACHE_FORMAT` (bumped when code changes what a
+:func:`retrieval.evaluation.harness`): the cache format version :data:`CACHE_FORMAT` (bumped when code changes what a
 config produces), the method's ``config()`` (its settings, weights fingerprint included; never fitted state),
 the benchmark's name and source (the resolved manifest path or data folder), the role, the transform, a
-fingerprint of the image list itself (:func:`image_list_fingerprint`: resolved paths, file sizes and
+fingerprint of the image list itself (:func:`data.images.image_list_fingerprint`: resolved paths, file sizes and
 modification times; ``stat`` only, so a million files cost seconds, not a read of every byte) and, for a fitted
 method, the same fingerprint of its training images and labels. Two manifests of the same size, the same set
 name under another data root, or a replaced image thus never share descriptors.
 
-**Entries.** An extraction writes ``<method>-<key>.shards/`` (:mod:`retrieval.shards`: whole shards only, so an
+**Entries.** An extraction writes ``<method>-<key>.shards/`` (:mod:`retrieval.search.shards`: whole shards only, so an
 interrupted extraction resumes from its last finished shard, and several processes may write different shards
 at once). The shard folder records the fit that writes it (``fitted_state``, None for a method that is not
 fitted): a resumed extraction of another fit starts the folder over. When every shard is there,
@@ -24,20 +24,17 @@ import hashlib
 import re
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from data.images import ImageLoadError
 
-from .extract import Extraction
+from retrieval.descriptors.extract import Extraction
 from utils.files import atomic_write
 
-from .shards import ShardedArray, ShardWriter
+from retrieval.search.shards import ShardedArray, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +47,6 @@ CACHE_FORMAT = 1
 def safe_name(text: str) -> str:
     """A file-name-safe version of a benchmark or method name (``run:runs/x`` -> ``run_runs_x``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "unnamed"
-
-
-def image_list_fingerprint(paths: Sequence[str | Path], boxes: Sequence | None = None,
-                           labels: np.ndarray | None = None) -> str:
-    """A hash of an image list: each image's resolved path, size and modification time (and its box and
-    label when given). Folders are resolved once each, files are only ``stat``-ed: cheap for a million files."""
-    digest = hashlib.sha1()
-    folders: dict[str, str] = {}
-    for i, path in enumerate(paths):
-        folder, name = os.path.split(os.fspath(path))
-        if folder not in folders:
-            folders[folder] = os.path.realpath(folder or ".")
-        resolved = os.path.join(folders[folder], name)
-        try:
-            stat = os.stat(resolved)
-        except FileNotFoundError:
-            raise ImageLoadError(path, "file not found") from None
-        box = "" if boxes is None or boxes[i] is None else repr(tuple(float(v) for v in boxes[i]))
-        digest.update(f"{resolved}\t{stat.st_size}\t{stat.st_mtime_ns}\t{box}\n".encode())
-    if labels is not None:
-        digest.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

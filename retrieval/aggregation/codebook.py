@@ -6,7 +6,7 @@ it was made with). ``key`` is a hash of that config (:func:`codebook_config`: th
 :data:`CODEBOOK_FORMAT`, words, k-means iterations, seed, sample, points per centroid, and ``source``), so a
 second run with the same config loads the file and any change makes a new one. The cache trusts ``source``: it
 must identify the descriptors; the descriptors themselves are not hashed, so a cached codebook loads without
-extracting any of them. The match kernels' source (:class:`retrieval.match_kernels.LocalVocabulary`) is the
+extracting any of them. The match kernels' source (:class:`retrieval.aggregation.match_kernels.LocalVocabulary`) is the
 local-feature settings (backbone and weights, tap, features, scales, PCA dims and seed), the chosen training
 images (stat fingerprint) and transform, and a fingerprint of the whole fitted PCA (mean and basis).
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: The codebook format, part of every codebook's config (hence key). Bump it whenever the codebook a config
 #: produces changes without the config changing: the k-means or sampling code, or the local descriptors it is
 #: fitted on (a change to local feature extraction changes the kernels' descriptors too: bump
-#: ``retrieval.descriptor_cache.CACHE_FORMAT`` as well).
+#: ``retrieval.evaluation.descriptor_cache.CACHE_FORMAT`` as well).
 CODEBOOK_FORMAT = 1
 
 Descriptors = Union[np.ndarray, Callable[[], np.ndarray]]

@@ -32,14 +32,15 @@ from data.clutter import DEFAULT_DIRNAME as CLUTTER_NAME
 from data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, load_clutter_set
 from data.datasets import ImageDataset
 from data.image_sets import load_image_set
+from data.images import image_list_fingerprint
 from data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
 from data.overlap import refuse_shared_images
 from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
+from data.samplers import spread_over_classes
+from retrieval.search.scores import DenseScores, ScoreSource
 from utils.errors import UserError
 
-from .descriptor_cache import image_list_fingerprint
 from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
-from .scores import DenseScores, ScoreSource
 
 
 @dataclass
@@ -258,7 +259,7 @@ class ClutterBenchmark(Benchmark):
         """Keep the first ``count`` database composites and ``count`` queries dealt round-robin over their
         classes (smoke tests only)."""
         self.database = self.database.subset(range(min(count, len(self.database))))
-        self.queries = self.queries.subset(_spread_over_classes(self.queries.labels, count))
+        self.queries = self.queries.subset(spread_over_classes(self.queries.labels, count))
         self.name = f"{self.name}[:{count}]"
 
 
@@ -301,7 +302,7 @@ def create_benchmark(spec: str, data_root: str | Path, limit: int | None = None,
     if limit is not None and isinstance(bench, ClutterBenchmark):
         bench.limit(limit)
     if limit is not None and isinstance(bench, LabelledBenchmark):
-        bench.images = bench.images.subset(_spread_over_classes(bench.images.labels, limit))
+        bench.images = bench.images.subset(spread_over_classes(bench.images.labels, limit))
         bench.name = f"{bench.name}[:{limit}]"
     return bench
 
@@ -327,13 +328,3 @@ def _training_rows(path: str, split: str) -> LabelledImageSet | None:
         return read_csv_manifest(path, split="train")
     except ManifestError:  # no split column, or no train rows
         return None
-
-
-def _spread_over_classes(labels: np.ndarray, limit: int) -> np.ndarray:
-    """The first ``limit`` indices when images are dealt one per class in turn (deterministic)."""
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
-    rank_in_class = np.arange(len(labels)) - starts
-    dealt = order[np.lexsort((sorted_labels, rank_in_class))]
-    return np.sort(dealt[:limit])

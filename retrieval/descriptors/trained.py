@@ -18,13 +18,15 @@ import numpy as np
 import torch
 
 from models.backbones import Preprocessing
+from models.hashing import learn_itq
+from models.pca import PCA
 from models.retrieval_net import RetrievalNet, load_model
-from release.format import sha256_file
 from utils.errors import UserError
+from utils.files import sha256_file
 
-from .binary import HammingScores, pack_bits
-from .methods import RetrievalMethod
-from .scores import ScoreSource
+from retrieval.search.binary import HammingScores, pack_bits
+from .methods import MethodContext, RetrievalMethod, register_method_pattern
+from retrieval.search.scores import ScoreSource
 
 CHECKPOINT_NAMES = ("best.pth", "last.pth")
 #: ``itq@64:run:DIR``, ``itq@64s3:model:FILE``, ``pca@64:run:DIR``
@@ -153,8 +155,6 @@ class ITQTrainedMethod(_FittedProjection):
         return {**super().config(), "itq_bits": self.bits, "itq_seed": self.seed}
 
     def fit(self, train_images, labels=None) -> None:
-        from baselines.msbd.binary import learn_itq  # the MSBD baseline's ITQ (Gong & Lazebnik, 2011)
-
         # pca_lowrank draws from the global generator: fork it so the codes depend on the seed alone
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
@@ -180,8 +180,6 @@ class PCATrainedMethod(_FittedProjection):
         return {**super().config(), "pca_dims": self.dims}
 
     def fit(self, train_images, labels=None) -> None:
-        from baselines.msbd.pca import PCA
-
         with torch.random.fork_rng():  # randomised SVD for few components of wide data
             torch.manual_seed(0)
             self.pca = PCA.fit(torch.from_numpy(self._training_descriptors(train_images)), self.dims, self.name)
@@ -191,3 +189,10 @@ class PCATrainedMethod(_FittedProjection):
         if self.pca is None:
             raise RuntimeError(f"{self.name} is not fitted: call fit() on training images first")
         return self.pca(self.model(images).float().cpu())
+
+
+@register_method_pattern(r"(?:run|model):.+", "run:RUN_DIR")
+@register_method_pattern(PROJECTED_SPEC.pattern, "itq@BITS:run:RUN_DIR")
+def _trained(spec: str, context: MethodContext) -> TrainedModelMethod:
+    """Trained networks describe themselves: the context's backbone choice does not apply."""
+    return TrainedModelMethod.from_spec(spec, shared=context._shared)

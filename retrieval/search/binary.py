@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .index import SearchIndex
 from .scores import ScoreSource
 
 #: bound on query x database x word elements held at once by :func:`hamming_distances`
@@ -72,4 +71,6 @@ class HammingScores(ScoreSource):
         """The exact ranking of :meth:`rows` from FAISS's flat binary index: its integer distances are the same
         counts, and its heap orders (distance, database index) pairs, so equal distances come in ascending
         index and the lowest indices make the cut (tests/retrieval/test_top_k_search.py checks both)."""
+        from .index import SearchIndex  # FAISS only to search: packing codes (a release) needs none
+
         return SearchIndex(self.database, "hamming").search(self.queries, k)

@@ -7,14 +7,17 @@ training images first (``fit``: PCA, codebooks, ITQ...), and says how two descri
 each query's top k with those same scores. Everything a method needs to rebuild itself is in ``config()``,
 which also keys the descriptor cache.
 
-Methods are registered by name (``@register_method("gem")``) and built by :func:`create_method` from a
-:class:`MethodContext` (the backbone and weights chosen on the command line).
+Methods are registered by name (``@register_method("gem")``), or by a pattern for names that carry their own
+arguments (``@register_method_pattern(r"run:.+")``: a trained network's run directory), and built by
+:func:`create_method` from a :class:`MethodContext` (the backbone and weights chosen on the command line). The
+registry knows only what has registered into it: the packages that define methods (the aggregation kernels,
+trained networks, the baselines) sit above this module and register themselves when imported;
+:mod:`retrieval.evaluation.catalogue` imports them all.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,7 +30,7 @@ from models.backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from models.pooling import create_pooling, l2n
 from utils.errors import UserError
 
-from .scores import InnerProductScores, ScoreSource
+from retrieval.search.scores import InnerProductScores, ScoreSource
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class MethodContext:
     #: r_asmk / r_asmk_star (and asmk / asmk_star over several scales): at most this many times the full image's
     #: scale-1 word count per database image; 0: no cap
     word_budget: float = 0.0
-    #: match kernels (retrieval.match_kernels.KernelSettings; None: its default): codebook size, local features
-    #: per image and scale, the scales, training images for the PCA and codebook, and the selective kernels'
+    #: match kernels (retrieval.aggregation.match_kernels.KernelSettings; None: its default): codebook size, local
+    #: features per image and scale, the scales, training images for the PCA and codebook, and the selective kernels'
     #: database normaliser ("default", "words", "one")
     kernel_words: int | None = None
     kernel_max_features: int | None = None
@@ -207,14 +210,9 @@ class PooledFeatures(RetrievalMethod):
 
 
 MethodFactory = Callable[[MethodContext], RetrievalMethod]
+PatternFactory = Callable[[str, MethodContext], RetrievalMethod]
 _REGISTRY: dict[str, MethodFactory] = {}
-# Packages whose import registers more methods; imported on first use (they import this module).
-_PLUGIN_PACKAGES = ("baselines", "retrieval.regional", "retrieval.match_kernels")
-
-
-def _load_plugins() -> None:
-    for package in _PLUGIN_PACKAGES:
-        importlib.import_module(package)
+_PATTERNS: dict[str, tuple[re.Pattern, PatternFactory, str]] = {}
 
 
 def register_method(name: str):
@@ -227,20 +225,31 @@ def register_method(name: str):
     return wrap
 
 
+def register_method_pattern(pattern: str, syntax: str):
+    """Decorator: register a factory ``f(name, context) -> RetrievalMethod`` for every name that fully matches
+    the regular expression ``pattern``; ``syntax`` shows users the form (``run:RUN_DIR``)."""
+    def wrap(factory: PatternFactory) -> PatternFactory:
+        if pattern in _PATTERNS:
+            raise ValueError(f"method pattern {pattern!r} is registered twice")
+        _PATTERNS[pattern] = (re.compile(pattern), factory, syntax)
+        return factory
+    return wrap
+
+
 def available_methods() -> list[str]:
-    _load_plugins()
+    """The registered names (not the patterns' forms)."""
     return sorted(_REGISTRY)
 
 
 def create_method(name: str, context: MethodContext | None = None) -> RetrievalMethod:
     context = context or MethodContext()
-    if name.startswith(("run:", "model:")) or re.match(r"(itq|pca)@\d+(s\d+)?:(run|model):", name):
-        from .trained import TrainedModelMethod  # trained networks describe themselves; no context needed
-        return TrainedModelMethod.from_spec(name, shared=context._shared)
-    _load_plugins()
-    if name not in _REGISTRY:
-        raise UserError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _REGISTRY[name](context)
+    if name in _REGISTRY:
+        return _REGISTRY[name](context)
+    for pattern, factory, _ in _PATTERNS.values():
+        if pattern.fullmatch(name):
+            return factory(name, context)
+    forms = sorted(syntax for _, _, syntax in _PATTERNS.values())
+    raise UserError(f"unknown method {name!r}; available: {', '.join(available_methods() + forms)}")
 
 
 @register_method("gem")

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from data.transforms import resized_shape
 from models.backbones import Preprocessing
-from release.format import sha256_file
 from utils.errors import UserError
+from utils.files import sha256_file
 
-from .methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
-from .scores import ScoreSource, as_tensor
+from retrieval.descriptors.methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
+from retrieval.search.scores import ScoreSource, as_tensor
 
 log = logging.getLogger(__name__)
 

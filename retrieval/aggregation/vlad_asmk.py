@@ -79,12 +79,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from retrieval.search.scores import ScoreSource
 import torch
 
 from utils.files import atomic_write
 
 from .codebook import Codebook
-from .scores import ScoreSource
 
 #: a word is present when its aggregated residual norm exceeds this (DELF: squared-norm tolerance 1e-12)
 NORM_EPS = 1e-6

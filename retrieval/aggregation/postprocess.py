@@ -12,7 +12,7 @@ Both assume inner-product similarities of L2-normalised descriptors. A negative 
 before the power (a non-integer power of a negative number is undefined, and a dissimilar neighbour should
 not pull the query away); with n = 0 nothing changes. DBA comes first, so QE expands with augmented
 neighbours, as in the paper. Neighbours are found exactly, a block of rows at a time
-(:meth:`retrieval.scores.ScoreSource.top_k`: equal scores in ascending database index), so memory stays
+(:meth:`retrieval.search.scores.ScoreSource.top_k`: equal scores in ascending database index), so memory stays
 bounded; the cost is that of one more search of the database (QE) or of the database against itself (DBA).
 
 Leave-one-out benchmarks (the queries are the database): a query's own database copy must not be one of its
@@ -29,8 +29,8 @@ import numpy as np
 
 from utils.errors import UserError
 
-from .methods import RetrievalMethod
-from .scores import InnerProductScores
+from retrieval.descriptors.methods import RetrievalMethod
+from retrieval.search.scores import InnerProductScores
 
 log = logging.getLogger(__name__)
 

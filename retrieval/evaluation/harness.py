@@ -6,13 +6,13 @@ data (benchmark images) -> method.encode (descriptors, cached) -> method.scores 
     {"benchmark": str, "results": [{"method": str, "metrics": {name: float}, "descriptor_bytes": int,
                                     "images_per_second": float, "query_ms": float, ...}]}
 
-**Descriptors** go through the on-disk cache (:mod:`retrieval.descriptor_cache`), shard by shard: an
+**Descriptors** go through the on-disk cache (:mod:`retrieval.evaluation.descriptor_cache`), shard by shard: an
 extraction holds one shard (``EvalSettings.shard_rows`` images) in memory, an interrupted one resumes after its
 last finished shard on the next identical command, and the metrics read the finished array as a memory map.
 Without a cache folder (``cache_dir=None``) a temporary folder, removed afterwards, plays its part.
 
 **Cache keys and fitting.** A key (:meth:`DescriptorCache.key`) is computed *before* any method is fitted and
-holds exactly: the cache format version (:data:`retrieval.descriptor_cache.CACHE_FORMAT`), the method's
+holds exactly: the cache format version (:data:`retrieval.evaluation.descriptor_cache.CACHE_FORMAT`), the method's
 ``config()``, the benchmark (name, source, a stat fingerprint of the role's image list and query boxes), the role,
 the transform (its description, mean and std) and, for a method that ``needs_fit()``, a stat fingerprint of the
 training images and labels it will be fitted on (the benchmark's fit set: ``--fit-on``, else its training split;
@@ -28,7 +28,7 @@ thread count or on another device differs in its last bits or in the signs of it
 codebook and every word assignment after it), so each entry also records the fingerprint of the fit that made
 it (``RetrievalMethod.fitted_state``): a method is fitted unless its entries are all cached and record one fit,
 and after a fit, cached entries of another fit are described again. An unfinished entry's shard folder records
-that fingerprint too (:mod:`retrieval.shards` ``origin``): an interrupted extraction resumed by a run whose fit
+that fingerprint too (:mod:`retrieval.search.shards` ``origin``): an interrupted extraction resumed by a run whose fit
 came out differently drops the old shards (with a warning) instead of completing them with rows of its own fit.
 Rows of two different fits are thus never paired, nor mixed within one entry.
 
@@ -57,17 +57,18 @@ import numpy as np
 
 from data.datasets import ImageDataset
 from data.image_sets import SYNTAX
+from data.images import image_list_fingerprint
 from data.transforms import EvalTransform
+from retrieval.aggregation.postprocess import postprocess, ranks_by_inner_product
+from retrieval.aggregation.whitening import WHITENINGS, learn_whitening
+from retrieval.descriptors.extract import Extraction, extract_shards
+from retrieval.descriptors.methods import RetrievalMethod
 from utils.errors import UserError
 from utils.files import atomic_write, atomic_write_text
 
 from .benchmarks import Benchmark, FitSet
-from .descriptor_cache import CacheEntry, DescriptorCache, image_list_fingerprint, safe_name
-from .extract import Extraction, extract_shards
-from .methods import RetrievalMethod
-from .postprocess import postprocess, ranks_by_inner_product
+from .descriptor_cache import CacheEntry, DescriptorCache, safe_name
 from .processes import Processes
-from .whitening import WHITENINGS, learn_whitening
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class EvalSettings:
     qe_alpha: float = 3.0
     dba: int = 0
     dba_alpha: float = 3.0
-    #: "pca" | "lw": whiten float inner-product descriptors (retrieval/whitening.py), learned on the benchmark's
+    #: "pca" | "lw": whiten float inner-product descriptors (aggregation/whitening.py), learned on the benchmark's
     #: fit set (--fit-on, else its training split), before QE / DBA; whiten_dims keeps the first N directions
     whiten: str | None = None
     whiten_dims: int | None = None

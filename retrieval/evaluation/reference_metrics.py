@@ -4,9 +4,9 @@ The oracle for tests and the baseline for ``scripts/bench_metrics.py``. Revisito
 evaluation code - one argsort of the (database x queries) similarity matrix along its database axis, then per
 query and protocol the positions of positives and junk found by membership tests along the ranking, positives
 moved up by the junk above them, and the trapezoid AP and mP@k with that code's arithmetic (:func:`revisitop_ap`);
-with ``stable=True`` ties are ranked by index, as :mod:`retrieval.metrics` does. The labelled metrics are
+with ``stable=True`` ties are ranked by index, as :mod:`retrieval.evaluation.metrics` does. The labelled metrics are
 expectations over the orders of tied items, from pairwise relevance probabilities (O(N^2) per query). Do not use
-it for real evaluations; :mod:`retrieval.metrics` gives the same values much faster.
+it for real evaluations; :mod:`retrieval.evaluation.metrics` gives the same values much faster.
 """
 from __future__ import annotations
 

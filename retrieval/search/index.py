@@ -16,7 +16,7 @@ up to ``flat_limit`` rows, where an exact scan is still fast and needs no traini
 ``BIVF{nlist}`` for packed codes, with nlist ~ 4 sqrt(N) as a power of two. The parameters chosen (factory,
 nlist, m, nprobe, train size) are in :attr:`SearchIndex.parameters`, for results files.
 
-The database may be an array or a :class:`~retrieval.shards.ShardedArray`: a sharded one is added to the index
+The database may be an array or a :class:`~retrieval.search.shards.ShardedArray`: a sharded one is added to the index
 shard by shard (each shard memory-mapped in turn) and a trained index learns from a fixed random sample of its
 rows, so the database is never one array in memory; only the index's own copy is (for IVF-PQ, m bytes a row).
 

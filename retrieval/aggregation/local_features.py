@@ -15,7 +15,7 @@ Positions are the centres of the feature-map cells in normalised image coordinat
 under half a cell).
 
 Descriptors are post-processed as DELF does: L2 -> PCA to ``dims`` (fitted on training images' descriptors,
-no whitening) -> L2, with :class:`baselines.msbd.pca.PCA` (same three steps). PCA is fitted under a fixed torch
+no whitening) -> L2, with :class:`models.pca.PCA` (same three steps). PCA is fitted under a fixed torch
 seed (its randomised SVD would otherwise draw from the global generator) so a refit on the same data gives the
 same basis - a cached codebook in that PCA space stays valid.
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.msbd.pca import PCA
+from models.pca import PCA
 from models.backbones import FEATURES, Backbone
 from models.pooling import l2n
 from utils.errors import UserError

@@ -1,17 +1,17 @@
 """Aggregated match kernels as harness methods: ``vlad``, ``asmk``, ``asmk_star`` and their regional versions
 ``r_vlad``, ``r_asmk_naive``, ``r_asmk``, ``r_asmk_star`` (Detect-to-Retrieve §4.3).
 
-Pipeline: backbone tap -> DELF-style local features (top 300 by feature norm at each scale, L2 -> PCA 128 ->
-L2; :mod:`retrieval.local_features`) -> nearest of C = 256 k-means words (:mod:`retrieval.codebook`, cached on
-disk) -> the kernel's per-word aggregation (:mod:`retrieval.aggregation`). ``fit`` learns the PCA and the
-codebook on the benchmark's training images, once for every kernel built from one :class:`MethodContext`.
-Codebook size, features per image and scale, the scales and the number of fitting images are
-:class:`KernelSettings` (``--words``, ``--max-features``, ``--scales``, ``--fit-images``).
+Pipeline: backbone tap -> DELF-style local features (top 300 by feature norm at each scale, L2 -> PCA 128 -> L2;
+:mod:`.local_features`) -> nearest of C = 256 k-means words (:mod:`.codebook`, cached on disk) -> the kernel's
+per-word aggregation (:mod:`.vlad_asmk`). ``fit`` learns the PCA and the codebook on the benchmark's training
+images, once for every kernel built from one :class:`MethodContext`. Codebook size, features per image and scale,
+the scales and the number of fitting images are :class:`KernelSettings` (``--words``, ``--max-features``,
+``--scales``, ``--fit-images``).
 
 The regional kernels aggregate the database image over its detected regions (the full image first; regions on
 the database side only, as in the paper), each detected region described by the local features of its crop
 (as DELF does), resized to ``region_size`` on its shorter side or at the image's own scale (``"native"``);
-queries are aggregated whole. Descriptors are the padded rows of :func:`retrieval.aggregation.to_rows`;
+queries are aggregated whole. Descriptors are the padded rows of :func:`retrieval.aggregation.vlad_asmk.to_rows`;
 ``descriptor_bytes`` counts an image's real words (2-byte word id + float32 vector, or d bits for the starred
 kernels).
 
@@ -31,16 +31,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from data.images import image_list_fingerprint
 from models.backbones import Preprocessing
+from retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method, state_fingerprint
+from retrieval.search.scores import ScoreSource
 from utils.errors import UserError
 
-from . import aggregation as agg
+from . import vlad_asmk as agg
 from .codebook import Codebook, fit_or_load_codebook
-from .descriptor_cache import image_list_fingerprint
 from .local_features import LocalFeatureExtractor
-from .methods import MethodContext, RetrievalMethod, register_method, state_fingerprint
 from .regional import NATIVE, RegionProposer, crop_region, proposer_from_context
-from .scores import ScoreSource
 
 log = logging.getLogger(__name__)
 
