@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
-from utils.files import atomic_write
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import atomic_write
 
 from .manifest import LabelledImageSet
 

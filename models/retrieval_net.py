@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import UserError
-from utils.files import atomic_write
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import atomic_write
 
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .hashing import HashHead

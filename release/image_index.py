@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.errors import UserError, first_line
-from utils.files import atomic_write_files
+from msretrieval.utils.errors import UserError, first_line
+from msretrieval.utils.files import atomic_write_files
 
 from .load import load_release
 from .retriever import Retriever
@@ -54,7 +54,7 @@ def file_stamp(path: Path) -> list[int]:
 def build_faiss(descriptors: np.ndarray, factory: str) -> tuple[object, dict]:
     """(CPU FAISS index, its parameters): inner product over float descriptors, Hamming over packed codes
     (uint8 rows); ``factory="auto"`` chooses by size. The nprobe chosen is kept in the written index."""
-    from retrieval.search.index import SearchIndex
+    from msretrieval.retrieval.search.index import SearchIndex
 
     binary = descriptors.dtype == np.uint8
     built = SearchIndex(descriptors, "hamming" if binary else "inner_product", use_gpu=False,
@@ -79,7 +79,7 @@ class PathLabels:
     paths relative to it); ``names`` maps a class id to its ``class_name`` column when the manifest has one."""
 
     def __init__(self, manifest: str | Path):
-        from data.manifest import read_csv_manifest
+        from msretrieval.data.manifest import read_csv_manifest
 
         images = read_csv_manifest(manifest)
         labels = [int(label) for label in images.labels]
@@ -112,7 +112,7 @@ class ImageIndex:
 
     @classmethod
     def open(cls, directory: str | Path, use_gpu: str | bool = False) -> "ImageIndex":
-        """The index in ``directory``; ``use_gpu`` (``retrieval.index.to_gpus``: False, "auto", True) searches
+        """The index in ``directory``; ``use_gpu`` (``retrieval.search.index.to_gpus``: False, "auto", True) searches
         a float index on the GPU(s) FAISS sees (packed codes stay on the CPU). Update only a CPU index."""
         import faiss
 
@@ -137,7 +137,7 @@ class ImageIndex:
             if use_gpu is True:
                 log.info("%s holds packed codes: searched on the CPU", directory)
         else:
-            from retrieval.index import to_gpus
+            from msretrieval.retrieval.search.index import to_gpus
 
             factory = meta.get("index", {}).get("factory", meta.get("factory", ""))
             index, gpus = to_gpus(index, use_gpu, float16="PQ" in str(factory), name=f"image index {directory}")
@@ -179,8 +179,8 @@ class ImageIndex:
         descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(retriever.dtype)
         if not len(descriptors):
             raise UserError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
-        from retrieval.search.index import (DEFAULT_FACTORY,  # FAISS is imported when it is needed
-                                            DEFAULT_FLAT_LIMIT)
+        from msretrieval.retrieval.search.index import (DEFAULT_FACTORY,  # FAISS is imported when it is needed
+                                                        DEFAULT_FLAT_LIMIT)
 
         flat = factory == "Flat" or (factory == "auto" and len(descriptors) <= DEFAULT_FLAT_LIMIT)
         old_factory = old.meta.get("index", {}).get("factory") if old is not None else None
@@ -215,7 +215,7 @@ class ImageIndex:
         Hamming distances of packed codes)."""
         k = min(k, self.index.ntotal)
         if self.gpus:
-            from retrieval.index import GPU_MAX_K
+            from msretrieval.retrieval.search.index import GPU_MAX_K
 
             if k > GPU_MAX_K:
                 raise UserError(f"k={k}: FAISS's GPU search returns at most {GPU_MAX_K} neighbours; ask for fewer "

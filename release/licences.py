@@ -52,7 +52,7 @@ def weights_licence(backbone: str, pretrained: bool, weights: str | None = None,
         return f"initialised from the local file {Path(weights).name}: the licence of that file's source applies"
     if not pretrained:
         return "none: the backbone was randomly initialised (no pretrained weights)"
-    from models.backbones import OFFLINE_WEIGHTS
+    from msretrieval.models.backbones import OFFLINE_WEIGHTS
 
     if backbone in OFFLINE_WEIGHTS:
         package = OFFLINE_WEIGHTS[backbone][0]

@@ -29,8 +29,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from data.images import ImageLoadError, load_image
-from utils.errors import UserError
+from msretrieval.data.images import ImageLoadError, load_image
+from msretrieval.utils.errors import UserError
 
 from .image_index import Hit, ImageIndex, PathLabels
 

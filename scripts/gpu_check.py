@@ -39,8 +39,6 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 STATUSES = ("PASS", "FAIL", "SKIP")
 
 
@@ -137,7 +135,7 @@ class GpuCheck:
         self.one_losses: list[float] = []
 
     def photos(self, count: int) -> list[Path]:
-        from data.manifest import flowers102
+        from msretrieval.data.manifest import flowers102
         test = flowers102(self.data_root, "test")
         step = max(1, len(test.paths) // count)
         return [Path(p) for p in test.paths[::step][:count]]
@@ -185,7 +183,7 @@ class GpuCheck:
 
     def export_and_load(self) -> str:
         import numpy as np
-        from release import load_release
+        from msretrieval.release import load_release
         self.need(self.tmp / "one" / "last.pth", "train 1 process fp32")
         run([self.python, "scripts/export.py", str(self.tmp / "one"), str(self.tmp / "release")], self.env)
         images = self.photos(4)
@@ -200,7 +198,7 @@ class GpuCheck:
         return f"{on_device.shape[0]} x {on_device.shape[1]} descriptors on {self.device}, max |diff| vs CPU {gap:.1e}"
 
     def index_and_search(self) -> str:
-        from retrieval.index import faiss_gpu_count
+        from msretrieval.retrieval.search.index import faiss_gpu_count
         self.need(self.tmp / "release" / "config.json", "export + load")
         folder, queries = self.tmp / "photos", self.tmp / "queries"
         for target, paths in ((folder, self.photos(24)), (queries, self.photos(24)[::8])):
@@ -220,7 +218,7 @@ class GpuCheck:
 
     def faiss_gpu(self) -> str:
         import numpy as np
-        from retrieval.index import SearchIndex, faiss_gpu_count
+        from msretrieval.retrieval.search.index import SearchIndex, faiss_gpu_count
         if faiss_gpu_count() == 0:
             raise Skipped("FAISS sees no GPU (faiss-cpu; GPU FAISS: docs/gpu.md)")
         rows = np.random.default_rng(0).normal(size=(20_000, 64)).astype(np.float32)
@@ -244,7 +242,7 @@ class GpuCheck:
         if reason:
             raise Skipped(reason)
         from PIL import Image
-        from models.detector import load_detector
+        from msretrieval.models.detector import load_detector
         boxes = self.tmp / "boxes.csv"
         if not boxes.exists():  # Flowers photos, one central box each: any boxes make a training step
             with boxes.open("w", newline="") as handle:

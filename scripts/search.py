@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from release.image_index import ImageIndex, PathLabels, list_images  # noqa: E402
-from retrieval.contact_sheet import SheetRow, contact_sheet  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.files import atomic_write_text  # noqa: E402
+from msretrieval.release.image_index import ImageIndex, PathLabels, list_images
+from msretrieval.retrieval.evaluation.contact_sheet import SheetRow, contact_sheet
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import atomic_write_text
 
 log = logging.getLogger("search")
 

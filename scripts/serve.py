@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.cli import positive_int, run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.utils.cli import positive_int, run_cli
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger("serve")
 
@@ -41,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_app(args: argparse.Namespace):
     try:
-        from release.search_page import create_app
+        from msretrieval.release.search_page import create_app
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in DEMO_PACKAGES:
             raise

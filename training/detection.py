@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 
 from accelerate import Accelerator
 
-from data.boxes import BoxImage, read_box_csv
-from data.images import load_image
-from models.boxes import detection_metrics
-from models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector,
+from msretrieval.data.boxes import BoxImage, read_box_csv
+from msretrieval.data.images import load_image
+from msretrieval.models.boxes import detection_metrics
+from msretrieval.models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector,
                                          detector_from_checkpoint, detector_payload, read_detector_checkpoint)
-from utils.errors import UserError
-from utils.files import atomic_write_text
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 SaliencyFn = Callable[[np.ndarray], np.ndarray]
 
@@ -94,7 +94,7 @@ def _network(spec: str) -> SaliencyFn:
 
 def _read_state_dict(path: str, network: torch.nn.Module) -> dict:
     """Tensors only (nothing in the file can run), checked to fit ``network`` key for key."""
-    from models.retrieval_net import read_checkpoint
+    from msretrieval.models.retrieval_net import read_checkpoint
 
     if not path.endswith(WEIGHT_SUFFIXES):
         raise UserError(f"saliency weights {path}: expected a state dict ({', '.join(WEIGHT_SUFFIXES)}); save "

@@ -26,8 +26,8 @@ from typing import Callable, Union
 import faiss
 import numpy as np
 
-from utils.errors import UserError
-from utils.files import atomic_write, atomic_write_text
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

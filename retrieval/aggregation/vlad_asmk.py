@@ -79,10 +79,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from retrieval.search.scores import ScoreSource
+from msretrieval.retrieval.search.scores import ScoreSource
 import torch
 
-from utils.files import atomic_write
+from msretrieval.utils.files import atomic_write
 
 from .codebook import Codebook
 

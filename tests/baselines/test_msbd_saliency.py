@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from baselines.msbd.saliency import create_saliency
-from utils.errors import UserError
+from msretrieval.baselines.msbd.saliency import create_saliency
+from msretrieval.utils.errors import UserError
 
 WEIGHT, BIAS = (0.5, -1.0, 2.0), 0.25
 

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from data.download import PrepareError, RemoteFile, download
+from msretrieval.data.download import PrepareError, RemoteFile, download
 
 # RFC 1321 / FIPS 180-2 test vectors: the digests of b"abc"
 MD5_ABC = "900150983cd24fb0d6963f7d28e17f72"
@@ -53,7 +53,7 @@ def test_a_damaged_earlier_download_is_not_reused(tmp_path, mirror):
 
 
 def test_no_published_checksum_is_said_and_no_checksum_skips_the_check(tmp_path, mirror, caplog):
-    with caplog.at_level(logging.INFO, logger="data.download"):
+    with caplog.at_level(logging.INFO, logger="msretrieval.data.download"):
         assert fetch(tmp_path, None).read_bytes() == b"abc"
     assert "data.bin: its source publishes no checksum; not verified" in caplog.messages
     (tmp_path / "downloads" / "data.bin").unlink()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data.roots import download_root, resolve_data_root
+from msretrieval.data.roots import download_root, resolve_data_root
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from release import load_release
-from release.export import export_release
-from release.image_index import ImageIndex
-from release.search_page import MAX_K, THUMBNAIL_SIDE, create_app
+from msretrieval.release import load_release
+from msretrieval.release.export import export_release
+from msretrieval.release.image_index import ImageIndex
+from msretrieval.release.search_page import MAX_K, THUMBNAIL_SIDE, create_app
 from tests.conftest import write_labelled_set
 from tests.release.test_release import small_model
 
@@ -160,7 +160,7 @@ def test_a_bad_query_is_a_400_with_one_line(site):
 
 
 def test_serve_script_reports_a_bad_index_dir_in_one_line(tmp_path, capsys):
-    from utils.cli import run_cli
+    from msretrieval.utils.cli import run_cli
 
     spec = importlib.util.spec_from_file_location("serve_script", REPO / "scripts" / "serve.py")
     serve = importlib.util.module_from_spec(spec)

@@ -12,10 +12,10 @@ import faiss
 import numpy as np
 import pytest
 
-from release.image_index import ImageIndex, build_faiss
-from retrieval.index import FaissGpuMissing, SearchIndex, faiss_gpu_count, to_gpus
-from retrieval.sharded_search import exact_search
-from utils.errors import UserError
+from msretrieval.release.image_index import ImageIndex, build_faiss
+from msretrieval.retrieval.search.index import FaissGpuMissing, SearchIndex, faiss_gpu_count, to_gpus
+from msretrieval.retrieval.search.sharded_search import exact_search
+from msretrieval.utils.errors import UserError
 
 
 class FakeOptions:
@@ -82,7 +82,7 @@ def test_flat_and_ivf_indexes_move_to_one_gpu_and_give_the_cpu_results(fake_gpus
     database, queries = vectors(1200), vectors(25, seed=1)
     cpu = SearchIndex(database, use_gpu=False, factory=factory, nprobe=nprobe)
     clones = fake_gpus(1)
-    with caplog.at_level(logging.INFO, logger="retrieval.index"):
+    with caplog.at_level(logging.INFO, logger="msretrieval.retrieval.search.index"):
         gpu = SearchIndex(database, factory=factory, nprobe=nprobe)  # use_gpu="auto"
     assert [{k: v for k, v in c.items() if k != "index"} for c in clones] == \
         [{"how": "device 0", "kind": kind, "float16": False, "shard": None}]
@@ -100,7 +100,7 @@ def test_flat_and_ivf_indexes_move_to_one_gpu_and_give_the_cpu_results(fake_gpus
 def test_ivf_pq_uses_half_precision_and_several_gpus_share_the_rows(fake_gpus, caplog):
     database = vectors(3000)
     clones = fake_gpus(2)
-    with caplog.at_level(logging.DEBUG, logger="retrieval.index"):  # an explicit choice logs at DEBUG
+    with caplog.at_level(logging.DEBUG, logger="msretrieval.retrieval.search.index"):  # an explicit choice logs at DEBUG
         index = SearchIndex(database, factory="IVF16,PQ8np", use_gpu=True, nprobe=2)
         flat = SearchIndex(database, use_gpu=True)
     assert [(c["how"], c["kind"], c["float16"], c["shard"]) for c in clones] == \
@@ -112,7 +112,7 @@ def test_ivf_pq_uses_half_precision_and_several_gpus_share_the_rows(fake_gpus, c
 def test_auto_stays_on_the_cpu_without_gpu_faiss(caplog):
     assert faiss_gpu_count() == 0  # faiss-cpu: the case every user without faiss-gpu is in
     database = vectors(200)
-    with caplog.at_level(logging.INFO, logger="retrieval.index"):
+    with caplog.at_level(logging.INFO, logger="msretrieval.retrieval.search.index"):
         index = SearchIndex(database, factory="IVF4,Flat")
     assert index.gpus == 0 and isinstance(index.index, faiss.IndexIVFFlat)
     assert "FAISS IVF4,Flat index on the CPU (FAISS sees no GPU)" in caplog.text
@@ -140,7 +140,7 @@ def test_asking_for_the_gpu_without_gpu_faiss_is_one_clear_error(monkeypatch):
 def test_an_index_faiss_cannot_clone_falls_back_or_errors(fake_gpus, caplog):
     fake_gpus(1, refuse=True)
     database = vectors(300)
-    with caplog.at_level(logging.INFO, logger="retrieval.index"):
+    with caplog.at_level(logging.INFO, logger="msretrieval.retrieval.search.index"):
         index = SearchIndex(database, factory="HNSW8")
     assert index.gpus == 0 and "on the CPU (FAISS cannot move it to the GPU: This index type is not " \
                                  "implemented on GPU.)" in caplog.text
@@ -182,7 +182,7 @@ def test_search_script_with_device_cuda_needs_gpu_faiss(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    from utils.cli import run_cli
+    from msretrieval.utils.cli import run_cli
 
     write_image_index(tmp_path / "index", vectors(10))
     path = Path(__file__).resolve().parents[2] / "scripts" / "search.py"

@@ -93,7 +93,7 @@ def test_impossible_numbers_are_refused_before_any_work(flag, value):
 
 
 def test_settings_refuse_a_zero_image_size_instead_of_using_the_default():
-    from retrieval.evaluation.harness import EvalSettings
+    from msretrieval.retrieval.evaluation.harness import EvalSettings
 
     with pytest.raises(ValueError, match="image_size must be at least 1"):
         EvalSettings(image_size=0)
@@ -165,8 +165,8 @@ def test_a_full_disk_while_extracting_is_one_line_and_the_same_command_resumes(t
     import importlib.util
     import re
 
-    from utils import files
-    from utils.cli import run_cli
+    from msretrieval.utils import files
+    from msretrieval.utils.cli import run_cli
 
     spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from models.detector import load_detector, read_detector_checkpoint
+from msretrieval.models.detector import load_detector, read_detector_checkpoint
 from tests.models.test_detector import write_squares
-from training.detection import DetectorTrainer, detector_accelerator
+from msretrieval.training.detection import DetectorTrainer, detector_accelerator
 
 TINY = {"steps": 2, "eval_every": 0, "batch_size": 2, "pretrained": False, "min_size": 64, "max_size": 64,
         "val_fraction": 0.0, "lr": 1e-3, "warmup": 0, "device": "cpu"}

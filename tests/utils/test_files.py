@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from retrieval.harness import write_report
-from utils import files
-from utils.config import load_yaml, save_yaml
-from utils.files import atomic_directory, atomic_write_text
+from msretrieval.retrieval.evaluation.harness import write_report
+from msretrieval.utils import files
+from msretrieval.utils.config import load_yaml, save_yaml
+from msretrieval.utils.files import atomic_directory, atomic_write_text
 
 
 def disk_full(*args):
