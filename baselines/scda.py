@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from models.backbones import FEATURES, Backbone, Preprocessing
-from models.pooling import l2n, mac, spoc
-from retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method
-from utils.errors import UserError
+from msretrieval.models.backbones import FEATURES, Backbone, Preprocessing
+from msretrieval.models.pooling import l2n, mac, spoc
+from msretrieval.retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method
+from msretrieval.utils.errors import UserError
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 

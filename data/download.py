@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .manifest import LabelledImageSet, flowers102, read_csv_manifest
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 # A truncated JPEG must raise, not decode grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

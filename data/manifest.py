@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 REQUIRED_COLUMNS = ("file", "class_id")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 #: pairs named in an error message
 SHOWN = 3

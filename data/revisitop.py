@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .manifest import LabelledImageSet
 

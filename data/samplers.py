@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .images import load_image
 from .manifest import LabelledImageSet

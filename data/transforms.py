@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 RESIZE_MODES = ("shorter", "longer", "shorter_max", "longer_max", "none")
 #: resampling of ``longer_max``: Pillow's thumbnail first reduces by an integer factor while the image stays

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, BaseReducer, MeanReducer, SumReducer
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .contrastive import CirtorchContrastiveLoss
 from .hashing import CSQLoss, DPSHLoss, QuantizedLoss

@@ -16,7 +16,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.reducers import BaseReducer
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 DEFAULT_TRIPLET_MARGIN = 0.1
 

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .base import ScheduledMiner
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.miners import BaseMiner
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 
 class ScheduledMiner(BaseMiner):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.miners import BaseMiner
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .algorithm1 import Algorithm1Miner
 from .batch import BatchTripletMiner

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 STATE_KEYS = ("triplets_per_batch", "refresh_every", "triplets", "cursor", "iterations_since_refresh",
               "refills", "rng_state")

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

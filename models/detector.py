@@ -48,8 +48,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from utils.errors import UserError
-from utils.files import atomic_write
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import atomic_write
 
 from .backbones import Backbone, create_backbone
 from .retrieval_net import read_checkpoint

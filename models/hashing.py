@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .pca import pca_basis
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .pooling import l2n
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .backbones import FEATURES, Backbone, Preprocessing, create_backbone
 from .hashing import HashHead

@@ -6,7 +6,7 @@ to rebuild and feed the network, what it was trained on, how it scored, the weig
 alone). Loading needs torch, torchvision, timm, safetensors, numpy, pillow and tqdm (``hubconf.py``'s
 ``dependencies``), never the training code or FAISS::
 
-    from release import load_release
+    from msretrieval.release import load_release
     retriever = load_release("releases/flowers102")
     descriptors = retriever.encode(["a.jpg", "b.jpg"])     # (2, D) float32, L2-normalised
 """

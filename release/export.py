@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.retrieval_net import RetrievalNet
-from utils.files import sha256_file
+from msretrieval.models.retrieval_net import RetrievalNet
+from msretrieval.utils.files import sha256_file
 
 from .format import CARD_FILE, CONFIG_FILE, GRAPH_FILE, RELEASE_FORMAT, WEIGHTS_FILE
 from .load import release_config
@@ -95,7 +95,7 @@ def model_card(config: dict) -> str:
                  f"{descriptor['dim']}-d L2-normalised {descriptor['dtype']} descriptors, compared by inner "
                  "product."), "",
              "## Use", "", "```python",
-             "from release import load_release    # torch, timm, safetensors...; no training code, no FAISS",
+             "from msretrieval.release import load_release    # torch, timm, safetensors...; no training code, no FAISS",
              f"retriever = load_release(\"{config['name']}\")",
              "descriptors = retriever.encode([\"query.jpg\", \"db1.jpg\"])   # " + (
                  "(N, bytes) uint8 packed codes" if descriptor.get("binary") else "(N, D) float32"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from utils.errors import UserError
-from utils.files import sha256_file
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import sha256_file
 
 RELEASE_FORMAT = "msretrieval-release-v1"
 WEIGHTS_FILE = "model.safetensors"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError, first_line
+from msretrieval.utils.errors import UserError, first_line
 
 from .retriever import Retriever
 
@@ -48,7 +48,7 @@ def file_stamp(path: Path) -> list[int]:
 def build_faiss(descriptors: np.ndarray, factory: str) -> tuple[object, dict]:
     """(CPU FAISS index, its parameters): inner product over float descriptors, Hamming over packed codes
     (uint8 rows); ``factory="auto"`` chooses by size. The nprobe chosen is kept in the written index."""
-    from retrieval.search.index import SearchIndex
+    from msretrieval.retrieval.search.index import SearchIndex
 
     binary = descriptors.dtype == np.uint8
     built = SearchIndex(descriptors, "hamming" if binary else "inner_product", use_gpu=False,
@@ -125,8 +125,8 @@ class ImageIndex:
         descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(retriever.dtype)
         if not len(descriptors):
             raise UserError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
-        from retrieval.search.index import (DEFAULT_FACTORY,  # FAISS is imported when it is needed
-                                            DEFAULT_FLAT_LIMIT)
+        from msretrieval.retrieval.search.index import (DEFAULT_FACTORY,  # FAISS is imported when it is needed
+                                                        DEFAULT_FLAT_LIMIT)
 
         flat = factory == "Flat" or (factory == "auto" and len(descriptors) <= DEFAULT_FLAT_LIMIT)
         old_factory = old.meta.get("index", {}).get("factory") if old is not None else None

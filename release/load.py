@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from models.backbones import Preprocessing
-from models.retrieval_net import RetrievalNet, load_model, model_from_config, read_model_checkpoint
-from utils.files import sha256_file
+from msretrieval.models.backbones import Preprocessing
+from msretrieval.models.retrieval_net import RetrievalNet, load_model, model_from_config, read_model_checkpoint
+from msretrieval.utils.files import sha256_file
 
 from .format import CONFIG_FILE, ReleaseError, read_config, verify_weights
 from .retriever import Retriever

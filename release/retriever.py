@@ -11,12 +11,12 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from data.images import image_size, load_image
-from data.transforms import EvalTransform
-from models.retrieval_net import RetrievalNet
-from retrieval.search.binary import pack_bits
-from retrieval.descriptors.extract import SizeBucketBatchSampler
-from utils.errors import UserError
+from msretrieval.data.images import image_size, load_image
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.retrieval_net import RetrievalNet
+from msretrieval.retrieval.search.binary import pack_bits
+from msretrieval.retrieval.descriptors.extract import SizeBucketBatchSampler
+from msretrieval.utils.errors import UserError
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 

@@ -20,10 +20,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.errors import UserError
 
 DEFAULT_VARIANTS = [
     "msnetvlad + batch schedule (default):",

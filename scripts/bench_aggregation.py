@@ -22,21 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from data.datasets import ImageDataset  # noqa: E402
-from data.transforms import EvalTransform  # noqa: E402
-from models.backbones import create_backbone  # noqa: E402
-from retrieval.aggregation import vlad_asmk as agg  # noqa: E402
-from retrieval.aggregation.codebook import fit_or_load_codebook  # noqa: E402
-from retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes  # noqa: E402
-from retrieval.aggregation.local_features import LocalFeatureExtractor, LocalFeatures  # noqa: E402
-from retrieval.evaluation.metrics import labelled_metrics  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.backbones import create_backbone
+from msretrieval.retrieval.aggregation import vlad_asmk as agg
+from msretrieval.retrieval.aggregation.codebook import fit_or_load_codebook
+from msretrieval.retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
+from msretrieval.retrieval.aggregation.local_features import LocalFeatureExtractor, LocalFeatures
+from msretrieval.retrieval.evaluation.metrics import labelled_metrics
+from msretrieval.utils.cli import run_cli
 
 BOXES = [agg.FULL_IMAGE, (0.2, 0.2, 0.8, 0.8)]
 

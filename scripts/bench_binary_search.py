@@ -22,13 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils.cli import benchmark_main, run_cli  # noqa: E402
-from retrieval.search.index import SearchIndex  # noqa: E402
+from msretrieval.utils.cli import benchmark_main, run_cli
+from msretrieval.retrieval.search.index import SearchIndex
 
 #: rows of random float vectors made at a time (bounds the generator's temporaries)
 FLOAT_CHUNK = 65536

@@ -25,20 +25,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data.datasets import ImageDataset  # noqa: E402
-from data.images import load_image  # noqa: E402
-from data.manifest import flowers102  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from data.transforms import EvalTransform  # noqa: E402
-from models.backbones import offline_weights_path  # noqa: E402
-from retrieval.descriptors.extract import SizeBucketBatchSampler, extract, output_sizes  # noqa: E402
-from retrieval.evaluation.catalogue import MethodContext, create_method  # noqa: E402
-from utils.cli import benchmark_main, run_cli  # noqa: E402
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.images import load_image
+from msretrieval.data.manifest import flowers102
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.backbones import offline_weights_path
+from msretrieval.retrieval.descriptors.extract import SizeBucketBatchSampler, extract, output_sizes
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.utils.cli import benchmark_main, run_cli
 
 log = logging.getLogger("bench_extract")
 

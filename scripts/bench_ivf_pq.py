@@ -17,15 +17,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils.cli import benchmark_main, run_cli  # noqa: E402
-from retrieval.search.index import SearchIndex  # noqa: E402
+from msretrieval.utils.cli import benchmark_main, run_cli
+from msretrieval.retrieval.search.index import SearchIndex
 
 #: index rows kept per item besides the code: IVF lists store a 64-bit id next to each code
 ID_BYTES = 8

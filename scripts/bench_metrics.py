@@ -19,17 +19,14 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data.revisitop import PROTOCOLS  # noqa: E402
-from retrieval.evaluation import reference_metrics  # noqa: E402
-from retrieval.evaluation.metrics import revisitop_metrics  # noqa: E402
-from retrieval.search.scores import DenseScores  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.revisitop import PROTOCOLS
+from msretrieval.retrieval.evaluation import reference_metrics
+from msretrieval.retrieval.evaluation.metrics import revisitop_metrics
+from msretrieval.retrieval.search.scores import DenseScores
+from msretrieval.utils.cli import run_cli
 
 KS = (1, 5, 10)
 

@@ -24,13 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
 from pytorch_metric_learning.miners import TripletMarginMiner  # noqa: E402
 
-from miners import Algorithm1Miner  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.miners import Algorithm1Miner
+from msretrieval.utils.cli import run_cli
 
 log = logging.getLogger("bench_miner")
 

@@ -17,24 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from data.roots import resolve_data_root  # noqa: E402
-from data.samplers import ClassBalancedBatchSampler  # noqa: E402
-from data.train_transforms import TrainDataset, TrainTransform  # noqa: E402
-from losses import create_loss  # noqa: E402
-from miners import create_miner  # noqa: E402
-from models.retrieval_net import create_model  # noqa: E402
-from training.config import DEFAULT_CONFIG, resolve_config  # noqa: E402
-from training.data import load_training_set  # noqa: E402
-from training.optimization import freeze, set_train_mode  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.data.samplers import ClassBalancedBatchSampler
+from msretrieval.data.train_transforms import TrainDataset, TrainTransform
+from msretrieval.losses import create_loss
+from msretrieval.miners import create_miner
+from msretrieval.models.retrieval_net import create_model
+from msretrieval.training.config import DEFAULT_CONFIG, resolve_config
+from msretrieval.training.data import load_training_set
+from msretrieval.training.optimization import freeze, set_train_mode
+from msretrieval.training.trainer import Trainer
+from msretrieval.utils.cli import run_cli
 
 log = logging.getLogger("bench_train")
 

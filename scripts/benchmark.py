@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import faiss  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -35,8 +33,8 @@ import bench_ivf_pq  # noqa: E402
 import bench_metrics  # noqa: E402
 import bench_miner  # noqa: E402
 import bench_train  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.utils.cli import run_cli
 
 log = logging.getLogger("benchmark")
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.clutter import ClutterParams, build_clutter_set  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.clutter import ClutterParams, build_clutter_set
+from msretrieval.utils.cli import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,18 +30,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 
-from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa: E402
-                           add_source_target_options, download, extract_jpegs, find_local, listing, one_line,
-                           place_folder, resolve_source, staged)
-from data.revisitop import RevisitopError, load_revisitop  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.download import (PrepareError, RemoteFile, add_output_options, add_source_target_options,
+                                       download, extract_jpegs, find_local, listing, one_line, place_folder,
+                                       resolve_source, staged)
+from msretrieval.data.revisitop import RevisitopError, load_revisitop
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.utils.cli import run_cli
 
 LOG = logging.getLogger("download_revisitop")
 

@@ -17,25 +17,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.roots import resolve_data_root  # noqa: E402
-from data.transforms import RESIZE_MODES  # noqa: E402
-from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli  # noqa: E402
-from retrieval.evaluation.harness import (EvalSettings, evaluate_methods, format_table, report,  # noqa: E402
-                                          write_report)
-from retrieval.evaluation.benchmarks import create_benchmark  # noqa: E402
-from retrieval.evaluation.catalogue import MethodContext, available_methods, create_method  # noqa: E402
-from retrieval.aggregation.match_kernels import GAMMAS, KernelSettings  # noqa: E402
-from retrieval.aggregation.regional import parse_region_size  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from retrieval.evaluation.processes import Processes  # noqa: E402
-from retrieval.aggregation.whitening import WHITENINGS  # noqa: E402
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.data.transforms import RESIZE_MODES
+from msretrieval.utils.cli import non_negative_float, non_negative_int, positive_int, run_cli
+from msretrieval.retrieval.evaluation.harness import (EvalSettings, evaluate_methods, format_table, report,
+                                                      write_report)
+from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, available_methods, create_method
+from msretrieval.retrieval.aggregation.match_kernels import GAMMAS, KernelSettings
+from msretrieval.retrieval.aggregation.regional import parse_region_size
+from msretrieval.utils.errors import UserError
+from msretrieval.retrieval.evaluation.processes import Processes
+from msretrieval.retrieval.aggregation.whitening import WHITENINGS
 
 log = logging.getLogger("evaluate")
 

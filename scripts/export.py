@@ -17,16 +17,14 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 
-from data.roots import resolve_data_root  # noqa: E402
-from models.retrieval_net import load_model  # noqa: E402
-from release.export import export_release  # noqa: E402
-from retrieval.descriptors.trained import resolve_checkpoint  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.config import load_yaml  # noqa: E402
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.models.retrieval_net import load_model
+from msretrieval.release.export import export_release
+from msretrieval.retrieval.descriptors.trained import resolve_checkpoint
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.config import load_yaml
 
 log = logging.getLogger("export")
 
@@ -45,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def training_record(run_dir: Path, config: dict, data_root: str | None) -> dict:
     """What the network was trained on: data, classes (validation classes apart), steps, selection."""
-    from training.data import load_training_set, split_validation_classes
+    from msretrieval.training.data import load_training_set, split_validation_classes
 
     data, results = config["data"], run_dir / "results.json"
     record = {"run": run_dir.name, "data": data["train"], "seed": config["seed"], "steps": config["train"]["steps"],

@@ -40,15 +40,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from data.images import ImageLoadError, load_image  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from training.checkpoint import load_resumable  # noqa: E402
-from training.config import DEFAULT_CONFIG, resolve_config  # noqa: E402
-from training.data import load_training_set, split_validation_classes  # noqa: E402
-from utils.cli import positive_int, run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.data.images import ImageLoadError, load_image
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.training.checkpoint import load_resumable
+from msretrieval.training.config import DEFAULT_CONFIG, resolve_config
+from msretrieval.training.data import load_training_set, split_validation_classes
+from msretrieval.utils.cli import positive_int, run_cli
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger("fault_drill")
 

@@ -18,18 +18,16 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import train  # noqa: E402
-from data.manifest import flowers102  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from models.retrieval_net import load_model  # noqa: E402
-from release.export import export_release  # noqa: E402
-from retrieval.evaluation.benchmarks import create_benchmark  # noqa: E402
-from retrieval.evaluation.harness import EvalSettings, evaluate_methods  # noqa: E402
-from retrieval.evaluation.catalogue import MethodContext, create_method  # noqa: E402
-from retrieval.descriptors.trained import TrainedModelMethod, resolve_checkpoint  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.manifest import flowers102
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.models.retrieval_net import load_model
+from msretrieval.release.export import export_release
+from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
+from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_methods
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.retrieval.descriptors.trained import TrainedModelMethod, resolve_checkpoint
+from msretrieval.utils.cli import run_cli
 
 log = logging.getLogger("finetune")
 BASE_CLASSES, NEW_CLASSES = range(1, 26), range(26, 52)

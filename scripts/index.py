@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from release import load_release  # noqa: E402
-from release.image_index import ImageIndex  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.release import load_release
+from msretrieval.release.image_index import ImageIndex
+from msretrieval.utils.cli import run_cli
 
 log = logging.getLogger("index")
 

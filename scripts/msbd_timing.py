@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from baselines.msbd.pipeline import MSBDPipeline  # noqa: E402
-from baselines.msbd.settings import MSBDSettings  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from data.transforms import EvalTransform  # noqa: E402
-from models.backbones import create_backbone  # noqa: E402
-from retrieval.evaluation.benchmarks import create_benchmark  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.baselines.msbd.pipeline import MSBDPipeline
+from msretrieval.baselines.msbd.settings import MSBDSettings
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.backbones import create_backbone
+from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
+from msretrieval.utils.cli import run_cli
 
 log = logging.getLogger("msbd.timing")
 

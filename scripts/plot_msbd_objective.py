@@ -18,12 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from baselines.msbd.binary import learn_msbd  # noqa: E402
-from baselines.msbd.settings import MSBDSettings  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.baselines.msbd.binary import learn_msbd
+from msretrieval.baselines.msbd.settings import MSBDSettings
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger("plot_msbd_objective")
 
@@ -42,13 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def training_descriptors(args, settings: MSBDSettings) -> np.ndarray:
-    from data.datasets import ImageDataset
-    from data.roots import resolve_data_root
-    from retrieval.evaluation.benchmarks import create_benchmark
-    from retrieval.evaluation.harness import EvalSettings, _transform
-    from retrieval.descriptors.methods import MethodContext
+    from msretrieval.data.datasets import ImageDataset
+    from msretrieval.data.roots import resolve_data_root
+    from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
+    from msretrieval.retrieval.evaluation.harness import EvalSettings, _transform
+    from msretrieval.retrieval.descriptors.methods import MethodContext
 
-    from baselines.msbd.methods import shared_pipeline
+    from msretrieval.baselines.msbd.methods import shared_pipeline
     benchmark = create_benchmark(args.benchmark, resolve_data_root(args.data_root))
     train = benchmark.train_set()
     if train is None:

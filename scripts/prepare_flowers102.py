@@ -22,8 +22,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import io  # noqa: E402
@@ -34,12 +32,12 @@ import tarfile  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Callable, Iterator  # noqa: E402
 
-from data.download import (PrepareError, RemoteFile, add_output_options,  # noqa: E402
-                           add_source_target_options, download, listing, one_line, place_folder, progress,
-                           resolve_source, staged)
-from data.manifest import ManifestError, flowers102, read_csv_manifest  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.data.download import (PrepareError, RemoteFile, add_output_options,
+                                       add_source_target_options, download, listing, one_line, place_folder, progress,
+                                       resolve_source, staged)
+from msretrieval.data.manifest import ManifestError, flowers102, read_csv_manifest
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.utils.cli import run_cli
 
 LOG = logging.getLogger("prepare_flowers102")
 

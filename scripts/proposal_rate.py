@@ -27,21 +27,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from data.images import load_image  # noqa: E402
-from data.manifest import LabelledImageSet, flowers102, read_csv_manifest  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from data.transforms import RESIZE_MODES, EvalTransform  # noqa: E402
-from models.backbones import Preprocessing  # noqa: E402
-from models.boxes import box_area, union_area  # noqa: E402
-from retrieval.aggregation.regional import RegionProposer  # noqa: E402
-from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.data.images import load_image
+from msretrieval.data.manifest import LabelledImageSet, flowers102, read_csv_manifest
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.data.transforms import RESIZE_MODES, EvalTransform
+from msretrieval.models.backbones import Preprocessing
+from msretrieval.models.boxes import box_area, union_area
+from msretrieval.retrieval.aggregation.regional import RegionProposer
+from msretrieval.utils.cli import non_negative_int, positive_int, run_cli
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger("proposal_rate")
 

@@ -18,25 +18,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from baselines.scda import largest_component, scda_layers, select_and_pool, upsample_mask  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from data.transforms import EvalTransform  # noqa: E402
-from models.backbones import create_backbone  # noqa: E402
-from models.pooling import l2n  # noqa: E402
-from retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark  # noqa: E402
-from retrieval.evaluation.harness import format_table  # noqa: E402
-from retrieval.search.scores import InnerProductScores  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.baselines.scda import largest_component, scda_layers, select_and_pool, upsample_mask
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.backbones import create_backbone
+from msretrieval.models.pooling import l2n
+from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark
+from msretrieval.retrieval.evaluation.harness import format_table
+from msretrieval.retrieval.search.scores import InnerProductScores
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger("scda_ablation")
 

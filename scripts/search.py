@@ -19,14 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.manifest import read_csv_manifest  # noqa: E402
-from release import load_release  # noqa: E402
-from release.image_index import ImageIndex, list_images  # noqa: E402
-from retrieval.evaluation.contact_sheet import SheetRow, contact_sheet  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.data.manifest import read_csv_manifest
+from msretrieval.release import load_release
+from msretrieval.release.image_index import ImageIndex, list_images
+from msretrieval.retrieval.evaluation.contact_sheet import SheetRow, contact_sheet
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger("search")
 

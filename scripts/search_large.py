@@ -31,14 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 
-from retrieval.search.index import DEFAULT_FLAT_LIMIT, SearchIndex  # noqa: E402
-from retrieval.search.sharded_search import exact_search  # noqa: E402
-from retrieval.search.shards import ShardedArray, ShardWriter  # noqa: E402
-from utils.cli import positive_int, run_cli  # noqa: E402
+from msretrieval.retrieval.search.index import DEFAULT_FLAT_LIMIT, SearchIndex
+from msretrieval.retrieval.search.sharded_search import exact_search
+from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter
+from msretrieval.utils.cli import positive_int, run_cli
 
 log = logging.getLogger("search_large")
 

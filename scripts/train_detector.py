@@ -24,12 +24,10 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
 
-from training.detection import DEFAULTS, DetectorTrainer  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from msretrieval.training.detection import DEFAULTS, DetectorTrainer
+from msretrieval.utils.cli import run_cli
 
 log = logging.getLogger("train_detector")
 

@@ -24,24 +24,22 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from baselines.scda import SCDA, component_boxes  # noqa: E402
-from data.images import load_image  # noqa: E402
-from data.manifest import LabelledImageSet, flowers102, read_csv_manifest  # noqa: E402
-from data.roots import resolve_data_root  # noqa: E402
-from data.transforms import EvalTransform  # noqa: E402
-from models.backbones import create_backbone  # noqa: E402
-from retrieval.evaluation.localization import (boxes_from_manifest, box_iou, original_sizes, pcp,  # noqa: E402
-                                               rescale_boxes)
-from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from msretrieval.baselines.scda import SCDA, component_boxes
+from msretrieval.data.images import load_image
+from msretrieval.data.manifest import LabelledImageSet, flowers102, read_csv_manifest
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.backbones import create_backbone
+from msretrieval.retrieval.evaluation.localization import (boxes_from_manifest, box_iou, original_sizes, pcp,
+                                                           rescale_boxes)
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger("visualize_scda")
 

@@ -173,7 +173,7 @@ def test_no_import_cycles():
 
 def test_the_checks_catch_what_they_guard(tmp_path):
     """The checker itself: an upward import, a two-module circle and an unplaced module are all found."""
-    for name, text in {"utils/__init__.py": "", "utils/a.py": "from data.b import x\n",
+    for name, text in {"utils/__init__.py": "", "utils/a.py": "from msretrieval.data.b import x\n",
                        "data/__init__.py": "", "data/b.py": "from . import c\n", "data/c.py": "import data.b\n",
                        "stray.py": ""}.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)

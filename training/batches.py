@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.samplers import ClassBalancedBatchSampler
-from miners import Algorithm1Miner, MiningPool, MiningSchedule
+from msretrieval.data.samplers import ClassBalancedBatchSampler
+from msretrieval.miners import Algorithm1Miner, MiningPool, MiningSchedule
 
 from .data import derived_seed
 

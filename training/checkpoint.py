@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet, UnsafeCheckpointError, read_checkpoint
-from utils.errors import UserError, first_line
-from utils.files import atomic_write, fsync_directory, temporary_name
+from msretrieval.models.retrieval_net import CHECKPOINT_FORMAT, RetrievalNet, UnsafeCheckpointError, read_checkpoint
+from msretrieval.utils.errors import UserError, first_line
+from msretrieval.utils.files import atomic_write, fsync_directory, temporary_name
 
 log = logging.getLogger(__name__)
 

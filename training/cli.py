@@ -31,15 +31,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from data.roots import resolve_data_root
-from retrieval.evaluation.harness import format_table, write_report
-from training.checkpoint import LAST, load_resumable
-from training.config import DEFAULT_CONFIG, check_inputs, resolve_config, unique_run_dir
-from training.distributed import peer_failures_stop_the_run, process_group_kwargs
-from training.evaluation import final_evaluation
-from training.trainer import Trainer
-from utils.cli import run_cli
-from utils.config import save_yaml
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.retrieval.evaluation.harness import format_table, write_report
+from msretrieval.training.checkpoint import LAST, load_resumable
+from msretrieval.training.config import DEFAULT_CONFIG, check_inputs, resolve_config, unique_run_dir
+from msretrieval.training.distributed import peer_failures_stop_the_run, process_group_kwargs
+from msretrieval.training.evaluation import final_evaluation
+from msretrieval.training.trainer import Trainer
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.config import save_yaml
 
 log = logging.getLogger("train")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from utils.config import ConfigError, apply_overrides, load_yaml
+from msretrieval.utils.config import ConfigError, apply_overrides, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def adopt_release(config: dict) -> dict:
     source = config["model"]["init_from"]
     if not source:
         return config
-    from release.load import describe_release
+    from msretrieval.release.load import describe_release
 
     described = describe_release(source)
     model, head = described["model"], config["model"]["head"]
@@ -106,9 +106,9 @@ BENCHMARKS = "flowers102, flowers102-clutter, csv:PATH[:SPLIT] or revisitop:NAME
 def validate(config: dict) -> None:
     """Values that cannot work, caught before any image is read or a model is built. Each message names the
     key, the value and what is accepted. (Checks that need the data: :func:`check_inputs`.)"""
-    from losses import LOSS_NAMES
-    from miners import MINER_NAMES, MiningSchedule
-    from models.retrieval_net import available_models
+    from msretrieval.losses import LOSS_NAMES
+    from msretrieval.miners import MINER_NAMES, MiningSchedule
+    from msretrieval.models.retrieval_net import available_models
 
     def need(condition: bool, message: str) -> None:
         if not condition:
@@ -247,7 +247,7 @@ def check_inputs(config: dict, data_root: str | Path, final_eval: bool = True):
             name = benchmark.partition(":")[2]
             where_file("eval.benchmark", benchmark, str(data_root / name / f"gnd_{name}.pkl"))
         if ecfg["baselines"]:
-            from retrieval.evaluation.catalogue import available_methods
+            from msretrieval.retrieval.evaluation.catalogue import available_methods
 
             unknown = [name for name in ecfg["baselines"] if name not in available_methods()]
             if unknown:
@@ -281,8 +281,8 @@ def refuse_training_on_benchmark_images(images, train_spec: str, benchmark: str,
     """One line (:class:`data.overlap.SharedImagesError`) if a training image is one of the evaluation
     benchmark's database or query images, by path or by identical bytes: the final table would then measure
     memorisation. Reads only files whose byte size occurs on both sides."""
-    from data.overlap import refuse_shared_images
-    from retrieval.evaluation.benchmarks import benchmark_test_images
+    from msretrieval.data.overlap import refuse_shared_images
+    from msretrieval.retrieval.evaluation.benchmarks import benchmark_test_images
 
     refuse_shared_images(images.paths, benchmark_test_images(benchmark, data_root),
                          what=f"the training set data.train = {train_spec}",

@@ -23,14 +23,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from data.images import ImageLoadError, load_image
-from data.image_sets import load_image_set
-from data.manifest import LabelledImageSet
-from data.samplers import class_members
-from data.train_transforms import TrainTransform
-from data.transforms import EvalTransform
-from utils.cli import RunStopped
-from utils.errors import UserError
+from msretrieval.data.images import ImageLoadError, load_image
+from msretrieval.data.image_sets import load_image_set
+from msretrieval.data.manifest import LabelledImageSet
+from msretrieval.data.samplers import class_members
+from msretrieval.data.train_transforms import TrainTransform
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.utils.cli import RunStopped
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from data.boxes import BoxImage, read_box_csv
-from data.images import load_image
-from models.boxes import detection_metrics
-from models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector,
+from msretrieval.data.boxes import BoxImage, read_box_csv
+from msretrieval.data.images import load_image
+from msretrieval.models.boxes import detection_metrics
+from msretrieval.models.detector import (DetectorConfig, LandmarkDetector, atomic_save, build_detector,
                                          detector_from_checkpoint, detector_payload, read_detector_checkpoint)
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from utils.cli import RunStopped
-from utils.errors import first_line
+from msretrieval.utils.cli import RunStopped
+from msretrieval.utils.errors import first_line
 
 
 def shard_sizes(count: int, world: int) -> list[int]:

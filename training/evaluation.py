@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from retrieval.evaluation.benchmarks import create_benchmark
-from retrieval.evaluation.harness import EvalSettings, evaluate_method, evaluate_methods, report
-from retrieval.evaluation.catalogue import MethodContext, create_method
-from retrieval.descriptors.trained import TrainedModelMethod
+from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
+from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_method, evaluate_methods, report
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.retrieval.descriptors.trained import TrainedModelMethod
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 
 def freeze(model: nn.Module, trainable_prefixes: list[str]) -> list[nn.Parameter]:

@@ -47,20 +47,20 @@ from torchvision.transforms.functional import center_crop
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from data.manifest import LabelledImageSet
-from data.transforms import EvalTransform
-from losses import create_loss
-from losses.factory import HASHING_LOSSES
-from losses.hashing import QuantizedLoss
-from miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
-from models.hashing import BetaSchedule
-from models.retrieval_net import RetrievalNet, create_model
-from retrieval.evaluation.benchmarks import LabelledBenchmark
-from retrieval.evaluation.harness import EvalSettings, evaluate_method
-from release.load import load_release
-from retrieval.descriptors.trained import TrainedModelMethod
-from utils.cli import RunStopped
-from utils.memory import release_free_memory
+from msretrieval.data.manifest import LabelledImageSet
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.losses import create_loss
+from msretrieval.losses.factory import HASHING_LOSSES
+from msretrieval.losses.hashing import QuantizedLoss
+from msretrieval.miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
+from msretrieval.models.hashing import BetaSchedule
+from msretrieval.models.retrieval_net import RetrievalNet, create_model
+from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark
+from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_method
+from msretrieval.release.load import load_release
+from msretrieval.retrieval.descriptors.trained import TrainedModelMethod
+from msretrieval.utils.cli import RunStopped
+from msretrieval.utils.memory import release_free_memory
 
 from .batches import Batch, ClassBalancedBatches, MiningPoolBatches
 from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, save_checkpoint, save_step_checkpoint,

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.hashing import SignCodes, centre_rows, itq_rotation, procrustes  # ITQ lives with the hash head
-from models.pca import pca_basis
-from utils.errors import UserError
+from msretrieval.models.hashing import SignCodes, centre_rows, itq_rotation, procrustes  # ITQ lives with the hash head
+from msretrieval.models.pca import pca_basis
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

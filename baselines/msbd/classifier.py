@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retrieval.search.binary import hamming_distances
-from retrieval.search.scores import ScoreSource
+from msretrieval.retrieval.search.binary import hamming_distances
+from msretrieval.retrieval.search.scores import ScoreSource
 
 #: query rows per dissimilarity computation
 _ROWS = 256

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.backbones import FEATURES, Backbone
-from models.pooling import l2n
-from utils.errors import UserError
+from msretrieval.models.backbones import FEATURES, Backbone
+from msretrieval.models.pooling import l2n
+from msretrieval.utils.errors import UserError
 
 # Three taps per backbone family. VGG: the paper's layers (first and last conv of the last stage, and the
 # final pooled map). ResNet: the last three stages (layer4 is also `features`). EfficientNet: the same roles

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import ImageDataset
-from retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
 
 from .fen import FEN
 

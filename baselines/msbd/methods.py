@@ -19,11 +19,11 @@ import copy
 import numpy as np
 import torch
 
-from models.backbones import Preprocessing
-from retrieval.search.binary import HammingScores, pack_bits
-from retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method
-from retrieval.search.scores import ScoreSource
-from utils.errors import UserError
+from msretrieval.models.backbones import Preprocessing
+from msretrieval.retrieval.search.binary import HammingScores, pack_bits
+from msretrieval.retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method
+from msretrieval.retrieval.search.scores import ScoreSource
+from msretrieval.utils.errors import UserError
 
 from .dissimilarity import DissimilarityScores
 from .pipeline import MSBDPipeline

@@ -28,13 +28,13 @@ from torch.utils.data import DataLoader
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
-from data.datasets import ImageDataset
-from data.samplers import spread_over_classes
-from models.backbones import Backbone, Preprocessing
-from models.hashing import SignCodes, learn_itq
-from models.pca import PCA
-from models.pooling import l2n
-from retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.samplers import spread_over_classes
+from msretrieval.models.backbones import Backbone, Preprocessing
+from msretrieval.models.hashing import SignCodes, learn_itq
+from msretrieval.models.pca import PCA
+from msretrieval.models.pooling import l2n
+from msretrieval.retrieval.descriptors.extract import SizeBucketBatchSampler, output_sizes
 
 from .binary import learn_msbd
 from .classifier import SoftmaxClassifier

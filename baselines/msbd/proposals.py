@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 Proposer = Callable[[np.ndarray], np.ndarray]
 SELECTIVE_SEARCH_MODES = ("single", "fast", "quality")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 SaliencyFn = Callable[[np.ndarray], np.ndarray]
 

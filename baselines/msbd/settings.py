@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from utils.config import ConfigError, load_yaml
+from msretrieval.utils.config import ConfigError, load_yaml
 
 CONFIG_ENV = "MSBD_CONFIG"
 

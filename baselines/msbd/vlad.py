@@ -15,8 +15,8 @@ import faiss
 import numpy as np
 import torch
 
-from models.pooling import l2n
-from utils.errors import UserError
+from msretrieval.models.pooling import l2n
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Callable, Union
 import faiss
 import numpy as np
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

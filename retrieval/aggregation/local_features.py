@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.pca import PCA
-from models.backbones import FEATURES, Backbone
-from models.pooling import l2n
-from utils.errors import UserError
+from msretrieval.models.pca import PCA
+from msretrieval.models.backbones import FEATURES, Backbone
+from msretrieval.models.pooling import l2n
+from msretrieval.utils.errors import UserError
 
 
 @dataclass

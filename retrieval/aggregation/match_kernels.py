@@ -31,11 +31,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.images import image_list_fingerprint
-from models.backbones import Preprocessing
-from retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method, state_fingerprint
-from retrieval.search.scores import ScoreSource
-from utils.errors import UserError
+from msretrieval.data.images import image_list_fingerprint
+from msretrieval.models.backbones import Preprocessing
+from msretrieval.retrieval.descriptors.methods import MethodContext, RetrievalMethod, register_method, state_fingerprint
+from msretrieval.retrieval.search.scores import ScoreSource
+from msretrieval.utils.errors import UserError
 
 from . import vlad_asmk as agg
 from .codebook import Codebook, fit_or_load_codebook

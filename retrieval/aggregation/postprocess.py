@@ -27,10 +27,10 @@ import logging
 
 import numpy as np
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
-from retrieval.descriptors.methods import RetrievalMethod
-from retrieval.search.scores import InnerProductScores
+from msretrieval.retrieval.descriptors.methods import RetrievalMethod
+from msretrieval.retrieval.search.scores import InnerProductScores
 
 log = logging.getLogger(__name__)
 

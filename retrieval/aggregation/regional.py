@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.transforms import resized_shape
-from models.backbones import Preprocessing
-from utils.errors import UserError
-from utils.files import sha256_file
+from msretrieval.data.transforms import resized_shape
+from msretrieval.models.backbones import Preprocessing
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import sha256_file
 
-from retrieval.descriptors.methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
-from retrieval.search.scores import ScoreSource, as_tensor
+from msretrieval.retrieval.descriptors.methods import MethodContext, PooledFeatures, RetrievalMethod, register_method
+from msretrieval.retrieval.search.scores import ScoreSource, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class RegionProposer:
 
     def __init__(self, checkpoint: str | Path, max_regions: int = 4, score_threshold: float | None = None,
                  nms_threshold: float | None = None, device: str = "cpu"):
-        from models.detector import load_detector  # torchvision detection: only when regions are asked for
+        from msretrieval.models.detector import load_detector  # torchvision detection: only when regions are asked for
 
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():

@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from retrieval.search.scores import ScoreSource
+from msretrieval.retrieval.search.scores import ScoreSource
 import torch
 
 from .codebook import Codebook

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def learn_pca_whitening(x: np.ndarray) -> Whitening:
     """PCA-whitening of rows ``x`` (N, D): min(N - 1, D) directions (see the module docstring)."""
     import torch
 
-    from models.pca import pca_basis
+    from msretrieval.models.pca import pca_basis
 
     x = np.asarray(x, dtype=np.float64)
     if len(x) < 2:

@@ -24,13 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
-from data.datasets import ImageDataset, box_pixels
-from data.images import image_size
-from data.transforms import EvalTransform
+from msretrieval.data.datasets import ImageDataset, box_pixels
+from msretrieval.data.images import image_size
+from msretrieval.data.transforms import EvalTransform
 
-from models.backbones import Backbone
-from retrieval.search.shards import ShardWriter
-from utils.errors import UserError
+from msretrieval.models.backbones import Backbone
+from msretrieval.retrieval.search.shards import ShardWriter
+from msretrieval.utils.errors import UserError
 
 from .methods import RetrievalMethod
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.backbones import FEATURES, Backbone, Preprocessing, create_backbone
-from models.pooling import create_pooling, l2n
-from utils.errors import UserError
+from msretrieval.models.backbones import FEATURES, Backbone, Preprocessing, create_backbone
+from msretrieval.models.pooling import create_pooling, l2n
+from msretrieval.utils.errors import UserError
 
-from retrieval.search.scores import InnerProductScores, ScoreSource
+from msretrieval.retrieval.search.scores import InnerProductScores, ScoreSource
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.backbones import Preprocessing
-from models.hashing import learn_itq
-from models.pca import PCA
-from models.retrieval_net import RetrievalNet, load_model
-from utils.errors import UserError
-from utils.files import sha256_file
+from msretrieval.models.backbones import Preprocessing
+from msretrieval.models.hashing import learn_itq
+from msretrieval.models.pca import PCA
+from msretrieval.models.retrieval_net import RetrievalNet, load_model
+from msretrieval.utils.errors import UserError
+from msretrieval.utils.files import sha256_file
 
-from retrieval.search.binary import HammingScores, pack_bits
+from msretrieval.retrieval.search.binary import HammingScores, pack_bits
 from .methods import MethodContext, RetrievalMethod, register_method_pattern
-from retrieval.search.scores import ScoreSource
+from msretrieval.retrieval.search.scores import ScoreSource
 
 CHECKPOINT_NAMES = ("best.pth", "last.pth")
 #: ``itq@64:run:DIR``, ``itq@64s3:model:FILE``, ``pca@64:run:DIR``

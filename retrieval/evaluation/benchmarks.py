@@ -28,17 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.clutter import DEFAULT_DIRNAME as CLUTTER_NAME
-from data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, load_clutter_set
-from data.datasets import ImageDataset
-from data.image_sets import load_image_set
-from data.images import image_list_fingerprint
-from data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
-from data.overlap import refuse_shared_images
-from data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
-from data.samplers import spread_over_classes
-from retrieval.search.scores import DenseScores, ScoreSource
-from utils.errors import UserError
+from msretrieval.data.clutter import DEFAULT_DIRNAME as CLUTTER_NAME
+from msretrieval.data.clutter import ImageBoxes, build_clutter_set, default_clutter_dir, load_clutter_set
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.image_sets import load_image_set
+from msretrieval.data.images import image_list_fingerprint
+from msretrieval.data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
+from msretrieval.data.overlap import refuse_shared_images
+from msretrieval.data.revisitop import PROTOCOLS, RevisitopSet, load_revisitop
+from msretrieval.data.samplers import spread_over_classes
+from msretrieval.retrieval.search.scores import DenseScores, ScoreSource
+from msretrieval.utils.errors import UserError
 
 from .metrics import labelled_metrics, positive_list_metrics, revisitop_metrics
 

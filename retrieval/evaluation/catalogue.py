@@ -6,10 +6,10 @@ evaluation) take :func:`create_method` and :func:`available_methods` from here, 
 """
 from __future__ import annotations
 
-import baselines  # noqa: F401  (scda*, msbd*, itq)
-import retrieval.aggregation.match_kernels  # noqa: F401  (vlad, asmk, asmk_star, r_*)
-import retrieval.aggregation.regional  # noqa: F401  (regional_search_*)
-import retrieval.descriptors.trained  # noqa: F401  (run:, model:, itq@, pca@)
-from retrieval.descriptors.methods import MethodContext, available_methods, create_method
+import msretrieval.baselines  # noqa: F401  (scda*, msbd*, itq)
+import msretrieval.retrieval.aggregation.match_kernels  # noqa: F401  (vlad, asmk, asmk_star, r_*)
+import msretrieval.retrieval.aggregation.regional  # noqa: F401  (regional_search_*)
+import msretrieval.retrieval.descriptors.trained  # noqa: F401  (run:, model:, itq@, pca@)
+from msretrieval.retrieval.descriptors.methods import MethodContext, available_methods, create_method
 
 __all__ = ["MethodContext", "available_methods", "create_method"]

@@ -8,8 +8,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageOps
 
-from data.images import ImageLoadError, load_image
-from utils.errors import UserError
+from msretrieval.data.images import ImageLoadError, load_image
+from msretrieval.utils.errors import UserError
 
 QUERY_COLOUR, CORRECT, WRONG, UNKNOWN = (40, 90, 220), (30, 160, 60), (210, 40, 40), (170, 170, 170)
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 
-from retrieval.descriptors.extract import Extraction
-from utils.files import atomic_write
+from msretrieval.retrieval.descriptors.extract import Extraction
+from msretrieval.utils.files import atomic_write
 
-from retrieval.search.shards import ShardedArray, ShardWriter
+from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter
 
 log = logging.getLogger(__name__)
 

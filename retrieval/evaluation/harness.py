@@ -55,15 +55,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data.datasets import ImageDataset
-from data.image_sets import SYNTAX
-from data.images import image_list_fingerprint
-from data.transforms import EvalTransform
-from retrieval.aggregation.postprocess import postprocess, ranks_by_inner_product
-from retrieval.aggregation.whitening import WHITENINGS, learn_whitening
-from retrieval.descriptors.extract import Extraction, extract_shards
-from retrieval.descriptors.methods import RetrievalMethod
-from utils.errors import UserError
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.image_sets import SYNTAX
+from msretrieval.data.images import image_list_fingerprint
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.retrieval.aggregation.postprocess import postprocess, ranks_by_inner_product
+from msretrieval.retrieval.aggregation.whitening import WHITENINGS, learn_whitening
+from msretrieval.retrieval.descriptors.extract import Extraction, extract_shards
+from msretrieval.retrieval.descriptors.methods import RetrievalMethod
+from msretrieval.utils.errors import UserError
 
 from .benchmarks import Benchmark, FitSet
 from .descriptor_cache import CacheEntry, DescriptorCache, safe_name

@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data.manifest import LabelledImageSet
-from utils.errors import UserError
+from msretrieval.data.manifest import LabelledImageSet
+from msretrieval.utils.errors import UserError
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 ORIGINAL_SIZE_COLUMNS = ("orig_w", "orig_h")

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from retrieval.search.scores import ScoreSource
+from msretrieval.retrieval.search.scores import ScoreSource
 
 #: Default number of scores held per block (query rows x database), 4 bytes each plus one sorted row per thread.
 BLOCK_ELEMENTS = 8_000_000

@@ -39,7 +39,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 from .shards import ShardedArray
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.files import atomic_write
+from msretrieval.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 

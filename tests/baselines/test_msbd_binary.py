@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.msbd.binary import learn_msbd, sparse_loss, sparsify_exact, sparsify_random
-from models.hashing import learn_itq
-from baselines.msbd.dissimilarity import DissimilarityScores, msbd_dissimilarity
-from retrieval.search.binary import HammingScores, hamming_distances, pack_bits, unpack_bits
-from retrieval.search.index import SearchIndex
+from msretrieval.baselines.msbd.binary import learn_msbd, sparse_loss, sparsify_exact, sparsify_random
+from msretrieval.models.hashing import learn_itq
+from msretrieval.baselines.msbd.dissimilarity import DissimilarityScores, msbd_dissimilarity
+from msretrieval.retrieval.search.binary import HammingScores, hamming_distances, pack_bits, unpack_bits
+from msretrieval.retrieval.search.index import SearchIndex
 
 
 def _data(n=200, d=40, seed=0):

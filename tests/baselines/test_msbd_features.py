@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.msbd.fen import FEN, fen_taps
-from models.pca import PCA
-from baselines.msbd.proposals import create_proposer, multi_scale_boxes
-from baselines.msbd.saliency import create_saliency
-from baselines.msbd.settings import MSBDSettings
-from baselines.msbd.vlad import Codebook, soft_assignment, soft_vlad
-from models.backbones import create_backbone
-from utils.config import ConfigError
+from msretrieval.baselines.msbd.fen import FEN, fen_taps
+from msretrieval.models.pca import PCA
+from msretrieval.baselines.msbd.proposals import create_proposer, multi_scale_boxes
+from msretrieval.baselines.msbd.saliency import create_saliency
+from msretrieval.baselines.msbd.settings import MSBDSettings
+from msretrieval.baselines.msbd.vlad import Codebook, soft_assignment, soft_vlad
+from msretrieval.models.backbones import create_backbone
+from msretrieval.utils.config import ConfigError
 
 
 def _image(height=90, width=120):
@@ -116,7 +116,7 @@ def test_a_missing_opencv_saliency_module_breaks_only_the_salient_branch(monkeyp
 
     import cv2
 
-    from baselines.msbd.saliency import SaliencyUnavailable, create_saliency
+    from msretrieval.baselines.msbd.saliency import SaliencyUnavailable, create_saliency
 
     monkeypatch.delattr(cv2, "saliency")
     with pytest.raises(SaliencyUnavailable, match="opencv-contrib-python-headless"):
@@ -124,7 +124,7 @@ def test_a_missing_opencv_saliency_module_breaks_only_the_salient_branch(monkeyp
     # a fresh process without cv2.saliency still imports every method (gem, msbd's registry) and lists them
     repo = Path(__file__).resolve().parents[2]
     code = ("import cv2, sys; del cv2.saliency; sys.path.insert(0, '.');"
-            "from retrieval.evaluation.catalogue import available_methods; names = available_methods();"
+            "from msretrieval.retrieval.evaluation.catalogue import available_methods; names = available_methods();"
             "assert 'gem' in names and 'msbd' in names, names")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

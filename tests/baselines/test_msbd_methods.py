@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.msbd.fen import FEN
-from baselines.msbd.finetune import finetune_fen
-from baselines.msbd.settings import MSBDSettings
-from data.datasets import ImageDataset
-from data.manifest import read_csv_manifest
-from data.transforms import EvalTransform
-from models.backbones import create_backbone
-from retrieval.descriptors.extract import extract
-from retrieval.evaluation.catalogue import MethodContext, create_method
-from utils.config import load_yaml
+from msretrieval.baselines.msbd.fen import FEN
+from msretrieval.baselines.msbd.finetune import finetune_fen
+from msretrieval.baselines.msbd.settings import MSBDSettings
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.manifest import read_csv_manifest
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.backbones import create_backbone
+from msretrieval.retrieval.descriptors.extract import extract
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.utils.config import load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,9 +112,9 @@ def test_paper_config_loads():
 
 
 def test_fine_tuning_msbd_in_a_together_run_leaves_the_shared_backbone_alone():
-    from baselines.msbd.methods import shared_pipeline
-    from baselines.msbd.settings import MSBDSettings
-    from retrieval.evaluation.catalogue import MethodContext, create_method
+    from msretrieval.baselines.msbd.methods import shared_pipeline
+    from msretrieval.baselines.msbd.settings import MSBDSettings
+    from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
 
     context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True)
     gem = create_method("gem", context)
@@ -125,7 +125,7 @@ def test_fine_tuning_msbd_in_a_together_run_leaves_the_shared_backbone_alone():
 
 
 def test_a_csv_benchmark_offers_its_train_rows_for_fitting_and_says_how_when_there_are_none(tmp_path):
-    from retrieval.evaluation.benchmarks import create_benchmark
+    from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
 
     rows = ["file,class_id,split"] + [f"{s}{i}.jpg,{i % 2},{s}" for s in ("train", "test") for i in range(4)]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.scda import (SCDA, aggregation_masks, component_boxes, largest_component, scda_layers,
-                            scda_masks, select_and_pool, upsample_mask)
-from models.backbones import create_backbone
-from retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.baselines.scda import (SCDA, aggregation_masks, component_boxes, largest_component, scda_layers,
+                                        scda_masks, select_and_pool, upsample_mask)
+from msretrieval.models.backbones import create_backbone
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
 
 
 def test_two_blobs_keep_the_larger():

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import clutter as clutter_module
-from data.clutter import (ClutterError, ClutterParams, build_clutter_set, flower_like, load_clutter_set,
-                          read_boxes_csv, soft_mask)
-from retrieval.evaluation.benchmarks import ClutterBenchmark, create_benchmark
-from retrieval.search.scores import DenseScores
+from msretrieval.data import clutter as clutter_module
+from msretrieval.data.clutter import (ClutterError, ClutterParams, build_clutter_set, flower_like, load_clutter_set,
+                                      read_boxes_csv, soft_mask)
+from msretrieval.retrieval.evaluation.benchmarks import ClutterBenchmark, create_benchmark
+from msretrieval.retrieval.search.scores import DenseScores
 
 TRAIN_CLASSES, TEST_CLASSES = (1, 2, 3, 4), (5, 6, 7, 8)
 PER_CLASS = 6
@@ -438,7 +438,7 @@ def test_reference_rows_chance_and_object_count_prior(tmp_path):
     6 placements of two positives is (1 + 5/6 + 3/4 + 7/12 + 1/2 + 5/12) / 6 = 49/72; R@1 = 2/4. Object-count
     prior: composite 1 (2 objects, a positive of both queries) ranks first, the others tie at ranks 2-4 with
     one positive among them: AP = (1 + (2/2 + 2/3 + 2/4) / 3) / 2 = 31/36; R@1 = 1."""
-    from retrieval.evaluation.harness import format_table, report
+    from msretrieval.retrieval.evaluation.harness import format_table, report
 
     bench = ClutterBenchmark.from_folder(hand_made_set(tmp_path / "hand"))
     assert bench.object_counts().tolist() == [1, 2, 1, 1]
@@ -465,7 +465,7 @@ def test_reference_rows_chance_and_object_count_prior(tmp_path):
     ("db/0.jpg,0.1,0.1,0.2,0.5", "line 3: expected 7 fields"),
 ])
 def test_bad_box_rows_are_named(tmp_path, line, message):
-    from data.manifest import ManifestError
+    from msretrieval.data.manifest import ManifestError
 
     path = write(tmp_path / "boxes.csv", "file,x1,y1,x2,y2,class_id,split\ndb/0.jpg,0,0,0.5,0.5,5,test\n" + line)
     with pytest.raises(ManifestError, match=message) as error:
@@ -497,7 +497,7 @@ def test_images_and_boxes_must_agree(tmp_path):
 
 
 def test_create_benchmark_builds_on_first_use(pack, monkeypatch):
-    monkeypatch.setattr("retrieval.evaluation.benchmarks.build_clutter_set",
+    monkeypatch.setattr("msretrieval.retrieval.evaluation.benchmarks.build_clutter_set",
                         partial(build_clutter_set, params=SMALL, progress=False))
     bench = create_benchmark("flowers102-clutter", pack.parent)
     assert (pack.parent / "flowers102-clutter" / "params.json").is_file()

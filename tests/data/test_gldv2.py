@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.gldv2 import gldv2_image_path, landmark_ids, read_gldv2, read_gldv2_pairs, select_landmarks
-from data.images import ImageLoadError, load_image
-from data.manifest import ManifestError
-from data.samplers import ClassBalancedBatchSampler
+from msretrieval.data.gldv2 import gldv2_image_path, landmark_ids, read_gldv2, read_gldv2_pairs, select_landmarks
+from msretrieval.data.images import ImageLoadError, load_image
+from msretrieval.data.manifest import ManifestError
+from msretrieval.data.samplers import ClassBalancedBatchSampler
 
 # landmark id -> image ids (16 hex characters, like GLDv2's)
 LANDMARKS = {

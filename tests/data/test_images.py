@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data.datasets import ImageDataset, crop_to_box
-from data.images import ImageLoadError, image_size, load_image
-from data.transforms import EvalTransform
+from msretrieval.data.datasets import ImageDataset, crop_to_box
+from msretrieval.data.images import ImageLoadError, image_size, load_image
+from msretrieval.data.transforms import EvalTransform
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -286,7 +286,7 @@ def test_a_decompression_bomb_is_one_error_naming_the_file_when_sizing_and_loadi
         with pytest.raises(ImageLoadError, match="bomb.png.*DecompressionBombError"):
             read(bomb)
     # batched extraction sizes every image from its header first: the bomb must not end in a traceback there
-    from retrieval.descriptors.extract import output_sizes
+    from msretrieval.retrieval.descriptors.extract import output_sizes
     dataset = ImageDataset([bomb], EvalTransform(64, "shorter"))
     with pytest.raises(ImageLoadError, match="bomb.png"):
         output_sizes(dataset)
@@ -295,7 +295,7 @@ def test_a_decompression_bomb_is_one_error_naming_the_file_when_sizing_and_loadi
 @pytest.mark.parametrize("mode", ["shorter", "longer", "none"])
 @pytest.mark.parametrize("box", [(70, 0, 80, 10), (10, 10, 10, 30), (10.4, 0, 10.6, 40)])
 def test_an_empty_query_box_is_the_box_error_in_every_resize_mode_and_in_batched_sizing(tmp_path, mode, box):
-    from retrieval.descriptors.extract import output_sizes
+    from msretrieval.retrieval.descriptors.extract import output_sizes
 
     path = _oriented_jpeg(tmp_path / "plain.jpg", 1)     # 60 x 40
     dataset = ImageDataset([path], transform=EvalTransform(size=32, mode=mode), boxes=[box])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
+from msretrieval.data.manifest import LabelledImageSet, ManifestError, flowers102, read_csv_manifest
 
 ROWS = [
     ("img/a.jpg", "1", "train", "x"),
@@ -145,7 +145,7 @@ def test_a_manifest_saved_with_a_byte_order_mark_reads_like_one_without(tmp_path
 
 
 def test_a_gldv2_csv_with_a_byte_order_mark_reads(tmp_path):
-    from data.gldv2 import read_gldv2_pairs
+    from msretrieval.data.gldv2 import read_gldv2_pairs
 
     (tmp_path / "train.csv").write_bytes("\ufeffid,url,landmark_id\nabc1,u,7\nabc2,u,7\nabd3,u,8\n".encode())
     assert read_gldv2_pairs(tmp_path / "train.csv") == [("abc1", 7), ("abc2", 7), ("abd3", 8)]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import data.overlap as overlap
-from data.overlap import SharedImage, SharedImagesError, refuse_shared_images, shared_images
+import msretrieval.data.overlap as overlap
+from msretrieval.data.overlap import SharedImage, SharedImagesError, refuse_shared_images, shared_images
 
 
 @pytest.fixture

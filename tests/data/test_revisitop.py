@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.datasets import ImageDataset
-from data.images import load_image
-from data.revisitop import PROTOCOLS, RevisitopError, load_revisitop, save_revisitop
-from data.transforms import EvalTransform
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.images import load_image
+from msretrieval.data.revisitop import PROTOCOLS, RevisitopError, load_revisitop, save_revisitop
+from msretrieval.data.transforms import EvalTransform
 
 NAME = "rtoy"
 DATABASE = ["db0", "db1", "db2", "db3", "db4", "db5"]
@@ -244,7 +244,7 @@ def test_ground_truth_with_numpy_arrays_still_loads(toy):
 
 
 def test_landmark_labels_for_fitting_on_a_revisitop_set(toy, tmp_path):
-    from data.revisitop import QueryTruth, RevisitopSet
+    from msretrieval.data.revisitop import QueryTruth, RevisitopSet
 
     # the toy set: both queries list db0 as a positive -> one landmark (0); db3 is only junk -> a label of its
     # own, numbered after the one group (1); the two query images follow the database with the group's label

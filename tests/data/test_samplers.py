@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.samplers import ClassBalancedBatchSampler, class_members, plan_epoch_classes
+from msretrieval.data.samplers import ClassBalancedBatchSampler, class_members, plan_epoch_classes
 
 # Long-tailed: class 5 and 6 have one image (skipped with min_per_class=2), 3 and 4 fewer than K = 4.
 CLASS_SIZES = {0: 10, 1: 8, 2: 6, 3: 3, 4: 2, 5: 1, 6: 1, 7: 5, 8: 4, 9: 7, 10: 12, 11: 4}

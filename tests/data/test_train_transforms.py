@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.images import ImageLoadError
-from data.manifest import read_csv_manifest
-from data.samplers import ClassBalancedBatchSampler
-from data.train_transforms import TrainDataset, TrainTransform, random_resized_crop_box
+from msretrieval.data.images import ImageLoadError
+from msretrieval.data.manifest import read_csv_manifest
+from msretrieval.data.samplers import ClassBalancedBatchSampler
+from msretrieval.data.train_transforms import TrainDataset, TrainTransform, random_resized_crop_box
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.transforms import RESIZE_MODES, EvalTransform, resized_shape, to_normalized_tensor
+from msretrieval.data.transforms import RESIZE_MODES, EvalTransform, resized_shape, to_normalized_tensor
 
 
 @pytest.mark.parametrize("width, height, size, mode, expected", [

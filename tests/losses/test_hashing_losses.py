@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from pytorch_metric_learning.reducers import MeanReducer, SumReducer
 from torch import nn
 
-from losses import (LOSS_NAMES, CirtorchContrastiveLoss, CSQLoss, DPSHLoss, QuantizedLoss,
+from msretrieval.losses import (LOSS_NAMES, CirtorchContrastiveLoss, CSQLoss, DPSHLoss, QuantizedLoss,
                                 SquaredEuclideanTripletLoss, bit_balance, create_loss, hadamard_matrix, hash_centres,
                                 quantization_errors)
-from miners import create_miner
-from models.hashing import BetaSchedule, HashHead
+from msretrieval.miners import create_miner
+from msretrieval.models.hashing import BetaSchedule, HashHead
 
 
 def t(values, dtype=torch.float64):
@@ -129,7 +129,7 @@ def test_hadamard_centres_are_plus_minus_one_and_exactly_half_the_bits_apart(bit
 
 
 def test_bernoulli_centres_when_bits_is_not_a_power_of_two_or_classes_exceed_2k(caplog):
-    with caplog.at_level(logging.WARNING, logger="losses.hashing"):
+    with caplog.at_level(logging.WARNING, logger="msretrieval.losses.hashing"):
         centres = hash_centres(48, 10, seed=3)
     assert "not a power of two" in caplog.text and "Bernoulli" in caplog.text
     assert centres.shape == (10, 48) and set(centres.unique().tolist()) == {-1.0, 1.0}

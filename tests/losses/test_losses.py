@@ -5,8 +5,8 @@ import pytest
 import torch
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 
-from losses import (LOSS_NAMES, CirtorchContrastiveLoss, SquaredEuclideanTripletLoss, create_loss,
-                    create_reducer, squared_euclidean_distance)
+from msretrieval.losses import (LOSS_NAMES, CirtorchContrastiveLoss, SquaredEuclideanTripletLoss, create_loss,
+                                create_reducer, squared_euclidean_distance)
 
 
 def t(values, dtype=torch.float64):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-from miners import Algorithm1Miner, MiningPhase, MiningPool, MiningSchedule
+from msretrieval.miners import Algorithm1Miner, MiningPhase, MiningPool, MiningSchedule
 
 
 def mine_one(points, labels, query, semi_hard, threshold=None, loss_band=None):
@@ -412,7 +412,7 @@ def test_pool_state_round_trip_resumes_exactly():
 
 
 def test_pool_serves_full_batches_then_asks_for_a_refresh():
-    from miners.pool import MiningPool
+    from msretrieval.miners.pool import MiningPool
     pool = MiningPool(triplets_per_batch=4, refresh_every=8, shuffle=False)
     assert pool.refresh_due
     pool.refill(list(range(30)), (torch.arange(10), torch.arange(10, 20), torch.arange(20, 30)))

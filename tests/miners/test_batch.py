@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from losses import create_loss
-from miners import BatchTripletMiner, MiningSchedule, create_miner, follows_schedule
+from msretrieval.losses import create_loss
+from msretrieval.miners import BatchTripletMiner, MiningSchedule, create_miner, follows_schedule
 
 
 def reference(embeddings, labels, margin, semi_hard_anchor):

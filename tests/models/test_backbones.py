@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from models.backbones import FEATURES, WeightsError, create_backbone, load_weights, offline_weights_path
-from utils.errors import UserError
+from msretrieval.models.backbones import FEATURES, WeightsError, create_backbone, load_weights, offline_weights_path
+from msretrieval.utils.errors import UserError
 
 
 def test_offline_efficientnet_lite0_loads_and_classifies_a_flower():
@@ -71,7 +71,7 @@ def _layers_before(model, path, count):
                              "pool5": "features.43"}),
 ])
 def test_vgg_taps_are_found_by_module_structure(name, last_conv, paths):
-    from models.backbones import vgg_taps
+    from msretrieval.models.backbones import vgg_taps
     import timm
 
     model = timm.create_model(name, pretrained=False)

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data.boxes import BoxCSVError, read_box_csv
-from models.backbones import offline_weights_path
-from models.boxes import average_precision_at_iou, box_iou, detection_metrics, nms, recall_at_iou
-from models.detector import (DETECTOR_FORMAT, LandmarkDetector, create_detector, load_detector,
-                             read_detector_checkpoint, save_detector)
-from models.retrieval_net import UnsafeCheckpointError
+from msretrieval.data.boxes import BoxCSVError, read_box_csv
+from msretrieval.models.backbones import offline_weights_path
+from msretrieval.models.boxes import average_precision_at_iou, box_iou, detection_metrics, nms, recall_at_iou
+from msretrieval.models.detector import (DETECTOR_FORMAT, LandmarkDetector, create_detector, load_detector,
+                                         read_detector_checkpoint, save_detector)
+from msretrieval.models.retrieval_net import UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -270,7 +270,7 @@ def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path):
         with pytest.raises(UnsafeCheckpointError, match="refusing .*last.pth"):
             load()
     assert not marker.exists()
-    from utils.cli import USER_ERRORS
+    from msretrieval.utils.cli import USER_ERRORS
     assert issubclass(UnsafeCheckpointError, USER_ERRORS)  # the script reports it in one line, exit code 2
 
 
@@ -346,7 +346,7 @@ def test_training_resumes_exactly(tmp_path, monkeypatch, one_thread):
               "--min-size", "64", "--max-size", "64", "--val-fraction", "0.2", "--lr", "1e-3"]
     assert script.main([*common, "--out", str(tmp_path / "straight")]) == 0
 
-    from training.detection import DetectorTrainer
+    from msretrieval.training.detection import DetectorTrainer
     original_save = DetectorTrainer.save
 
     def save_then_die(self, name, metrics=None):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.hashing import BetaSchedule, HashHead, sign_codes
-from retrieval.search.binary import hamming_distances, pack_bits
+from msretrieval.models.hashing import BetaSchedule, HashHead, sign_codes
+from msretrieval.retrieval.search.binary import hamming_distances, pack_bits
 
 
 def head_with(weight, bias, beta: float = 1.0) -> HashHead:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.retrieval_net import create_model, load_model, save_model
-from retrieval.search.binary import HammingScores, hamming_distances, pack_bits
-from retrieval.descriptors.trained import (PROJECTED_SPEC, ITQTrainedMethod, PCATrainedMethod,
-                                           TrainedModelMethod)
+from msretrieval.models.retrieval_net import create_model, load_model, save_model
+from msretrieval.retrieval.search.binary import HammingScores, hamming_distances, pack_bits
+from msretrieval.retrieval.descriptors.trained import (PROJECTED_SPEC, ITQTrainedMethod, PCATrainedMethod,
+                                                       TrainedModelMethod)
 
 
 def hashing_net(bits=16, seed=0):
@@ -40,7 +40,7 @@ def test_eval_output_is_the_sign_code_over_sqrt_bits_and_training_output_is_rela
 def test_hash_layer_starts_as_itq_of_the_descriptors():
     """ITQ (Gong & Lazebnik): the projection spans the top principal axes of the training descriptors, and the
     rotation makes the codes fit the projected data better than the plain PCA signs do (||B - V R||^2)."""
-    from models.hashing import HashHead
+    from msretrieval.models.hashing import HashHead
 
     torch.manual_seed(0)
     x = torch.randn(200, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
@@ -98,8 +98,8 @@ def test_harness_method_stores_packed_codes_and_ranks_by_hamming():
 
 
 def float_net_and_images(tmp_path, count=40):
-    from data.datasets import ImageDataset
-    from data.transforms import EvalTransform
+    from msretrieval.data.datasets import ImageDataset
+    from msretrieval.data.transforms import EvalTransform
 
     torch.manual_seed(0)
     model = create_model("gem", backbone="resnet18", out_dim=32).eval()
@@ -173,8 +173,8 @@ def test_projected_method_specs(spec, parts):
 
 
 def test_hashing_release_encodes_packed_codes(tmp_path):
-    from release import load_release
-    from release.export import export_release
+    from msretrieval.release import load_release
+    from msretrieval.release.export import export_release
 
     model = hashing_net(16)
     export_release(model, tmp_path / "rel", image_size=64, graph=False)
@@ -191,9 +191,9 @@ def test_hashing_release_encodes_packed_codes(tmp_path):
 
 
 def test_folder_index_of_a_hashing_release_is_a_binary_faiss_index(tmp_path):
-    from release import load_release
-    from release.export import export_release
-    from release.image_index import ImageIndex
+    from msretrieval.release import load_release
+    from msretrieval.release.export import export_release
+    from msretrieval.release.image_index import ImageIndex
 
     export_release(hashing_net(16), tmp_path / "rel", image_size=64, graph=False)
     retriever = load_release(tmp_path / "rel")
@@ -212,7 +212,7 @@ def test_folder_index_of_a_hashing_release_is_a_binary_faiss_index(tmp_path):
 
 
 def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_descriptors(tmp_path, monkeypatch):
-    import retrieval.descriptors.extract
+    import msretrieval.retrieval.descriptors.extract
 
     model, images = float_net_and_images(tmp_path, count=20)
     save_model(model, tmp_path / "float.pth")
@@ -223,8 +223,8 @@ def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_de
     assert isinstance(itq, ITQTrainedMethod) and isinstance(pca, PCATrainedMethod)
     assert itq.model is pca.model and other.model is not pca.model
     calls = []
-    real_extract = retrieval.descriptors.extract.extract
-    monkeypatch.setattr(retrieval.descriptors.extract, "extract",
+    real_extract = msretrieval.retrieval.descriptors.extract.extract
+    monkeypatch.setattr(msretrieval.retrieval.descriptors.extract, "extract",
                         lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     itq.fit(images)
     pca.fit(images)
@@ -235,9 +235,9 @@ def test_projected_methods_of_one_checkpoint_share_the_model_and_its_training_de
 
 
 def test_projected_methods_extracted_together_run_the_shared_backbone_once_per_batch(tmp_path):
-    from data.datasets import ImageDataset
-    from data.transforms import EvalTransform
-    from retrieval.descriptors.extract import extract_together
+    from msretrieval.data.datasets import ImageDataset
+    from msretrieval.data.transforms import EvalTransform
+    from msretrieval.retrieval.descriptors.extract import extract_together
 
     model, images = float_net_and_images(tmp_path, count=12)
     save_model(model, tmp_path / "float.pth")

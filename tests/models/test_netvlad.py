@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.netvlad import NetVLAD, multiscale_columns, single_scale_columns
-from models.retrieval_net import create_model, load_model, save_model
+from msretrieval.models.netvlad import NetVLAD, multiscale_columns, single_scale_columns
+from msretrieval.models.retrieval_net import create_model, load_model, save_model
 
 
 def test_multiscale_columns_are_stride1_max_pools_of_both_windows():

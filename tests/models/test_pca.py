@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.pca import PCA, pca_basis, principal_axes
-from models.retrieval_net import init_linear_pca
-from utils.errors import UserError
+from msretrieval.models.pca import PCA, pca_basis, principal_axes
+from msretrieval.models.retrieval_net import init_linear_pca
+from msretrieval.utils.errors import UserError
 
 # Centred rows spread 3 along x and 1 along y: X^T X = diag(18, 2), singular values sqrt(18) and sqrt(2).
 ROWS = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.pooling import GeM, MAC, SPoC, create_pooling, gem, mac, spoc
+from msretrieval.models.pooling import GeM, MAC, SPoC, create_pooling, gem, mac, spoc
 
 
 def test_hand_computed_values():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from release import load_release
-from release.export import export_release
-from release.image_index import ImageIndex
+from msretrieval.release import load_release
+from msretrieval.release.export import export_release
+from msretrieval.release.image_index import ImageIndex
 from tests.release.test_release import small_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,8 +106,8 @@ def test_index_and_search_command_lines(tmp_path, release_and_folder):
 
 @pytest.mark.parametrize("damage", ["meta_not_json", "meta_without_images", "descriptors_cut", "faiss_file_missing"])
 def test_a_damaged_index_is_a_user_error(tmp_path, release_and_folder, damage):
-    from release.image_index import DESCRIPTORS_FILE, FAISS_FILE, META_FILE
-    from utils.errors import UserError
+    from msretrieval.release.image_index import DESCRIPTORS_FILE, FAISS_FILE, META_FILE
+    from msretrieval.utils.errors import UserError
 
     release, folder, _ = release_and_folder
     ImageIndex.update(tmp_path / "idx", folder, load_release(release), release)

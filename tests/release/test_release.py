@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import load_image
-from data.transforms import EvalTransform
-from models.retrieval_net import create_model, load_model, save_model
-from release import ReleaseError, load_release
-from release.export import export_release
-from release.format import WEIGHTS_FILE
+from msretrieval.data.images import load_image
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.models.retrieval_net import create_model, load_model, save_model
+from msretrieval.release import ReleaseError, load_release
+from msretrieval.release.export import export_release
+from msretrieval.release.format import WEIGHTS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,12 +89,12 @@ def test_fresh_process_without_training_code_gives_the_same_descriptors(exported
 import json, sys
 import numpy as np, torch
 sys.path.insert(0, {str(REPO)!r})
-from release import load_release
+from msretrieval.release import load_release
 retriever = load_release({str(release)!r})
 paths = {[str(p) for p in paths]!r}
 descriptors = retriever.encode(paths, batch_size=2)
 graph = torch.export.load({str(release / 'model.pt2')!r}).module()
-from data.images import load_image
+from msretrieval.data.images import load_image
 graph_out = np.concatenate([graph(retriever.transform(load_image(p))[None]).detach().numpy() for p in paths])
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('train', 'training', 'losses', 'miners'))
 print(json.dumps({{"descriptors": descriptors.tolist(), "graph": graph_out.tolist(), "loaded": loaded,
@@ -175,7 +175,7 @@ def test_a_training_checkpoint_loads_as_a_retriever(tmp_path, exported):
 def test_integer_same_padding_equals_timms(kernel_size, stride, dilation):
     from timm.layers.padding import get_same_padding
 
-    from release.export import same_padding
+    from msretrieval.release.export import same_padding
 
     for size in range(1, 300):
         assert same_padding(size, kernel_size, stride, dilation) == get_same_padding(size, kernel_size, stride, dilation)
@@ -186,7 +186,7 @@ def test_graph_of_a_same_padded_backbone_matches_at_odd_sizes(tmp_path):
     (the padding moves by one pixel with the parity of every stride-2 layer's input), not bake in the example."""
     import timm.layers.padding
 
-    from release.export import export_graph
+    from msretrieval.release.export import export_graph
 
     original = timm.layers.padding.get_same_padding
     torch.manual_seed(0)

@@ -12,13 +12,13 @@ import torch
 import yaml
 
 import train
-from models.backbones import WeightsError, create_backbone
-from models.retrieval_net import CHECKPOINT_FORMAT, UnsafeCheckpointError, load_model
-from release import load_release
-from release.load import describe_release
-from retrieval.descriptors.trained import TrainedModelMethod
-from training.checkpoint import load_training_state
-from training.config import DEFAULT_CONFIG
+from msretrieval.models.backbones import WeightsError, create_backbone
+from msretrieval.models.retrieval_net import CHECKPOINT_FORMAT, UnsafeCheckpointError, load_model
+from msretrieval.release import load_release
+from msretrieval.release.load import describe_release
+from msretrieval.retrieval.descriptors.trained import TrainedModelMethod
+from msretrieval.training.checkpoint import load_training_state
+from msretrieval.training.config import DEFAULT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.aggregation import vlad_asmk as agg
-from retrieval.aggregation.vlad_asmk import (ASMK_SELECTIVITY, FULL_IMAGE, IDENTITY, Aggregated,
-                                             AggregatedDatabase, AggregatedScores, asmk, asmk_star,
-                                             from_rows, in_box, naive_rasmk, pair_similarity, rasmk,
-                                             rows_descriptor_bytes, rvlad, selectivity, to_dense, to_rows,
-                                             vlad)
-from retrieval.aggregation.codebook import Codebook, codebook_config, codebook_key, fit_or_load_codebook
-from retrieval.aggregation.local_features import (LocalFeatureExtractor, grid_positions,
-                                                  select_local_features)
+from msretrieval.retrieval.aggregation import vlad_asmk as agg
+from msretrieval.retrieval.aggregation.vlad_asmk import (ASMK_SELECTIVITY, FULL_IMAGE, IDENTITY, Aggregated,
+                                                         AggregatedDatabase, AggregatedScores, asmk, asmk_star,
+                                                         from_rows, in_box, naive_rasmk, pair_similarity, rasmk,
+                                                         rows_descriptor_bytes, rvlad, selectivity, to_dense, to_rows,
+                                                         vlad)
+from msretrieval.retrieval.aggregation.codebook import Codebook, codebook_config, codebook_key, fit_or_load_codebook
+from msretrieval.retrieval.aggregation.local_features import (LocalFeatureExtractor, grid_positions,
+                                                              select_local_features)
 
 TOY = Codebook(np.array([[0.0, 0.0], [4.0, 0.0]]))
 # X: (1,0) and (0,1) -> c0 (squared distances 1 vs 9 and 1 vs 17), (4,2) -> c1 (4 vs 20)
@@ -340,7 +340,7 @@ def test_local_feature_selection_hand_made_map():
 
 
 def test_local_features_per_scale_keep_the_best_of_every_scale():
-    from retrieval.aggregation.local_features import _select
+    from msretrieval.retrieval.aggregation.local_features import _select
 
     # scale 1: a 2 x 3 map with norms [5, 1, 0 / 3, 5, 2] (as above); scale 0.5: a 1 x 2 map with norms [4, 0.5]
     fine = torch.zeros(1, 2, 2, 3)
@@ -369,7 +369,7 @@ def test_local_features_per_scale_keep_the_best_of_every_scale():
 
 
 def test_per_scale_selection_is_in_the_extractor_key_only_where_it_selects_other_features():
-    from models.backbones import create_backbone
+    from msretrieval.models.backbones import create_backbone
 
     backbone = create_backbone("resnet18", pretrained=False)
     one = LocalFeatureExtractor(backbone, tap="layer2", max_features=7, per_scale=True)
@@ -383,7 +383,7 @@ def test_per_scale_selection_is_in_the_extractor_key_only_where_it_selects_other
 
 
 def test_local_feature_extractor_batch_and_pca(one_thread):
-    from models.backbones import create_backbone
+    from msretrieval.models.backbones import create_backbone
 
     torch.manual_seed(0)
     backbone = create_backbone("tf_efficientnet_lite0", pretrained=False).eval()
@@ -410,7 +410,7 @@ def test_local_feature_extractor_batch_and_pca(one_thread):
 def test_fitting_local_features_leaves_the_backbone_batchnorm_statistics_alone(one_thread):
     """create_backbone returns a module in training mode; fitting the PCA through it used to run BatchNorm on
     batch statistics and overwrite the running ones, so every later extraction used other weights."""
-    from models.backbones import create_backbone
+    from msretrieval.models.backbones import create_backbone
 
     torch.manual_seed(0)
     backbone = create_backbone("tf_efficientnet_lite0", pretrained=False)
@@ -424,7 +424,7 @@ def test_fitting_local_features_leaves_the_backbone_batchnorm_statistics_alone(o
 
 
 def test_a_codebook_of_another_format_version_is_fitted_again(tmp_path, monkeypatch):
-    from retrieval.aggregation import codebook
+    from msretrieval.retrieval.aggregation import codebook
     data = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
     key = codebook_key(codebook_config(3, {"test": "toy"}, niter=5))
     fit_or_load_codebook(data, 3, tmp_path, {"test": "toy"}, niter=5)
@@ -435,8 +435,8 @@ def test_a_codebook_of_another_format_version_is_fitted_again(tmp_path, monkeypa
 
 
 def test_a_pca_with_too_few_training_descriptors_says_what_to_raise():
-    from models.backbones import create_backbone
-    from utils.errors import UserError
+    from msretrieval.models.backbones import create_backbone
+    from msretrieval.utils.errors import UserError
 
     extractor = LocalFeatureExtractor(create_backbone("resnet18", pretrained=False), tap="layer2", dims=8)
     with pytest.raises(UserError, match="needs more than 8 training descriptors, got 8: fit on more images"):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from retrieval.search.binary import HammingScores, hamming_distances, pack_bits, unpack_bits
+from msretrieval.retrieval.search.binary import HammingScores, hamming_distances, pack_bits, unpack_bits
 
 
 def test_packing_puts_the_first_bit_in_the_most_significant_position():

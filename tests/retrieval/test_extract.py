@@ -3,11 +3,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.datasets import ImageDataset
-from data.images import load_image
-from data.transforms import EvalTransform
-from retrieval.descriptors.extract import SizeBucketBatchSampler, extract, output_sizes
-from retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.images import load_image
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.retrieval.descriptors.extract import SizeBucketBatchSampler, extract, output_sizes
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
 
 
 def test_extraction_encodes_exactly_the_transformed_images_in_channels_last_batches(tmp_path, one_thread):

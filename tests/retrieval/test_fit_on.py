@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.revisitop import load_revisitop
-from retrieval.evaluation.benchmarks import create_benchmark
+from msretrieval.data.revisitop import load_revisitop
+from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 REVISITOP_KEYS = {f"{metric}_{protocol}" for protocol in ("easy", "medium", "hard")
@@ -63,7 +63,7 @@ def _evaluate(root: Path, out: Path, *args: str) -> dict:
 def _tiny_detector(path: Path) -> Path:
     import torch
 
-    from models.detector import create_detector, save_detector
+    from msretrieval.models.detector import create_detector, save_detector
 
     torch.manual_seed(0)
     save_detector(create_detector(pretrained=False, min_size=64, max_size=64, rpn_pre_nms_top_n_test=50,
@@ -106,7 +106,7 @@ def test_whitening_is_learned_on_the_fit_set_and_recorded(landmarks, tmp_path, k
 
 
 def _error_lines(capsys, argv) -> list[str]:
-    from utils.cli import run_cli
+    from msretrieval.utils.cli import run_cli
 
     main = _evaluate_main()
     assert run_cli(lambda: main(argv)) == 2
@@ -143,8 +143,8 @@ def test_a_copy_of_a_benchmark_image_under_another_name_is_refused(landmarks, tm
 
 
 def test_the_fit_set_is_in_the_cache_key_of_fitted_methods_only(landmarks, tmp_path):
-    from retrieval.evaluation.harness import EvalSettings, _cache_keys
-    from retrieval.descriptors.methods import RetrievalMethod
+    from msretrieval.retrieval.evaluation.harness import EvalSettings, _cache_keys
+    from msretrieval.retrieval.descriptors.methods import RetrievalMethod
 
     class Fitted(RetrievalMethod):
         def needs_fit(self):
@@ -161,9 +161,9 @@ def test_the_fit_set_is_in_the_cache_key_of_fitted_methods_only(landmarks, tmp_p
 
 
 def test_whitening_is_refused_for_methods_it_does_not_apply_to(landmarks):
-    from retrieval.search.binary import HammingScores
-    from retrieval.evaluation.harness import EvalSettings, _whiten
-    from retrieval.descriptors.methods import RetrievalMethod
+    from msretrieval.retrieval.search.binary import HammingScores
+    from msretrieval.retrieval.evaluation.harness import EvalSettings, _whiten
+    from msretrieval.retrieval.descriptors.methods import RetrievalMethod
 
     class Fitted(RetrievalMethod):
         def needs_fit(self):

@@ -4,13 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from data.manifest import read_csv_manifest
-from retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark
-from retrieval.descriptors.extract import extract
-from retrieval.evaluation.harness import EvalSettings, evaluate_method, format_table, report, write_report
-from retrieval.search.index import SearchIndex
-from retrieval.evaluation.catalogue import MethodContext, create_method, available_methods
-from retrieval.evaluation.reference_metrics import labelled_evaluate
+from msretrieval.data.manifest import read_csv_manifest
+from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark
+from msretrieval.retrieval.descriptors.extract import extract
+from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_method, format_table, report, write_report
+from msretrieval.retrieval.search.index import SearchIndex
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method, available_methods
+from msretrieval.retrieval.evaluation.reference_metrics import labelled_evaluate
 
 
 def test_registry_has_baselines_and_rejects_unknown():
@@ -27,7 +27,7 @@ def test_batched_extraction_equals_one_by_one(make_labelled_set):
     img.resize((30, 60)).save(csv.parent / "images/c0_0.jpg")
     method = create_method("gem", MethodContext(backbone="resnet18", pretrained=False))
     bench = LabelledBenchmark(name="toy", images=read_csv_manifest(csv))
-    from data.transforms import EvalTransform
+    from msretrieval.data.transforms import EvalTransform
     transform = EvalTransform(64, "shorter")
     single = extract(method, bench.database_dataset(transform), batch_size=1).descriptors
     batched = extract(method, bench.database_dataset(transform), batch_size=4).descriptors
@@ -83,9 +83,9 @@ def test_search_index_inner_product_and_hamming():
 def test_methods_extracted_together_equal_separately(make_labelled_set, tmp_path):
     """One pass with a shared backbone gives exactly the descriptors of separate passes."""
     import torch
-    from data.transforms import EvalTransform
-    from retrieval.descriptors.extract import extract_together
-    from retrieval.evaluation.harness import evaluate_methods
+    from msretrieval.data.transforms import EvalTransform
+    from msretrieval.retrieval.descriptors.extract import extract_together
+    from msretrieval.retrieval.evaluation.harness import evaluate_methods
     bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=3, per_class=3)))
     torch.manual_seed(0)
     shared = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True)
@@ -103,8 +103,8 @@ def test_methods_extracted_together_equal_separately(make_labelled_set, tmp_path
 
 
 def test_a_method_that_fits_on_a_benchmark_without_training_images_is_told_how_to_get_some(make_labelled_set):
-    from retrieval.evaluation.harness import evaluate_methods
-    from retrieval.descriptors.methods import RetrievalMethod
+    from msretrieval.retrieval.evaluation.harness import evaluate_methods
+    from msretrieval.retrieval.descriptors.methods import RetrievalMethod
 
     class NeedsFit(RetrievalMethod):
         def needs_fit(self):

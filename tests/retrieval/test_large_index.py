@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from retrieval.search.index import SearchIndex, choose_index
-from retrieval.search.sharded_search import exact_search, merge_top_k
-from retrieval.search.shards import ShardedArray, ShardWriter
+from msretrieval.retrieval.search.index import SearchIndex, choose_index
+from msretrieval.retrieval.search.sharded_search import exact_search, merge_top_k
+from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter
 
 
 def write_shards(folder, rows, shard_rows):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.manifest import LabelledImageSet, read_csv_manifest
-from retrieval.evaluation.localization import (box_iou, boxes_from_manifest, original_sizes, pcp,
-                                               rescale_boxes)
+from msretrieval.data.manifest import LabelledImageSet, read_csv_manifest
+from msretrieval.retrieval.evaluation.localization import (box_iou, boxes_from_manifest, original_sizes, pcp,
+                                                           rescale_boxes)
 
 UNIT = [0, 0, 10, 10]  # area 100
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from data.datasets import ImageDataset
-from data.manifest import LabelledImageSet
-from data.transforms import EvalTransform
-from retrieval.aggregation import vlad_asmk as agg
-from retrieval.evaluation.benchmarks import LabelledBenchmark
-from retrieval.evaluation.harness import EvalSettings, evaluate_methods
-from retrieval.aggregation.match_kernels import KernelSettings, LocalVocabulary, MatchKernelMethod
-from retrieval.aggregation.local_features import LocalFeatureExtractor
-from models.backbones import create_backbone
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.manifest import LabelledImageSet
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.retrieval.aggregation import vlad_asmk as agg
+from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark
+from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_methods
+from msretrieval.retrieval.aggregation.match_kernels import KernelSettings, LocalVocabulary, MatchKernelMethod
+from msretrieval.retrieval.aggregation.local_features import LocalFeatureExtractor
+from msretrieval.models.backbones import create_backbone
 
 
 class Boxes:
@@ -122,8 +122,8 @@ def test_regional_kernels_describe_a_small_detected_object_by_its_crop(tmp_path,
 
 
 def test_region_size_reaches_the_regional_methods_from_the_context(tmp_path):
-    from retrieval.evaluation.catalogue import MethodContext, create_method
-    from utils.errors import UserError
+    from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+    from msretrieval.utils.errors import UserError
 
     context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, region_size=0)
     assert create_method("asmk", context).vocabulary.settings.region_size == 0
@@ -133,9 +133,9 @@ def test_region_size_reaches_the_regional_methods_from_the_context(tmp_path):
 
 def test_a_word_budget_caps_each_database_image_at_a_multiple_of_its_asmk_words(tmp_path, vocabulary,
                                                                                monkeypatch):
-    from retrieval.aggregation import vlad_asmk as agg
-    from retrieval.aggregation import match_kernels
-    from retrieval.evaluation.catalogue import MethodContext, create_method
+    from msretrieval.retrieval.aggregation import vlad_asmk as agg
+    from msretrieval.retrieval.aggregation import match_kernels
+    from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
 
     images = near_duplicates(tmp_path)
     pre = vocabulary.extractor.backbone.preprocessing
@@ -204,7 +204,7 @@ def test_a_cached_codebook_is_reused_only_in_the_whole_pca_it_was_fitted_in(tmp_
 
 
 def test_kernel_cache_keys_do_not_depend_on_the_order_of_methods_or_on_an_earlier_fit(tmp_path, vocabulary):
-    from retrieval.evaluation.harness import _cache_keys
+    from msretrieval.retrieval.evaluation.harness import _cache_keys
 
     images = near_duplicates(tmp_path)
     bench = LabelledBenchmark(name="stripes", images=images, training=images)
@@ -257,7 +257,7 @@ class FixedFeatures:
         return {}
 
     def __call__(self, images, scales=None):
-        from retrieval.aggregation.local_features import LocalFeatures
+        from msretrieval.retrieval.aggregation.local_features import LocalFeatures
 
         out = []
         for image in images:
@@ -270,7 +270,7 @@ class FixedFeatures:
 
 
 def fixed_vocabulary(table, centroids, scales=(1.0,), region_size=224, database_scales=None) -> LocalVocabulary:
-    from retrieval.aggregation.codebook import Codebook
+    from msretrieval.retrieval.aggregation.codebook import Codebook
 
     settings = KernelSettings(words=len(centroids), dims=2, scales=tuple(scales), region_size=region_size,
                               database_scales=database_scales)
@@ -365,9 +365,9 @@ def test_multi_scale_asmk_at_a_word_budget_keeps_the_longest_residuals_up_to_b_t
 
 
 def test_kernel_settings_come_from_the_command_line_context_and_key_the_cache():
-    from retrieval.evaluation.catalogue import MethodContext, create_method
-    from retrieval.aggregation.regional import NATIVE
-    from utils.errors import UserError
+    from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+    from msretrieval.retrieval.aggregation.regional import NATIVE
+    from msretrieval.utils.errors import UserError
 
     default = create_method("asmk", MethodContext(backbone="resnet18", pretrained=False))
     context = MethodContext(backbone="resnet18", pretrained=False, share_backbone=True, kernel_words=512,

@@ -7,12 +7,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retrieval.evaluation import reference_metrics as ref
-from retrieval.evaluation.metrics import (RankedPositives, _rank_by_bins, average_precision,
+from msretrieval.retrieval.evaluation import reference_metrics as ref
+from msretrieval.retrieval.evaluation.metrics import (RankedPositives, _rank_by_bins, average_precision,
                                                       labelled_metrics, map_at_r, nan_mean, positive_ranks, rank_items,
                                                       recall_at_k, revisitop_average_precision, revisitop_metrics,
                                                       revisitop_precision_at_k)
-from retrieval.search.scores import DenseScores, InnerProductScores, ScoreSource
+from msretrieval.retrieval.search.scores import DenseScores, InnerProductScores, ScoreSource
 
 
 def scores_from_rankings(rankings) -> np.ndarray:
@@ -443,7 +443,7 @@ def test_binned_ranks_are_the_stable_argsort_positions(num_items, seed, kind, bi
 def test_long_rows_are_ranked_exactly_by_bins_or_else_by_sorting(kind, binned, monkeypatch):
     """Rows of spread values are binned; rows of a few repeated values (every item in a crowded bin) and
     constant rows are sorted; both give the reference ranks and metrics."""
-    from retrieval.evaluation import metrics
+    from msretrieval.retrieval.evaluation import metrics
     rng = np.random.default_rng(11)
     num_items = metrics.BINNED_MIN_ITEMS + 500
     scores = random_scores(rng, 4, num_items, kind)

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from retrieval.descriptors.methods import RetrievalMethod
-from retrieval.aggregation.postprocess import database_augmentation, postprocess, query_expansion
-from retrieval.search.scores import DenseScores
-from utils.errors import UserError
+from msretrieval.retrieval.descriptors.methods import RetrievalMethod
+from msretrieval.retrieval.aggregation.postprocess import database_augmentation, postprocess, query_expansion
+from msretrieval.retrieval.search.scores import DenseScores
+from msretrieval.utils.errors import UserError
 
 
 def unit(*values):
@@ -112,12 +112,12 @@ def test_methods_not_ranked_by_inner_product_are_refused_in_one_line(method):
 def test_the_harness_evaluates_the_expanded_descriptors_and_says_so(make_labelled_set):
     import torch
 
-    from data.manifest import read_csv_manifest
-    from retrieval.evaluation.benchmarks import LabelledBenchmark
-    from retrieval.descriptors.extract import extract
-    from retrieval.evaluation.harness import EvalSettings, _transform, evaluate_method
-    from retrieval.evaluation.catalogue import MethodContext, create_method
-    from retrieval.search.scores import InnerProductScores
+    from msretrieval.data.manifest import read_csv_manifest
+    from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark
+    from msretrieval.retrieval.descriptors.extract import extract
+    from msretrieval.retrieval.evaluation.harness import EvalSettings, _transform, evaluate_method
+    from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+    from msretrieval.retrieval.search.scores import InnerProductScores
 
     bench = LabelledBenchmark(name="toy", images=read_csv_manifest(make_labelled_set(num_classes=3, per_class=3)))
     assert bench.queries_are_database  # leave-one-out: QE must skip each query's own copy

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.backbones import Preprocessing
-from retrieval.descriptors.methods import RetrievalMethod
-from retrieval.evaluation.catalogue import MethodContext, create_method
-from retrieval.aggregation.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch,
+from msretrieval.models.backbones import Preprocessing
+from msretrieval.retrieval.descriptors.methods import RetrievalMethod
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.retrieval.aggregation.regional import (NATIVE, DetectorMissing, RegionalScores, RegionalSearch,
                                                         crop_region, pack_regions, parse_region_size, unpack_regions)
-from utils.errors import UserError
+from msretrieval.utils.errors import UserError
 
 
 def test_pack_and_unpack_regions_round_trip():
@@ -125,9 +125,9 @@ def test_regional_search_describes_database_images_by_their_regions_and_queries_
 def test_the_harness_encodes_queries_as_queries_on_leave_one_out_sets(tmp_path):
     from PIL import Image
 
-    from data.manifest import LabelledImageSet
-    from retrieval.evaluation.benchmarks import LabelledBenchmark
-    from retrieval.evaluation.harness import EvalSettings, evaluate_methods
+    from msretrieval.data.manifest import LabelledImageSet
+    from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark
+    from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_methods
 
     paths = []
     for i, colour in enumerate([(250, 10, 10), (240, 20, 10), (10, 10, 250), (10, 20, 240)]):
@@ -151,8 +151,8 @@ def test_regional_methods_without_a_detector_say_how_to_get_one():
 
 
 def test_region_proposer_uses_the_checkpoint_thresholds_and_detects_each_image_once(tmp_path):
-    from models.detector import create_detector, save_detector
-    from retrieval.aggregation.regional import RegionProposer
+    from msretrieval.models.detector import create_detector, save_detector
+    from msretrieval.retrieval.aggregation.regional import RegionProposer
 
     torch.manual_seed(0)
     detector = create_detector(pretrained=False, min_size=64, max_size=64, rpn_pre_nms_top_n_test=50,

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.revisitop import save_revisitop
-from data.transforms import resized_shape
-from retrieval.evaluation.benchmarks import create_benchmark
-from retrieval.descriptors.extract import output_sizes
-from retrieval.evaluation.harness import EvalSettings, _transform
-from retrieval.descriptors.methods import RetrievalMethod
+from msretrieval.data.revisitop import save_revisitop
+from msretrieval.data.transforms import resized_shape
+from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
+from msretrieval.retrieval.descriptors.extract import output_sizes
+from msretrieval.retrieval.evaluation.harness import EvalSettings, _transform
+from msretrieval.retrieval.descriptors.methods import RetrievalMethod
 
 NAME = "golden"
 DATABASE = {  # name: (full size, expected size by hand)

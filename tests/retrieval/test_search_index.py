@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from retrieval.search.binary import hamming_distances
-from retrieval.search.index import SearchIndex
+from msretrieval.retrieval.search.binary import hamming_distances
+from msretrieval.retrieval.search.index import SearchIndex
 
 
 def brute_force_hamming(queries, database, k):

@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.datasets import ImageDataset
-from data.manifest import read_csv_manifest
-from data.transforms import EvalTransform
-from retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark
-from retrieval.descriptors.extract import extract_shards, extract_together
-from retrieval.evaluation.harness import EvalSettings, _cache_keys, evaluate_methods
-from retrieval.descriptors.methods import RetrievalMethod
-from retrieval.evaluation.catalogue import MethodContext, create_method
-from retrieval.search.shards import ShardedArray, ShardWriter
+from msretrieval.data.datasets import ImageDataset
+from msretrieval.data.manifest import read_csv_manifest
+from msretrieval.data.transforms import EvalTransform
+from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark, create_benchmark
+from msretrieval.retrieval.descriptors.extract import extract_shards, extract_together
+from msretrieval.retrieval.evaluation.harness import EvalSettings, _cache_keys, evaluate_methods
+from msretrieval.retrieval.descriptors.methods import RetrievalMethod
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter
 from tests.conftest import REPO, write_labelled_set
 
 
@@ -217,7 +217,7 @@ def test_cached_descriptors_of_another_fit_are_described_again_and_never_paired(
         path.unlink()
     _Shifted.shift = 0.25
     method = _Shifted()
-    with caplog.at_level("WARNING", logger="retrieval.evaluation.harness"):
+    with caplog.at_level("WARNING", logger="msretrieval.retrieval.evaluation.harness"):
         result = evaluate_methods([method], benchmark, settings)[0]
     assert "made by another fit" in caplog.text
     assert states() == {"database": method.fitted_state(), "query": method.fitted_state()} != first
@@ -236,8 +236,8 @@ def test_cached_descriptors_of_another_fit_are_described_again_and_never_paired(
 
 
 def test_state_fingerprints_tell_fits_apart_and_refuse_what_they_cannot_hash():
-    from models.pca import PCA
-    from retrieval.descriptors.methods import state_fingerprint
+    from msretrieval.models.pca import PCA
+    from msretrieval.retrieval.descriptors.methods import state_fingerprint
 
     pca = PCA(torch.zeros(3), torch.eye(3))
     same = state_fingerprint({"a": np.arange(4.0)}, pca, None, 3, "x")
@@ -358,7 +358,7 @@ def test_a_resumed_extraction_never_mixes_the_shards_of_two_fits(tmp_path, caplo
     assert len(list(cache.rglob("shard-*.npy"))) == 1
     # resumed in a run whose fit comes out differently: fit 1's shard is dropped, not completed by fit 2
     _Offset.offset = 2.0
-    with caplog.at_level("WARNING", logger="retrieval.search.shards"), \
+    with caplog.at_level("WARNING", logger="msretrieval.retrieval.search.shards"), \
             pytest.raises(RuntimeError, match="killed"):
         evaluate_methods([_Offset(fail_after=1)], benchmark, settings)  # rows 0-3 of fit 2
     assert "another fit" in caplog.text
@@ -375,7 +375,7 @@ def test_a_resumed_extraction_never_mixes_the_shards_of_two_fits(tmp_path, caplo
 
 
 def test_cache_keys_hold_the_cache_format_version(tmp_path, monkeypatch):
-    from retrieval.evaluation import descriptor_cache
+    from msretrieval.retrieval.evaluation import descriptor_cache
     manifest = write_labelled_set(tmp_path, num_classes=2, per_class=2)
     before = _keys(f"csv:{manifest}")
     monkeypatch.setattr(descriptor_cache, "CACHE_FORMAT", descriptor_cache.CACHE_FORMAT + 1)

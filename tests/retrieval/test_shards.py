@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.search.shards import ShardedArray, ShardWriter, shard_path, shard_ranges
+from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter, shard_path, shard_ranges
 
 
 def test_ranges_cover_every_row_once():
@@ -52,7 +52,7 @@ def test_another_layout_starts_over(tmp_path):
 def test_shards_of_another_origin_start_over_and_the_origin_is_read_back(tmp_path, caplog):
     ShardWriter(tmp_path, count=5, shard_rows=2, origin="fit-a").write(0, np.zeros((2, 1)))
     assert ShardWriter(tmp_path, count=5, shard_rows=2, origin="fit-a").pending() == [1, 2]  # same fit: resumed
-    with caplog.at_level("WARNING", logger="retrieval.search.shards"):
+    with caplog.at_level("WARNING", logger="msretrieval.retrieval.search.shards"):
         writer = ShardWriter(tmp_path, count=5, shard_rows=2, origin="fit-b")
     assert writer.pending() == [0, 1, 2] and "another fit (origin fit-a; this extraction's is fit-b)" in caplog.text
     for index, rows in enumerate(((0, 1), (2, 3), (4,))):

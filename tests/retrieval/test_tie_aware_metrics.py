@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 
-from retrieval.evaluation import reference_metrics as ref
-from retrieval.evaluation.metrics import (RankedPositives, TiedPositives, average_precision,
+from msretrieval.retrieval.evaluation import reference_metrics as ref
+from msretrieval.retrieval.evaluation.metrics import (RankedPositives, TiedPositives, average_precision,
                                                       labelled_metrics, map_at_r, positive_ranks, recall_at_k,
                                                       tied_positives)
-from retrieval.search.scores import DenseScores
+from msretrieval.retrieval.search.scores import DenseScores
 
 KS = (1, 2, 3, 5)
 AP_KS = (1, 2, 4)
@@ -318,8 +318,8 @@ def test_tied_positives_errors():
 def test_labelled_benchmark_reports_map_at_k_only_when_asked():
     from pathlib import Path
 
-    from data.manifest import LabelledImageSet
-    from retrieval.evaluation.benchmarks import LabelledBenchmark
+    from msretrieval.data.manifest import LabelledImageSet
+    from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark
 
     labels = np.array([0, 0, 1, 1, 1])
     images = LabelledImageSet(name="toy", paths=tuple(Path(f"{i}.jpg") for i in range(5)), labels=labels)

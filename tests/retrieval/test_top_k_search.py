@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-import retrieval.search.scores
-from models.retrieval_net import create_model
-from retrieval.search.binary import HammingScores
-from retrieval.evaluation.harness import EvalSettings, _save_top_k
-from retrieval.evaluation.catalogue import MethodContext, create_method
-from retrieval.search.scores import DenseScores
-from retrieval.descriptors.trained import TrainedModelMethod
+import msretrieval.retrieval.search.scores
+from msretrieval.models.retrieval_net import create_model
+from msretrieval.retrieval.search.binary import HammingScores
+from msretrieval.retrieval.evaluation.harness import EvalSettings, _save_top_k
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
+from msretrieval.retrieval.search.scores import DenseScores
+from msretrieval.retrieval.descriptors.trained import TrainedModelMethod
 
 
 def brute_force_top_k(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +51,7 @@ def msbd_context():
 def test_top_k_rows_keeps_the_lowest_indices_among_ties(monkeypatch):
     rng = np.random.default_rng(0)
     matrix = rng.integers(0, 4, (9, 40)).astype(np.float32)  # four values: ties everywhere, also at the cut
-    monkeypatch.setattr(retrieval.search.scores, "_SEARCH_BLOCK_ELEMENTS", 100)  # two query rows per block
+    monkeypatch.setattr(msretrieval.retrieval.search.scores, "_SEARCH_BLOCK_ELEMENTS", 100)  # two query rows per block
     for k in (1, 5, 17, 40, 60):
         scores, indices = DenseScores(matrix).top_k(k)
         expected_scores, expected_indices = brute_force_top_k(matrix, k)

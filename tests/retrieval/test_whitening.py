@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.aggregation.whitening import learn_lw, learn_pca_whitening, learn_whitening
+from msretrieval.retrieval.aggregation.whitening import learn_lw, learn_pca_whitening, learn_whitening
 
 
 def _same_up_to_row_signs(actual: np.ndarray, expected: np.ndarray) -> None:

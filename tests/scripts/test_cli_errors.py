@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.cli import USER_ERRORS, RunStopped, run_cli
-from utils.errors import UserError
+from msretrieval.utils.cli import USER_ERRORS, RunStopped, run_cli
+from msretrieval.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,20 +40,20 @@ def test_user_errors_do_not_take_in_every_value_error():
 
 
 def test_domain_errors_are_user_errors():
-    from baselines.msbd.saliency import SaliencyUnavailable
-    from data.boxes import BoxCSVError
-    from data.clutter import ClutterError
-    from data.download import PrepareError
-    from data.images import ImageLoadError
-    from data.manifest import ManifestError
-    from data.revisitop import RevisitopError
-    from models.backbones import WeightsError
-    from models.retrieval_net import UnsafeCheckpointError
-    from release.format import ReleaseError
-    from retrieval.aggregation.regional import DetectorMissing
-    from training.data import BadTrainingData
-    from training.trainer import TrainingDiverged
-    from utils.config import ConfigError
+    from msretrieval.baselines.msbd.saliency import SaliencyUnavailable
+    from msretrieval.data.boxes import BoxCSVError
+    from msretrieval.data.clutter import ClutterError
+    from msretrieval.data.download import PrepareError
+    from msretrieval.data.images import ImageLoadError
+    from msretrieval.data.manifest import ManifestError
+    from msretrieval.data.revisitop import RevisitopError
+    from msretrieval.models.backbones import WeightsError
+    from msretrieval.models.retrieval_net import UnsafeCheckpointError
+    from msretrieval.release.format import ReleaseError
+    from msretrieval.retrieval.aggregation.regional import DetectorMissing
+    from msretrieval.training.data import BadTrainingData
+    from msretrieval.training.trainer import TrainingDiverged
+    from msretrieval.utils.config import ConfigError
 
     for cls in (ManifestError, BoxCSVError, ClutterError, RevisitopError, ConfigError, ReleaseError, DetectorMissing,
                 UnsafeCheckpointError, ImageLoadError, WeightsError, SaliencyUnavailable, PrepareError):
@@ -104,7 +104,7 @@ def test_search_reports_a_bad_flag_in_one_line(tmp_path):
 
 
 def test_a_bug_in_an_entry_point_shows_its_traceback():
-    done = _run("-c", "import sys; from utils.cli import run_cli\n"
+    done = _run("-c", "import sys; from msretrieval.utils.cli import run_cli\n"
                       "def main():\n    return {}['internal']\n"
                       "sys.exit(run_cli(main))")
     assert done.returncode == 1

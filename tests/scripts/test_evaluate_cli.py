@@ -93,7 +93,7 @@ def test_impossible_numbers_are_refused_before_any_work(flag, value):
 
 
 def test_settings_refuse_a_zero_image_size_instead_of_using_the_default():
-    from retrieval.evaluation.harness import EvalSettings
+    from msretrieval.retrieval.evaluation.harness import EvalSettings
 
     with pytest.raises(ValueError, match="image_size must be at least 1"):
         EvalSettings(image_size=0)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from data.images import ImageLoadError, load_image
-from data.manifest import read_csv_manifest
+from msretrieval.data.images import ImageLoadError, load_image
+from msretrieval.data.manifest import read_csv_manifest
 from tests.conftest import REPO
 from tests.training.synthetic import tiny_config, write_config, write_set
-from training.config import resolve_config
+from msretrieval.training.config import resolve_config
 
 sys.path.insert(0, str(REPO / "scripts"))
 import fault_drill  # noqa: E402
@@ -37,7 +37,7 @@ def test_damaged_copies_fail_to_load_and_spare_the_validation_classes(tmp_path, 
     assert list(original.labels) == list(drilled.labels)
     changed = [i for i, (a, b) in enumerate(zip(original.paths, drilled.paths)) if a.resolve() != b.resolve()]
     assert sorted(str(drilled.paths[i]) for i in changed) == sorted(damaged)
-    from training.data import split_validation_classes
+    from msretrieval.training.data import split_validation_classes
     _, validation = split_validation_classes(original, 1, int(config["seed"]))
     assert not set(original.labels[changed]) & set(validation.labels)
     kinds = {path.split("/")[-1].split("-")[0] for path in damaged}

@@ -21,8 +21,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from data.manifest import flowers102
-from data.revisitop import load_revisitop, save_revisitop
+from msretrieval.data.manifest import flowers102
+from msretrieval.data.revisitop import load_revisitop, save_revisitop
 
 REPO = Path(__file__).resolve().parents[2]
 REFUSED = "http://127.0.0.1:9/"  # the discard port: nothing listens, the connection is refused at once

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.boxes import union_area
+from msretrieval.models.boxes import union_area
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import proposal_rate  # noqa: E402
@@ -47,7 +47,7 @@ def test_evenly_spread():
 
 
 def test_command_line_end_to_end(tmp_path, make_labelled_set, capsys):
-    from models.detector import create_detector, save_detector
+    from msretrieval.models.detector import create_detector, save_detector
 
     torch.manual_seed(0)
     detector = create_detector(pretrained=False, min_size=64, max_size=64, rpn_pre_nms_top_n_test=50,
@@ -67,7 +67,7 @@ def test_command_line_end_to_end(tmp_path, make_labelled_set, capsys):
 
 
 def test_bad_image_spec_is_one_line(tmp_path):
-    from utils.errors import UserError
+    from msretrieval.utils.errors import UserError
 
     with pytest.raises(UserError, match="use flowers102:SPLIT or csv:PATH"):
         proposal_rate.image_list("revisitop:roxford5k", tmp_path)

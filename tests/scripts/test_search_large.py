@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.search.shards import ShardedArray
+from msretrieval.retrieval.search.shards import ShardedArray
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "search_large.py"

@@ -11,11 +11,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from data.images import ImageLoadError, load_image
-from data.manifest import read_csv_manifest
+from msretrieval.data.images import ImageLoadError, load_image
+from msretrieval.data.manifest import read_csv_manifest
 from tests.training.synthetic import tiny_config, write_config, write_set
-from training.data import BadTrainingData, ImageBatches
-from utils.cli import run_cli
+from msretrieval.training.data import BadTrainingData, ImageBatches
+from msretrieval.utils.cli import run_cli
 
 BROKEN = {"c0_1.jpg": "truncated", "c1_2.jpg": "not_an_image", "c2_0.jpg": "missing"}
 
@@ -38,7 +38,7 @@ def test_unreadable_images_are_replaced_by_readable_ones_of_their_class(broken_s
     # class 0: c0_0, c0_1 (truncated); class 1: c1_1, c1_2 (text); class 2: c2_0 (missing), c2_1
     batch = [0, 1, 5, 6, 8, 9]
     seeds = [11, 12, 13, 14, 15, 16]
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="msretrieval.training.data"):
         first = images.load(batch, seeds)
         stand_ins = list(images.last_indices)
         again = images.load(batch, seeds)  # known-unreadable files are not read (nor logged) again

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from miners import Algorithm1Miner, MiningSchedule
-from training.batches import MAX_EMPTY_MINING_ROUNDS, ClassBalancedBatches, MiningPoolBatches
+from msretrieval.miners import Algorithm1Miner, MiningSchedule
+from msretrieval.training.batches import MAX_EMPTY_MINING_ROUNDS, ClassBalancedBatches, MiningPoolBatches
 
 LABELS = np.repeat(np.arange(10), 6)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from training.config import merge, resolve_config, unique_run_dir
-from utils.config import ConfigError, parse_yaml
+from msretrieval.training.config import merge, resolve_config, unique_run_dir
+from msretrieval.utils.config import ConfigError, parse_yaml
 
 
 def write(tmp_path, data) -> str:
@@ -70,10 +70,10 @@ def test_run_directories_are_never_reused(tmp_path):
 
 
 def test_hashing_losses_are_built_for_the_code_length():
-    from losses.contrastive import CirtorchContrastiveLoss
-    from losses.hashing import CSQLoss, DPSHLoss, QuantizedLoss
-    from losses.triplet import SquaredEuclideanTripletLoss
-    from training.trainer import build_loss
+    from msretrieval.losses.contrastive import CirtorchContrastiveLoss
+    from msretrieval.losses.hashing import CSQLoss, DPSHLoss, QuantizedLoss
+    from msretrieval.losses.triplet import SquaredEuclideanTripletLoss
+    from msretrieval.training.trainer import build_loss
 
     base = {"name": "triplet", "margin": 0.1, "quantization_weight": None, "balance_weight": None}
     assert type(build_loss(base, None, 5)) is SquaredEuclideanTripletLoss
@@ -169,7 +169,7 @@ def test_configs_that_do_not_fit_the_data_fail_before_any_work(tmp_path, make_la
     import PIL.Image
 
     import train
-    import training.trainer
+    import msretrieval.training.trainer
 
     manifest = make_labelled_set()  # 3 classes x 4 images, "toy"
     config = data_config(tmp_path, manifest)
@@ -186,7 +186,7 @@ def test_configs_that_do_not_fit_the_data_fail_before_any_work(tmp_path, make_la
 
 
 def test_invalid_yaml_is_one_line_naming_the_place(tmp_path):
-    from utils.config import ConfigError, load_yaml
+    from msretrieval.utils.config import ConfigError, load_yaml
 
     path = tmp_path / "broken.yaml"
     path.write_text("train:\n  steps: [1,\n")
@@ -201,8 +201,8 @@ def _stopped_before_training(tmp_path, monkeypatch, config) -> str:
     import PIL.Image
 
     import train
-    import training.trainer
-    from utils.cli import run_cli
+    import msretrieval.training.trainer
+    from msretrieval.utils.cli import run_cli
 
     monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("an image was decoded"))
     monkeypatch.setattr(msretrieval.training.trainer, "create_model", lambda *a, **k: pytest.fail("a model was built"))
@@ -254,17 +254,17 @@ def test_training_on_the_benchmarks_own_files_stops_naming_the_first_three(tmp_p
 def test_a_manifest_without_a_split_says_which_rows_it_trains_on(tmp_path, caplog):
     import logging
 
-    from training.data import load_training_set
+    from msretrieval.training.data import load_training_set
 
     rows = ["file,class_id,split"] + [f"x{i}.jpg,{i % 2},{split}" for i, split in
                                       enumerate(["train"] * 5 + ["test"] * 3 + ["val"] * 2)]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "plain.csv").write_text("file,class_id\na.jpg,1\nb.jpg,2\n")
-    with caplog.at_level(logging.INFO, logger="training.data"):
+    with caplog.at_level(logging.INFO, logger="msretrieval.training.data"):
         assert len(load_training_set(f"csv:{tmp_path / 'm.csv'}", tmp_path)) == 10
         assert len(load_training_set(f"csv:{tmp_path / 'm.csv'}:train", tmp_path)) == 5  # a split: nothing said
         assert len(load_training_set(f"csv:{tmp_path / 'plain.csv'}", tmp_path)) == 2
-    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "training.data"]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "msretrieval.training.data"]
     manifest = tmp_path / "m.csv"
     assert said == [
         ("INFO", f"training on all 10 rows of {manifest}, every split value: 3 test, 5 train, 2 val "

@@ -17,8 +17,8 @@ import torch
 import train
 from tests.conftest import REPO
 from tests.training.synthetic import tiny_config, write_config, write_set
-from training.checkpoint import load_resumable, prune_checkpoints, save_checkpoint, save_step_checkpoint
-from training.trainer import Trainer
+from msretrieval.training.checkpoint import load_resumable, prune_checkpoints, save_checkpoint, save_step_checkpoint
+from msretrieval.training.trainer import Trainer
 
 
 class FakeNet:
@@ -42,7 +42,7 @@ def saved_value(path) -> float:
 CHILD = textwrap.dedent("""
     import os, signal, sys, io
     import torch
-    from training import checkpoint
+    from msretrieval.training import checkpoint
 
 
     class FakeNet:
@@ -127,7 +127,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path, caplo
     newest = tmp_path / "step-00000003.pth"
     newest.write_bytes(newest.read_bytes()[:300])  # damaged on disk (last.pth is the same file)
     (tmp_path / "step-00000002.pth").write_bytes(os.urandom(4000))  # and its predecessor overwritten with noise
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="msretrieval.training.checkpoint"):
         path, _, state = load_resumable(tmp_path)
     assert path.name == "step-00000001.pth" and state["step"] == 1
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot resume from")]

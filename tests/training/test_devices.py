@@ -8,10 +8,10 @@ import torch
 import yaml
 
 import train
-from data.manifest import read_csv_manifest
-from training.data import ImageBatches
-from training.distributed import gather_rows
-from training.trainer import Trainer
+from msretrieval.data.manifest import read_csv_manifest
+from msretrieval.training.data import ImageBatches
+from msretrieval.training.distributed import gather_rows
+from msretrieval.training.trainer import Trainer
 
 
 def test_batches_are_built_on_the_requested_device(flowers_subset):

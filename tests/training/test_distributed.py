@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import REPO
-from training.distributed import gather_rows, gather_with_grad, shard_sizes, shard_slice
+from msretrieval.training.distributed import gather_rows, gather_with_grad, shard_sizes, shard_slice
 
 
 def test_shards_cover_the_batch_in_order():
@@ -78,7 +78,7 @@ def test_two_processes_train_exactly_like_one(tmp_path, flowers_root, miner):
 
 
 def _broadcast_worker(rank: int, world: int, init_file: str, results) -> None:
-    from training.distributed import broadcast_from_main
+    from msretrieval.training.distributed import broadcast_from_main
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     # each process "mined" something else (as devices rounding differently could make them do)

@@ -12,16 +12,16 @@ import pytest
 
 from tests.conftest import REPO
 from tests.training.synthetic import tiny_config, write_config, write_set
-from training.distributed import PeerFailure, is_collective_failure, peer_failures_stop_the_run
-from utils.cli import RunStopped
+from msretrieval.training.distributed import PeerFailure, is_collective_failure, peer_failures_stop_the_run
+from msretrieval.utils.cli import RunStopped
 
 # train.py with process 1's third step replaced by a fault; everything else is the real entry point
 FAULTY_TRAIN = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
     import train
-    from training.trainer import Trainer
-    from utils.cli import run_cli
+    from msretrieval.training.trainer import Trainer
+    from msretrieval.utils.cli import run_cli
 
     real_step = Trainer.train_step
 

@@ -13,9 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from tests.training.synthetic import tiny_config, write_config, write_set
-from training.config import resolve_config
-from training.trainer import Trainer, TrainingDiverged
-from utils.cli import run_cli
+from msretrieval.training.config import resolve_config
+from msretrieval.training.trainer import Trainer, TrainingDiverged
+from msretrieval.utils.cli import run_cli
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def trainer(tmp_path, manifest, one_thread):
 def test_a_non_finite_loss_leaves_parameters_and_optimiser_untouched(trainer, caplog, value):
     before = snapshot(trainer)
     poison(trainer, value)
-    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="msretrieval.training.trainer"):
         values = trainer.train_step()
     assert not torch.isfinite(torch.tensor(values["train/loss"]))
     after = snapshot(trainer)
@@ -89,7 +89,7 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_too(trainer, caplo
     before = snapshot(trainer)
     weight = next(p for p in trainer.unwrapped.parameters() if p.requires_grad)
     hook = weight.register_hook(lambda grad: grad * float("nan"))
-    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="msretrieval.training.trainer"):
         values = trainer.train_step()
     hook.remove()
     assert torch.isfinite(torch.tensor(values["train/loss"]))

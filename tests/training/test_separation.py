@@ -11,10 +11,10 @@ from accelerate.utils import set_seed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from models.retrieval_net import load_model
-from training.config import resolve_config
-from training.data import ImageBatches, load_training_set
-from training.trainer import Trainer
+from msretrieval.models.retrieval_net import load_model
+from msretrieval.training.config import resolve_config
+from msretrieval.training.data import ImageBatches, load_training_set
+from msretrieval.training.trainer import Trainer
 
 
 def separation(model, images) -> tuple[float, float, float]:
@@ -69,8 +69,8 @@ def test_training_pulls_positives_together_and_pushes_negatives_apart(tmp_path, 
 def hamming_separation(model, images) -> tuple[float, float]:
     """Mean AP of each image against the others ranked by Hamming distance of the packed codes, ties counted
     as their expectation over orders (the harness's rule), and the mean Hamming gap negative - positive."""
-    from retrieval.search.binary import HammingScores, pack_bits
-    from retrieval.evaluation.metrics import labelled_metrics
+    from msretrieval.retrieval.search.binary import HammingScores, pack_bits
+    from msretrieval.retrieval.evaluation.metrics import labelled_metrics
 
     pre = model.preprocessing
     batch = ImageBatches(images, 96, pre.mean, pre.std, torch.device("cpu")).load(range(len(images)))

@@ -10,8 +10,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from models.retrieval_net import create_model, load_model
-from training.trainer import Trainer
+from msretrieval.models.retrieval_net import create_model, load_model
+from msretrieval.training.trainer import Trainer
 
 
 def tiny_config(tmp_path, manifest, miner="batch", **train_overrides) -> dict:
@@ -158,7 +158,7 @@ def test_trainable_name_matching_nothing_is_an_error(tmp_path, flowers_subset):
 def test_chunked_forward_gives_the_gradient_of_one_pass(tmp_path, flowers_subset):
     """train.forward_chunk (gradient caching): embeddings without gradient, then chunk by chunk with it."""
     from accelerate import Accelerator
-    from training.config import resolve_config
+    from msretrieval.training.config import resolve_config
 
     config = resolve_config(write(tmp_path, tiny_config(tmp_path, flowers_subset({"train": [1, 2, 3]}))))
     trainer = Trainer(config, tmp_path / "run", tmp_path, Accelerator(cpu=True))
@@ -182,7 +182,7 @@ def test_chunked_forward_gives_the_gradient_of_one_pass(tmp_path, flowers_subset
 
 
 def test_fine_tuning_starts_from_the_release_and_keeps_its_network(tmp_path, flowers_subset):
-    from release.export import export_release
+    from msretrieval.release.export import export_release
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
