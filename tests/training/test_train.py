@@ -125,13 +125,15 @@ def test_no_test_image_is_read_before_the_final_evaluation(tmp_path, flowers_sub
     real_open = PIL.Image.open
     monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append((phase["final"], str(fp))),
                                                                 real_open(fp, *a, **k))[1])
-    real_final = train.final_evaluation
+    import msretrieval.training.cli as command  # train.py's main lives there
+
+    real_final = command.final_evaluation
 
     def final_evaluation(*args, **kwargs):
         phase["final"] = True
         return real_final(*args, **kwargs)
 
-    monkeypatch.setattr(train, "final_evaluation", final_evaluation)
+    monkeypatch.setattr(command, "final_evaluation", final_evaluation)
     assert train.main(["--config", write(tmp_path, config)]) == 0
     test_files = {row["file"] for row in csv.DictReader(manifest.open()) if row["split"] == "test"}
     before = {path for final, path in opened if not final}
