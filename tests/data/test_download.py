@@ -38,7 +38,7 @@ def test_a_mismatch_deletes_the_file_in_one_line(tmp_path, mirror):
     with pytest.raises(PrepareError) as raised:
         fetch(tmp_path, f"md5:{wrong}")
     message = str(raised.value)
-    assert raised.value.code == 2 and "\n" not in message
+    assert raised.value.exit_code == 2 and "\n" not in message
     assert f"data.bin from {mirror.as_uri()}/data.bin is damaged or not the published file: md5 {MD5_ABC}, " \
            f"published {wrong}; it is deleted" in message
     assert list((tmp_path / "downloads").iterdir()) == []  # neither data.bin nor data.bin.part
