@@ -27,7 +27,7 @@ from msretrieval.utils.cli import (command_line, full_disk_stops_the_run, non_ne
                                    positive_int, run_cli)
 from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_methods, format_table, report, write_report
 from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
-from msretrieval.retrieval.descriptors.methods import MethodContext, available_methods, create_method
+from msretrieval.retrieval.evaluation.catalogue import MethodContext, available_methods, create_method
 from msretrieval.retrieval.aggregation.match_kernels import GAMMAS, KernelSettings
 from msretrieval.retrieval.aggregation.regional import parse_region_size
 from msretrieval.utils.errors import UserError

@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
     ["losses", "miners"],
     ["retrieval", "retrieval.search"],
     ["retrieval.descriptors"],
-    ["retrieval.aggregation.vlad_asmk"],
+    ["retrieval.aggregation"],
     ["baselines"],
     ["retrieval.evaluation"],
     ["release"],

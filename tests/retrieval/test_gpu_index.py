@@ -203,7 +203,7 @@ def test_the_sharded_exact_search_puts_every_shard_on_the_gpu(tmp_path, fake_gpu
     sharded = write_shards(tmp_path / "shards", database, 100)
     expected = exact_search(queries, database, 7, use_gpu=False)
     clones = fake_gpus(1)
-    with caplog.at_level(logging.INFO, logger="retrieval"):
+    with caplog.at_level(logging.INFO, logger="msretrieval.retrieval"):
         scores, indices = exact_search(queries, sharded, 7)
     assert len(clones) == 3 and all(c["index"].searches == 1 for c in clones)  # one GPU index a shard
     assert [r.getMessage() for r in caplog.records] == ["exact search shard by shard on the GPU"]
