@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 from pathlib import Path
 
@@ -21,6 +22,27 @@ def shared_data_root() -> Path | None:
         if candidate and (Path(candidate) / "flowers102" / "labels.csv").is_file():
             return Path(candidate)
     return None
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module, for calling its ``main(argv)`` in-process (``run_cli(lambda:
+    module.main(argv))`` is what its ``__main__`` runs): a test that checks a message or a file then costs no
+    interpreter start-up."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``python scripts/NAME.py ARGV``, run in-process through ``run_cli`` as
+    the script's ``__main__`` does."""
+    from msretrieval.utils.cli import run_cli
+
+    capsys.readouterr()  # only this command's output
+    code = run_cli(lambda: load_script(name).main([str(a) for a in argv]))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="session")
