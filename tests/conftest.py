@@ -104,6 +104,18 @@ def flowers_subset(tmp_path, flowers_root):
                                                              classes, per_class)
 
 
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> Path:
+    """A release directory (no graph) of ``tests.release.test_release.small_model()`` at 64 px, exported once
+    per test process and shared: tests must not change it (copy it first)."""
+    from msretrieval.release.export import export_release
+    from tests.release.test_release import small_model
+
+    path = tmp_path_factory.mktemp("tiny_release") / "rel"
+    export_release(small_model(), path, image_size=64, graph=False)
+    return path
+
+
 @pytest.fixture
 def one_thread():
     """Single-threaded torch for tiny tensors (extra threads only contend on a shared 2-core machine),
