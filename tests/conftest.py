@@ -17,6 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) the workers share the cores rather than each starting a thread per core
+    (torch, FAISS and the tests' subprocesses read OMP_NUM_THREADS; set before any of them is imported)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+
 def shared_data_root() -> Path | None:
     for candidate in (os.environ.get("DATA_ROOT"), REPO.parent / "shared" / "data"):
         if candidate and (Path(candidate) / "flowers102" / "labels.csv").is_file():
