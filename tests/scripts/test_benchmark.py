@@ -2,12 +2,15 @@
 import re
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import benchmark  # noqa: E402
 
 
+@pytest.mark.timeout(300)  # every benchmark, several in subprocesses
 def test_tiny_run_writes_every_section_with_numeric_ratios(tmp_path, flowers_root, monkeypatch, one_thread):
     import faiss
 
