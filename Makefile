@@ -29,8 +29,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-gpu.txt p
 venv: $(VENV)/.installed
 	@if [ -n "$(GPU)" ] && [ ! -f $(GPU_FAISS) ]; then $(SWAP_FAISS); fi
 
+# on every core (-n auto); worksteal keeps each file's tests together at first (module fixtures built once)
+# and moves queued tests to an idle worker at the end
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # The main job: a short real training run on Flowers-102 that ends in the evaluation table.
 main: venv

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,11 +17,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) the workers share the cores rather than each starting a thread per core
+    (torch, FAISS and the tests' subprocesses read OMP_NUM_THREADS; set before any of them is imported)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+
 def shared_data_root() -> Path | None:
     for candidate in (os.environ.get("DATA_ROOT"), REPO.parent / "shared" / "data"):
         if candidate and (Path(candidate) / "flowers102" / "labels.csv").is_file():
             return Path(candidate)
     return None
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module, for calling its ``main(argv)`` in-process (``run_cli(lambda:
+    module.main(argv))`` is what its ``__main__`` runs): a test that checks a message or a file then costs no
+    interpreter start-up."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``python scripts/NAME.py ARGV``, run in-process through ``run_cli`` as
+    the script's ``__main__`` does."""
+    from msretrieval.utils.cli import run_cli
+
+    capsys.readouterr()  # only this command's output
+    code = run_cli(lambda: load_script(name).main([str(a) for a in argv]))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +110,18 @@ def flowers_subset(tmp_path, flowers_root):
     """``flowers_subset({"train": [1, 2, 3]}, per_class=5)`` -> manifest of real photos (skips without the pack)."""
     return lambda classes, per_class=5: write_flowers_subset(tmp_path / "flowers" / "labels.csv", flowers_root,
                                                              classes, per_class)
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> Path:
+    """A release directory (no graph) of ``tests.release.test_release.small_model()`` at 64 px, exported once
+    per test process and shared: tests must not change it (copy it first)."""
+    from msretrieval.release.export import export_release
+    from tests.release.test_release import small_model
+
+    path = tmp_path_factory.mktemp("tiny_release") / "rel"
+    export_release(small_model(), path, image_size=64, graph=False)
+    return path
 
 
 @pytest.fixture

@@ -374,6 +374,7 @@ def test_training_resumes_exactly(tmp_path, monkeypatch, one_thread):
 
 
 @pytest.mark.skipif(offline_weights_path("tf_efficientnet_lite0") is None, reason="offline Lite0 weights missing")
+@pytest.mark.timeout(300)  # 30 training steps of the detector
 def test_training_learns_bright_squares(tmp_path, one_thread):
     """30 steps of the offline-pretrained Lite0 detector lift validation AP@0.5 well above the untrained
     model's, and the test split is evaluated once at the end with the best checkpoint."""

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +11,15 @@ from PIL import Image
 from msretrieval.release import load_release
 from msretrieval.release.export import export_release
 from msretrieval.release.image_index import ImageIndex
+from tests.conftest import run_script
 from tests.release.test_release import small_model
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def release_and_folder(tmp_path, make_labelled_set):
-    export_release(small_model(), tmp_path / "rel", image_size=64, graph=False)
+def release_and_folder(tiny_release, make_labelled_set):
     manifest = make_labelled_set(num_classes=3, per_class=4)
-    return tmp_path / "rel", manifest.parent / "images", manifest
+    return tiny_release, manifest.parent / "images", manifest
 
 
 def test_updates_encode_only_new_or_changed_images_and_equal_a_fresh_build(tmp_path, release_and_folder):
@@ -75,16 +71,15 @@ def test_an_index_refuses_another_release(tmp_path, release_and_folder):
         ImageIndex.update(tmp_path / "idx", folder, load_release(other), other)
 
 
-def test_index_and_search_command_lines(tmp_path, release_and_folder):
+def test_index_and_search_command_lines(tmp_path, release_and_folder, capsys):
     release, folder, manifest = release_and_folder
-    run = lambda script, *args: subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],  # noqa: E731
-                                               capture_output=True, text=True, timeout=300)
-    done = run("index.py", release, folder, "--out", tmp_path / "idx", "--factory", "Flat")
-    assert done.returncode == 0 and "12 images (12 added" in done.stdout, done.stderr[-2000:]
+    run = lambda script, *args: run_script(script, list(args), capsys)  # noqa: E731 (main(argv), in-process)
+    code, out, err = run("index", release, folder, "--out", tmp_path / "idx", "--factory", "Flat")
+    assert code == 0 and "12 images (12 added" in out, err[-2000:]
     queries = [folder / "c0_1.jpg", folder / "c2_3.jpg"]
-    done = run("search.py", tmp_path / "idx", *queries, "--k", 3, "--labels", manifest, "--sheet",
-               tmp_path / "sheet.png", "--json", tmp_path / "out.json")
-    assert done.returncode == 0 and "ms per query" in done.stdout, done.stderr[-2000:]
+    code, out, err = run("search", tmp_path / "idx", *queries, "--k", 3, "--labels", manifest, "--sheet",
+                         tmp_path / "sheet.png", "--json", tmp_path / "out.json")
+    assert code == 0 and "ms per query" in out, err[-2000:]
     result = json.loads((tmp_path / "out.json").read_text())
     assert [q["query"] for q in result["queries"]] == [str(q.resolve()) for q in queries]
     for query in result["queries"]:
@@ -101,8 +96,8 @@ def test_index_and_search_command_lines(tmp_path, release_and_folder):
             for i, entry in enumerate(query["results"]):
                 expected = (30, 160, 60) if entry["correct"] else (210, 40, 40)
                 assert sheet.getpixel((12 + (i + 1) * 138 + 1, top + 1)) == expected
-    done = run("search.py", tmp_path / "missing", *queries)
-    assert done.returncode == 2 and "scripts/index.py" in done.stderr
+    code, _, err = run("search", tmp_path / "missing", *queries)
+    assert code == 2 and "scripts/index.py" in err
 
 
 @pytest.mark.parametrize("damage", ["meta_not_json", "meta_without_images", "descriptors_cut", "faiss_file_missing"])

@@ -181,6 +181,7 @@ def test_integer_same_padding_equals_timms(kernel_size, stride, dilation):
         assert same_padding(size, kernel_size, stride, dilation) == get_same_padding(size, kernel_size, stride, dilation)
 
 
+@pytest.mark.timeout(300)  # torch.export of EfficientNet-Lite0, then torch.export.load
 def test_graph_of_a_same_padded_backbone_matches_at_odd_sizes(tmp_path):
     """tf_efficientnet_lite0 pads "same" from each input's size: the graph must follow odd and even sides
     (the padding moves by one pixel with the parity of every stride-2 layer's input), not bake in the example."""

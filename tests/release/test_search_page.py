@@ -14,22 +14,19 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from msretrieval.release import load_release
-from msretrieval.release.export import export_release
 from msretrieval.release.image_index import ImageIndex
 from msretrieval.release.search_page import MAX_K, THUMBNAIL_SIDE, create_app
 from tests.conftest import write_labelled_set
-from tests.release.test_release import small_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, tiny_release):
     """(client with labels, client without, index, manifest): 3 colour classes x 4 images (toy/images/cC_I.jpg)."""
     root = tmp_path_factory.mktemp("page")
-    export_release(small_model(), root / "rel", image_size=64, graph=False)
     manifest = write_labelled_set(root, num_classes=3, per_class=4)
-    index, _ = ImageIndex.update(root / "idx", manifest.parent / "images", load_release(root / "rel"), root / "rel")
+    index, _ = ImageIndex.update(root / "idx", manifest.parent / "images", load_release(tiny_release), tiny_release)
     labelled = TestClient(create_app(root / "idx", labels=manifest, top_k=4))
     plain = TestClient(create_app(root / "idx"))
     return labelled, plain, index, manifest

@@ -3,8 +3,6 @@ never runs (the payload would create a marker file)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from msretrieval.release.load import describe_release
 from msretrieval.retrieval.descriptors.trained import TrainedModelMethod
 from msretrieval.training.checkpoint import load_training_state
 from msretrieval.training.config import DEFAULT_CONFIG
+from tests.conftest import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +45,7 @@ def test_the_payload_is_live_when_unpickled_unsafely(tmp_path):
     assert marker.read_text() == "the payload ran"
 
 
-def test_every_loading_entry_point_refuses_it(tmp_path, make_labelled_set):
+def test_every_loading_entry_point_refuses_it(tmp_path, make_labelled_set, capsys):
     marker = tmp_path / "ran"
     evil = malicious_checkpoint(tmp_path / "evil.pth", marker)
     run_dir = tmp_path / "run"
@@ -71,12 +70,11 @@ def test_every_loading_entry_point_refuses_it(tmp_path, make_labelled_set):
         assert not marker.exists(), f"{name} ran the payload"
     with pytest.raises(WeightsError, match="evil.pth"):  # backbone weights (model.weights)
         create_backbone("resnet18", weights=evil)
-    manifest = make_labelled_set()  # the command lines report it in one line, exit code 2
-    for script, arguments in (("evaluate.py", ["--benchmark", f"csv:{manifest}", "--method", f"model:{evil}",
-                                               "--cache-dir", ""]),
-                              ("export.py", [str(run_dir), str(tmp_path / "release")])):
-        done = subprocess.run([sys.executable, str(REPO / "scripts" / script), *arguments], capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 2 and "error: refusing" in done.stderr, (script, done.stderr[-2000:])
+    manifest = make_labelled_set()  # the command lines report it in one line, exit code 2 (main(argv) in-process)
+    for script, arguments in (("evaluate", ["--benchmark", f"csv:{manifest}", "--method", f"model:{evil}",
+                                            "--cache-dir", ""]),
+                              ("export", [str(run_dir), str(tmp_path / "release")])):
+        code, _, stderr = run_script(script, arguments, capsys)
+        assert code == 2 and "error: refusing" in stderr, (script, stderr[-2000:])
     assert not marker.exists()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["init_from"] is None

@@ -23,7 +23,7 @@ from msretrieval.retrieval.evaluation.harness import EvalSettings, _cache_keys, 
 from msretrieval.retrieval.descriptors.methods import RetrievalMethod
 from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
 from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter
-from tests.conftest import REPO, write_labelled_set
+from tests.conftest import REPO, run_script, write_labelled_set
 
 
 def _drop_rows(manifest, keep: int):
@@ -252,19 +252,21 @@ def test_state_fingerprints_tell_fits_apart_and_refuse_what_they_cannot_hash():
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_metrics_and_every_descriptor_once(tmp_path):
+@pytest.mark.timeout(300)
+def test_two_processes_give_the_one_process_metrics_and_every_descriptor_once(tmp_path, capsys, one_thread):
     """23 images, batches of 4, shards of 5: shards 0, 2, 4 on process 0 and 1, 3 on process 1."""
     manifest = _drop_rows(write_labelled_set(tmp_path, num_classes=4, per_class=6), keep=23)
-    common = ["scripts/evaluate.py", "--benchmark", f"csv:{manifest}", "--method", "gem", "--method", "gap",
-              "--together", "--backbone", "resnet18", "--random-init", "--image-size", "32", "--batch-size", "4",
-              "--shard-rows", "5"]
+    common = ["--benchmark", f"csv:{manifest}", "--method", "gem", "--method", "gap", "--together", "--backbone",
+              "resnet18", "--random-init", "--image-size", "32", "--batch-size", "4", "--shard-rows", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    for command, run in ((launch + common, "two"), ([sys.executable] + common, "one")):
-        done = subprocess.run([*command, "--cache-dir", str(tmp_path / run), "--out", str(tmp_path / f"{run}.json")],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    outputs = {run: ["--cache-dir", str(tmp_path / run), "--out", str(tmp_path / f"{run}.json")] for run in ("one", "two")}
+    done = subprocess.run([*launch, "scripts/evaluate.py", *common, *outputs["two"]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, stderr = run_script("evaluate", [*common, *outputs["one"]], capsys)  # one process: this one, 1 thread
+    assert code == 0, stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{run}.json").read_text())["results"] for run in ("one", "two"))
     assert [r["metrics"] for r in two] == [r["metrics"] for r in one]
     for method in ("gem", "gap"):

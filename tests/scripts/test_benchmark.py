@@ -2,15 +2,26 @@
 import re
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import benchmark  # noqa: E402
 
 
-def test_tiny_run_writes_every_section_with_numeric_ratios(tmp_path, flowers_root):
+@pytest.mark.timeout(300)  # every benchmark, several in subprocesses
+def test_tiny_run_writes_every_section_with_numeric_ratios(tmp_path, flowers_root, monkeypatch, one_thread):
+    import faiss
+
+    # --threads 1 sets torch's (one_thread puts it back), FAISS's and OMP_NUM_THREADS: restored for the next tests
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    faiss_threads = faiss.omp_get_max_threads()
     out = tmp_path / "BENCHMARKS.md"
-    assert benchmark.main(["--tiny", "--threads", "1", "--data-root", str(flowers_root), "--out", str(out)]) == 0
+    try:
+        assert benchmark.main(["--tiny", "--threads", "1", "--data-root", str(flowers_root), "--out", str(out)]) == 0
+    finally:
+        faiss.omp_set_num_threads(faiss_threads)
     text = out.read_text()
     assert "`python scripts/benchmark.py --tiny --threads 1" in text.splitlines()[2]
     for row in ("CPU", "cores", "threads used", "RAM", "GPU", "torch / faiss / timm", "date"):

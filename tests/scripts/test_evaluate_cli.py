@@ -1,15 +1,17 @@
-"""scripts/evaluate.py on a data set with broken and unusual files: handled, or one clear error line."""
+"""scripts/evaluate.py on a data set with broken and unusual files: handled, or one clear error line (its
+`main(argv)` in-process, as the command line runs it)."""
 import csv
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import load_script, run_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,15 +42,14 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def _run(manifest: Path, tmp_path: Path, *extra_args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts/evaluate.py"), "--benchmark", f"csv:{manifest}", "--method", "gem",
-         "--backbone", "resnet18", "--random-init", "--image-size", "48", "--cache-dir", "",
-         "--out", str(tmp_path / "out.json"), *extra_args],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+def _run(manifest: Path, tmp_path: Path, capsys, *extra_args: str) -> tuple[int, str, str]:
+    """scripts/evaluate.py with GeM on a random ResNet-18 at 48 px, in-process: (exit code, stdout, stderr)."""
+    return run_script("evaluate", ["--benchmark", f"csv:{manifest}", "--method", "gem", "--backbone", "resnet18",
+                                   "--random-init", "--image-size", "48", "--cache-dir", "",
+                                   "--out", str(tmp_path / "out.json"), *extra_args], capsys)
 
 
-def test_unusual_but_valid_images_are_evaluated(tmp_path):
+def test_unusual_but_valid_images_are_evaluated(tmp_path, capsys, one_thread):
     rng = np.random.default_rng(1)
     rgb = Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8))
     manifest = _write_set(tmp_path / "set", {
@@ -56,8 +57,8 @@ def test_unusual_but_valid_images_are_evaluated(tmp_path):
         "img/one_pixel_wide.png": _encode(Image.new("RGB", (1, 50), (200, 10, 10)), "PNG"),
         "img/gray.png": _encode(rgb.convert("L"), "PNG"),
     })
-    done = _run(manifest, tmp_path, "--batch-size", "4", "--workers", "1")
-    assert done.returncode == 0, done.stderr
+    returncode, _, stderr = _run(manifest, tmp_path, capsys, "--batch-size", "4", "--workers", "1")
+    assert returncode == 0, stderr
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["results"][0]["method"] == "gem"
     assert np.isfinite(list(result["results"][0]["metrics"].values())).all()
@@ -68,16 +69,16 @@ def test_unusual_but_valid_images_are_evaluated(tmp_path):
     ("img/missing.jpg", None, "0", "4"),
     ("img/truncated.jpg", "truncated", "1", "1"),  # fails while decoding, inside a DataLoader worker
 ])
-def test_broken_files_stop_with_one_line_naming_the_file(tmp_path, name, payload, workers, batch):
+def test_broken_files_stop_with_one_line_naming_the_file(tmp_path, name, payload, workers, batch, capsys, one_thread):
     if payload == "truncated":
         full = _encode(Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
         payload = full[: len(full) // 2]
     manifest = _write_set(tmp_path / "set", {name: payload})
-    done = _run(manifest, tmp_path, "--workers", workers, "--batch-size", batch)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and str(tmp_path / "set" / name) in error_lines[0], done.stderr
+    returncode, _, stderr = _run(manifest, tmp_path, capsys, "--workers", workers, "--batch-size", batch)
+    assert returncode == 2
+    assert "Traceback" not in stderr
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and str(tmp_path / "set" / name) in error_lines[0], stderr
     assert not (tmp_path / "out.json").exists()
 
 
@@ -100,7 +101,7 @@ def test_settings_refuse_a_zero_image_size_instead_of_using_the_default():
     assert EvalSettings(image_size=None).image_size is None
 
 
-def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tmp_path):
+def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tmp_path, capsys, one_thread):
     """--words, --max-features, --scales, --database-scales, --fit-images, --kernel-gamma and --word-budget end in
     the method's config (hence its cache key), end to end. ResNet-18's stride-32 map of a 64-px image has 2 x 2 cells at scale
     1 and 4 x 4 at scale 2: 20 features per image, 7 fitting images give 140 (the PCA to 128 needs > 128)."""
@@ -116,13 +117,12 @@ def test_match_kernel_settings_from_the_command_line_reach_the_results_config(tm
         writer = csv.writer(handle)
         writer.writerow(["file", "class_id", "split"])
         writer.writerows(rows)
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts/evaluate.py"), "--benchmark", f"csv:{folder / 'labels.csv'}:test",
-         "--method", "asmk", "--backbone", "resnet18", "--random-init", "--image-size", "64", "--cache-dir", "",
-         "--words", "4", "--max-features", "40", "--scales", "1,2", "--fit-images", "7", "--kernel-gamma", "one",
-         "--word-budget", "1.5", "--database-scales", "1,2,4", "--out", str(tmp_path / "out.json")],
-        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
+    returncode, _, stderr = run_script(
+        "evaluate", ["--benchmark", f"csv:{folder / 'labels.csv'}:test", "--method", "asmk", "--backbone", "resnet18",
+                     "--random-init", "--image-size", "64", "--cache-dir", "", "--words", "4", "--max-features", "40",
+                     "--scales", "1,2", "--fit-images", "7", "--kernel-gamma", "one", "--word-budget", "1.5",
+                     "--database-scales", "1,2,4", "--out", str(tmp_path / "out.json")], capsys)
+    assert returncode == 0, stderr
     config = json.loads((tmp_path / "out.json").read_text())["results"][0]["config"]
     assert (config["words"], config["fit_images"], config["gamma"], config["word_budget"]) == (4, 7, "one", 1.5)
     features = config["local_features"]
@@ -162,15 +162,12 @@ def test_region_size_and_scales_parse():
 
 def test_a_full_disk_while_extracting_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
     import errno
-    import importlib.util
     import re
 
     from msretrieval.utils import files
     from msretrieval.utils.cli import run_cli
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_script("evaluate")
     manifest = _write_set(tmp_path / "set", {})
     cache = tmp_path / "cache"
     argv = ["--benchmark", f"csv:{manifest}", "--method", "gem", "--backbone", "resnet18", "--random-init",

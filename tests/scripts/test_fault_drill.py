@@ -4,7 +4,6 @@ exactly the injected unreadable files."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from msretrieval.data.images import ImageLoadError, load_image
 from msretrieval.data.manifest import read_csv_manifest
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 from tests.training.synthetic import tiny_config, write_config, write_set
 from msretrieval.training.config import resolve_config
 
@@ -45,20 +44,22 @@ def test_damaged_copies_fail_to_load_and_spare_the_validation_classes(tmp_path, 
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_like_the_undisturbed_one(tmp_path):
+@pytest.mark.timeout(600)
+def test_killed_and_resumed_run_ends_like_the_undisturbed_one(tmp_path, capsys):
     manifest, _ = write_set(tmp_path / "data", num_classes=4, per_class=10)
     settings = tiny_config(tmp_path / "run", manifest, steps=12, checkpoint_every=2)
     # the final evaluation on other images than the training ones (training/config.py refuses shared images)
     settings["eval"]["benchmark"] = f"csv:{write_set(tmp_path / 'test', num_classes=4, per_class=10, seed=1)[0]}"
     config = write_config(tmp_path / "c.yaml", settings)
     out = tmp_path / "drill"
-    done = subprocess.run([sys.executable, "scripts/fault_drill.py", "--config", config, "--out", str(out),
-                           "--kills", "2", "--corrupt-fraction", "0.1", "--kill-window", "0.3", "0.6"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # the drill itself in-process (its train.py runs are the processes it kills)
+    code, stdout, stderr = run_script("fault_drill", ["--config", config, "--out", str(out), "--kills", "2",
+                                                      "--corrupt-fraction", "0.1", "--kill-window", "0.3", "0.6"],
+                                      capsys)
+    assert code == 0, stdout[-2000:] + stderr[-3000:]
     report = json.loads((out / "drill.json").read_text())
     assert report["passed"] and report["injected"] == 4 and len(report["kills"]) == 2
     for run in report["runs"].values():
         assert run["bad_images"] == 4 and run["steps"] == 12
     assert max(report["differences"].values()) <= 0.005
-    assert "PASS  final metrics within 0.005" in done.stdout
+    assert "PASS  final metrics within 0.005" in stdout

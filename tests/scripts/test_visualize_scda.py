@@ -1,12 +1,9 @@
-"""scripts/visualize_scda.py as a subprocess on a tiny generated set with ground-truth boxes (random ResNet-18)."""
+"""scripts/visualize_scda.py (its main(argv), in-process) on a tiny generated set with ground-truth boxes (random ResNet-18)."""
 from __future__ import annotations
 
 import csv
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,28 +41,22 @@ def _write_boxed_set(folder: Path, count: int = 6) -> Path:
     return folder / "labels.csv"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    # One thread: on 48-px inputs threads only add overhead, and on a busy machine (another process holding a
-    # core) two OpenMP threads make each tiny forward pass ~40x slower.
-    return subprocess.run([sys.executable, str(SCRIPT), "--backbone", "resnet18", "--random-init",
-                           "--image-size", "48", *args], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def _pixels_of(grid: np.ndarray, colour) -> np.ndarray:
     return np.all(grid == np.array(colour, dtype=np.uint8), axis=-1)
 
 
-def test_grid_boxes_and_pcp_over_the_whole_split(tmp_path):
+def test_grid_boxes_and_pcp_over_the_whole_split(script, one_thread, tmp_path, capsys, caplog):
     manifest = _write_boxed_set(tmp_path / "toy")
     out = tmp_path / "out" / "grid.png"
-    result = _run("--benchmark-csv", str(manifest), "--split", "test", "--num-images", "4", "--columns", "3",
-                  "--pcp-all", "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    caplog.set_level("INFO")
+    assert script.main(["--backbone", "resnet18", "--random-init", "--image-size", "48", "--benchmark-csv",
+                        str(manifest), "--split", "test", "--num-images", "4", "--columns", "3", "--pcp-all",
+                        "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
     grid = np.asarray(Image.open(out).convert("RGB"))
     assert grid.shape == (2 * 48, 3 * 48, 3)          # 4 cells of 48 px, 3 columns -> 2 rows
-    assert re.search(r"^PCP: [01]\.\d{3} \(6 images\)$", result.stdout, re.M), result.stdout
-    assert "PCP on the 4 shown images" in result.stderr
+    assert re.search(r"^PCP: [01]\.\d{3} \(6 images\)$", stdout, re.M), stdout
+    assert "PCP on the 4 shown images" in caplog.text
     assert _pixels_of(grid, PREDICTED_COLOUR).any()
     # The ground truth of the first cell, rescaled from the original frame to the file, then to the cell:
     # the 64x48 image is shown at 48x36 (scale 0.75), centred 6 px down.

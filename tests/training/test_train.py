@@ -15,11 +15,11 @@ from msretrieval.training.trainer import Trainer
 
 
 def tiny_config(tmp_path, manifest, miner="batch", **train_overrides) -> dict:
-    """A few steps of a randomly initialised ResNet-18 + MS-NetVLAD at 96 px on real photos (fast on a CPU);
+    """A few steps of a randomly initialised ResNet-18 + MS-NetVLAD at 64 px on real photos (fast on a CPU);
     half of the triplets hard, so the loss is not zero."""
     return {
         "run_dir": str(tmp_path / "run"),
-        "data": {"train": f"csv:{manifest}", "train_size": 96, "workers": 1, "val_classes": 0},
+        "data": {"train": f"csv:{manifest}", "train_size": 64, "workers": 1, "val_classes": 0},
         "model": {"backbone": "resnet18", "pretrained": False, "trainable": ["backbone.model.layer4", "head"],
                   "init_images": 12, "head": {"num_clusters": 4}},
         "mining": {"miner": miner, "schedule": [{"semi_hard_probability": 0.5, "hard_threshold": 20}],
@@ -68,7 +68,7 @@ def test_run_writes_config_checkpoints_tensorboard_and_results(tmp_path, flowers
         assert sum(scalars(run, "mining/num_hard_triplets")) > 0
         assert sum(scalars(run, "mining/num_semi_hard_triplets")) > 0
     grid = EventAccumulator(str(run / "tb")).Reload().Images("mining/triplets")[0]
-    assert grid.width == 3 * 96 + 4 * 2  # rows of (anchor, positive, negative) thumbnails
+    assert grid.width == 3 * 96 + 4 * 2  # rows of (anchor, positive, negative) 96-px thumbnails
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
