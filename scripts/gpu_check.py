@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One command for a CUDA machine: does everything that can use a GPU run on it?
 
-    python scripts/gpu_check.py                 # needs Flowers-102 under --data-root / $DATA_ROOT / ./data
+    python scripts/gpu_check.py                 # Flowers-102 from --data-root, else where make main looks
     python scripts/gpu_check.py --allow-cpu     # no GPU: the same checks on the CPU (tries the script itself)
 
 Each check runs an entry point in a subprocess with tiny settings (configs/smoke.yaml: 96 px images, a few
@@ -37,6 +37,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from msretrieval.data.roots import resolve_data_root
+from msretrieval.utils.cli import run_cli
+from msretrieval.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 STATUSES = ("PASS", "FAIL", "SKIP")
@@ -275,7 +279,8 @@ class GpuCheck:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=None, help="folder holding flowers102/ (default: $DATA_ROOT, ./data)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding flowers102/ (default: $DATA_ROOT, ../shared/data, ./data, ./datasets)")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU when no GPU is present")
     parser.add_argument("--steps", type=int, default=2, help="training steps of each train.py run (default 2)")
     args = parser.parse_args(argv)
@@ -283,12 +288,10 @@ def main(argv=None) -> int:
 
     gpus = torch.cuda.device_count()
     if gpus == 0 and not args.allow_cpu:
-        print("no CUDA device found; run this on a GPU machine (or pass --allow-cpu to try the script)")
-        return 2
-    data_root = Path(args.data_root or os.environ.get("DATA_ROOT") or "data").resolve()
+        raise UserError("no CUDA device found; run this on a GPU machine (or pass --allow-cpu to try the script)")
+    data_root = resolve_data_root(args.data_root).resolve()
     if not (data_root / "flowers102" / "labels.csv").is_file():
-        print(f"Flowers-102 not found under {data_root}; run: python scripts/prepare_flowers102.py")
-        return 2
+        raise UserError(f"Flowers-102 not found under {data_root}; run: python scripts/prepare_flowers102.py")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         checker = GpuCheck(Path(tmp), data_root, gpus, args.steps)
@@ -301,4 +304,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -65,7 +65,35 @@ def test_without_a_gpu_it_refuses_unless_allowed(gpu_check, capsys, monkeypatch)
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert gpu_check.main([]) == 2
-    assert "no CUDA device found" in capsys.readouterr().out
-    assert gpu_check.main(["--allow-cpu", "--data-root", str(REPO / "no-such-root")]) == 2
-    assert "Flowers-102 not found" in capsys.readouterr().out
+    assert gpu_check.run_cli(lambda: gpu_check.main([])) == 2
+    assert capsys.readouterr().err.startswith("error: no CUDA device found; ")
+    assert gpu_check.run_cli(lambda: gpu_check.main(["--allow-cpu", "--data-root", str(REPO / "no-such-root")])) == 2
+    assert capsys.readouterr().err == (f"error: Flowers-102 not found under {REPO / 'no-such-root'}; "
+                                       "run: python scripts/prepare_flowers102.py\n")
+
+
+def test_without_a_root_it_looks_where_make_main_looks(gpu_check, monkeypatch, tmp_path):
+    """No --data-root: $DATA_ROOT, then the shared copy, ./data, ./datasets (data.roots), not ./data alone."""
+    import torch
+
+    from msretrieval.data import roots
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    shared = tmp_path / "shared"
+    (shared / "flowers102").mkdir(parents=True)
+    monkeypatch.setattr(roots, "SEARCH_ROOTS", (tmp_path / "none", shared))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(tmp, data_root, gpus, steps):
+        seen["root"] = data_root
+        raise Stop
+
+    (shared / "flowers102" / "labels.csv").write_text("")
+    monkeypatch.setattr(gpu_check, "GpuCheck", record)
+    with pytest.raises(Stop):
+        gpu_check.main(["--allow-cpu"])
+    assert seen["root"] == shared.resolve()
