@@ -64,13 +64,14 @@ class BoxImage:
     source: str = ""  # "csv:line" of its first row, for messages
 
 
-def _float(value: str, name: str, where: str) -> float:
+def finite_number(value: str, name: str, where: str, error: type[Exception] = BoxCSVError) -> float:
+    """``value`` as a finite float, else ``error("WHERE: NAME 'VALUE' is not a number / not finite")``."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise BoxCSVError(f"{where}: {name} {value!r} is not a number") from None
+        raise error(f"{where}: {name} {value!r} is not a number") from None
     if not math.isfinite(number):
-        raise BoxCSVError(f"{where}: {name} {value!r} is not finite")
+        raise error(f"{where}: {name} {value!r} is not finite")
     return number
 
 
@@ -125,7 +126,7 @@ def _read_ours(reader, csv_path: Path, root: Path, default_split: str) -> list[B
         elif any(v == "" for v in values):
             raise BoxCSVError(f"{where}: some coordinates are empty (leave all four empty for an image without boxes)")
         else:
-            box = _check_box(*(_float(v, k, where) for v, k in zip(values, ("x1", "y1", "x2", "y2"))), where)
+            box = _check_box(*(finite_number(v, k, where) for v, k in zip(values, ("x1", "y1", "x2", "y2"))), where)
         class_text = (row.get("class_id") or "").strip()
         try:
             class_id = int(class_text) if class_text else 1
@@ -159,7 +160,7 @@ def _read_gld(reader, csv_path: Path, root: Path, default_split: str) -> list[Bo
         if not numbers:
             collector.add(path, default_split, where, None)
         for start in range(0, len(numbers), 4):
-            ymin, xmin, ymax, xmax = (_float(v, k, where) for v, k in
+            ymin, xmin, ymax, xmax = (finite_number(v, k, where) for v, k in
                                       zip(numbers[start:start + 4], ("ymin", "xmin", "ymax", "xmax")))
             collector.add(path, default_split, where, _check_box(xmin, ymin, xmax, ymax, where))
     return collector.result()

@@ -11,6 +11,23 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+#: An MSBD configuration small enough for tests (a 3 x 3 grid of 32-px patches, 6 words, 4 ITQ iterations).
+TINY_MSBD = """
+scales: [1.0]
+proposals: grid
+patches: 3
+patch_size: 32
+proposal_side: 48
+patch_dim: 8
+codebook: 6
+nearest_words: 3
+saliency_size: 48
+branch_dims: 12
+classifier_steps: 20
+iterations: 4
+itq_iterations: 4
+fit_images: null
+"""
 # Tests never reach the model hub: fail at once instead of retrying for a minute on offline machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Scripts and ``python -c`` run by the tests import msretrieval from this tree, installed or not.

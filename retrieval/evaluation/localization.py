@@ -14,11 +14,11 @@ boxes are in that frame; :func:`rescale_boxes` moves them to the frame of the fi
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
+from msretrieval.data.boxes import finite_number
 from msretrieval.data.manifest import LabelledImageSet
 from msretrieval.utils.errors import UserError
 
@@ -61,16 +61,6 @@ def pcp(predicted, ground_truth, threshold: float = 0.5) -> float:
     return float(np.mean(iou > threshold))
 
 
-def _parse_float(value: str, column: str, path) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"box column {column} = {value!r} is not a number (file {path})") from None
-    if not math.isfinite(number):
-        raise UserError(f"box column {column} = {value!r} is not finite (file {path})")
-    return number
-
-
 def boxes_from_manifest(image_set: LabelledImageSet) -> np.ndarray | None:
     """Ground-truth boxes (N, 4) from the manifest columns ``x1, y1, x2, y2``; None when they are absent.
 
@@ -86,7 +76,7 @@ def boxes_from_manifest(image_set: LabelledImageSet) -> np.ndarray | None:
                          f"boxes need all of {list(BOX_COLUMNS)}")
     boxes = np.empty((len(image_set), 4), dtype=np.float64)
     for i, path in enumerate(image_set.paths):
-        boxes[i] = [_parse_float(image_set.extra[c][i], c, path) for c in BOX_COLUMNS]
+        boxes[i] = [finite_number(image_set.extra[c][i], f"box column {c}", path, UserError) for c in BOX_COLUMNS]
         x1, y1, x2, y2 = boxes[i]
         if x2 < x1 or y2 < y1:
             raise UserError(f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has x2 < x1 or y2 < y1 (file {path})")
@@ -99,7 +89,8 @@ def original_sizes(image_set: LabelledImageSet) -> list[tuple[float, float]] | N
         return None
     sizes = []
     for i, path in enumerate(image_set.paths):
-        width, height = (_parse_float(image_set.extra[c][i], c, path) for c in ORIGINAL_SIZE_COLUMNS)
+        width, height = (finite_number(image_set.extra[c][i], f"column {c}", path, UserError)
+                         for c in ORIGINAL_SIZE_COLUMNS)
         if width <= 0 or height <= 0:
             raise UserError(f"original size {width:g}x{height:g} is not positive (file {path})")
         sizes.append((width, height))

@@ -16,30 +16,16 @@ from msretrieval.retrieval.descriptors.extract import extract
 from msretrieval.retrieval.evaluation.catalogue import MethodContext, create_method
 from msretrieval.utils.config import load_yaml
 
+from tests.conftest import TINY_MSBD
+
 REPO = Path(__file__).resolve().parents[2]
 
-TINY = """
-scales: [1.0]
-proposals: grid
-patches: 3
-patch_size: 32
-proposal_side: 48
-patch_dim: 8
-codebook: 6
-nearest_words: 3
-saliency_size: 48
-branch_dims: 12
-classifier_steps: 20
-iterations: 4
-itq_iterations: 4
-fit_images: null
-"""
 
 
 @pytest.fixture
 def toy(make_labelled_set, tmp_path, monkeypatch):
     config = tmp_path / "msbd_tiny.yaml"
-    config.write_text(TINY)
+    config.write_text(TINY_MSBD)
     monkeypatch.setenv("MSBD_CONFIG", str(config))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: threads only add overhead

@@ -13,25 +13,11 @@ import pytest
 from msretrieval.data.revisitop import load_revisitop
 from msretrieval.retrieval.evaluation.benchmarks import create_benchmark
 
+from tests.conftest import TINY_MSBD
+
 REPO = Path(__file__).resolve().parents[2]
 REVISITOP_KEYS = {f"{metric}_{protocol}" for protocol in ("easy", "medium", "hard")
                   for metric in ("mAP", "mP@1", "mP@5", "mP@10")}
-TINY_MSBD = """
-scales: [1.0]
-proposals: grid
-patches: 3
-patch_size: 32
-proposal_side: 48
-patch_dim: 8
-codebook: 6
-nearest_words: 3
-saliency_size: 48
-branch_dims: 12
-classifier_steps: 20
-iterations: 4
-itq_iterations: 4
-fit_images: null
-"""
 
 
 @pytest.fixture
