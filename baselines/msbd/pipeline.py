@@ -19,7 +19,6 @@ import math
 import time
 from collections import defaultdict
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from .binary import learn_msbd
 from .classifier import SoftmaxClassifier
 from .fen import FEN
 from .finetune import finetune_fen
+from .opencv import opencv
 from .proposals import create_proposer, multi_scale_boxes
 from .saliency import create_saliency
 from .settings import MSBDSettings
@@ -149,6 +149,7 @@ class MSBDPipeline(nn.Module):
         """Eq. 4: FEN of saliency map x image (the map computed on a ``saliency_size`` square)."""
         size = self.settings.saliency_size
         height, width = images.shape[-2:]
+        cv2 = opencv()
         maps = [cv2.resize(self.saliency(cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)),
                            (width, height), interpolation=cv2.INTER_LINEAR) for rgb in rgbs]
         masks = torch.from_numpy(np.stack(maps)).float()[:, None].to(images.device)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 from torchvision.ops import nms
 
 from msretrieval.utils.errors import UserError
+
+from .opencv import opencv
 
 Proposer = Callable[[np.ndarray], np.ndarray]
 SELECTIVE_SEARCH_MODES = ("single", "fast", "quality")
@@ -25,7 +26,7 @@ def _selective_search(mode: str = "single", **_) -> Proposer:
     """OpenCV selective search; ``single`` (one colour space and strategy) is ~7x faster than ``fast``."""
     if mode not in SELECTIVE_SEARCH_MODES:
         raise UserError(f"selective search mode must be one of {SELECTIVE_SEARCH_MODES}, got {mode!r}")
-    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search = opencv().ximgproc.segmentation.createSelectiveSearchSegmentation()
 
     def propose(rgb: np.ndarray) -> np.ndarray:
         search.setBaseImage(np.ascontiguousarray(rgb[..., ::-1]))
@@ -39,6 +40,7 @@ def _edge_boxes(edge_model: str | None = None, max_boxes: int = 200, **_) -> Pro
     """EdgeBoxes (the paper's detector) on structured edges from an OpenCV model file."""
     if not edge_model:
         raise UserError("EdgeBoxes needs a structured-edge model file (OpenCV's model.yml.gz): set edge_model")
+    cv2 = opencv()
     detector = cv2.ximgproc.createStructuredEdgeDetection(str(edge_model))
     boxes_finder = cv2.ximgproc.createEdgeBoxes()
     boxes_finder.setMaxBoxes(max_boxes)
@@ -92,6 +94,7 @@ def multi_scale_boxes(rgb: np.ndarray, proposer: Proposer, side: int, scales, co
     ``min_area`` of the image are dropped, near duplicates removed by NMS. Never empty: the whole image is
     the fallback.
     """
+    cv2 = opencv()
     height, width = rgb.shape[:2]
     ranked = []
     for scale_index, scale in enumerate(scales):
