@@ -35,13 +35,14 @@ test: venv
 	$(PY) -m pytest -q -n auto --dist worksteal
 
 # The main job: a short real training run on Flowers-102 that ends in the evaluation table.
+# ARGS: overrides for train.py, e.g. make main ARGS=seed=1
 main: venv
 	@root=$$($(FIND_DATA)); \
 	if [ -z "$$root" ]; then \
 	  echo "Flowers-102 not found in $(or $(DATA_ROOT),../shared/data ./data ./datasets): downloading it into $(DOWNLOAD_ROOT)"; \
 	  $(PY) scripts/prepare_flowers102.py --data-root $(DOWNLOAD_ROOT) || exit 2; root=$(DOWNLOAD_ROOT); \
 	fi; \
-	$(PY) train.py --data-root "$$root"
+	$(PY) train.py --data-root "$$root" $(ARGS)
 
 baselines: venv
 	@root=$$($(FIND_DATA)); $(PY) scripts/evaluate.py --data-root "$${root:-$(DOWNLOAD_ROOT)}" --benchmark flowers102 \
