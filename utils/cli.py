@@ -103,6 +103,8 @@ def setup_logging(level: str | None = None, quiet: bool = False, progress_to_std
     stderr. ``progress_to_stdout`` (the data preparation scripts): INFO lines go bare to stdout, warnings and
     errors to stderr."""
     level = "WARNING" if quiet else (level or os.environ.get("LOGLEVEL", "INFO")).upper()
+    # FAISS's loader logs each CPU-specific build it could not import (a ModuleNotFoundError text) at INFO
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if not progress_to_stdout:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         return
