@@ -193,6 +193,10 @@ def main(argv=None) -> int:
     methods = [create_method(name, context) for name in args.method]
     with full_disk_stops_the_run("extracting and evaluating", lambda: continue_after_full_disk(args, argv)):
         results = evaluate_methods(methods, benchmark, settings, together=args.together, processes=processes)
+    # Leave the process group together and close it: a process that exits with it open (the others returning
+    # early below) can abort in the collective backend's threads ("terminate called without an active exception")
+    state.wait_for_everyone()
+    state.destroy_process_group()
     if not processes.is_main:  # the main process computes the metrics and reports them
         return 0
     for result in results:
