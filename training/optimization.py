@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -38,6 +40,20 @@ def set_train_mode(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside (embedding without gradient, e.g. a mining round); afterwards every module gets back the
+    mode it had, so a training step that mines keeps its train mode (and its BatchNorm layers their frozen
+    statistics, :func:`set_train_mode`)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def build_optimizer(model: nn.Module, optim: dict, steps: int

@@ -67,7 +67,7 @@ from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, sav
                          set_rng_state)
 from .data import BadTrainingData, ImageBatches, derived_seed, load_training_set, split_validation_classes
 from .distributed import broadcast_from_main, gather_rows, gather_with_grad, shard_slice
-from .optimization import build_optimizer, freeze, set_train_mode
+from .optimization import build_optimizer, evaluation_mode, freeze, set_train_mode
 
 log = logging.getLogger(__name__)
 #: What stops training gracefully (the first time; a second one stops at once).
@@ -254,9 +254,9 @@ class Trainer:
         same (N, D) device tensor on every process."""
         acc = self.accelerator
         mine = np.asarray(indices)[shard_slice(len(indices), acc.process_index, acc.num_processes)]
-        model = self.unwrapped.eval()
+        model = self.unwrapped
         chunk = self.config["train"]["forward_chunk"] or 64
-        with acc.autocast():
+        with evaluation_mode(model), acc.autocast():
             parts = [model(self.images.load(mine[s:s + chunk], batch=indices)).float()
                      for s in range(0, len(mine), chunk)]
         local = torch.cat(parts) if parts else torch.zeros(0, model.out_dim, device=self.device)
