@@ -72,7 +72,7 @@ class MiningPoolBatches:
 
     def __init__(self, labels: np.ndarray, miner: Algorithm1Miner, schedule: MiningSchedule, triplets_per_step: int,
                  classes: int, per_class: int, seed: int, embed: Callable[[np.ndarray], torch.Tensor],
-                 agree: Callable[[tuple], tuple] = lambda triplets: triplets):
+                 agree: Callable[[tuple], tuple] = lambda triplets: triplets, micro_batches: int = 1):
         self.labels = labels
         self.miner = miner
         self.schedule = schedule
@@ -85,10 +85,14 @@ class MiningPoolBatches:
                                                    derived_seed(seed, 1))
         self.embed = embed
         self.agree = agree
-        self.pool = MiningPool(triplets_per_step, schedule.refresh_every, seed=seed)
+        # the pool serves micro-batches: a step of ``micro_batches`` of them holds triplets_per_step triplets, and
+        # refresh_every counts steps
+        self.micro_batches = micro_batches
+        self.pool = MiningPool(triplets_per_step // micro_batches, schedule.refresh_every * micro_batches, seed=seed)
 
     def refresh(self, step: int) -> dict:
-        self.schedule.apply(self.miner, step, self.pool)
+        self.schedule.apply(self.miner, step)
+        self.pool.refresh_every = self.schedule.refresh_every_at(step) * self.micro_batches
         indices = np.asarray(self.mining_batches.next(step).indices)
         embeddings = self.embed(indices)
         labels = torch.as_tensor(self.labels[indices], device=embeddings.device)

@@ -141,6 +141,9 @@ def validate(config: dict) -> None:
     need(mining["classes"] >= 2 and mining["per_class"] >= 2,
          f"mining.classes and mining.per_class must be >= 2, got {mining['classes']} x {mining['per_class']}")
     need(mining["refresh_every"] >= 1, f"mining.refresh_every must be >= 1, got {mining['refresh_every']}")
+    need(mining["miner"] != "algorithm1" or train["triplets_per_step"] % train["grad_accum"] == 0,
+         f"train.triplets_per_step ({train['triplets_per_step']}) must be a multiple of train.grad_accum "
+         f"({train['grad_accum']}): a step's triplets are split evenly over its micro-batches")
     try:
         MiningSchedule.from_config({"phases": mining["schedule"], "refresh_every": mining["refresh_every"]})
     except (ValueError, TypeError, AttributeError) as error:

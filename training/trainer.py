@@ -150,7 +150,7 @@ class Trainer:
         if mining["miner"] == "algorithm1":
             self.batches = MiningPoolBatches(self.labels, self.miner, self.schedule, tcfg["triplets_per_step"],
                                              mining["classes"], mining["per_class"], self.seed, self.embed_plain,
-                                             agree=broadcast_from_main)
+                                             agree=broadcast_from_main, micro_batches=tcfg["grad_accum"])
         else:
             self.batches = ClassBalancedBatches(self.labels, mining["classes_per_batch"],
                                                 mining["images_per_class"], self.seed)
