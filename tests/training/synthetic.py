@@ -62,3 +62,26 @@ def tiny_config(run_dir: Path, manifest: Path, steps: int = 4, **train) -> dict:
 def write_config(path: Path, config: dict) -> str:
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+def start_trainer(tmp_path: Path, config: dict):
+    """A set-up single-process CPU Trainer for ``config`` (written to ``tmp_path/c.yaml``)."""
+    from accelerate import Accelerator
+
+    from msretrieval.training.config import resolve_config
+    from msretrieval.training.trainer import Trainer
+
+    trainer = Trainer(resolve_config(write_config(tmp_path / "c.yaml", config)), Path(config["run_dir"]), tmp_path,
+                      Accelerator(cpu=True))
+    trainer.setup(None)
+    return trainer
+
+
+def run_steps(trainer, steps: int) -> None:
+    """``steps`` optimiser steps, then the trainer closed."""
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+            trainer.step += 1
+    finally:
+        trainer.close()

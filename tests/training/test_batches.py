@@ -60,28 +60,17 @@ def test_with_gradient_accumulation_the_pool_counts_steps_not_micro_batches(tmp_
     """train.triplets_per_step and mining.refresh_every are per optimiser step: with grad_accum = 2, a step's
     4 triplets come as 2 micro-batches of 2, and refresh_every = 1 mines once a step (issue 24: they counted
     micro-batches, so each step took 8 triplets and mined twice)."""
-    from accelerate import Accelerator
-
-    from msretrieval.training.config import resolve_config
-    from msretrieval.training.trainer import Trainer
-    from tests.training.synthetic import tiny_config, write_config, write_set
+    from tests.training.synthetic import run_steps, start_trainer, tiny_config, write_set
 
     manifest = write_set(tmp_path / "data", per_class=6)[0]
     config = tiny_config(tmp_path / "run", manifest, steps=2, grad_accum=2, triplets_per_step=4)
     config["mining"].update(miner="algorithm1", refresh_every=1, classes=3, per_class=6)  # 18 images: >= 4 triplets
-    trainer = Trainer(resolve_config(write_config(tmp_path / "c.yaml", config)), tmp_path / "run", tmp_path,
-                      Accelerator(cpu=True))
-    trainer.setup(None)
+    trainer = start_trainer(tmp_path, config)
     rounds, micro_batches = [], []
     refresh, draw = trainer.batches.refresh, trainer.batches.next
     trainer.batches.refresh = lambda step: rounds.append(step) or refresh(step)
     trainer.batches.next = lambda step: micro_batches.append((step, len((batch := draw(step)).indices))) or batch
-    try:
-        for _ in range(2):
-            trainer.train_step()
-            trainer.step += 1
-    finally:
-        trainer.close()
+    run_steps(trainer, 2)
     assert rounds == [0, 1]
     assert micro_batches == [(0, 6), (0, 6), (1, 6), (1, 6)]  # 2 triplets of 3 images each
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate import Accelerator
 from torch import nn
 
-from msretrieval.training.config import resolve_config
-from msretrieval.training.trainer import Trainer
-from tests.training.synthetic import tiny_config, write_config, write_set
+from tests.training.synthetic import run_steps, start_trainer, tiny_config, write_set
 
 ALGORITHM1 = {"miner": "algorithm1", "refresh_every": 1, "classes": 3, "per_class": 2}
 
@@ -33,16 +30,9 @@ def test_each_forward_of_two_steps_runs_in_its_mode(tmp_path, miner, head, one_t
         config["mining"].update(ALGORITHM1)
     if head == "hash":
         config["model"].update(head={"hash_bits": 8}, init_images=16)
-    trainer = Trainer(resolve_config(write_config(tmp_path / "c.yaml", config)), tmp_path / "run", tmp_path,
-                      Accelerator(cpu=True))
-    trainer.setup(None)
+    trainer = start_trainer(tmp_path, config)
     seen = record_modes(trainer.unwrapped)
-    try:
-        for _ in range(2):
-            trainer.train_step()
-            trainer.step += 1
-    finally:
-        trainer.close()
+    run_steps(trainer, 2)
     with_gradient = [mode for mode in seen if mode[0]]
     without = [mode for mode in seen if not mode[0]]
     assert with_gradient and all(mode == (True, True, False) for mode in with_gradient), seen
