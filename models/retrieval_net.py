@@ -149,10 +149,16 @@ class NetVLADHead(Head):
         self.vlad = vlad
 
     def local_descriptors(self, fmap: torch.Tensor) -> torch.Tensor:
-        fmap = fmap.float()  # aggregation in float32 under autocast: softmax and sums of many columns
+        fmap = fmap.float()
         return multiscale_columns(fmap) if self.multiscale else single_scale_columns(fmap)
 
     def aggregate(self, fmap: torch.Tensor) -> torch.Tensor:
+        # Aggregation in float32 under autocast too (softmax assignments and sums over many columns): a float32
+        # input alone is not enough, autocast would run NetVLAD's matmuls in bf16 / fp16 again. Checked first so
+        # that a graph export (no autocast) sees no autocast region.
+        if torch.is_autocast_enabled(fmap.device.type):
+            with torch.autocast(fmap.device.type, enabled=False):
+                return self.vlad(self.local_descriptors(fmap))
         return self.vlad(self.local_descriptors(fmap))
 
     def initialise_aggregation(self, fmaps: list[torch.Tensor]) -> None:

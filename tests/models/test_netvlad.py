@@ -115,3 +115,20 @@ def test_head_options_of_other_architectures_are_ignored_and_unknown_ones_reject
     assert create_model("netvlad", backbone="resnet18", num_clusters=2, p=4.0).config()["head"] == {"num_clusters": 2}
     with pytest.raises(ValueError, match="unknown head option"):
         create_model("gem", backbone="resnet18", local_dim=8)
+
+
+def test_aggregation_runs_in_float32_under_bf16_autocast():
+    """Under autocast the NetVLAD head aggregates in float32, as its comment says (issue 24: the matmuls ran in
+    bf16 again once autocast saw them): the same feature map gives bit-identical descriptors with and without
+    CPU bf16 autocast."""
+    from msretrieval.models.retrieval_net import NetVLADHead
+
+    torch.manual_seed(0)
+    net_head = NetVLADHead(16, num_clusters=4)
+    fmap = torch.randn(2, 16, 7, 9)
+    plain = net_head.aggregate(fmap)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = net_head.aggregate(fmap.bfloat16())
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, net_head.aggregate(fmap.bfloat16().float()))
+    assert not torch.equal(plain, net_head.aggregate(fmap.bfloat16().float()))  # bf16 input rounding alone
