@@ -122,3 +122,16 @@ class MiningPoolBatches:
     def load_state_dict(self, state: dict) -> None:
         self.pool.load_state_dict(state["pool"])
         self.mining_batches.load_state_dict(state["mining_batches"])
+
+
+def without_self_pairs(triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], indices
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The in-batch triplets whose anchor and positive are different images. A class with fewer than K images
+    repeats some of them in a P x K batch (:class:`ClassBalancedBatches`), and the miner, which sees labels only,
+    would pair an image with another view of itself. ``triplets`` index batch positions, ``indices`` holds each
+    position's dataset index."""
+    anchors, positives, _ = triplets
+    dataset = torch.as_tensor(np.asarray(indices), device=anchors.device)
+    keep = dataset[anchors] != dataset[positives]
+    return tuple(t[keep] for t in triplets)
+

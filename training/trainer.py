@@ -62,7 +62,7 @@ from msretrieval.retrieval.descriptors.trained import TrainedModelMethod
 from msretrieval.utils.cli import RunStopped
 from msretrieval.utils.memory import release_free_memory
 
-from .batches import Batch, ClassBalancedBatches, MiningPoolBatches
+from .batches import Batch, ClassBalancedBatches, MiningPoolBatches, without_self_pairs
 from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, save_checkpoint, save_step_checkpoint,
                          set_rng_state)
 from .data import BadTrainingData, ImageBatches, derived_seed, load_training_set, split_validation_classes
@@ -288,7 +288,8 @@ class Trainer:
                 if batch.triplets is not None:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
                 else:
-                    triplets = broadcast_from_main(self.miner(embeddings.detach(), labels))
+                    mined = broadcast_from_main(self.miner(embeddings.detach(), labels))
+                    triplets = without_self_pairs(mined, batch.indices)
                     values.update({f"mining/{k}": float(v) for k, v in self.miner.last_stats.items()})
                 self._last = (batch, triplets)
                 return self.loss(embeddings, labels, triplets)

@@ -86,3 +86,45 @@ def test_triplets_per_step_must_split_evenly_over_micro_batches(tmp_path):
     with pytest.raises(ConfigError, match=r"^train.triplets_per_step \(5\) must be a multiple of train.grad_accum "
                                           r"\(2\): a step's triplets are split evenly over its micro-batches$"):
         resolve_config(write_config(tmp_path / "c.yaml", config))
+
+
+def test_in_batch_triplets_never_pair_an_image_with_itself(tmp_path, one_thread):
+    """The first class keeps 2 images and K = 4, so each of them appears twice in every batch (with its own augmentation).
+    A miner sees labels only: here one that returns every valid triplet of the batch, repeats included. The
+    trainer keeps no triplet whose anchor and positive are the same dataset image, and keeps all the others
+    (issue 24: small GLDv2 classes gave (i, i, n) triplets)."""
+    from tests.training.synthetic import run_steps, start_trainer, tiny_config, write_set
+
+    manifest = write_set(tmp_path / "data", per_class=4)[0]
+    rows = manifest.read_text().splitlines()
+    class_column = rows[0].split(",").index("class_id")
+    zeros = [row for row in rows[1:] if row.split(",")[class_column] == "1"]  # the first class
+    manifest.write_text("\n".join([rows[0], *zeros[:2], *(r for r in rows[1:] if r not in zeros)]) + "\n")
+    config = tiny_config(tmp_path / "run", manifest, steps=2)
+    config["mining"].update(classes_per_batch=3, images_per_class=4)
+    trainer = start_trainer(tmp_path, config)
+
+    class EveryTriplet:
+        last_stats: dict = {}
+        semi_hard_probability = hard_threshold = 0.0  # set by the mining schedule each step
+
+        def __call__(self, embeddings, labels):
+            same = labels[:, None] == labels[None, :]
+            a, p, n = [torch.tensor(t) for t in zip(*[(a, p, n) for a in range(len(labels)) for p in range(len(labels))
+                                                     for n in range(len(labels))
+                                                     if a != p and same[a, p] and not same[a, n]])]
+            return a, p, n
+
+    trainer.miner = EveryTriplet()
+    kept = []
+    loss = trainer.loss.forward
+    trainer.loss.forward = lambda embeddings, labels, triplets: kept.append(
+        (trainer._last[0].indices, *[t.tolist() for t in triplets])) or loss(embeddings, labels, triplets)
+    run_steps(trainer, 2)
+    assert len(kept) == 2
+    for indices, anchors, positives, negatives in kept:
+        labels = trainer.labels[indices]
+        expected = [(a, p, n) for a in range(12) for p in range(12) for n in range(12)
+                    if a != p and labels[a] == labels[p] != labels[n] and indices[a] != indices[p]]
+        assert sorted(zip(anchors, positives, negatives)) == expected
+        assert any(indices[a] == indices[p] for a in range(12) for p in range(12) if a != p)  # repeats were there
