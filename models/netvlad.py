@@ -88,6 +88,15 @@ class NetVLAD(nn.Module):
         log.info("NetVLAD: %d centroids from %d descriptors, alpha %.1f", self.num_clusters, len(x), alpha)
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
+        # float32 under autocast too (softmax assignments, sums over many columns): autocast would run the
+        # matmuls below in bf16 / fp16 even on a float32 input. Checked first so that a graph export (no
+        # autocast) sees no autocast region.
+        if torch.is_autocast_enabled(local.device.type):
+            with torch.autocast(local.device.type, enabled=False):
+                return self._aggregate(local.float())
+        return self._aggregate(local.float())
+
+    def _aggregate(self, local: torch.Tensor) -> torch.Tensor:
         if self.normalize_input:
             local = F.normalize(local, dim=2)
         soft = F.softmax(self.assign(local), dim=2)                       # (B, N, K)

@@ -153,13 +153,7 @@ class NetVLADHead(Head):
         return multiscale_columns(fmap) if self.multiscale else single_scale_columns(fmap)
 
     def aggregate(self, fmap: torch.Tensor) -> torch.Tensor:
-        # Aggregation in float32 under autocast too (softmax assignments and sums over many columns): a float32
-        # input alone is not enough, autocast would run NetVLAD's matmuls in bf16 / fp16 again. Checked first so
-        # that a graph export (no autocast) sees no autocast region.
-        if torch.is_autocast_enabled(fmap.device.type):
-            with torch.autocast(fmap.device.type, enabled=False):
-                return self.vlad(self.local_descriptors(fmap))
-        return self.vlad(self.local_descriptors(fmap))
+        return self.vlad(self.local_descriptors(fmap))  # NetVLAD aggregates in float32, autocast or not
 
     def initialise_aggregation(self, fmaps: list[torch.Tensor]) -> None:
         columns = [self.local_descriptors(fmap) for fmap in fmaps]

@@ -118,7 +118,7 @@ def test_head_options_of_other_architectures_are_ignored_and_unknown_ones_reject
 
 
 def test_aggregation_runs_in_float32_under_bf16_autocast():
-    """Under autocast the NetVLAD head aggregates in float32, as its comment says (issue 24: the matmuls ran in
+    """Under autocast NetVLAD aggregates in float32, as the head's comment said (issue 24: the matmuls ran in
     bf16 again once autocast saw them): the same feature map gives bit-identical descriptors with and without
     CPU bf16 autocast."""
     from msretrieval.models.retrieval_net import NetVLADHead
