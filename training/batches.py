@@ -91,8 +91,8 @@ class MiningPoolBatches:
         self.pool = MiningPool(triplets_per_step // micro_batches, schedule.refresh_every * micro_batches, seed=seed)
 
     def refresh(self, step: int) -> dict:
-        self.schedule.apply(self.miner, step)
-        self.pool.refresh_every = self.schedule.refresh_every_at(step) * self.micro_batches
+        self.schedule.apply(self.miner, step, self.pool)  # sets the phase's refresh period, in steps ...
+        self.pool.refresh_every *= self.micro_batches      # ... which the pool counts in micro-batches
         indices = np.asarray(self.mining_batches.next(step).indices)
         embeddings = self.embed(indices)
         labels = torch.as_tensor(self.labels[indices], device=embeddings.device)
