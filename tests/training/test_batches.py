@@ -89,8 +89,8 @@ def test_triplets_per_step_must_split_evenly_over_micro_batches(tmp_path):
 
 
 def test_in_batch_triplets_never_pair_an_image_with_itself(tmp_path, one_thread):
-    """The first class keeps 2 images and K = 4, so each of them appears twice in every batch (with its own augmentation).
-    A miner sees labels only: here one that returns every valid triplet of the batch, repeats included. The
+    """The first class keeps 2 images and K = 4, so each of them appears twice in every batch (with its own
+    augmentation). A miner sees labels only: here one that returns every valid triplet of the batch, repeats included. The
     trainer keeps no triplet whose anchor and positive are the same dataset image, and keeps all the others
     (issue 24: small GLDv2 classes gave (i, i, n) triplets)."""
     from tests.training.synthetic import run_steps, start_trainer, tiny_config, write_set
@@ -98,8 +98,8 @@ def test_in_batch_triplets_never_pair_an_image_with_itself(tmp_path, one_thread)
     manifest = write_set(tmp_path / "data", per_class=4)[0]
     rows = manifest.read_text().splitlines()
     class_column = rows[0].split(",").index("class_id")
-    zeros = [row for row in rows[1:] if row.split(",")[class_column] == "1"]  # the first class
-    manifest.write_text("\n".join([rows[0], *zeros[:2], *(r for r in rows[1:] if r not in zeros)]) + "\n")
+    first = [row for row in rows[1:] if row.split(",")[class_column] == "1"]  # the first class
+    manifest.write_text("\n".join([rows[0], *first[:2], *(r for r in rows[1:] if r not in first)]) + "\n")
     config = tiny_config(tmp_path / "run", manifest, steps=2)
     config["mining"].update(classes_per_batch=3, images_per_class=4)
     trainer = start_trainer(tmp_path, config)
