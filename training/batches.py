@@ -124,14 +124,16 @@ class MiningPoolBatches:
         self.mining_batches.load_state_dict(state["mining_batches"])
 
 
-def without_self_pairs(triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], indices
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def without_self_pairs(triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], indices,
+                       reference_indices=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The in-batch triplets whose anchor and positive are different images. A class with fewer than K images
     repeats some of them in a P x K batch (:class:`ClassBalancedBatches`), and the miner, which sees labels only,
-    would pair an image with another view of itself. ``triplets`` index batch positions, ``indices`` holds each
-    position's dataset index."""
+    would pair an image with another view of itself (and, mining a cross-batch memory, with its own copy in
+    the reference set). Anchors index the batch, whose positions hold the dataset indices ``indices``;
+    positives and negatives index the reference set, whose dataset indices are ``reference_indices`` (default:
+    the batch itself)."""
     anchors, positives, _ = triplets
-    dataset = torch.as_tensor(np.asarray(indices), device=anchors.device)
-    keep = dataset[anchors] != dataset[positives]
+    dataset = torch.as_tensor(indices, device=anchors.device)
+    reference = dataset if reference_indices is None else torch.as_tensor(reference_indices, device=anchors.device)
+    keep = dataset[anchors] != reference[positives]
     return tuple(t[keep] for t in triplets)
-

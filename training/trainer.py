@@ -53,6 +53,7 @@ from msretrieval.losses import create_loss
 from msretrieval.losses.factory import HASHING_LOSSES
 from msretrieval.losses.hashing import QuantizedLoss
 from msretrieval.miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
+from msretrieval.miners.memory import EmbeddingMemory
 from msretrieval.models.hashing import BetaSchedule
 from msretrieval.models.retrieval_net import RetrievalNet, create_model
 from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark
@@ -154,6 +155,8 @@ class Trainer:
         else:
             self.batches = ClassBalancedBatches(self.labels, mining["classes_per_batch"],
                                                 mining["images_per_class"], self.seed)
+        #: in-batch mining also over past batches' embeddings (config validation: in-batch miners only)
+        self.memory = EmbeddingMemory(mining["memory"]) if mining["memory"] else None
         self.step = 0
         self.best = -1.0
         self.timing = {"train_seconds": 0.0, "images": 0, "validation_seconds": 0.0}
@@ -175,7 +178,8 @@ class Trainer:
         scaler = self.accelerator.scaler
         return {"step": self.step, "best": self.best, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "batches": self.batches.state_dict(),
-                "miner": self.miner.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "miner": self.miner.state_dict(), "memory": self.memory.state_dict() if self.memory else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(), "config": self.config,
                 "reliability": {"bad_images": [[index, str(self.train_set.paths[index]), reason]
                                                for index, reason in self.images.bad.items()],
@@ -217,6 +221,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.batches.load_state_dict(state["batches"])
             self.miner.load_state_dict(state["miner"])
+            if self.memory is not None:
+                self.memory.load_state_dict(state["memory"], self.device)
             set_rng_state(state["rng"])
             self.step, self.best, scaler_state = state["step"], state["best"], state["scaler"]
             self.restore_reliability(state.get("reliability", {}))
@@ -279,6 +285,7 @@ class Trainer:
             seeds = [derived_seed(self.seed, self.step, micro, position) for position in range(count)]
             images = self.images.load(batch.indices[rows], seeds[rows], batch=batch.indices)
             labels = torch.as_tensor(self.labels[batch.indices], device=self.device)
+            indices = torch.as_tensor(np.asarray(batch.indices), device=self.device)
 
             def batch_loss(embeddings: torch.Tensor) -> torch.Tensor:
                 """The loss of the whole (gathered) batch, with this batch's triplets."""
@@ -287,16 +294,31 @@ class Trainer:
                     return self.loss(embeddings * self.hash_bits ** 0.5, classes)
                 if batch.triplets is not None:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
-                else:
+                    self._last_triplets = [indices[t] for t in triplets]
+                    return self.loss(embeddings, labels, triplets)
+                if self.memory is None:
                     mined = broadcast_from_main(self.miner(embeddings.detach(), labels))
-                    triplets = without_self_pairs(mined, batch.indices)
-                    values.update({f"mining/{k}": float(v) for k, v in self.miner.last_stats.items()})
-                self._last = (batch, triplets)
-                return self.loss(embeddings, labels, triplets)
+                    reference = reference_labels = None
+                    triplets = without_self_pairs(mined, indices)
+                    reference_indices = indices
+                else:  # anchors from the batch; positives and negatives from the batch, then the memory
+                    reference, reference_labels, reference_indices = self.memory.reference(embeddings, labels,
+                                                                                           indices)
+                    mined = broadcast_from_main(self.miner(embeddings.detach(), labels, reference.detach(),
+                                                           reference_labels))
+                    triplets = without_self_pairs(mined, indices, reference_indices)
+                    values["mining/memory_size"] = len(self.memory)
+                values.update({f"mining/{k}": float(v) for k, v in self.miner.last_stats.items()})
+                values["mining/num_triplets"] = len(triplets[0])  # what the loss gets (self-pairs dropped)
+                self._last_triplets = [indices[triplets[0]], reference_indices[triplets[1]],
+                                       reference_indices[triplets[2]]]  # as dataset indices
+                return self.loss(embeddings, labels, triplets, reference, reference_labels)
 
             loss, embeddings = self.forward_backward(images, count, batch_loss, scale=1 / accum,
                                                      last_micro_batch=micro == accum - 1)
             values["train/loss"] += float(loss) / accum
+            if self.memory is not None:
+                self.memory.add(embeddings, labels, indices)
             values.update({f"loss/{k}": v for k, v in getattr(self.loss, "last_terms", {}).items()})
             positive, negative = pair_distances(embeddings, labels)
             values.update({"batch/mean_pos_distance": positive, "batch/mean_neg_distance": negative})
@@ -527,14 +549,13 @@ class Trainer:
 
     def log_triplet_grid(self, count: int = 4, size: int = 96) -> None:
         """TensorBoard image: triplets of the last step, one row each (anchor, positive, negative)."""
-        if self.writer is None or not hasattr(self, "_last"):
+        if self.writer is None or not hasattr(self, "_last_triplets"):
             return
-        batch, triplets = self._last
-        rows = list(zip(*(t.tolist() for t in triplets)))[:count]
+        rows = list(zip(*(t.tolist() for t in self._last_triplets)))[:count]
         if not rows:
             return
         thumbnail = EvalTransform(size, "shorter", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        decoded = [self.images.decode_or_none(batch.indices[i]) for row in rows for i in row]
+        decoded = [self.images.decode_or_none(index) for row in rows for index in row]
         tiles = [center_crop(thumbnail(image), [size, size]) if image is not None
                  else torch.zeros(3, size, size) for image in decoded]  # black: an unreadable file
         self.writer.add_image("mining/triplets", make_grid(tiles, nrow=3, padding=2), self.step)

@@ -72,17 +72,20 @@ def test_run_writes_config_checkpoints_tensorboard_and_results(tmp_path, flowers
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-@pytest.mark.parametrize("miner", ["batch", "algorithm1"])
+@pytest.mark.parametrize("miner, memory", [("batch", 0), ("algorithm1", 0), ("batch", 10)])
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, flowers_subset, monkeypatch, grad_accum,
-                                                         miner):
+                                                         miner, memory):
+    """memory: the cross-batch memory's embeddings travel in the checkpoint (else steps 4-6 mine less)."""
     manifest = flowers_subset({"train": [1, 2, 3]})
     (tmp_path / "a").mkdir()
     straight = tiny_config(tmp_path / "a", manifest, miner, grad_accum=grad_accum)
+    straight["mining"]["memory"] = memory
     assert train.main(["--config", write(tmp_path / "a", straight), "--skip-final-eval"]) == 0
     expected = torch.load(tmp_path / "a" / "run" / "last.pth", weights_only=True)["state_dict"]
 
     (tmp_path / "b").mkdir()
     crashed = tiny_config(tmp_path / "b", manifest, miner, grad_accum=grad_accum)
+    crashed["mining"]["memory"] = memory
     original = Trainer.train_step
 
     def crash_at_step_five(self):
