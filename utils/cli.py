@@ -21,7 +21,7 @@ import sys
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .memory import reuse_freed_memory
+from .memory import bound_primitive_cache, reuse_freed_memory
 
 
 class RunStopped(RuntimeError):
@@ -136,6 +136,7 @@ def run_cli(main: Callable[[], int | None], **logging_options) -> int:
     ``exit_code``), Ctrl-C is ``interrupted`` and 130."""
     setup_logging(**logging_options)
     reuse_freed_memory()
+    bound_primitive_cache()
     try:
         return main() or 0
     except USER_ERRORS as error:
