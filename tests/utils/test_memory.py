@@ -7,7 +7,8 @@ from msretrieval.utils.cli import run_cli
 
 
 def test_a_command_runs_with_onednns_primitive_cache_capped_at_64(monkeypatch):
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # so that monkeypatch restores the original
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
     seen = []
     assert run_cli(lambda: seen.append(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))) == 0
     assert seen == ["64"]
