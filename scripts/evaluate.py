@@ -135,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(PCA-whitening) or lw (cirtorch's learned whitening, from same-label pairs)")
     parser.add_argument("--whiten-dims", type=positive_int, default=None,
                         help="keep the first N whitened dimensions (default: all)")
+    parser.add_argument("--descriptor-scales", type=_scales, default=(1.0,),
+                        help="trained float networks (run:, model:): sum the descriptors of the image resized by "
+                             "these factors, comma-separated (cirtorch's multi-scale: 1,0.707,1.414; default 1)")
     parser.add_argument("--out", default=None, help="results JSON path")
     return parser.parse_args(argv)
 
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
                             max_regions=args.max_regions, region_size=args.region_size,
                             word_budget=args.word_budget, kernel_words=args.words,
                             kernel_max_features=args.max_features, kernel_scales=args.scales,
-                            kernel_database_scales=args.database_scales,
+                            kernel_database_scales=args.database_scales, descriptor_scales=args.descriptor_scales,
                             kernel_fit_images=args.fit_images, kernel_gamma=args.kernel_gamma,
                             region_score_threshold=args.region_score_threshold,
                             region_nms_threshold=args.region_nms_threshold, cache_dir=args.cache_dir or None)

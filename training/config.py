@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 #: Sections whose keys are free-form or lists (not checked key by key against the defaults).
 _OPAQUE = {("mining", "schedule"), ("model", "trainable"), ("eval", "baselines"), ("data", "crop_scale"),
-           ("mining", "loss_band")}
+           ("mining", "loss_band"), ("eval", "scales")}
 
 
 def merge(defaults: dict, given: dict, path: tuple[str, ...] = ()) -> dict:
@@ -211,6 +211,12 @@ def validate(config: dict) -> None:
     need(ecfg["batch_size"] >= 1, f"eval.batch_size must be >= 1, got {ecfg['batch_size']}")
     need(ecfg["workers"] >= 0, f"eval.workers must be >= 0, got {ecfg['workers']}")
     need(ecfg["limit"] is None or ecfg["limit"] >= 1, f"eval.limit must be >= 1 or null (all), got {ecfg['limit']}")
+    scales = ecfg["scales"]
+    need(isinstance(scales, list) and scales and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     and v > 0 for v in scales) and len(set(scales)) == len(scales),
+         f"eval.scales must be a list of distinct positive numbers, got {scales!r}")
+    need(scales == [1] or not config["model"]["head"]["hash_bits"],
+         f"eval.scales = {scales}: multi-scale descriptors need a float network (model.head.hash_bits is set)")
     baselines = ecfg["baselines"]
     need(isinstance(baselines, list) and all(isinstance(name, str) for name in baselines),
          f"eval.baselines must be a list of method names, got {baselines!r}")

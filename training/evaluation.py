@@ -27,7 +27,7 @@ def final_evaluation(config: dict, run_dir: Path, data_root: Path, device: str =
                             share_backbone=True)
     baselines = [create_method(name, context) for name in ecfg["baselines"]]
     results = evaluate_methods(baselines, benchmark, settings, together=True) if baselines else []
-    trained = TrainedModelMethod.from_spec(f"run:{run_dir}")
+    trained = TrainedModelMethod.from_spec(f"run:{run_dir}", scales=tuple(ecfg["scales"]))
     log.info("evaluating %s", trained.checkpoint)
     trained.name = f"{mcfg['architecture']} (trained)"
     results.append(evaluate_method(trained, benchmark, settings))

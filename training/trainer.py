@@ -528,7 +528,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             ecfg = self.config["eval"]
             benchmark = LabelledBenchmark(name="validation", images=self.val_set)
-            method = TrainedModelMethod(self.unwrapped, name="model")
+            method = TrainedModelMethod(self.unwrapped, name="model", scales=tuple(ecfg["scales"]))
             settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg["batch_size"],
                                     device=str(self.device), cache_dir=None, num_workers=ecfg["workers"])
             metrics = evaluate_method(method, benchmark, settings).metrics

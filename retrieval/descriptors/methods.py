@@ -60,6 +60,8 @@ class MethodContext:
     kernel_scales: tuple[float, ...] | None = None
     kernel_database_scales: tuple[float, ...] | None = None  # the database side's scales (None: kernel_scales)
     kernel_fit_images: int | None = None
+    #: trained float networks: image scales whose descriptors are summed (cirtorch's multi-scale), e.g. (1, 0.707, 1.414)
+    descriptor_scales: tuple[float, ...] = (1.0,)
     kernel_gamma: str = "default"
     region_score_threshold: float | None = None  # None: the detector checkpoint's
     region_nms_threshold: float | None = None

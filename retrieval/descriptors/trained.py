@@ -11,11 +11,13 @@ from the cost of the sign. A suffix ``sSEED`` (``itq@64s3:run:DIR``) changes ITQ
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from msretrieval.models.backbones import Preprocessing
 from msretrieval.models.hashing import learn_itq
@@ -56,19 +58,31 @@ def file_fingerprint(path: Path) -> str:
 
 
 class TrainedModelMethod(RetrievalMethod):
-    """A frozen :class:`RetrievalNet` from a checkpoint (packed codes and Hamming ranking if it hashes)."""
+    """A frozen :class:`RetrievalNet` from a checkpoint (packed codes and Hamming ranking if it hashes).
 
-    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None = None):
+    ``scales`` other than (1,): a float network's descriptor is the L2-normalised sum of its descriptors of the
+    image resized by each factor (bilinear; antialiased when shrinking), as cirtorch's ``extract_ms`` (which
+    uses 1, 1/sqrt(2) and sqrt(2))."""
+
+    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None = None,
+                 scales: tuple[float, ...] = (1.0,)):
         super().__init__(name)
         self.model = model.eval()
         self.checkpoint = checkpoint
         self._fingerprint = file_fingerprint(checkpoint) if checkpoint is not None else None
         self.bits = model.hash_bits
         self.descriptor_kind = "float32" if self.bits is None else "binary"
+        self.scales = tuple(float(scale) for scale in scales)
+        if not self.scales or any(not 0 < scale < math.inf for scale in self.scales):
+            raise UserError(f"{name}: descriptor scales must be positive numbers, got {scales}")
+        if self.scales != (1.0,) and self.bits is not None:
+            raise UserError(f"{name}: multi-scale descriptors need a float network; this one hashes")
 
     @classmethod
-    def from_spec(cls, spec: str, shared: dict | None = None) -> "TrainedModelMethod":
-        """``run:DIR`` / ``model:FILE``, or ``itq@BITS[sSEED]:`` / ``pca@DIMS:`` before either.
+    def from_spec(cls, spec: str, shared: dict | None = None, scales: tuple[float, ...] = (1.0,)
+                  ) -> "TrainedModelMethod":
+        """``run:DIR`` / ``model:FILE``, or ``itq@BITS[sSEED]:`` / ``pca@DIMS:`` before either (``scales``: the
+        plain network's descriptor scales; the projections describe at scale 1).
 
         Methods built with one ``shared`` dict (a harness run's) load each checkpoint once, so they share
         its backbone forward when extracted together and its training descriptors when fitted."""
@@ -80,7 +94,7 @@ class TrainedModelMethod(RetrievalMethod):
             shared[key] = load_model(path)
         model = shared[key]
         if projected is None:
-            return cls(model, name=spec, checkpoint=path)
+            return cls(model, name=spec, checkpoint=path, scales=scales)
         kind, dims, seed = projected.group("kind"), int(projected.group("dims")), projected.group("seed")
         if kind == "pca":
             if seed is not None:
@@ -93,14 +107,21 @@ class TrainedModelMethod(RetrievalMethod):
         return self.model.preprocessing
 
     def config(self) -> dict:
-        return {"name": self.name, "model": self.model.config(), "checkpoint": str(self.checkpoint),
-                "fingerprint": self._fingerprint}
+        config = {"name": self.name, "model": self.model.config(), "checkpoint": str(self.checkpoint),
+                  "fingerprint": self._fingerprint}
+        if self.scales != (1.0,):  # single-scale keys stay those of earlier caches
+            config["scales"] = list(self.scales)
+        return config
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if self.bits is None:
+        if self.bits is not None:
+            return torch.from_numpy(pack_bits(self.model.codes(images).cpu().numpy()))
+        if self.scales == (1.0,):
             return self.model(images)
-        return torch.from_numpy(pack_bits(self.model.codes(images).cpu().numpy()))
+        total = sum(self.model(images if scale == 1 else F.interpolate(
+            images, scale_factor=scale, mode="bilinear", align_corners=False)).float() for scale in self.scales)
+        return F.normalize(total, dim=-1)
 
     def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
         if self.bits is None:
@@ -195,4 +216,4 @@ class PCATrainedMethod(_FittedProjection):
 @register_method_pattern(PROJECTED_SPEC.pattern, "itq@BITS:run:RUN_DIR")
 def _trained(spec: str, context: MethodContext) -> TrainedModelMethod:
     """Trained networks describe themselves: the context's backbone choice does not apply."""
-    return TrainedModelMethod.from_spec(spec, shared=context._shared)
+    return TrainedModelMethod.from_spec(spec, shared=context._shared, scales=context.descriptor_scales)

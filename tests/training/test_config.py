@@ -128,6 +128,9 @@ def test_hashing_losses_are_built_for_the_code_length():
     ({"eval": {"benchmark": "oxford5k"}}, "eval.benchmark must be flowers102, flowers102-clutter, csv:PATH[:SPLIT] or "
                                           "revisitop:NAME, got 'oxford5k'"),
     ({"eval": {"limit": 0}}, "eval.limit must be >= 1 or null (all), got 0"),
+    ({"eval": {"scales": [1.0, -1]}}, "eval.scales must be a list of distinct positive numbers, got [1.0, -1]"),
+    ({"eval": {"scales": [1.0, 0.5]}, "model": {"head": {"hash_bits": 16}}},
+     "eval.scales = [1.0, 0.5]: multi-scale descriptors need a float network (model.head.hash_bits is set)"),
     ({"seed": -1}, "seed must be >= 0, got -1"),
 ])
 def test_impossible_values_fail_with_the_exact_message(tmp_path, given, message):
