@@ -42,7 +42,7 @@ main: venv
 	  echo "Flowers-102 not found in $(or $(DATA_ROOT),../shared/data ./data ./datasets): downloading it into $(DOWNLOAD_ROOT)"; \
 	  $(PY) scripts/prepare_flowers102.py --data-root $(DOWNLOAD_ROOT) || exit 2; root=$(DOWNLOAD_ROOT); \
 	fi; \
-	$(PY) train.py --data-root "$$root" $(ARGS)
+	$(PY) train.py --config configs/main.yaml --data-root "$$root" $(ARGS)
 
 baselines: venv
 	@root=$$($(FIND_DATA)); $(PY) scripts/evaluate.py --data-root "$${root:-$(DOWNLOAD_ROOT)}" --benchmark flowers102 \
@@ -51,7 +51,7 @@ baselines: venv
 
 # The ablation of docs/training.md (head, miner, training resolution at the main job's budget; ~1 h 50 min on 2 cores).
 ablation: venv
-	@root=$$($(FIND_DATA)); $(PY) scripts/ablation.py --data-root "$${root:-$(DOWNLOAD_ROOT)}"
+	@root=$$($(FIND_DATA)); $(PY) scripts/ablation.py --config configs/main.yaml --data-root "$${root:-$(DOWNLOAD_ROOT)}"
 
 bench: venv
 	$(PY) scripts/bench_metrics.py
