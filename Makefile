@@ -49,9 +49,10 @@ baselines: venv
 		--together --method gem --method gap --method scda --method scda_plus --method scda_flip_plus \
 		--backbone tf_efficientnet_lite0 --out runs/baselines/results.json
 
-# The ablation of docs/training.md (head, miner, training resolution at the main job's budget; ~1 h 50 min on 2 cores).
+# The ablation of docs/training.md (memory, frozen blocks, descriptor scales, head, miner, training resolution at
+# the main job's budget; ~3 h on 2 cores).
 ablation: venv
-	@root=$$($(FIND_DATA)); $(PY) scripts/ablation.py --config configs/main.yaml --data-root "$${root:-$(DOWNLOAD_ROOT)}"
+	@root=$$($(FIND_DATA)); $(PY) scripts/ablation.py --data-root "$${root:-$(DOWNLOAD_ROOT)}"
 
 bench: venv
 	$(PY) scripts/bench_metrics.py

@@ -2,7 +2,7 @@
 """Run train.py once per variant of a config and print one table (validation mAP, test mAP and R@1,
 training minutes).
 
-    python scripts/ablation.py                          # the head, miner and resolution rows of docs/training.md
+    python scripts/ablation.py                          # the rows of docs/training.md (configs/main.yaml)
     python scripts/ablation.py --variant "gem: model.architecture=gem" --variant "K16: model.head.num_clusters=16"
 
 Each variant is ``NAME: override override ...`` applied to ``--config`` (default: the main job). The
@@ -24,10 +24,15 @@ from msretrieval.utils.cli import run_cli
 from msretrieval.utils.errors import UserError
 
 DEFAULT_VARIANTS = [
-    "msnetvlad + batch schedule (default):",
+    "main job (configs/main.yaml):",
+    "no cross-batch memory: mining.memory=0",
+    "memory 1024: mining.memory=1024",
+    "all blocks trained: model.trainable=[all]",
+    "descriptor at scale 1: eval.scales=[1.0]",
+    "descriptor at 3 scales: eval.scales=[1.0,0.7071,1.4142]",
     "gem: model.architecture=gem",
     "netvlad: model.architecture=netvlad",
-    "algorithm1: mining.miner=algorithm1",
+    "algorithm1: mining.miner=algorithm1 mining.memory=0",
     "semihard: mining.miner=semihard",
     "hard: mining.miner=hard",
     "train 128 px: data.train_size=128",
@@ -44,7 +49,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "main.yaml"))
     parser.add_argument("--variant", action="append",
                         help="NAME: overrides (repeatable; default: the ablation of docs/training.md)")
     parser.add_argument("--out", default="runs/ablation", help="parent folder of the runs")

@@ -107,7 +107,6 @@ def validate(config: dict) -> None:
     """Values that cannot work, caught before any image is read or a model is built. Each message names the
     key, the value and what is accepted. (Checks that need the data: :func:`check_inputs`.)"""
     from msretrieval.losses import LOSS_NAMES
-    from msretrieval.losses.factory import HASHING_LOSSES
     from msretrieval.miners import MINER_NAMES, MiningSchedule
     from msretrieval.models.retrieval_net import available_models
 
@@ -143,9 +142,6 @@ def validate(config: dict) -> None:
          f"mining.classes and mining.per_class must be >= 2, got {mining['classes']} x {mining['per_class']}")
     need(mining["refresh_every"] >= 1, f"mining.refresh_every must be >= 1, got {mining['refresh_every']}")
     need(mining["memory"] >= 0, f"mining.memory must be >= 0 (0: none), got {mining['memory']}")
-    need(not mining["memory"] or (mining["miner"] != "algorithm1" and config["loss"]["name"] not in HASHING_LOSSES),
-         f"mining.memory = {mining['memory']} needs an in-batch miner (batch, semihard, hard) and a triplet or "
-         f"contrastive loss, got miner {mining['miner']!r} with loss {config['loss']['name']!r}")
     need(mining["miner"] != "algorithm1" or train["triplets_per_step"] % train["grad_accum"] == 0,
          f"train.triplets_per_step ({train['triplets_per_step']}) must be a multiple of train.grad_accum "
          f"({train['grad_accum']}): a step's triplets are split evenly over its micro-batches")
@@ -215,8 +211,6 @@ def validate(config: dict) -> None:
     need(isinstance(scales, list) and scales and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                      and v > 0 for v in scales) and len(set(scales)) == len(scales),
          f"eval.scales must be a list of distinct positive numbers, got {scales!r}")
-    need(scales == [1] or not config["model"]["head"]["hash_bits"],
-         f"eval.scales = {scales}: multi-scale descriptors need a float network (model.head.hash_bits is set)")
     baselines = ecfg["baselines"]
     need(isinstance(baselines, list) and all(isinstance(name, str) for name in baselines),
          f"eval.baselines must be a list of method names, got {baselines!r}")

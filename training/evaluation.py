@@ -15,6 +15,11 @@ from msretrieval.retrieval.descriptors.trained import TrainedModelMethod
 log = logging.getLogger(__name__)
 
 
+def descriptor_scales(config: dict) -> tuple[float, ...]:
+    """The trained network's descriptor scales (``eval.scales``); a hashing network's codes are of scale 1."""
+    return (1.0,) if config["model"]["head"]["hash_bits"] else tuple(config["eval"]["scales"])
+
+
 def final_evaluation(config: dict, run_dir: Path, data_root: Path, device: str = "cpu") -> dict:
     """Baselines (one shared pass, pretrained weights of the run's backbone) and ``run:RUN_DIR`` (best.pth,
     chosen on the validation classes, else last.pth) on ``eval.benchmark``; the report dict of the harness."""
@@ -27,7 +32,7 @@ def final_evaluation(config: dict, run_dir: Path, data_root: Path, device: str =
                             share_backbone=True)
     baselines = [create_method(name, context) for name in ecfg["baselines"]]
     results = evaluate_methods(baselines, benchmark, settings, together=True) if baselines else []
-    trained = TrainedModelMethod.from_spec(f"run:{run_dir}", scales=tuple(ecfg["scales"]))
+    trained = TrainedModelMethod.from_spec(f"run:{run_dir}", scales=descriptor_scales(config))
     log.info("evaluating %s", trained.checkpoint)
     trained.name = f"{mcfg['architecture']} (trained)"
     results.append(evaluate_method(trained, benchmark, settings))

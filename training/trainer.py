@@ -67,6 +67,7 @@ from .batches import Batch, ClassBalancedBatches, MiningPoolBatches, without_sel
 from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, save_checkpoint, save_step_checkpoint,
                          set_rng_state)
 from .data import BadTrainingData, ImageBatches, derived_seed, load_training_set, split_validation_classes
+from .evaluation import descriptor_scales
 from .distributed import broadcast_from_main, gather_rows, gather_with_grad, shard_slice
 from .optimization import build_optimizer, evaluation_mode, freeze, set_train_mode
 
@@ -155,8 +156,10 @@ class Trainer:
         else:
             self.batches = ClassBalancedBatches(self.labels, mining["classes_per_batch"],
                                                 mining["images_per_class"], self.seed)
-        #: in-batch mining also over past batches' embeddings (config validation: in-batch miners only)
-        self.memory = EmbeddingMemory(mining["memory"]) if mining["memory"] else None
+        #: in-batch mining also over past batches' embeddings (Algorithm 1 mines its own mining batch, and csq /
+        #: dpsh use no triplets: neither has one)
+        in_batch = isinstance(self.batches, ClassBalancedBatches) and not self.code_loss
+        self.memory = EmbeddingMemory(mining["memory"]) if mining["memory"] and in_batch else None
         self.step = 0
         self.best = -1.0
         self.timing = {"train_seconds": 0.0, "images": 0, "validation_seconds": 0.0}
@@ -528,7 +531,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             ecfg = self.config["eval"]
             benchmark = LabelledBenchmark(name="validation", images=self.val_set)
-            method = TrainedModelMethod(self.unwrapped, name="model", scales=tuple(ecfg["scales"]))
+            method = TrainedModelMethod(self.unwrapped, name="model", scales=descriptor_scales(self.config))
             settings = EvalSettings(image_size=ecfg["image_size"], batch_size=ecfg["batch_size"],
                                     device=str(self.device), cache_dir=None, num_workers=ecfg["workers"])
             metrics = evaluate_method(method, benchmark, settings).metrics

@@ -101,7 +101,7 @@ def test_in_batch_triplets_never_pair_an_image_with_itself(tmp_path, one_thread)
     first = [row for row in rows[1:] if row.split(",")[class_column] == "1"]  # the first class
     manifest.write_text("\n".join([rows[0], *first[:2], *(r for r in rows[1:] if r not in first)]) + "\n")
     config = tiny_config(tmp_path / "run", manifest, steps=2)
-    config["mining"].update(classes_per_batch=3, images_per_class=4)
+    config["mining"].update(classes_per_batch=3, images_per_class=4, memory=0)  # the batch alone (memory: test_memory)
     trainer = start_trainer(tmp_path, config)
 
     class EveryTriplet:
@@ -116,13 +116,14 @@ def test_in_batch_triplets_never_pair_an_image_with_itself(tmp_path, one_thread)
             return a, p, n
 
     trainer.miner = EveryTriplet()
-    kept = []
-    loss = trainer.loss.forward
-    trainer.loss.forward = lambda embeddings, labels, triplets: kept.append(
-        (trainer._last[0].indices, *[t.tolist() for t in triplets])) or loss(embeddings, labels, triplets)
+    batches, kept = [], []
+    next_batch, loss = trainer.batches.next, trainer.loss.forward
+    trainer.batches.next = lambda step: (lambda batch: batches.append(batch.indices) or batch)(next_batch(step))
+    trainer.loss.forward = lambda embeddings, labels, triplets, *reference: kept.append(
+        [t.tolist() for t in triplets]) or loss(embeddings, labels, triplets, *reference)
     run_steps(trainer, 2)
     assert len(kept) == 2
-    for indices, anchors, positives, negatives in kept:
+    for indices, (anchors, positives, negatives) in zip(batches, kept):
         labels = trainer.labels[indices]
         expected = [(a, p, n) for a in range(12) for p in range(12) for n in range(12)
                     if a != p and labels[a] == labels[p] != labels[n] and indices[a] != indices[p]]

@@ -112,12 +112,6 @@ def test_hashing_losses_are_built_for_the_code_length():
     ({"model": {"head": {"out_dim": 0}}}, "model.head.out_dim must be >= 1 or null (no projection), got 0"),
     ({"mining": {"refresh_every": 0}}, "mining.refresh_every must be >= 1, got 0"),
     ({"mining": {"memory": -1}}, "mining.memory must be >= 0 (0: none), got -1"),
-    ({"mining": {"memory": 64, "miner": "algorithm1"}},
-     "mining.memory = 64 needs an in-batch miner (batch, semihard, hard) and a triplet or contrastive loss, got miner "
-     "'algorithm1' with loss 'triplet'"),
-    ({"mining": {"memory": 64}, "loss": {"name": "csq"}, "model": {"head": {"hash_bits": 16}}},
-     "mining.memory = 64 needs an in-batch miner (batch, semihard, hard) and a triplet or contrastive loss, got miner "
-     "'batch' with loss 'csq'"),
     ({"mining": {"schedule": [{"semi_hard_probability": 2.0}]}},
      "mining.schedule: semi_hard_probability must be in [0, 1], got 2.0 (a list of phases {until_step, "
      "semi_hard_probability, hard_threshold, refresh_every}, the last without until_step)"),
@@ -129,8 +123,6 @@ def test_hashing_losses_are_built_for_the_code_length():
                                           "revisitop:NAME, got 'oxford5k'"),
     ({"eval": {"limit": 0}}, "eval.limit must be >= 1 or null (all), got 0"),
     ({"eval": {"scales": [1.0, -1]}}, "eval.scales must be a list of distinct positive numbers, got [1.0, -1]"),
-    ({"eval": {"scales": [1.0, 0.5]}, "model": {"head": {"hash_bits": 16}}},
-     "eval.scales = [1.0, 0.5]: multi-scale descriptors need a float network (model.head.hash_bits is set)"),
     ({"seed": -1}, "seed must be >= 0, got -1"),
 ])
 def test_impossible_values_fail_with_the_exact_message(tmp_path, given, message):
