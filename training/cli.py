@@ -1,7 +1,7 @@
 """The training command (``train.py``, ``msretrieval-train``): train a retrieval network end to end, then
 evaluate it frozen next to the unsupervised baselines.
 
-    python train.py                                   # the main job (configs/default.yaml)
+    python train.py --config configs/main.yaml        # the main job (make main; configs/default.yaml: the defaults)
     python train.py --config configs/smoke.yaml train.steps=100 mining.miner=algorithm1
     python train.py --resume runs/flowers102          # continue a run exactly where its newest checkpoint left it
     accelerate launch --multi_gpu --num_processes 2 train.py --config configs/smoke.yaml

@@ -39,23 +39,25 @@ def test_the_reference_set_is_the_batch_with_its_gradient_then_the_memory():
 
 def test_the_memory_gives_hard_triplets_a_separated_batch_lacks_and_never_pairs_an_image_with_itself():
     """Batch: image 0 (class 0) at x = 0, image 1 (class 1) at x = 10: no hard triplet (d(a, n) <= d(a, p)).
-    Memory: image 2 (class 0) at x = 3, image 3 (class 1) at x = 1, and an older copy of image 0 at x = 0.5.
-    Squared distances from anchor image 0: positives image 2 (9) and its own copy (0.25, dropped: the same
-    image), negative image 3 (1): hard is (0, image 2, image 3) only. From anchor image 1 (x = 10): positive
-    image 3 (81), negatives image 2 (49), image 0's copy (90.25) and image 0 (100): hard is (1, 3, 2)."""
+    Memory: an older copy of image 0 at x = 2, image 2 (class 0) at x = 3, image 3 (class 1) at x = 1.
+    Squared distances from anchor image 0: positives its copy (4: the same image, dropped, though (0, copy, 3)
+    is hard) and image 2 (9), negative image 3 (1): hard is (0, image 2, image 3). From anchor image 1
+    (x = 10): positive image 3 (81), negatives image 2 (49), image 0's copy (64) and image 0 (100): hard are
+    (1, 3, 2) and (1, 3, copy of 0)."""
     miner = create_miner("hard", create_loss("triplet"), seed=0)
     batch, labels, indices = rows([0.0], [10.0]), torch.tensor([0, 1]), torch.tensor([0, 1])
     assert len(miner(batch, labels)[0]) == 0
     memory = EmbeddingMemory(8)
-    memory.add(rows([0.5], [3.0], [1.0]), torch.tensor([0, 0, 1]), torch.tensor([0, 2, 3]))
+    memory.add(rows([2.0], [3.0], [1.0]), torch.tensor([0, 0, 1]), torch.tensor([0, 2, 3]))
     reference, reference_labels, reference_indices = memory.reference(batch, labels, indices)
     mined = miner(batch, labels, reference, reference_labels)
+    assert len(mined[0]) == 4  # (0, copy of 0, 3) among them
     anchors, positives, negatives = without_self_pairs(mined, indices, reference_indices)
     found = sorted(zip(indices[anchors].tolist(), reference_indices[positives].tolist(),
                        reference_indices[negatives].tolist()))
-    assert found == [(0, 2, 3), (1, 3, 2)]
+    assert found == [(0, 2, 3), (1, 3, 0), (1, 3, 2)]
     loss = create_loss("triplet")(batch, labels, (anchors, positives, negatives), reference, reference_labels)
-    assert loss.item() == pytest.approx(((0.1 + 9 - 1) + (0.1 + 81 - 49)) / 2)  # both terms are non-zero
+    assert loss.item() == pytest.approx(((0.1 + 9 - 1) + (0.1 + 81 - 64) + (0.1 + 81 - 49)) / 3)
 
 
 def test_the_memory_travels_in_a_checkpoint():
