@@ -50,7 +50,7 @@ baselines: venv
 		--backbone tf_efficientnet_lite0 --out runs/baselines/results.json
 
 # The ablation of docs/training.md (memory, frozen blocks, descriptor scales, head, miner, training resolution at
-# the main job's budget; ~3 h on 2 cores).
+# the main job's budget; about 10 min a row, ~2 h 10 min on 2 cores).
 ablation: venv
 	@root=$$($(FIND_DATA)); $(PY) scripts/ablation.py --data-root "$${root:-$(DOWNLOAD_ROOT)}"
 
