@@ -67,8 +67,8 @@ from .batches import Batch, ClassBalancedBatches, MiningPoolBatches, without_sel
 from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, save_checkpoint, save_step_checkpoint,
                          set_rng_state)
 from .data import BadTrainingData, ImageBatches, derived_seed, load_training_set, split_validation_classes
-from .evaluation import descriptor_scales
 from .distributed import broadcast_from_main, gather_rows, gather_with_grad, shard_slice
+from .evaluation import descriptor_scales
 from .optimization import build_optimizer, evaluation_mode, freeze, set_train_mode
 
 log = logging.getLogger(__name__)
@@ -299,18 +299,16 @@ class Trainer:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
                     self._last_triplets = [indices[t] for t in triplets]
                     return self.loss(embeddings, labels, triplets)
-                if self.memory is None:
+                if self.memory is None:  # the batch is its own reference set
                     mined = broadcast_from_main(self.miner(embeddings.detach(), labels))
-                    reference = reference_labels = None
-                    triplets = without_self_pairs(mined, indices)
-                    reference_indices = indices
+                    reference, reference_labels, reference_indices = None, None, indices
                 else:  # anchors from the batch; positives and negatives from the batch, then the memory
                     reference, reference_labels, reference_indices = self.memory.reference(embeddings, labels,
                                                                                            indices)
                     mined = broadcast_from_main(self.miner(embeddings.detach(), labels, reference.detach(),
                                                            reference_labels))
-                    triplets = without_self_pairs(mined, indices, reference_indices)
                     values["mining/memory_size"] = len(self.memory)
+                triplets = without_self_pairs(mined, indices, reference_indices)
                 values.update({f"mining/{k}": float(v) for k, v in self.miner.last_stats.items()})
                 values["mining/num_triplets"] = len(triplets[0])  # what the loss gets (self-pairs dropped)
                 self._last_triplets = [indices[triplets[0]], reference_indices[triplets[1]],

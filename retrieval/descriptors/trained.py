@@ -61,8 +61,8 @@ class TrainedModelMethod(RetrievalMethod):
     """A frozen :class:`RetrievalNet` from a checkpoint (packed codes and Hamming ranking if it hashes).
 
     ``scales`` other than (1,): a float network's descriptor is the L2-normalised sum of its descriptors of the
-    image resized by each factor (bilinear; antialiased when shrinking), as cirtorch's ``extract_ms`` (which
-    uses 1, 1/sqrt(2) and sqrt(2))."""
+    image resized by each factor (``F.interpolate``, bilinear, ``align_corners=False``), as cirtorch's
+    ``extract_ms`` (which uses 1, 1/sqrt(2) and sqrt(2))."""
 
     def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None = None,
                  scales: tuple[float, ...] = (1.0,)):
