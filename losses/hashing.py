@@ -142,29 +142,41 @@ def hadamard_matrix(order: int) -> torch.Tensor:
 
 
 def hash_centres(bits: int, num_classes: int, seed: int = 0) -> torch.Tensor:
-    """(num_classes, bits) centres in {-1, +1}: CSQ's Algorithm 1.
+    """(num_classes, bits) centres in {-1, +1}: CSQ's Algorithm 1, with the centres in antipodal pairs.
 
-    When ``bits`` is a power of two and 2 * bits >= num_classes: the rows of [H_K; -H_K] in that order (any
-    two are bits / 2 apart in Hamming distance, except a row and its negation, bits apart). Otherwise every
-    bit is drawn from Bernoulli(0.5) with a generator seeded by ``seed``, so the centres are the same in
-    every run and process; their distances are only bits / 2 on average. A draw with two equal centres is
-    redrawn (the authors' notebook likewise redraws until its centres are far enough apart)."""
+    The centres are c_0, -c_0, c_1, -c_1, ... (the last one unpaired when ``num_classes`` is odd), so every
+    bit is +1 in exactly half of the centres (one more or less for an odd count) and no bit is the same in
+    every centre. CSQ's code takes the first rows of H_K (``ha_d[0:num_class]`` when num_class <= K): every
+    row of Sylvester's H_K starts with +1, so bit 0 is +1 in every centre and carries no class information
+    (with 10 classes, 4 of 64 bits are constant). Pairs keep CSQ's distances: two centres are bits / 2 apart
+    in Hamming distance, a centre and its negation bits apart.
+
+    When ``bits`` is a power of two and 2 * bits >= num_classes, c_i is row i of H_K. Otherwise every bit of
+    c_i is drawn from Bernoulli(0.5) with a generator seeded by ``seed``, so the centres are the same in every
+    run and process; their distances are only bits / 2 on average. A draw with two equal centres is redrawn
+    (the authors' notebook likewise redraws until its centres are far enough apart)."""
     if bits < 1 or num_classes < 1:
         raise ValueError(f"bits and num_classes must be >= 1, got {bits} and {num_classes}")
+    halves = (num_classes + 1) // 2  # the c_i; their negations complete the pairs
     power_of_two = not bits & (bits - 1)
     if power_of_two and 2 * bits >= num_classes:
-        hadamard = hadamard_matrix(bits)
-        return torch.cat([hadamard, -hadamard])[:num_classes]
+        return antipodal_pairs(hadamard_matrix(bits)[:halves], num_classes)
     reason = "is not a power of two" if not power_of_two else f"gives only {2 * bits} Hadamard centres"
     log.warning("CSQ: %d bits %s; drawing %d hash centres from Bernoulli(0.5) (seed %d), which are only "
                 "bits / 2 apart on average", bits, reason, num_classes, seed)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(_CENTRE_DRAWS):
-        centres = torch.randint(0, 2, (num_classes, bits), generator=generator).float() * 2 - 1
+        drawn = torch.randint(0, 2, (halves, bits), generator=generator).float() * 2 - 1
+        centres = antipodal_pairs(drawn, num_classes)
         if len(torch.unique(centres, dim=0)) == num_classes:
             return centres
     raise UserError(f"{_CENTRE_DRAWS} draws of {num_classes} random {bits}-bit hash centres (seed {seed}) all had "
                      "two centres that coincide: use more bits")
+
+
+def antipodal_pairs(codes: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` of codes[0], -codes[0], codes[1], -codes[1], ..."""
+    return torch.stack([codes, -codes], dim=1).flatten(0, 1)[:count]
 
 
 class CSQLoss(HashingLoss):

@@ -105,27 +105,35 @@ def test_hadamard_matrix_is_sylvesters():
         hadamard_matrix(12)
 
 
-def test_csq_centres_are_hadamard_rows_then_their_negations():
-    # H_4 (Sylvester) rows, then -H_4 rows.
+def test_csq_centres_are_hadamard_rows_each_followed_by_its_negation():
+    # H_4 (Sylvester) rows h_0 .. h_3, in the order h_0, -h_0, h_1, -h_1, ...
     h4 = [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]
-    assert hash_centres(4, 8).tolist() == h4 + [[-v for v in row] for row in h4]
-    assert hash_centres(4, 3).tolist() == h4[:3]
+    assert hash_centres(4, 8).tolist() == [code for row in h4 for code in (row, [-v for v in row])]
+    assert hash_centres(4, 3).tolist() == [h4[0], [-1, -1, -1, -1], h4[1]]
+
+
+@pytest.mark.parametrize("bits, num_classes", [(64, 2), (64, 10), (64, 45), (64, 128), (4, 3), (48, 2), (48, 7),
+                                               (8, 17)])
+def test_no_bit_is_the_same_in_every_centre(bits, num_classes):
+    """Issue 25: rows of H_K taken in order all start with +1, so bit 0 (and, with 10 classes of 64 bits, 3 more)
+    was +1 in every centre and wasted. Each bit is now +1 in half of the centres (one more or less when odd)."""
+    centres = hash_centres(bits, num_classes)
+    per_bit = centres.sum(dim=0)                                   # (+1s) - (-1s) of each bit over the centres
+    assert per_bit.abs().max() == num_classes % 2
+    assert len(centres.unique(dim=0)) == num_classes
 
 
 @pytest.mark.parametrize("bits", [8, 64])
 def test_hadamard_centres_are_plus_minus_one_and_exactly_half_the_bits_apart(bits):
-    centres = hash_centres(bits, bits)                       # rows of H_K only
-    assert set(centres.unique().tolist()) == {-1.0, 1.0}
-    distances = hamming(centres, centres)
-    off_diagonal = ~torch.eye(bits, dtype=torch.bool)
-    assert (distances[off_diagonal] == bits // 2).all()
-    both = hash_centres(bits, 2 * bits)                      # H_K and -H_K: a row and its negation are K apart
-    distances = hamming(both, both)
-    antipodal = torch.zeros(2 * bits, 2 * bits, dtype=torch.bool)
-    antipodal[torch.arange(bits), torch.arange(bits) + bits] = True
-    antipodal |= antipodal.T.clone()
-    others = ~antipodal & ~torch.eye(2 * bits, dtype=torch.bool)
-    assert (distances[others] == bits // 2).all() and (distances[antipodal] == bits).all()
+    # 2K centres: h_i and -h_i are K apart (antipodal pairs 2i, 2i + 1), any other two K / 2
+    for count in (bits, 2 * bits):
+        centres = hash_centres(bits, count)
+        assert set(centres.unique().tolist()) == {-1.0, 1.0}
+        distances = hamming(centres, centres)
+        pair = torch.arange(count) // 2
+        antipodal = (pair[:, None] == pair[None, :]) & ~torch.eye(count, dtype=torch.bool)
+        others = ~antipodal & ~torch.eye(count, dtype=torch.bool)
+        assert (distances[others] == bits // 2).all() and (distances[antipodal] == bits).all()
 
 
 def test_bernoulli_centres_when_bits_is_not_a_power_of_two_or_classes_exceed_2k(caplog):
@@ -142,7 +150,7 @@ def test_bernoulli_centres_when_bits_is_not_a_power_of_two_or_classes_exceed_2k(
 
 
 def test_csq_hand_computed():
-    # 2 bits, 3 classes: centres H_2 rows and -H_2[0]: c_0 = (1, 1), c_1 = (1, -1), c_2 = (-1, -1).
+    # 2 bits, 3 classes: centres h_0, -h_0, h_1 of H_2: c_0 = (1, 1), c_1 = (-1, -1), c_2 = (1, -1).
     # BCE((u + 1)/2, (c + 1)/2) per bit = -log((1 + c u) / 2):
     #   u = (0.5, -0.5), c_0: -log(0.75), -log(0.25)  -> mean -log(0.1875) / 2
     #   u = (0.0,  0.6), c_2: -log(0.5),  -log(0.2)   -> mean -log(0.1) / 2
@@ -160,7 +168,7 @@ def test_csq_equals_the_authors_bce_formula_on_random_codes():
     generator = torch.Generator().manual_seed(0)
     codes = torch.tanh(2 * torch.randn(20, 32, generator=generator, dtype=torch.float64))
     labels = torch.randint(0, 50, (20,), generator=generator)
-    centres = torch.cat([hadamard_matrix(32), -hadamard_matrix(32)])[labels].double()
+    centres = hash_centres(32, 50)[labels].double()
     expected = F.binary_cross_entropy(0.5 * (codes + 1), 0.5 * (centres + 1)) + 1e-4 * ((codes.abs() - 1) ** 2).mean()
     torch.testing.assert_close(CSQLoss(32, 50)(codes, labels), expected)
     summed = CSQLoss(32, 50, reducer=SumReducer())(codes, labels)          # per-code terms summed over the batch
