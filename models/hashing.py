@@ -31,6 +31,16 @@ def sign_codes(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+def codes_of_output(output: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes u in [-1, 1] of a hashing network's output u / sqrt(bits) (``models.retrieval_net.Head``).
+
+    Scaling back by sqrt(bits) is not exact in float32: a saturated tanh (u = +-1) comes back as +-1.0000001 at
+    24 and 96 bits (``1 * 24 ** -0.5 * 24 ** 0.5``), outside the cube CSQ checks, which stopped runs mid-way
+    once beta was high enough to saturate a bit. The clamp only moves such round-off (|u| <= 1 before the
+    scaling); its gradient is tanh's, zero where the bit is saturated."""
+    return (output * bits ** 0.5).clamp(-1.0, 1.0)
+
+
 class HashHead(nn.Module):
     """``Linear(in_dim, bits)`` -> tanh(beta * x) in training, {-1, +1} sign codes in eval mode.
 

@@ -54,7 +54,7 @@ from msretrieval.losses.factory import HASHING_LOSSES
 from msretrieval.losses.hashing import QuantizedLoss
 from msretrieval.miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
 from msretrieval.miners.memory import EmbeddingMemory
-from msretrieval.models.hashing import BetaSchedule
+from msretrieval.models.hashing import BetaSchedule, codes_of_output
 from msretrieval.models.retrieval_net import RetrievalNet, create_model
 from msretrieval.retrieval.evaluation.benchmarks import LabelledBenchmark
 from msretrieval.retrieval.evaluation.harness import EvalSettings, evaluate_method
@@ -294,7 +294,7 @@ class Trainer:
                 """The loss of the whole (gathered) batch, with this batch's triplets."""
                 if self.code_loss:  # the network outputs u / sqrt(bits)
                     classes = torch.as_tensor(self.class_index[batch.indices], device=self.device)
-                    return self.loss(embeddings * self.hash_bits ** 0.5, classes)
+                    return self.loss(codes_of_output(embeddings, self.hash_bits), classes)
                 if batch.triplets is not None:
                     triplets = tuple(t.to(self.device) for t in batch.triplets)
                     self._last_triplets = [indices[t] for t in triplets]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from msretrieval.models.hashing import BetaSchedule, HashHead, sign_codes
+from msretrieval.models.hashing import BetaSchedule, HashHead, codes_of_output, sign_codes
 from msretrieval.retrieval.search.binary import hamming_distances, pack_bits
 
 
@@ -96,6 +96,16 @@ def test_bad_head_arguments():
 def test_sign_codes_keep_dtype_and_map_zero_to_plus_one():
     x = torch.tensor([-0.0, 0.0, -1e-30, 3.0], dtype=torch.float64)
     assert sign_codes(x).tolist() == [1.0, 1.0, -1.0, 1.0] and sign_codes(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("bits", [24, 96])
+def test_codes_of_a_saturated_output_stay_in_the_cube(bits):
+    # A network's output is u / sqrt(K) in float32; scaled back, a saturated bit is 1.0000001192092896 at 24
+    # and 96 bits (the float32 after 1.0), which CSQ refuses.
+    output = torch.tensor([1.0, -1.0, 0.5]) * bits ** -0.5
+    assert (output * bits ** 0.5)[0].item() == 1.0000001192092896
+    codes = codes_of_output(output, bits)
+    assert codes[:2].tolist() == [1.0, -1.0] and codes[2].item() == pytest.approx(0.5, abs=1e-7)
 
 
 # --- BetaSchedule -------------------------------------------------------------------------------------------
