@@ -56,6 +56,19 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+@contextmanager
+def mining_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`evaluation_mode` for a mining round's embedding, except that a hashing layer (``head.hash``)
+    keeps its training output tanh(beta x). The miner must rank by the codes the loss then sees: eval mode's
+    sign codes are other codes (their squared distances are multiples of 4 / K, so most ranks are ties), and a
+    triplet mined on them can be easy, or wrongly ordered, for the relaxed codes trained (issue 25)."""
+    with evaluation_mode(model):
+        hash_layer = getattr(getattr(model, "head", None), "hash", None)
+        if hash_layer is not None:
+            hash_layer.train()
+        yield model
+
+
 def build_optimizer(model: nn.Module, optim: dict, steps: int
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with two groups (backbone ``lr``, head ``head_lr``); linear warm-up, then cosine or constant.

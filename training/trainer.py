@@ -69,7 +69,7 @@ from .checkpoint import (LAST, atomic_write, load_training_state, rng_state, sav
 from .data import BadTrainingData, ImageBatches, derived_seed, load_training_set, split_validation_classes
 from .distributed import broadcast_from_main, gather_rows, gather_with_grad, shard_slice
 from .evaluation import descriptor_scales
-from .optimization import build_optimizer, evaluation_mode, freeze, set_train_mode
+from .optimization import build_optimizer, freeze, mining_mode, set_train_mode
 
 log = logging.getLogger(__name__)
 #: What stops training gracefully (the first time; a second one stops at once).
@@ -260,12 +260,13 @@ class Trainer:
     @torch.no_grad()
     def embed_plain(self, indices: np.ndarray) -> torch.Tensor:
         """Unaugmented embeddings of ``indices`` (a mining batch), sharded over processes and gathered; the
-        same (N, D) device tensor on every process."""
+        same (N, D) device tensor on every process. A hashing network gives its relaxed training codes
+        (:func:`training.optimization.mining_mode`)."""
         acc = self.accelerator
         mine = np.asarray(indices)[shard_slice(len(indices), acc.process_index, acc.num_processes)]
         model = self.unwrapped
         chunk = self.config["train"]["forward_chunk"] or 64
-        with evaluation_mode(model), acc.autocast():
+        with mining_mode(model), acc.autocast():
             parts = [model(self.images.load(mine[s:s + chunk], batch=indices)).float()
                      for s in range(0, len(mine), chunk)]
         local = torch.cat(parts) if parts else torch.zeros(0, model.out_dim, device=self.device)

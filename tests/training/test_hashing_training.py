@@ -29,3 +29,60 @@ def test_csq_trains_on_saturated_codes(tmp_path, bits, one_thread):
     values = trainer.train_step()
     trainer.close()
     assert math.isfinite(values["train/loss"]) and values["hash/beta"] == 1e4
+
+
+def test_algorithm1_mines_the_relaxed_codes_the_loss_sees(tmp_path, one_thread):
+    """Algorithm 1's mining round embeds in eval mode, where a hashing layer gives sign codes (squared distances
+    all multiples of 4 / K, ties everywhere); the loss then sees tanh(beta x). The round must rank by the
+    latter: the mined embeddings are the training forward of the same (unaugmented) images."""
+    from msretrieval.miners.algorithm1 import squared_euclidean
+    from msretrieval.training.optimization import set_train_mode
+
+    bits = 16
+    config = hash_config(tmp_path, bits, per_class=12)
+    config["mining"].update(miner="algorithm1", refresh_every=1, classes=3, per_class=4)
+    trainer = start_trainer(tmp_path, config)
+    model, embed, rounds = trainer.unwrapped, trainer.batches.embed, []
+
+    def recorded(indices):
+        rounds.append((indices, embed(indices)))
+        assert model.training and model.head.hash.training  # the round runs inside the step, in train mode
+        return rounds[-1][1]
+
+    trainer.batches.embed = recorded
+    try:
+        trainer.train_step()
+        assert model.training and model.head.hash.training
+        indices, mined = rounds[0]
+        set_train_mode(model)
+        with torch.no_grad():
+            expected = model(trainer.images.load(indices))
+    finally:
+        trainer.close()
+    torch.testing.assert_close(mined, expected)
+    quarter_bits = squared_euclidean(mined, mined) * bits / 4       # Hamming distances for sign codes
+    assert (quarter_bits - quarter_bits.round()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("miner", ["algorithm1", "batch", "semihard", "hard"])
+def test_a_hash_network_trains_with_each_miner(tmp_path, miner, one_thread):
+    """Three steps of triplet training with quantization and bit-balance terms: every loss finite, some
+    triplet active (the metric term above zero), and the hashing layer moved."""
+    config = hash_config(tmp_path, 8, per_class=6)
+    config["mining"].update(miner=miner, images_per_class=3)
+    if miner == "algorithm1":
+        config["mining"].update(refresh_every=1, classes=3, per_class=4)
+        config["train"]["triplets_per_step"] = 3
+    config["loss"] = {"margin": 0.5, "quantization_weight": 0.1, "balance_weight": 0.1}
+    trainer = start_trainer(tmp_path, config)
+    start = trainer.unwrapped.head.hash.linear.weight.detach().clone()
+    steps = []
+    try:
+        for _ in range(3):
+            steps.append(trainer.train_step())
+            trainer.step += 1
+    finally:
+        trainer.close()
+    assert all(math.isfinite(values["train/loss"]) for values in steps)
+    assert max(values["loss/metric"] for values in steps) > 0
+    assert not torch.equal(trainer.unwrapped.head.hash.linear.weight, start)
