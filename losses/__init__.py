@@ -5,11 +5,11 @@ Build them by name with :func:`losses.factory.create_loss`.
 """
 from .contrastive import CirtorchContrastiveLoss, euclidean_distance
 from .factory import LOSS_NAMES, REDUCER_NAMES, create_loss, create_reducer
-from .hashing import (CSQLoss, DPSHLoss, HashingLoss, QuantizedLoss, bit_balance, hadamard_matrix, hash_centres,
-                      quantization_errors)
+from .hashing import (CSQLoss, DPSHLoss, HashingLoss, QuantizedLoss, SimilarityDistillation, bit_balance,
+                      hadamard_matrix, hash_centres, quantization_errors, similarity_distillation)
 from .triplet import SquaredEuclideanTripletLoss, squared_euclidean_distance
 
 __all__ = ["LOSS_NAMES", "REDUCER_NAMES", "CSQLoss", "CirtorchContrastiveLoss", "DPSHLoss", "HashingLoss",
-           "QuantizedLoss", "SquaredEuclideanTripletLoss", "bit_balance", "create_loss", "create_reducer",
-           "euclidean_distance", "hadamard_matrix", "hash_centres", "quantization_errors",
-           "squared_euclidean_distance"]
+           "QuantizedLoss", "SimilarityDistillation", "SquaredEuclideanTripletLoss", "bit_balance", "create_loss",
+           "create_reducer", "euclidean_distance", "hadamard_matrix", "hash_centres", "quantization_errors",
+           "similarity_distillation", "squared_euclidean_distance"]

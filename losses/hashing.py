@@ -4,6 +4,8 @@
   (e.g. the triplet or contrastive loss of this package) plus the two terms below.
 - :class:`CSQLoss` ``(bits, num_classes, quantization_weight=1e-4)``: Central Similarity Quantization.
 - :class:`DPSHLoss` ``(eta=0.1)``: DPSH's pairwise likelihood.
+- :class:`SimilarityDistillation` ``(weight)``: a term added to any of them, ``distill(codes, descriptors)``: the
+  codes' inner products follow the cosine similarities of the network's own float descriptors.
 
 Every one is a PML loss, called PML-style: ``loss(codes, labels, indices_tuple=None)``. ``compute_loss``
 returns each term under its own key of PML's loss dict, already multiplied by its weight, and PML's
@@ -16,6 +18,8 @@ Terms shared by the losses (N codes of K bits):
 - bit balance ``mean_k (mean_n u_nk)^2``: zero when every bit is +1 for half of the batch, so no bit is wasted
   on a near-constant (hashing's balanced-bits criterion, sum_n b_n = 0 in Spectral Hashing, Weiss et al.,
   NIPS 2008, as a penalty on the batch's relaxed codes).
+- similarity distillation ``mean_{i != j} (u_i . u_j / K - s_ij)^2``, s_ij the cosine similarity of the float
+  descriptors that the hashing layer codes (:func:`similarity_distillation`).
 """
 from __future__ import annotations
 
@@ -52,6 +56,24 @@ def bit_balance(codes: torch.Tensor) -> torch.Tensor:
     return codes.mean(dim=0).pow(2).mean()
 
 
+def similarity_distillation(codes: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
+    """(N, K) relaxed codes u, (N, D) float descriptors -> mean over the pairs i != j of
+    (u_i . u_j / K - cos(d_i, d_j))^2, a scalar (0 for fewer than two codes).
+
+    The descriptors are the teacher: their similarities are targets, detached, so the term trains the codes
+    (and, through the hashing layer, the network) towards the float model's similarities without moving the
+    float model to meet the codes. u . u / K and the cosines both lie in [-1, 1]; for sign codes
+    u_i . u_j / K = 1 - 2 Hamming / K, so the term asks Hamming distances to keep the float model's similarities
+    (its ranking within a class and across classes), which the labels alone do not constrain."""
+    count, bits = codes.shape
+    if count < 2:
+        return codes.new_zeros(())
+    unit = F.normalize(descriptors.detach().to(codes.dtype), dim=1)
+    error = codes @ codes.T / bits - unit @ unit.T
+    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=codes.device)
+    return error[off_diagonal].pow(2).mean()
+
+
 def _check_weight(name: str, value: float) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise UserError(f"{name} must be finite and >= 0, got {value}")
@@ -66,12 +88,10 @@ def _already_reduced(loss: torch.Tensor) -> dict:
     return {"losses": loss, "indices": None, "reduction_type": "already_reduced"}
 
 
-class HashingLoss(BaseMetricLossFunction):
-    """PML loss keeping the unweighted terms of its last call for logging (``last_terms``)."""
+class RecordsTerms:
+    """Keeps the unweighted terms of the last call for logging (``last_terms``)."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._last_terms: dict[str, torch.Tensor] = {}
+    _last_terms: dict[str, torch.Tensor] = {}  # replaced, never changed in place, by _record
 
     def _record(self, **terms: torch.Tensor) -> None:
         self._last_terms = {name: value.detach() for name, value in terms.items()}
@@ -80,6 +100,24 @@ class HashingLoss(BaseMetricLossFunction):
     def last_terms(self) -> dict[str, float]:
         """Unweighted terms of the last call (means over the batch), e.g. {"metric": ..., "quantization": ...}."""
         return {name: float(value) for name, value in self._last_terms.items()}
+
+
+class HashingLoss(RecordsTerms, BaseMetricLossFunction):
+    """PML loss keeping the unweighted terms of its last call for logging (``last_terms``)."""
+
+
+class SimilarityDistillation(RecordsTerms):
+    """``weight`` x :func:`similarity_distillation` of a batch's relaxed codes and the float descriptors the
+    hashing layer coded (the network's own, from the same forward pass: self-distillation). Not a PML loss:
+    its second input is the descriptors, not labels. ``last_terms``: {"distill": the unweighted term}."""
+
+    def __init__(self, weight: float):
+        self.weight = _check_weight("distill_weight", weight)
+
+    def __call__(self, codes: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
+        term = similarity_distillation(codes, descriptors)
+        self._record(distill=term)
+        return self.weight * term
 
 
 class QuantizedLoss(HashingLoss):

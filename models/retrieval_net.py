@@ -123,11 +123,12 @@ class Head(nn.Module):
         x = self.aggregate(fmap)
         return self.projection(x) if self.projection is not None else x
 
-    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+    def forward(self, fmap: torch.Tensor, with_descriptor: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The output; ``with_descriptor``: (output, the float descriptor it was computed from)."""
         x = self.descriptor(fmap)
-        if self.hash is None:
-            return x
-        return self.hash(x) * self.hash.bits ** -0.5  # unit length once the codes are +-1
+        out = x if self.hash is None else self.hash(x) * self.hash.bits ** -0.5  # unit length once the codes are +-1
+        return (out, x) if with_descriptor else out
 
 
 class GeMHead(Head):
@@ -205,8 +206,12 @@ class RetrievalNet(nn.Module):
         """Code length of a hashing network, None for a float one."""
         return self.head.hash.bits if getattr(self.head, "hash", None) is not None else None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.feature_map(images))
+    def forward(self, images: torch.Tensor, with_descriptor: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``with_descriptor``: (output, float descriptor), for a hashing network the descriptor before the
+        hashing layer from the same pass (the distillation term's teacher). A keyword of ``forward``, not
+        another method, so a DDP-wrapped network takes it too."""
+        return self.head(self.feature_map(images), with_descriptor)
 
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ _NULLABLE = {("train", "forward_chunk"), ("optim", "head_lr"), ("eval", "cache_d
 _NULL_DEFAULT_TYPES = {("data", "root"): str, ("model", "weights"): str, ("model", "init_from"): str,
                        ("model", "head", "out_dim"): int, ("model", "head", "hash_bits"): int,
                        ("loss", "quantization_weight"): float, ("loss", "balance_weight"): float,
+                       ("loss", "distill_weight"): float,
                        ("eval", "limit"): int}
 
 
@@ -179,14 +180,14 @@ def validate(config: dict) -> None:
          f"model.hash_beta needs beta0 > 0, gamma >= 0, power >= 0 and step_size >= 1, got {beta}")
     loss, bits = config["loss"], head["hash_bits"]
     need(loss["margin"] >= 0, f"loss.margin must be >= 0, got {loss['margin']}")
-    for key in ("quantization_weight", "balance_weight"):
+    for key in ("quantization_weight", "balance_weight", "distill_weight"):
         need(loss[key] is None or loss[key] >= 0, f"loss.{key} must be >= 0 or null, got {loss[key]}")
     need(bits is None or (bits >= 8 and bits % 8 == 0),
          f"model.head.hash_bits must be a positive multiple of 8 (codes are packed in bytes), got {bits}")
     need(bits is not None or (loss["name"] not in ("csq", "dpsh") and loss["quantization_weight"] is None
-                              and loss["balance_weight"] is None),
-         f"loss.name={loss['name']}, loss.quantization_weight and loss.balance_weight train hash codes: "
-         "set model.head.hash_bits")
+                              and loss["balance_weight"] is None and loss["distill_weight"] is None),
+         f"loss.name={loss['name']}, loss.quantization_weight, loss.balance_weight and loss.distill_weight train "
+         "hash codes: set model.head.hash_bits")
     need(loss["name"] not in ("csq", "dpsh") or (loss["balance_weight"] is None and mining["miner"] != "algorithm1"),
          f"the {loss['name']} loss takes no loss.balance_weight and no triplets (use mining.miner=batch: "
          "class-balanced batches)")

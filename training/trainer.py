@@ -51,7 +51,7 @@ from msretrieval.data.manifest import LabelledImageSet
 from msretrieval.data.transforms import EvalTransform
 from msretrieval.losses import create_loss
 from msretrieval.losses.factory import HASHING_LOSSES
-from msretrieval.losses.hashing import QuantizedLoss
+from msretrieval.losses.hashing import QuantizedLoss, SimilarityDistillation
 from msretrieval.miners import MiningPhase, MiningSchedule, create_miner, follows_schedule
 from msretrieval.miners.memory import EmbeddingMemory
 from msretrieval.models.hashing import BetaSchedule, codes_of_output
@@ -138,6 +138,9 @@ class Trainer:
         self.hash_bits = self.model.hash_bits
         self.beta_schedule = BetaSchedule(**mcfg["hash_beta"]) if self.hash_bits else None
         self.loss = build_loss(config["loss"], self.hash_bits, self.train_set.num_classes)
+        distill = config["loss"]["distill_weight"]  # hashing only (config validation)
+        #: the codes' similarities follow the float descriptors' (``loss.distill_weight``), or None
+        self.distill = SimilarityDistillation(distill) if distill is not None else None
         # csq / dpsh train the codes u themselves from class labels (no triplets): labels as 0..C-1
         self.code_loss = config["loss"]["name"] in HASHING_LOSSES
         self.class_index = np.searchsorted(np.unique(self.labels), self.labels)
@@ -291,8 +294,16 @@ class Trainer:
             labels = torch.as_tensor(self.labels[batch.indices], device=self.device)
             indices = torch.as_tensor(np.asarray(batch.indices), device=self.device)
 
-            def batch_loss(embeddings: torch.Tensor) -> torch.Tensor:
-                """The loss of the whole (gathered) batch, with this batch's triplets."""
+            def batch_loss(embeddings: torch.Tensor, descriptors: torch.Tensor | None) -> torch.Tensor:
+                """The loss of the whole (gathered) batch: the configured loss, plus the distillation term on
+                the batch's codes and float descriptors."""
+                loss = configured_loss(embeddings)
+                if self.distill is None:
+                    return loss
+                return loss + self.distill(codes_of_output(embeddings, self.hash_bits), descriptors)
+
+            def configured_loss(embeddings: torch.Tensor) -> torch.Tensor:
+                """The configured loss of the whole batch, with this batch's triplets."""
                 if self.code_loss:  # the network outputs u / sqrt(bits)
                     classes = torch.as_tensor(self.class_index[batch.indices], device=self.device)
                     return self.loss(codes_of_output(embeddings, self.hash_bits), classes)
@@ -322,6 +333,8 @@ class Trainer:
             if self.memory is not None:
                 self.memory.add(embeddings, labels, indices)
             values.update({f"loss/{k}": v for k, v in getattr(self.loss, "last_terms", {}).items()})
+            if self.distill is not None:
+                values.update({f"loss/{k}": v for k, v in self.distill.last_terms.items()})
             positive, negative = pair_distances(embeddings, labels)
             values.update({"batch/mean_pos_distance": positive, "batch/mean_neg_distance": negative})
             self.timing["images"] += count
@@ -359,8 +372,9 @@ class Trainer:
 
     def forward_backward(self, images: torch.Tensor, count: int, batch_loss, scale: float,
                          last_micro_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed this process's shard, gather the global batch, backpropagate ``scale * batch_loss``.
-        Returns the loss and the gathered embeddings (both detached).
+        """Embed this process's shard, gather the global batch, backpropagate ``scale * batch_loss(embeddings,
+        descriptors)`` (``descriptors``: the float descriptors of the same pass for the distillation term, else
+        None; gathered without gradient). Returns the loss and the gathered embeddings (both detached).
 
         ``train.forward_chunk`` = c smaller than the shard bounds activation memory to c images: the shard is
         first embedded without gradient, the loss's gradient with respect to those embeddings is computed,
@@ -373,18 +387,19 @@ class Trainer:
         sync = contextlib.nullcontext if last_micro_batch else (lambda: acc.no_sync(self.model))
         if not chunk or chunk >= len(images):
             with sync():
-                with acc.autocast():
-                    local = self.model(images)
-                embeddings = gather_with_grad(local.float(), count)
-                loss = batch_loss(embeddings)
+                local, local_descriptors = self.embed(images)
+                embeddings = gather_with_grad(local, count)
+                loss = batch_loss(embeddings, self.gather_descriptors(local_descriptors, count))
                 acc.backward(loss * scale)
             return loss.detach(), embeddings.detach()
         starts = range(0, len(images), chunk)
-        with torch.no_grad(), acc.autocast():
-            cached = torch.cat([self.model(images[s:s + chunk]) for s in starts]).float()
+        with torch.no_grad():
+            parts = [self.embed(images[s:s + chunk]) for s in starts]
+        cached = torch.cat([output for output, _ in parts])
+        descriptors = None if self.distill is None else torch.cat([descriptor for _, descriptor in parts])
         cached.requires_grad_(True)
         embeddings = gather_with_grad(cached, count)
-        loss = batch_loss(embeddings)
+        loss = batch_loss(embeddings, self.gather_descriptors(descriptors, count))
         acc.backward(loss * scale)  # d loss / d cached (scaled by fp16's GradScaler if one is active)
         for i, s in enumerate(starts):
             with (sync() if i == len(starts) - 1 else acc.no_sync(self.model)):
@@ -392,6 +407,19 @@ class Trainer:
                     part = self.model(images[s:s + chunk]).float()
                 part.backward(cached.grad[s:s + chunk])
         return loss.detach(), embeddings.detach()
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's output for ``images`` (float32) and, when the distillation term needs them, the float
+        descriptors of the same pass (else None)."""
+        with self.accelerator.autocast():
+            if self.distill is None:
+                return self.model(images).float(), None
+            output, descriptors = self.model(images, with_descriptor=True)
+        return output.float(), descriptors.float()
+
+    @staticmethod
+    def gather_descriptors(local: torch.Tensor | None, count: int) -> torch.Tensor | None:
+        return None if local is None else gather_rows(local, count)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:

@@ -11,8 +11,8 @@ from pytorch_metric_learning.reducers import MeanReducer, SumReducer
 from torch import nn
 
 from msretrieval.losses import (LOSS_NAMES, CirtorchContrastiveLoss, CSQLoss, DPSHLoss, QuantizedLoss,
-                                SquaredEuclideanTripletLoss, bit_balance, create_loss, hadamard_matrix, hash_centres,
-                                quantization_errors)
+                                SimilarityDistillation, SquaredEuclideanTripletLoss, bit_balance, create_loss,
+                                hadamard_matrix, hash_centres, quantization_errors, similarity_distillation)
 from msretrieval.miners import create_miner
 from msretrieval.models.hashing import BetaSchedule, HashHead
 
@@ -266,6 +266,38 @@ def test_dpsh_single_code_has_only_the_quantization_term():
     assert value.item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="eta"):
         DPSHLoss(eta=-0.1)
+
+
+# --- similarity distillation ---------------------------------------------------------------------------------
+
+# Codes u_0 = (1, 0), u_1 = (0.5, 0.5), u_2 = (-1, 0.5) (K = 2): u_i . u_j / 2 = 0.25 (0, 1), -0.5 (0, 2), -0.125 (1, 2).
+# Descriptors (1, 0), (0, 2), (3, 4): cosines 0 (0, 1), 0.6 (0, 2), 0.8 (1, 2).
+# Errors 0.25, -1.1, -0.925; squares 0.0625, 1.21, 0.855625: mean over the pairs 2.128125 / 3 = 0.709375.
+# d/du_0 of (1/3) sum_{i<j} e_ij^2 = (2/3) (e_01 u_1 + e_02 u_2) / 2 = (0.25 (0.5, 0.5) - 1.1 (-1, 0.5)) / 3
+#   = (1.225, -0.425) / 3.
+DISTILL_CODES, DISTILL_DESCRIPTORS = [[1.0, 0.0], [0.5, 0.5], [-1.0, 0.5]], [[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]
+
+
+def test_similarity_distillation_hand_computed():
+    assert similarity_distillation(t(DISTILL_CODES), t(DISTILL_DESCRIPTORS)).item() == pytest.approx(0.709375)
+    term = SimilarityDistillation(2.0)
+    assert term(t(DISTILL_CODES), t(DISTILL_DESCRIPTORS)).item() == pytest.approx(2 * 0.709375)
+    assert term.last_terms == pytest.approx({"distill": 0.709375})      # unweighted, as the losses' terms
+    assert similarity_distillation(t([[1.0, -1.0]]), t([[0.3, 0.4]])).item() == 0.0   # one code: no pair
+
+
+def test_similarity_distillation_trains_the_codes_only():
+    """The float descriptors are targets: no gradient reaches them through their similarities."""
+    codes, descriptors = t(DISTILL_CODES).requires_grad_(), t(DISTILL_DESCRIPTORS).requires_grad_()
+    similarity_distillation(codes, descriptors).backward()
+    assert descriptors.grad is None
+    torch.testing.assert_close(codes.grad[0], t([1.225, -0.425]) / 3)
+
+
+def test_similarity_distillation_rejects_bad_weights():
+    for weight in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="distill_weight"):
+            SimilarityDistillation(weight)
 
 
 # --- all losses ------------------------------------------------------------------------------------------------

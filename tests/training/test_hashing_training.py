@@ -3,6 +3,7 @@ codes the loss sees, every miner on a hash network, and the distillation term's 
 (ResNet-18 + GeM at 64 px, random weights, :mod:`tests.training.synthetic`)."""
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -11,9 +12,16 @@ import torch
 from tests.training.synthetic import run_steps, start_trainer, tiny_config, write_set
 
 
-def hash_config(tmp_path, bits: int, per_class: int, **model) -> dict:
-    """3 classes x ``per_class`` images; ITQ to ``bits`` bits needs 2 x bits images to start from."""
+def hash_config(tmp_path, bits: int, per_class: int, mixed: bool = False, **model) -> dict:
+    """3 classes x ``per_class`` images; ITQ to ``bits`` bits needs 2 x bits images to start from. ``mixed``: each
+    class holds images of every colour (write_set's classes differ in colour), so hard triplets exist."""
     manifest = write_set(tmp_path / "data", per_class=per_class)[0]
+    if mixed:
+        rows = list(csv.DictReader(manifest.open()))
+        with manifest.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({**row, "class_id": index % 3 + 1} for index, row in enumerate(rows))
     config = tiny_config(tmp_path / "run", manifest, steps=2)
     config["model"].update(head={"hash_bits": bits}, init_images=3 * per_class, **model)
     return config
@@ -68,12 +76,13 @@ def test_algorithm1_mines_the_relaxed_codes_the_loss_sees(tmp_path, one_thread):
 def test_a_hash_network_trains_with_each_miner(tmp_path, miner, one_thread):
     """Three steps of triplet training with quantization and bit-balance terms: every loss finite, some
     triplet active (the metric term above zero), and the hashing layer moved."""
-    config = hash_config(tmp_path, 8, per_class=6)
+    config = hash_config(tmp_path, 8, per_class=6, mixed=True)
     config["mining"].update(miner=miner, images_per_class=3)
     if miner == "algorithm1":
         config["mining"].update(refresh_every=1, classes=3, per_class=4)
         config["train"]["triplets_per_step"] = 3
     config["loss"] = {"margin": 0.5, "quantization_weight": 0.1, "balance_weight": 0.1}
+    torch.manual_seed(0)  # the network's random initialisation
     trainer = start_trainer(tmp_path, config)
     start = trainer.unwrapped.head.hash.linear.weight.detach().clone()
     steps = []
@@ -86,3 +95,31 @@ def test_a_hash_network_trains_with_each_miner(tmp_path, miner, one_thread):
     assert all(math.isfinite(values["train/loss"]) for values in steps)
     assert max(values["loss/metric"] for values in steps) > 0
     assert not torch.equal(trainer.unwrapped.head.hash.linear.weight, start)
+
+
+@pytest.mark.parametrize("loss", [{"name": "triplet"}, {"name": "csq"}])
+def test_distillation_targets_are_the_float_descriptors_and_get_no_gradient(tmp_path, loss, one_thread):
+    """loss.distill_weight: the term sees the step's codes and the float descriptors of the same pass, and those
+    are targets: the gradient reaching a descriptor is only what flows back through the hashing layer
+    (grad_x = grad_logits @ W for logits = x W^T + b), none through its own similarities."""
+    from msretrieval.losses import similarity_distillation
+
+    config = hash_config(tmp_path, 8, per_class=6)
+    config["loss"] = {**loss, "distill_weight": 1.0}
+    trainer = start_trainer(tmp_path, config)
+    linear, seen = trainer.unwrapped.head.hash.linear, {}
+
+    def keep_gradients(module, inputs, output):
+        seen["descriptors"], seen["logits"], seen["weight"] = inputs[0], output, module.weight.detach().clone()
+        inputs[0].register_hook(lambda grad: seen.__setitem__("descriptor_grad", grad))
+        output.register_hook(lambda grad: seen.__setitem__("logit_grad", grad))
+
+    linear.register_forward_hook(keep_gradients)
+    try:
+        values = trainer.train_step()
+    finally:
+        trainer.close()
+    codes = torch.tanh(trainer.unwrapped.head.hash.beta * seen["logits"].detach())
+    assert values["loss/distill"] == pytest.approx(float(similarity_distillation(codes, seen["descriptors"])))
+    assert values["loss/distill"] > 0
+    torch.testing.assert_close(seen["descriptor_grad"], seen["logit_grad"] @ seen["weight"])  # W before the step

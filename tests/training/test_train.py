@@ -176,7 +176,7 @@ def test_chunked_forward_gives_the_gradient_of_one_pass(tmp_path, flowers_subset
     labels = torch.as_tensor(trainer.labels[batch.indices])
     mined = []
 
-    def batch_loss(embeddings):  # the one pass's triplets, reused by the chunked pass: the same loss function
+    def batch_loss(embeddings, descriptors):  # the one pass's triplets, reused by the chunked pass: the same loss
         if not mined:
             mined.append(trainer.miner(embeddings.detach(), labels))
         return trainer.loss(embeddings, labels, mined[0])
