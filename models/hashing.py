@@ -11,6 +11,10 @@ tanh(beta * x) and raises beta during training so the relaxation tends to sign(x
 ``step_size`` iterations with init_scale = 1, gamma = 0.005, power = 0.5, step_size = 200.
 :class:`BetaSchedule` is that rule as a pure function of the step, so a resumed run gets the same beta
 without saving it; ``beta`` is therefore a plain attribute of the head, not a parameter or a buffer.
+HashNet's gamma is made for its tens of thousands of iterations: over a 200-step run it leaves beta at 1, and
+the flowers configs' gamma 0.05 at 3.1, where tanh is still far from the sign the codes are evaluated with.
+:meth:`BetaSchedule.reaching` keeps HashNet's power law and picks gamma so that beta reaches a given final
+value (HashNet's own runs end near 10) by the run's last step.
 """
 from __future__ import annotations
 
@@ -172,6 +176,10 @@ def learn_itq(x: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -> 
 
 
 
+#: HashNet's gamma, used when ``model.hash_beta`` sets neither gamma nor final.
+HASHNET_GAMMA = 0.005
+
+
 @dataclass(frozen=True)
 class BetaSchedule:
     """HashNet's continuation: beta(step) = beta0 * (1 + gamma * s) ** power, s = step rounded down to a
@@ -179,7 +187,7 @@ class BetaSchedule:
     smooth curve). Defaults are HashNet's. ``step`` counts optimiser steps taken, from 0."""
 
     beta0: float = 1.0
-    gamma: float = 0.005
+    gamma: float = HASHNET_GAMMA
     power: float = 0.5
     step_size: int = 200
 
@@ -192,6 +200,36 @@ class BetaSchedule:
             raise UserError(f"power must be finite and >= 0, got {self.power}")
         if self.step_size < 1:
             raise UserError(f"step_size must be >= 1, got {self.step_size}")
+
+    @classmethod
+    def reaching(cls, final: float, last_step: int, beta0: float = 1.0, power: float = 0.5,
+                 step_size: int = 200) -> BetaSchedule:
+        """The schedule whose beta is ``final`` from the last update at or before ``last_step`` (a run's last
+        step, ``train.steps - 1``) on: gamma = ((final / beta0) ** (1 / power) - 1) / L, L = ``last_step``
+        rounded down to a multiple of ``step_size``, so beta0 * (1 + gamma * L) ** power = final."""
+        constant = cls(beta0, 0.0, power, step_size)  # checks beta0, power and step_size
+        if not (math.isfinite(final) and final >= beta0):
+            raise UserError(f"the final beta must be finite and >= beta0 ({beta0}), got {final}")
+        if final == beta0:
+            return constant
+        last_update = last_step - last_step % step_size
+        if last_update <= 0 or power <= 0:
+            raise UserError(f"beta cannot rise from {beta0} to {final}: " + (
+                f"the step_size ({step_size}) leaves no update before the last step ({last_step})"
+                if last_update <= 0 else "power is 0"))
+        return cls(beta0, ((final / beta0) ** (1 / power) - 1) / last_update, power, step_size)
+
+    @classmethod
+    def from_config(cls, config: dict, steps: int) -> BetaSchedule:
+        """``model.hash_beta`` for a run of ``steps`` steps: {beta0, gamma, power, step_size, final}, gamma null
+        meaning HashNet's 0.005; ``final`` (with gamma null) is :meth:`reaching` at step ``steps - 1``."""
+        final, gamma = config.get("final"), config.get("gamma")
+        beta0, power, step_size = config["beta0"], config["power"], config["step_size"]
+        if final is None:
+            return cls(beta0, HASHNET_GAMMA if gamma is None else gamma, power, step_size)
+        if gamma is not None:
+            raise UserError(f"gamma ({gamma}) and final ({final}) are both set: final sets gamma (leave it null)")
+        return cls.reaching(final, steps - 1, beta0, power, step_size)
 
     def __call__(self, step: int) -> float:
         if step < 0:

@@ -40,7 +40,8 @@ _NULLABLE = {("train", "forward_chunk"), ("optim", "head_lr"), ("eval", "cache_d
 _NULL_DEFAULT_TYPES = {("data", "root"): str, ("model", "weights"): str, ("model", "init_from"): str,
                        ("model", "head", "out_dim"): int, ("model", "head", "hash_bits"): int,
                        ("loss", "quantization_weight"): float, ("loss", "balance_weight"): float,
-                       ("loss", "distill_weight"): float,
+                       ("loss", "distill_weight"): float, ("model", "hash_beta", "gamma"): float,
+                       ("model", "hash_beta", "final"): float,
                        ("eval", "limit"): int}
 
 
@@ -109,6 +110,7 @@ def validate(config: dict) -> None:
     key, the value and what is accepted. (Checks that need the data: :func:`check_inputs`.)"""
     from msretrieval.losses import LOSS_NAMES
     from msretrieval.miners import MINER_NAMES, MiningSchedule
+    from msretrieval.models.hashing import BetaSchedule
     from msretrieval.models.retrieval_net import available_models
 
     def need(condition: bool, message: str) -> None:
@@ -175,9 +177,10 @@ def validate(config: dict) -> None:
     need(head["p"] > 0, f"model.head.p must be > 0, got {head['p']}")
     need(head["out_dim"] is None or head["out_dim"] >= 1,
          f"model.head.out_dim must be >= 1 or null (no projection), got {head['out_dim']}")
-    beta = model["hash_beta"]
-    need(beta["beta0"] > 0 and beta["gamma"] >= 0 and beta["power"] >= 0 and beta["step_size"] >= 1,
-         f"model.hash_beta needs beta0 > 0, gamma >= 0, power >= 0 and step_size >= 1, got {beta}")
+    try:
+        BetaSchedule.from_config(model["hash_beta"], train["steps"])
+    except ValueError as error:
+        raise ConfigError(f"model.hash_beta: {error} (got {model['hash_beta']})") from None
     loss, bits = config["loss"], head["hash_bits"]
     need(loss["margin"] >= 0, f"loss.margin must be >= 0, got {loss['margin']}")
     for key in ("quantization_weight", "balance_weight", "distill_weight"):

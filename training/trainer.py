@@ -136,7 +136,7 @@ class Trainer:
         #: unreadable training images tolerated (more stop the run)
         self.max_bad_images = math.floor(dcfg["max_bad_fraction"] * len(self.train_set) + 1e-9)
         self.hash_bits = self.model.hash_bits
-        self.beta_schedule = BetaSchedule(**mcfg["hash_beta"]) if self.hash_bits else None
+        self.beta_schedule = BetaSchedule.from_config(mcfg["hash_beta"], tcfg["steps"]) if self.hash_bits else None
         self.loss = build_loss(config["loss"], self.hash_bits, self.train_set.num_classes)
         distill = config["loss"]["distill_weight"]  # hashing only (config validation)
         #: the codes' similarities follow the float descriptors' (``loss.distill_weight``), or None

@@ -152,3 +152,38 @@ def test_bad_schedule_arguments():
         BetaSchedule(gamma=-0.1)
     with pytest.raises(ValueError, match="power"):
         BetaSchedule(power=math.nan)
+
+
+def test_schedule_reaching_a_final_beta_hand_computed():
+    # final 10 at step 99, smooth: gamma = (10 ** 2 - 1) / 99 = 1, beta = (1 + step) ** 0.5
+    schedule = BetaSchedule.reaching(10.0, last_step=99, step_size=1)
+    assert schedule.gamma == pytest.approx(1.0)
+    assert [schedule(s) for s in (0, 3, 15, 99)] == pytest.approx([1.0, 2.0, 4.0, 10.0])
+    # 300 steps, updated every 25: the last update is at 275, gamma = 99 / 275 = 0.36
+    staircase = BetaSchedule.reaching(10.0, last_step=299, step_size=25)
+    assert staircase.gamma == pytest.approx(0.36)
+    assert [staircase(s) for s in (24, 25, 100, 274, 275, 299)] == pytest.approx(
+        [1.0, math.sqrt(10), math.sqrt(37), math.sqrt(1 + 0.36 * 250), 10.0, 10.0])
+    # beta0 = 2, power 1: 2 * (1 + gamma * 50) = 8 -> gamma = 0.06
+    assert BetaSchedule.reaching(8.0, 50, beta0=2.0, power=1.0, step_size=10).gamma == pytest.approx(0.06)
+    assert BetaSchedule.reaching(2.0, 50, beta0=2.0).gamma == 0.0                  # already there
+
+
+def test_schedule_from_the_config():
+    hashnet = {"beta0": 1.0, "gamma": None, "power": 0.5, "step_size": 200, "final": None}
+    assert BetaSchedule.from_config(hashnet, 300) == BetaSchedule()             # gamma null: HashNet's 0.005
+    assert BetaSchedule.from_config({**hashnet, "gamma": 0.05}, 300).gamma == 0.05
+    # final 10 by step 299 with updates every 200 steps: gamma = 99 / 200
+    assert BetaSchedule.from_config({**hashnet, "final": 10.0}, 300) == BetaSchedule(1.0, 0.495, 0.5, 200)
+    assert BetaSchedule.from_config({"beta0": 1.0, "gamma": 0.005, "power": 0.5, "step_size": 200}, 300) \
+        == BetaSchedule()                                                            # a config saved before final
+    with pytest.raises(ValueError, match="both set"):
+        BetaSchedule.from_config({**hashnet, "gamma": 0.05, "final": 10.0}, 300)
+    with pytest.raises(ValueError, match="no update before the last step"):
+        BetaSchedule.from_config({**hashnet, "final": 10.0}, 200)                   # last step 199 < 200
+    with pytest.raises(ValueError, match=">= beta0"):
+        BetaSchedule.reaching(0.5, 99)
+    with pytest.raises(ValueError, match="power is 0"):
+        BetaSchedule.reaching(10.0, 99, power=0.0, step_size=1)
+    with pytest.raises(ValueError, match="step_size"):
+        BetaSchedule.reaching(10.0, 99, step_size=0)

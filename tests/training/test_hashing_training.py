@@ -123,3 +123,18 @@ def test_distillation_targets_are_the_float_descriptors_and_get_no_gradient(tmp_
     assert values["loss/distill"] == pytest.approx(float(similarity_distillation(codes, seen["descriptors"])))
     assert values["loss/distill"] > 0
     torch.testing.assert_close(seen["descriptor_grad"], seen["logit_grad"] @ seen["weight"])  # W before the step
+
+
+def test_beta_reaches_the_configured_final_value_at_the_last_step(tmp_path, one_thread):
+    """model.hash_beta.final over train.steps = 3, updated every step: gamma = (10 ** 2 - 1) / 2 = 49.5."""
+    config = hash_config(tmp_path, 8, per_class=6, hash_beta={"final": 10.0, "step_size": 1})
+    config["train"]["steps"] = 3
+    trainer = start_trainer(tmp_path, config)
+    betas = []
+    try:
+        for _ in range(3):
+            betas.append(trainer.train_step()["hash/beta"])
+            trainer.step += 1
+    finally:
+        trainer.close()
+    assert betas == pytest.approx([1.0, math.sqrt(50.5), 10.0])
