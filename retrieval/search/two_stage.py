@@ -9,9 +9,9 @@ held in memory; the floats (N x D x 4 bytes) stay on disk and only the shortlist
 
 **Memory.** The floats are a ``.npy`` path (memory-mapped read-only), an array from ``np.load(...,
 mmap_mode=...)``, a :class:`~retrieval.search.shards.ShardedArray`, or an in-memory array (tests, small sets).
-Queries go in chunks of about ``_RERANK_BLOCK_ELEMENTS`` candidate floats; a chunk's candidate rows are read
-in ascending row order (each page once) into a copy, then the pages the read brought in are released from the
-process with ``madvise(MADV_DONTNEED)`` over the mapping. Without that, every file page ever touched stays
+Queries go in chunks of at most ``_RERANK_BLOCK_ELEMENTS`` candidate floats (at least one query); a chunk's
+candidate rows are read in ascending row order (each page once) into a copy, then the pages the read brought
+in are released from the process with ``madvise(MADV_DONTNEED)`` over the mapping. Without that, every file page ever touched stays
 mapped and counts in the process's resident set (after enough queries, most of the file). Released pages stay
 in the kernel's page cache (shared and reclaimable; a later read may find them there) but leave the process's
 RSS, which stays at the codes plus one chunk's rows. A sharded array maps each shard anew for every read and
@@ -33,8 +33,9 @@ from .index import SearchIndex
 from .scores import ScoreSource, top_k_rows
 from .shards import ShardedArray
 
-#: bound on the candidate float elements (queries x shortlist x dims) read at once
-_RERANK_BLOCK_ELEMENTS = 1 << 24
+#: bound on the candidate float elements (queries x shortlist x dims) read at once: 4 MiB of float32, small
+#: beside the codes of a large database (8 MB for a million 64-bit codes), which is what the index should cost
+_RERANK_BLOCK_ELEMENTS = 1 << 20
 
 
 class TwoStageIndex:
