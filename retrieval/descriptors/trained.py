@@ -148,9 +148,8 @@ class TrainedModelMethod(RetrievalMethod):
         if self.bits is None:
             raise UserError(f"{self.name}: a float network has no binary code (use itq@BITS: or pcasign@BITS: "
                             f"before its run:/model: spec, or a hashing network)")
-        floats = self.model.head.descriptor(self.model.feature_map(images)).float()
-        projection = self.model.head.hash.linear(floats).float()
-        return projection, projection >= 0, F.normalize(floats, dim=-1)
+        projection, floats = self.model.code_parts(images)
+        return projection, projection >= 0, floats
 
 
 class _FittedProjection(TrainedModelMethod):
