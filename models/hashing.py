@@ -175,6 +175,13 @@ def learn_itq(x: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -> 
     return SignCodes(mean, (basis @ rotation).numpy(), objective=history)
 
 
+def learn_pca_signs(x: np.ndarray, bits: int) -> SignCodes:
+    """PCA hashing: the signs of the top ``bits`` principal components of descriptors ``x`` (N, D), ITQ
+    without its rotation (the baseline that shows what the rotation adds)."""
+    mean, xc = centre_rows(x, bits)
+    return SignCodes(mean, pca_basis(xc, bits).numpy())
+
+
 
 #: HashNet's gamma, used when ``model.hash_beta`` sets neither gamma nor final.
 HASHNET_GAMMA = 0.005

@@ -220,6 +220,16 @@ class RetrievalNet(nn.Module):
             raise ValueError("codes() needs a hashing network (model.head.hash_bits)")
         return self.head.hash.codes(self.head.descriptor(self.feature_map(images)))
 
+    @torch.no_grad()
+    def code_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projection, floats) of a hashing network, from one forward pass: the hashing layer's linear output
+        (float32; its entries >= 0 are :meth:`codes`), which asymmetric search scores against database codes,
+        and the L2-normalised float descriptor the layer reads, which two-stage search re-ranks with."""
+        if self.hash_bits is None:
+            raise ValueError("code_parts() needs a hashing network (model.head.hash_bits)")
+        floats = self.head.descriptor(self.feature_map(images)).float()
+        return self.head.hash.linear(floats).float(), F.normalize(floats, dim=-1)
+
 
 #: architecture -> (head factory, the options it takes)
 _HEADS: dict[str, tuple[Callable[..., Head], tuple[str, ...]]] = {

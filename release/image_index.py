@@ -11,6 +11,13 @@ choice (factory, nlist, m, nprobe, train size). A hashing release stores packed 
 (uint8) in a FAISS binary index (Hamming distance; ``Flat`` means ``BFlat``, or ``BIVF64``, ``BHash4x16``...)
 and scores are negated Hamming distances.
 
+A binary index searches better two ways (:meth:`ImageIndex.search`): ``asymmetric`` scores the queries' float
+projections (:meth:`Retriever.encode_queries`) against the codes; ``rerank=R`` shortlists R images by the codes
+(Hamming, or asymmetric) and re-ranks them by the float descriptors the codes came from
+(:mod:`retrieval.search.two_stage`), which an index built with ``keep_floats`` keeps in ``floats.npy``, read
+memory-mapped: the process holds the codes, and only the shortlisted rows of the floats. Both are exact scans
+of the codes (stage 1 does not use ``index.faiss``).
+
 Searching it (``scripts/search.py``, the search page ``release/search_page.py``): :meth:`ImageIndex.load_retriever`
 encodes the queries with the index's own release, :meth:`ImageIndex.top_k` ranks them, leaving a query that is
 itself in the index out of its own results, and :class:`PathLabels` (a CSV manifest) marks each hit correct or not.
@@ -35,7 +42,7 @@ from .retriever import Retriever
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-META_FILE, DESCRIPTORS_FILE, FAISS_FILE = "index.json", "descriptors.npy", "index.faiss"
+META_FILE, DESCRIPTORS_FILE, FAISS_FILE, FLOATS_FILE = "index.json", "descriptors.npy", "index.faiss", "floats.npy"
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -151,32 +158,48 @@ class ImageIndex:
             raise UserError(f"the release's weights differ from those {self.directory} was built with")
         return retriever
 
+    @property
+    def floats_path(self) -> Path | None:
+        """``floats.npy``: the float descriptors of a binary index built with ``keep_floats`` (else None)."""
+        return self.directory / FLOATS_FILE if self.meta.get("floats") else None
+
     @classmethod
     def update(cls, directory: str | Path, folder: str | Path, retriever: Retriever, release: str | Path,
-               factory: str = "Flat", batch_size: int = 16) -> tuple["ImageIndex", IndexUpdate]:
+               factory: str = "Flat", batch_size: int = 16, keep_floats: bool = False
+               ) -> tuple["ImageIndex", IndexUpdate]:
         """Index ``folder`` into ``directory``: a new index, or the existing one brought up to date (it must
-        have been made with the same release and factory)."""
+        have been made with the same release, factory and ``keep_floats``). ``keep_floats`` (hashing releases):
+        also write the float descriptors the codes come from, for two-stage search."""
         started = time.perf_counter()
         directory = Path(directory)
         release_id = retriever.config["weights_sha256"]
+        if keep_floats and not retriever.binary:
+            raise UserError("keeping float descriptors beside the codes is for a hashing release; this release's "
+                            "index holds float descriptors already")
         images = list_images(folder)
         old = cls.open(directory) if (directory / META_FILE).is_file() else None
-        if old is not None and (old.meta["weights_sha256"] != release_id or old.meta["factory"] != factory):
-            raise UserError(f"{directory} was built with another release or factory "
-                             f"({old.meta['factory']}); index into a new directory")
+        if old is not None and (old.meta["weights_sha256"] != release_id or old.meta["factory"] != factory
+                                or bool(old.meta.get("floats")) != keep_floats):
+            raise UserError(f"{directory} was built with another release or factory ({old.meta['factory']}) or "
+                             f"float setting (floats kept: {bool(old.meta.get('floats'))}); index into a new "
+                             f"directory")
         known = {entry["path"]: (row, entry["stamp"]) for row, entry in enumerate(old.meta["images"])} if old else {}
         stamps = {str(path): file_stamp(path) for path in images}
         kept_rows = [known[p][0] for p in stamps if p in known and known[p][1] == stamps[p]]
         kept_paths = {old.meta["images"][row]["path"] for row in kept_rows} if old else set()
         new_paths = [p for p in stamps if p not in kept_paths]
         encode_start = time.perf_counter()
-        new = retriever.encode(new_paths, batch_size=batch_size) if new_paths else \
-            np.zeros((0, retriever.dim), dtype=retriever.dtype)
+        new, *new_floats = retriever.encode_outputs(new_paths, ("descriptor", "floats") if keep_floats else
+                                                    ("descriptor",), batch_size=batch_size)
         encode_seconds = time.perf_counter() - encode_start
         removed = (len(old.meta["images"]) - len(kept_rows)) if old else 0
         entries = ([old.meta["images"][row] for row in kept_rows] if old else []) + \
             [{"path": p, "stamp": stamps[p]} for p in new_paths]
         descriptors = np.concatenate([old.descriptors[kept_rows] if old else new[:0], new]).astype(retriever.dtype)
+        floats = None
+        if keep_floats:  # the kept rows' floats read from the old file (memory-mapped), the new ones appended
+            kept = np.load(old.floats_path, mmap_mode="r")[kept_rows] if old else new_floats[0][:0]
+            floats = np.concatenate([kept, new_floats[0]]).astype(np.float32)
         if not len(descriptors):
             raise UserError(f"no images found under {folder} (suffixes {sorted(IMAGE_SUFFIXES)})")
         from msretrieval.retrieval.search.index import (DEFAULT_FACTORY,  # FAISS is imported when it is needed
@@ -191,28 +214,37 @@ class ImageIndex:
         else:
             index, parameters = build_faiss(descriptors, factory)
         meta = {"release": str(Path(release).resolve()), "weights_sha256": release_id, "factory": factory,
-                "index": parameters, "binary": retriever.binary,
+                "index": parameters, "binary": retriever.binary, "floats": keep_floats,
                 "dim": int(descriptors.shape[1]), "folder": str(Path(folder).resolve()), "images": entries}
         directory.mkdir(parents=True, exist_ok=True)
-        cls._write(directory, meta, descriptors, index)
+        cls._write(directory, meta, descriptors, index, floats)
         update = IndexUpdate(len(new_paths), removed, len(kept_rows), encode_seconds, time.perf_counter() - started)
         return cls(directory, meta, descriptors, index), update
 
     @staticmethod
-    def _write(directory: Path, meta: dict, descriptors: np.ndarray, index) -> None:
-        """The three files are written together (:func:`utils.files.atomic_write_files`): all are on disk
-        before the first replaces its old version, so a failed update (a full disk) leaves the previous index;
-        the row counts are checked on open."""
+    def _write(directory: Path, meta: dict, descriptors: np.ndarray, index, floats: np.ndarray | None = None
+               ) -> None:
+        """The files are written together (:func:`utils.files.atomic_write_files`): all are on disk before the
+        first replaces its old version, so a failed update (a full disk) leaves the previous index; the row
+        counts are checked on open."""
         import faiss
 
         serialize = faiss.serialize_index_binary if meta.get("binary") else faiss.serialize_index
-        atomic_write_files({directory / DESCRIPTORS_FILE: lambda handle: np.save(handle, descriptors),
-                            directory / FAISS_FILE: lambda handle: handle.write(serialize(index).tobytes()),
-                            directory / META_FILE: lambda handle: handle.write(json.dumps(meta, indent=1).encode())})
+        files = {directory / DESCRIPTORS_FILE: lambda handle: np.save(handle, descriptors),
+                 directory / FAISS_FILE: lambda handle: handle.write(serialize(index).tobytes()),
+                 directory / META_FILE: lambda handle: handle.write(json.dumps(meta, indent=1).encode())}
+        if floats is not None:
+            files[directory / FLOATS_FILE] = lambda handle: np.save(handle, floats)
+        atomic_write_files(files)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, asymmetric: bool = False, rerank: int | None = None,
+               query_floats: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (Q, k), best first (inner products of L2-normalised descriptors, or negated
-        Hamming distances of packed codes)."""
+        Hamming distances of packed codes). A binary index also takes ``asymmetric`` queries (float
+        projections; scores are their inner products with the codes as {-1, +1}) and ``rerank=R`` (with
+        ``query_floats``, the queries' float descriptors; scores are float inner products; at most R results)."""
+        if asymmetric or rerank is not None:
+            return self._search_codes(queries, k, asymmetric, rerank, query_floats)
         k = min(k, self.index.ntotal)
         if self.gpus:
             from msretrieval.retrieval.search.index import GPU_MAX_K
@@ -226,15 +258,34 @@ class ImageIndex:
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, rows
 
+    def _search_codes(self, queries: np.ndarray, k: int, asymmetric: bool, rerank: int | None,
+                      query_floats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        from msretrieval.retrieval.search.binary import AsymmetricScores
+        from msretrieval.retrieval.search.two_stage import TwoStageIndex
+
+        if not self.meta.get("binary"):
+            raise UserError(f"{self.directory} holds float descriptors: asymmetric and two-stage search are for "
+                            f"the packed codes of a hashing release")
+        if rerank is None:
+            return AsymmetricScores(queries, self.descriptors).top_k(k)
+        if self.floats_path is None:
+            raise UserError(f"{self.directory} keeps no float descriptors to re-rank with: build it with "
+                            f"scripts/index.py --keep-floats (into a new directory)")
+        if query_floats is None:
+            raise ValueError("two-stage search needs the queries' float descriptors (query_floats)")
+        return TwoStageIndex(self.descriptors, self.floats_path, rerank, asymmetric).search(queries, query_floats, k)
+
     def top_k(self, queries: np.ndarray, k: int, exclude: Sequence[str | None] | None = None,
-              labels: PathLabels | None = None, query_labels: Sequence[int | None] | None = None) -> list[list[Hit]]:
+              labels: PathLabels | None = None, query_labels: Sequence[int | None] | None = None,
+              **search) -> list[list[Hit]]:
         """The ``k`` best hits of each query descriptor, best first. ``exclude[q]``: an image path left out of
         query ``q``'s hits (the query itself when it is in the index). With ``labels``, hits carry their label,
-        and ``correct`` where ``query_labels[q]`` is known."""
+        and ``correct`` where ``query_labels[q]`` is known. ``search``: :meth:`search`'s ``asymmetric``,
+        ``rerank`` and ``query_floats``."""
         exclude = exclude if exclude is not None else [None] * len(queries)
         query_labels = query_labels if query_labels is not None else [None] * len(queries)
         # one more when a query may find itself, so k remain after leaving it out
-        scores, rows = self.search(queries, k + any(path is not None for path in exclude))
+        scores, rows = self.search(queries, k + any(path is not None for path in exclude), **search)
         images = self.meta["images"]
         hits = []
         for q in range(len(queries)):

@@ -1,4 +1,9 @@
-"""``Retriever``: a released network plus its own preprocessing; ``encode`` turns images into descriptors."""
+"""``Retriever``: a released network plus its own preprocessing; ``encode`` turns images into descriptors.
+
+A hashing release has two more outputs (``encode(..., output=...)``): ``"projection"``, the hashing layer's
+real-valued output whose signs are the code (:meth:`Retriever.encode_queries`: a query scored asymmetrically
+against database codes), and ``"floats"``, the float descriptor the codes are made from (kept on disk by an
+index for two-stage re-ranking). :meth:`Retriever.encode_outputs` gives several from one pass over the images."""
 from __future__ import annotations
 
 import os
@@ -19,6 +24,8 @@ from msretrieval.retrieval.descriptors.extract import SizeBucketBatchSampler
 from msretrieval.utils.errors import UserError
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+#: "descriptor": what the index stores (floats, or packed codes of a hashing release); the others: hashing only
+OUTPUTS = ("descriptor", "projection", "floats")
 
 
 class Retriever:
@@ -58,32 +65,63 @@ class Retriever:
         return (f"Retriever({model['architecture']} on {model['backbone']}, {self.dim}-d, "
                 f"{self.config['input']['resize']} side {self.config['input']['image_size']} px, {self.device})")
 
+    def _shape(self, output: str) -> tuple[int, np.dtype]:
+        """(width, dtype) of an output."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output == "descriptor":
+            return self.dim, self.dtype
+        if not self.binary:
+            raise UserError(f"the {output!r} output is a hashing release's; this release has float descriptors")
+        if output == "projection":
+            return int(self.config["descriptor"]["bits"]), np.dtype(np.float32)
+        return self.model.head.hash.linear.in_features, np.dtype(np.float32)
+
     @torch.no_grad()
-    def encode_tensor(self, images: torch.Tensor) -> np.ndarray:
-        """A normalised (N, 3, H, W) batch -> (N, D) float32 descriptors (packed uint8 codes if binary)."""
+    def encode_tensor(self, images: torch.Tensor, outputs: Sequence[str] = ("descriptor",)) -> list[np.ndarray]:
+        """A normalised (N, 3, H, W) batch -> one array per output: (N, D) float32 descriptors (packed uint8
+        codes if binary), (N, bits) float32 projections, (N, D) float32 floats (see the module docstring)."""
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
-        if self.binary:
-            return pack_bits(self.model.codes(images).cpu().numpy())
-        return self.model(images).float().cpu().numpy()
+        if not self.binary:
+            self._shape(outputs[-1])  # one clear error for a hashing output
+            return [self.model(images).float().cpu().numpy()] * len(outputs)
+        projection, floats = self.model.code_parts(images)
+        parts = {"descriptor": pack_bits((projection >= 0).cpu().numpy()), "projection": projection.cpu().numpy(),
+                 "floats": floats.cpu().numpy()}
+        return [parts[output] for output in outputs]
 
     def encode(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
-               progress: bool | None = None) -> np.ndarray:
+               progress: bool | None = None, output: str = "descriptor") -> np.ndarray:
         """(N, D) float32 L2-normalised descriptors of ``images`` (a path, PIL image or tensor, or a list of
-        them, or an (N, 3, H, W) tensor); (N, bits / 8) uint8 packed codes for a hashing release.
-        ``progress``: a progress bar (None: only on a terminal)."""
+        them, or an (N, 3, H, W) tensor); (N, bits / 8) uint8 packed codes for a hashing release (or its
+        ``output``: see the module docstring). ``progress``: a progress bar (None: only on a terminal)."""
+        return self.encode_outputs(images, (output,), batch_size, progress)[0]
+
+    def encode_queries(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
+                       progress: bool | None = None) -> np.ndarray:
+        """Queries for asymmetric search: a hashing release's float projections (N, bits), whose inner product
+        with a database code in {-1, +1} ranks finer than Hamming distance; a float release's descriptors."""
+        return self.encode(images, batch_size, progress, output="projection" if self.binary else "descriptor")
+
+    def encode_outputs(self, images: ImageInput | Sequence[ImageInput], outputs: Sequence[str],
+                       batch_size: int = 16, progress: bool | None = None) -> list[np.ndarray]:
+        """Several outputs of :meth:`encode` from one pass over the images, in the order asked."""
         if batch_size < 1:
             raise UserError(f"batch_size must be positive, got {batch_size}")
+        shapes = [self._shape(output) for output in outputs]
         items = self._as_list(images)
+        results = [np.empty((len(items), width), dtype=dtype) for width, dtype in shapes]
         if not items:
-            return np.zeros((0, self.dim), dtype=self.dtype)
-        output = np.empty((len(items), self.dim), dtype=self.dtype)
+            return results
         batches = SizeBucketBatchSampler([self._group_key(item, i) for i, item in enumerate(items)], batch_size)
         with tqdm(total=len(items), desc="encode", unit="img", leave=False,
                   disable=None if progress is None else not progress) as bar:
             for chunk in batches:
-                output[chunk] = self.encode_tensor(torch.stack([self._prepare(items[i]) for i in chunk]))
+                encoded = self.encode_tensor(torch.stack([self._prepare(items[i]) for i in chunk]), outputs)
+                for result, rows in zip(results, encoded):
+                    result[chunk] = rows
                 bar.update(len(chunk))
-        return output
+        return results
 
     # -- inputs ------------------------------------------------------------------------------------------------
     @staticmethod

@@ -9,6 +9,28 @@ from before the database was made to after the index was built and the input arr
 index holds. On a machine busy with other jobs, FAISS's OpenMP threads wait for each other at every
 barrier and multi-threaded wall times swing widely; ``--threads 1`` and the CPU times are steadier there.
 
+**Two-stage search** (``retrieval.search.two_stage``; ``--shortlists 100,1000``, ``--shortlists ""`` skips it):
+random codes have no float descriptors they came from, so this part has its own data, where the codes derive
+from the floats. Float descriptors are a mixture of clusters: ``database / cluster-size`` centres drawn from
+N(0, diag(s^2)) with a power-law spectrum s_d = d^(-decay / 2) (d = 1..D: a few dimensions dominate, as in
+real descriptors), each item a random centre plus ``noise`` x N(0, diag(s^2)), L2-normalised; queries are
+drawn the same way (from the same centres). The database is written to a temporary ``.npy`` (``--tmp-dir``;
+D x 4 bytes an item on disk) and the codes are ITQ (``--codes itq``) or PCA signs (``--codes pcasign``) of
+the floats, fitted on the first ``--fit-sample`` items. Rows, every one searched for the top k:
+
+- flat float: exact inner product over the floats in memory (FAISS flat), the reference top k;
+- Hamming flat: exact Hamming search of the codes alone;
+- two-stage R: a Hamming shortlist of R from the codes in memory, re-ranked by the floats read from the file
+  (memory-mapped; the process releases the pages after each query chunk); ``--asymmetric`` adds a row with an
+  asymmetric shortlist (the queries' ITQ / PCA projections against the codes; a slower first stage).
+
+Recall@k is the fraction of the exact float top k found in a row's top k. RSS+ is the resident-set growth
+from before the row's index was built to after its search: it counts the index's own memory (for two-stage,
+FAISS's copy of the codes, beside the codes array itself, which "DB MB" counts) and any file pages still
+mapped into the process; two-stage releases them after each chunk, so they leave the count (they may stay in
+the kernel's page cache, which is shared and reclaimable, not the process's). The file was just written, so
+its pages are normally in the page cache: times are of a warm cache, not of a cold disk.
+
     python scripts/bench_binary_search.py                       # 1,000 x 1,000,000, 64 bits vs 512-D
     python scripts/bench_binary_search.py --database 20000      # a quick check
     python scripts/bench_binary_search.py --threads 1 --json bench.json
@@ -19,14 +41,18 @@ import argparse
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from msretrieval.models.hashing import SignCodes, learn_itq, learn_pca_signs
 from msretrieval.utils.cli import benchmark_main, run_cli
+from msretrieval.retrieval.search.binary import pack_bits
 from msretrieval.retrieval.search.index import SearchIndex
+from msretrieval.retrieval.search.two_stage import TwoStageIndex
 
 #: rows of random float vectors made at a time (bounds the generator's temporaries)
 FLOAT_CHUNK = 65536
@@ -81,16 +107,103 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
             "rss_growth_bytes": after - before if before is not None and after is not None else None}
 
 
+class ClusteredVectors:
+    """The two-stage part's data model (see the module docstring): L2-normalised cluster centre + noise."""
+
+    def __init__(self, rng: np.random.Generator, clusters: int, dim: int, decay: float, noise: float):
+        self.rng, self.noise = rng, noise
+        self.scale = (np.arange(1, dim + 1, dtype=np.float64) ** (-decay / 2)).astype(np.float32)
+        self.centres = rng.standard_normal((clusters, dim), dtype=np.float32) * self.scale
+
+    def draw(self, count: int) -> np.ndarray:
+        centres = self.centres[self.rng.integers(0, len(self.centres), count)]
+        vectors = centres + self.noise * self.rng.standard_normal(centres.shape, dtype=np.float32) * self.scale
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each query's exact top k found in its ``found`` top k."""
+    return float(np.mean([len(np.intersect1d(f, e)) / len(e) for f, e in zip(found, exact)]))
+
+
+def timed(search, repeats: int) -> tuple[float, float, tuple]:
+    """(median wall seconds, median CPU seconds, the last result) of ``repeats`` calls of ``search``."""
+    seconds, cpu_seconds = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = search()
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - start_cpu)
+    return statistics.median(seconds), statistics.median(cpu_seconds), result
+
+
+def measure_two_stage(args: argparse.Namespace, folder: Path) -> dict:
+    """Flat float, Hamming flat and two-stage rows on clustered data whose codes derive from its floats."""
+    rng = np.random.default_rng(args.seed)
+    model = ClusteredVectors(rng, max(1, args.database // args.cluster_size), args.dim, args.decay, args.noise)
+    path = folder / "floats.npy"
+    floats = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(args.database, args.dim))
+    for start in range(0, args.database, FLOAT_CHUNK):
+        floats[start:start + FLOAT_CHUNK] = model.draw(min(FLOAT_CHUNK, args.database - start))
+    floats.flush()
+    queries = model.draw(args.queries)
+    sample = np.asarray(floats[:min(args.fit_sample, args.database)])
+    signs: SignCodes = learn_itq(sample, args.bits) if args.codes == "itq" else learn_pca_signs(sample, args.bits)
+    del sample
+    codes = np.concatenate([pack_bits(signs.encode(floats[start:start + FLOAT_CHUNK]))
+                            for start in range(0, args.database, FLOAT_CHUNK)])
+    query_codes, query_projections = pack_bits(signs.encode(queries)), signs.project(queries).numpy()
+    code_bytes, float_bytes = args.bits // 8, 4 * args.dim
+    rows = []
+
+    def row(name: str, build, search, bytes_per_item: int, exact: np.ndarray | None) -> np.ndarray:
+        before = resident_bytes()
+        start = time.perf_counter()
+        index = build()
+        build_seconds = time.perf_counter() - start
+        seconds, cpu_seconds, (_, indices) = timed(lambda: search(index), args.repeats)
+        after = resident_bytes()
+        rows.append({"name": name, "bytes_per_item": bytes_per_item, "database_bytes": bytes_per_item * args.database,
+                     "build_seconds": build_seconds, "search_seconds": seconds, "cpu_seconds": cpu_seconds,
+                     "rss_growth_bytes": after - before if before is not None and after is not None else None,
+                     "recall": 1.0 if exact is None else recall(indices, exact)})
+        return indices
+
+    floats.flush()
+    del floats  # the flat index copies the file's rows; the mapping goes once it is built
+    exact = row("flat float (exact)", lambda: SearchIndex(np.load(path, mmap_mode="r"), use_gpu=False),
+                lambda index: index.search(queries, args.k), float_bytes, None)
+    row("Hamming flat", lambda: SearchIndex(codes, "hamming", use_gpu=False),
+        lambda index: index.search(query_codes, args.k), code_bytes, exact)
+    for shortlist in args.shortlists:
+        row(f"two-stage R={shortlist}", lambda: TwoStageIndex(codes, path, shortlist),
+            lambda index: index.search(query_codes, queries, args.k), code_bytes, exact)
+    if args.asymmetric and args.shortlists:
+        shortlist = max(args.shortlists)
+        row(f"two-stage R={shortlist} asym", lambda: TwoStageIndex(codes, path, shortlist, asymmetric=True),
+            lambda index: index.search(query_projections, queries, args.k), code_bytes, exact)
+    flat = rows[0]
+    for measured in rows:
+        measured["speedup"] = flat["search_seconds"] / measured["search_seconds"]
+    return {"data": {"clusters": len(model.centres), "cluster_size": args.cluster_size, "decay": args.decay,
+                     "noise": args.noise, "codes": args.codes, "fit_sample": args.fit_sample,
+                     "float_file_bytes": path.stat().st_size}, "rows": rows}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         faiss.omp_set_num_threads(args.threads)
     binary = measure("binary", args)
     floats = measure("float", args)
-    return {"database": args.database, "queries": args.queries, "bits": args.bits, "dim": args.dim, "k": args.k,
-            "threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__, "binary": binary, "float": floats,
-            "time_ratio": floats["search_seconds"] / binary["search_seconds"],
-            "cpu_time_ratio": floats["cpu_seconds"] / max(binary["cpu_seconds"], 1e-9),
-            "memory_ratio": floats["database_bytes"] / binary["database_bytes"]}
+    result = {"database": args.database, "queries": args.queries, "bits": args.bits, "dim": args.dim, "k": args.k,
+              "threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__, "binary": binary, "float": floats,
+              "time_ratio": floats["search_seconds"] / binary["search_seconds"],
+              "cpu_time_ratio": floats["cpu_seconds"] / max(binary["cpu_seconds"], 1e-9),
+              "memory_ratio": floats["database_bytes"] / binary["database_bytes"]}
+    if args.shortlists:
+        with tempfile.TemporaryDirectory(prefix="bench-two-stage-", dir=args.tmp_dir) as folder:
+            result["two_stage"] = measure_two_stage(args, Path(folder))
+    return result
 
 
 def _mb(value: int | None) -> str:
@@ -111,6 +224,21 @@ def report(result: dict) -> str:
                  f"database memory {result['memory_ratio']:.0f}x")
     lines.append("RSS+ = resident-set growth from before the database was made to after the index was built and its\n"
                  "input freed: what the index holds (page-granular, noisy for small databases)")
+    if "two_stage" in result:
+        data = result["two_stage"]["data"]
+        lines += ["", f"two-stage search: {result['bits']}-bit {data['codes']} codes in memory, "
+                      f"{result['dim']}-D floats on disk ({_mb(data['float_file_bytes'])} MB file); {data['clusters']:,} clusters of about "
+                      f"{data['cluster_size']} items, spectrum decay {data['decay']}, noise {data['noise']}",
+                  f"{'row':<24} {'B/item':>7} {'DB MB':>9} {'RSS+ MB':>9} {'build s':>8} {'search s':>9} "
+                  f"{'CPU s':>8} {'ms/query':>9} {'speed-up':>8} {'recall@' + str(result['k']):>9}"]
+        for m in result["two_stage"]["rows"]:
+            lines.append(f"{m['name']:<24} {m['bytes_per_item']:>7} {_mb(m['database_bytes']):>9} "
+                         f"{_mb(m['rss_growth_bytes']):>9} {m['build_seconds']:>8.3f} {m['search_seconds']:>9.3f} "
+                         f"{m['cpu_seconds']:>8.3f} {1000 * m['search_seconds'] / result['queries']:>9.3f} "
+                         f"{m['speedup']:>7.1f}x {m['recall']:>9.3f}")
+        lines.append("recall = fraction of the exact float top k found; speed-up = flat float time / the row's; RSS+ "
+                     "counts file pages\nwhile they are mapped (two-stage releases them after each query chunk; "
+                     "the page cache may keep them)")
     return "\n".join(lines)
 
 
@@ -125,12 +253,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed searches per index (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    two_stage = parser.add_argument_group("two-stage search (clustered data; see above)")
+    two_stage.add_argument("--shortlists", default="100,1000",
+                           help="comma-separated shortlist sizes R, one row each (default 100,1000; '' skips the part)")
+    two_stage.add_argument("--asymmetric", action="store_true",
+                           help="also a row with an asymmetric shortlist (the largest R)")
+    two_stage.add_argument("--codes", choices=("itq", "pcasign"), default="itq", help="how the codes are learned")
+    two_stage.add_argument("--fit-sample", type=int, default=20000, help="items the codes are learned from")
+    two_stage.add_argument("--cluster-size", type=int, default=100, help="items per cluster, on average")
+    two_stage.add_argument("--decay", type=float, default=1.0,
+                           help="power-law decay of the spectrum: variance of dimension d ~ d^-decay")
+    two_stage.add_argument("--noise", type=float, default=0.5, help="item noise relative to the centres' spread")
+    two_stage.add_argument("--tmp-dir", default=None, help="where the float file goes (default: the system's)")
     args = parser.parse_args(argv)
+    try:
+        args.shortlists = [int(value) for value in args.shortlists.split(",") if value.strip()]
+    except ValueError:
+        parser.error(f"--shortlists must be comma-separated integers, got {args.shortlists!r}")
     if args.bits < 8 or args.bits % 8:
         parser.error(f"--bits must be a positive multiple of 8 (codes are packed into bytes), got {args.bits}")
-    for name in ("database", "queries", "dim", "k", "repeats"):
+    for name in ("database", "queries", "dim", "k", "repeats", "fit_sample", "cluster_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if any(shortlist < 1 for shortlist in args.shortlists):
+        parser.error(f"--shortlists must be positive, got {args.shortlists}")
+    if args.shortlists and (args.bits > args.dim or args.bits > args.fit_sample):
+        parser.error(f"two-stage codes of {args.bits} bits need --dim and --fit-sample of at least {args.bits}")
     return args
 
 

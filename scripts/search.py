@@ -10,6 +10,12 @@ results. With ``--labels`` (a CSV manifest with ``file`` and ``class_id`` column
 results are marked correct (same class) or not, and the JSON and the sheet say so. Prints the time per
 query (encoding and search). ``--device cuda`` encodes on the GPU and searches a float index on the GPU(s) too,
 which needs FAISS's CUDA build (docs/gpu.md; without it: one error line).
+
+An index of packed codes (a hashing release) can be searched two better ways: ``--asymmetric`` scores each
+query's float projection against the codes as {-1, +1} (the database stays binary, the query is not
+binarised), and ``--rerank R`` (an index built with ``scripts/index.py --keep-floats``) re-ranks a shortlist of
+R images found by the codes (Hamming, or asymmetric with ``--asymmetric``) by the float descriptors, read
+from disk for the shortlisted images only. Scores are then those inner products.
 """
 from __future__ import annotations
 
@@ -39,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sheet-rows", type=int, default=12, help="queries drawn on the sheet (default 12)")
     parser.add_argument("--labels", default=None, help="CSV manifest (file, class_id) to mark results correct")
     parser.add_argument("--release", default=None, help="encode queries with this release instead of the index's")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="binary index: score the queries' float projections against the codes (finer than "
+                             "Hamming; with --rerank: the shortlist's first stage)")
+    parser.add_argument("--rerank", type=int, default=None, metavar="R",
+                        help="binary index built with --keep-floats: re-rank a shortlist of R by the float "
+                             "descriptors on disk (at most R results a query)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: encoding and FAISS search")
     return parser.parse_args(argv)
@@ -61,16 +73,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
+    if args.rerank is not None and args.rerank < 1:
+        raise UserError(f"--rerank must be >= 1, got {args.rerank}")
     index = ImageIndex.open(args.index, use_gpu=args.device.startswith("cuda"))
     retriever = index.load_retriever(args.release, device=args.device)
     queries = query_paths(args.queries)
     labels = PathLabels(args.labels) if args.labels else None
     query_labels = [labels.get(query) if labels else None for query in queries]
     started = time.perf_counter()
-    descriptors = retriever.encode(queries, batch_size=args.batch_size)
+    outputs = ["projection" if args.asymmetric else "descriptor"] + (["floats"] if args.rerank else [])
+    if (args.asymmetric or args.rerank) and not retriever.binary:
+        raise UserError("--asymmetric and --rerank search the packed codes of a hashing release; this index holds "
+                        "float descriptors, searched exactly already")
+    descriptors, *floats = retriever.encode_outputs(queries, outputs, batch_size=args.batch_size)
     encoded = time.perf_counter()
     hits = index.top_k(descriptors, args.k, exclude=[str(q) for q in queries], labels=labels,
-                       query_labels=query_labels)
+                       query_labels=query_labels, asymmetric=args.asymmetric, rerank=args.rerank,
+                       query_floats=floats[0] if floats else None)
     searched = time.perf_counter()
     output, sheet_rows = [], []
     for q, (query, query_label) in enumerate(zip(queries, query_labels)):
@@ -87,7 +106,8 @@ def main(argv=None) -> int:
     timing = {"queries": len(queries), "encode_ms_per_query": 1000 * (encoded - started) / len(queries),
               "search_ms_per_query": 1000 * (searched - encoded) / len(queries), "index_size": size}
     json_path = Path(args.json) if args.json else Path(args.index) / "search.json"
-    atomic_write_text(json_path, json.dumps({"index": str(args.index), "k": args.k, "timing": timing,
+    search = {"asymmetric": args.asymmetric, "rerank": args.rerank}
+    atomic_write_text(json_path, json.dumps({"index": str(args.index), "k": args.k, "search": search, "timing": timing,
                                              "queries": output}, indent=1))
     judged = [r["correct"] for q in output for r in q["results"][:1] if "correct" in r]
     print(f"{len(queries)} queries against {size} images: encoding {timing['encode_ms_per_query']:.1f} ms "

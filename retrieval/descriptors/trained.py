@@ -6,7 +6,12 @@ Hamming distance. ``itq@BITS:run:RUN_DIR`` binarises a float network's descripto
 learned on the benchmark's training images: the unsupervised baseline a learned hash head must beat.
 ``pca@DIMS:run:RUN_DIR`` keeps the float PCA projection instead (no binarisation): what any linear
 DIMS-dimensional code of those descriptors can reach, the bound that separates the cost of the dimension
-from the cost of the sign. A suffix ``sSEED`` (``itq@64s3:run:DIR``) changes ITQ's random start.
+from the cost of the sign. ``pcasign@BITS:run:RUN_DIR`` keeps the signs of that projection (PCA hashing: ITQ
+without its rotation). A suffix ``sSEED`` (``itq@64s3:run:DIR``) changes ITQ's random start.
+
+Every binary code here (a hashing network's, ITQ's, PCA signs) also gives its parts to
+:mod:`retrieval.descriptors.code_search` (``code_parts``): the real-valued projection whose signs are the
+bits, the bits, and the float descriptor they were made from (asymmetric scoring, two-stage re-ranking).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from msretrieval.models.backbones import Preprocessing
-from msretrieval.models.hashing import learn_itq
+from msretrieval.models.hashing import learn_itq, learn_pca_signs
 from msretrieval.models.pca import PCA
 from msretrieval.models.retrieval_net import RetrievalNet, load_model
 from msretrieval.utils.errors import UserError
@@ -31,8 +36,8 @@ from .methods import MethodContext, RetrievalMethod, register_method_pattern
 from msretrieval.retrieval.search.scores import ScoreSource
 
 CHECKPOINT_NAMES = ("best.pth", "last.pth")
-#: ``itq@64:run:DIR``, ``itq@64s3:model:FILE``, ``pca@64:run:DIR``
-PROJECTED_SPEC = re.compile(r"(?P<kind>itq|pca)@(?P<dims>\d+)(?:s(?P<seed>\d+))?:(?P<target>(?:run|model):.+)")
+#: ``itq@64:run:DIR``, ``itq@64s3:model:FILE``, ``pca@64:run:DIR``, ``pcasign@64:run:DIR``
+PROJECTED_SPEC = re.compile(r"(?P<kind>itq|pcasign|pca)@(?P<dims>\d+)(?:s(?P<seed>\d+))?:(?P<target>(?:run|model):.+)")
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -81,8 +86,8 @@ class TrainedModelMethod(RetrievalMethod):
     @classmethod
     def from_spec(cls, spec: str, shared: dict | None = None, scales: tuple[float, ...] = (1.0,)
                   ) -> "TrainedModelMethod":
-        """``run:DIR`` / ``model:FILE``, or ``itq@BITS[sSEED]:`` / ``pca@DIMS:`` before either (``scales``: the
-        plain network's descriptor scales; the projections describe at scale 1).
+        """``run:DIR`` / ``model:FILE``, or ``itq@BITS[sSEED]:`` / ``pca@DIMS:`` / ``pcasign@BITS:`` before either
+        (``scales``: the plain network's descriptor scales; the projections describe at scale 1).
 
         Methods built with one ``shared`` dict (a harness run's) load each checkpoint once, so they share
         its backbone forward when extracted together and its training descriptors when fitted."""
@@ -96,10 +101,12 @@ class TrainedModelMethod(RetrievalMethod):
         if projected is None:
             return cls(model, name=spec, checkpoint=path, scales=scales)
         kind, dims, seed = projected.group("kind"), int(projected.group("dims")), projected.group("seed")
+        if kind in ("pca", "pcasign") and seed is not None:
+            raise UserError(f"{spec}: PCA is deterministic; the sSEED suffix is for itq@")
         if kind == "pca":
-            if seed is not None:
-                raise UserError(f"{spec}: PCA is deterministic; the sSEED suffix is for itq@")
             return PCATrainedMethod(model, name=spec, checkpoint=path, dims=dims, shared=shared)
+        if kind == "pcasign":
+            return PCASignTrainedMethod(model, name=spec, checkpoint=path, bits=dims, shared=shared)
         return ITQTrainedMethod(model, name=spec, checkpoint=path, bits=dims, seed=int(seed or 0), shared=shared)
 
     @property
@@ -127,6 +134,22 @@ class TrainedModelMethod(RetrievalMethod):
         if self.bits is None:
             return super().scores(queries, database)
         return HammingScores(queries, database)
+
+    @property
+    def float_dim(self) -> int:
+        """Width of the float descriptor the codes are made from (the hashing layer's input)."""
+        return self.model.head.hash.linear.in_features if self.bits is not None else self.model.out_dim
+
+    @torch.no_grad()
+    def code_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(projection, bits, floats) of a hashing network: the hashing layer's linear output (before the
+        sign), its bits (True = +1, as :meth:`encode` packs them) and the L2-normalised float descriptor the
+        layer reads, from one forward pass."""
+        if self.bits is None:
+            raise UserError(f"{self.name}: a float network has no binary code (use itq@BITS: or pcasign@BITS: "
+                            f"before its run:/model: spec, or a hashing network)")
+        projection, floats = self.model.code_parts(images)
+        return projection, projection >= 0, floats
 
 
 class _FittedProjection(TrainedModelMethod):
@@ -183,9 +206,38 @@ class ITQTrainedMethod(_FittedProjection):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(pack_bits(self.code_parts(images)[1].numpy()))
+
+    @torch.no_grad()
+    def code_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(projection, bits, floats): the fitted projection of the network's descriptors, its positive
+        entries (the code) and the descriptors themselves."""
         if self.itq is None:
             raise RuntimeError(f"{self.name} is not fitted: call fit() on training images first")
-        return torch.from_numpy(pack_bits(self.itq.encode(self.model(images).float().cpu().numpy())))
+        floats = self.model(images).float().cpu()
+        projection = self.itq.project(floats.numpy())
+        return projection, projection > 0, floats
+
+    @property
+    def float_dim(self) -> int:
+        return self.model.out_dim
+
+
+class PCASignTrainedMethod(ITQTrainedMethod):
+    """A float network's descriptors -> the signs of their top ``bits`` principal components (PCA hashing),
+    fitted on the benchmark's training images; Hamming ranking."""
+
+    def __init__(self, model: RetrievalNet, name: str, checkpoint: Path | None, bits: int,
+                 shared: dict | None = None):
+        super().__init__(model, name, checkpoint, bits, shared=shared)
+
+    def config(self) -> dict:
+        return {**_FittedProjection.config(self), "pcasign_bits": self.bits}  # no ITQ seed: no random start
+
+    def fit(self, train_images, labels=None) -> None:
+        with torch.random.fork_rng():  # randomised SVD for few components of wide data
+            torch.manual_seed(0)
+            self.itq = learn_pca_signs(self._training_descriptors(train_images), self.bits)
 
 
 class PCATrainedMethod(_FittedProjection):
@@ -213,7 +265,7 @@ class PCATrainedMethod(_FittedProjection):
 
 
 @register_method_pattern(r"(?:run|model):.+", "run:RUN_DIR")
-@register_method_pattern(PROJECTED_SPEC.pattern, "itq@BITS:run:RUN_DIR")
+@register_method_pattern(PROJECTED_SPEC.pattern, "itq@BITS:run:RUN_DIR")  # also pca@DIMS:, pcasign@BITS:
 def _trained(spec: str, context: MethodContext) -> TrainedModelMethod:
     """Trained networks describe themselves: the context's backbone choice does not apply."""
     return TrainedModelMethod.from_spec(spec, shared=context._shared, scales=context.descriptor_scales)

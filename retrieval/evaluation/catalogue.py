@@ -9,7 +9,8 @@ from __future__ import annotations
 import msretrieval.baselines  # noqa: F401  (scda*, msbd*, itq)
 import msretrieval.retrieval.aggregation.match_kernels  # noqa: F401  (vlad, asmk, asmk_star, r_*)
 import msretrieval.retrieval.aggregation.regional  # noqa: F401  (regional_search_*)
-import msretrieval.retrieval.descriptors.trained  # noqa: F401  (run:, model:, itq@, pca@)
+import msretrieval.retrieval.descriptors.code_search  # noqa: F401  (asym:, rerank@R:)
+import msretrieval.retrieval.descriptors.trained  # noqa: F401  (run:, model:, itq@, pca@, pcasign@)
 from msretrieval.retrieval.descriptors.methods import MethodContext, available_methods, create_method
 
 __all__ = ["MethodContext", "available_methods", "create_method"]

@@ -1,0 +1,147 @@
+"""Two-stage search: a shortlist from binary codes held in memory, re-ranked by float descriptors on disk.
+
+Stage 1 ranks the whole database by its packed codes: Hamming distance (FAISS's exact binary index, built
+once), or the asymmetric scores of the queries' float projections
+(:class:`~retrieval.search.binary.AsymmetricScores`); it keeps every query's best ``shortlist`` (R) items,
+equal scores in ascending database index. Stage 2 reads those R rows of the float descriptors and ranks them
+exactly by inner product, equal scores in ascending database index. Only the codes (N x bits / 8 bytes) are
+held in memory; the floats (N x D x 4 bytes) stay on disk and only the shortlisted rows are read.
+
+**Memory.** The floats are a ``.npy`` path (memory-mapped read-only), an array from ``np.load(...,
+mmap_mode=...)``, a :class:`~retrieval.search.shards.ShardedArray`, or an in-memory array (tests, small sets).
+Queries go in chunks of at most ``_RERANK_BLOCK_ELEMENTS`` candidate floats (at least one query); a chunk's
+candidate rows are read in ascending row order (each page once) into a copy, then the pages the read brought
+in are released from the process with ``madvise(MADV_DONTNEED)`` over the mapping. Without that, every file page ever touched stays
+mapped and counts in the process's resident set (after enough queries, most of the file). Released pages stay
+in the kernel's page cache (shared and reclaimable; a later read may find them there) but leave the process's
+RSS, which stays at the codes plus one chunk's rows. A sharded array maps each shard anew for every read and
+unmaps it afterwards, which releases the pages the same way.
+
+Items outside a query's shortlist get no float score: :class:`RerankScores` (the two-stage ranking as a score
+source, for metrics over the whole database) ranks them after every shortlisted item, in stage 1's order.
+"""
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .binary import AsymmetricScores, HammingScores
+from .index import SearchIndex
+from .scores import ScoreSource, top_k_rows
+from .shards import ShardedArray
+
+#: bound on the candidate float elements (queries x shortlist x dims) read at once: 4 MiB of float32, small
+#: beside the codes of a large database (8 MB for a million 64-bit codes), which is what the index should cost
+_RERANK_BLOCK_ELEMENTS = 1 << 20
+
+
+class TwoStageIndex:
+    """Packed ``codes`` (N, bits / 8) in memory, float descriptors ``floats`` (N, D) on disk (see the module
+    docstring for the kinds accepted); :meth:`search` shortlists ``shortlist`` items by Hamming distance (or,
+    with ``asymmetric``, by the queries' projections against the codes) and re-ranks them by the floats.
+    ``release_pages=False`` keeps the mapped pages (to measure what releasing them saves)."""
+
+    def __init__(self, codes: np.ndarray, floats: np.ndarray | ShardedArray | str | Path, shortlist: int,
+                 asymmetric: bool = False, release_pages: bool = True):
+        if shortlist < 1:
+            raise ValueError(f"the shortlist needs at least 1 item, got {shortlist}")
+        self.codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        self.floats = np.load(floats, mmap_mode="r") if isinstance(floats, (str, Path)) else floats
+        if self.codes.ndim != 2 or len(self.floats.shape) != 2 or len(self.floats) != len(self.codes):
+            raise ValueError(f"codes {self.codes.shape} and float descriptors {tuple(self.floats.shape)} must be "
+                             f"2-D with one row per item")
+        if len(self.codes) == 0:
+            raise ValueError("cannot search an empty database")
+        self.shortlist = min(shortlist, len(self.codes))
+        self.asymmetric = asymmetric
+        self.dim = int(self.floats.shape[1])
+        # np.memmap views share their base's mmap object (numpy sets ``_mmap`` on every view of a mapping)
+        self._mapping = getattr(self.floats, "_mmap", None) if release_pages else None
+        self._hamming = None if asymmetric else SearchIndex(self.codes, "hamming")
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def first_stage(self, queries: np.ndarray) -> ScoreSource:
+        """Stage 1's scores of ``queries`` (packed codes, or float projections if asymmetric)."""
+        return AsymmetricScores(queries, self.codes) if self.asymmetric else HammingScores(queries, self.codes)
+
+    def candidates(self, queries: np.ndarray) -> np.ndarray:
+        """(Q, R) database rows: every query's shortlist, best first by stage 1."""
+        if self.asymmetric:
+            return self.first_stage(queries).top_k(self.shortlist)[1]
+        return self._hamming.search(queries, self.shortlist)[1]
+
+    def rerank(self, query_floats: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(candidates in ascending row order, their inner products with ``query_floats``), both (Q, R).
+        A row's score depends only on the query and the shortlist as a set, whatever order stage 1 gave."""
+        candidates = np.sort(np.asarray(candidates, dtype=np.int64), axis=1)
+        rows = np.unique(candidates)
+        vectors = self._read(rows)
+        positions = np.searchsorted(rows, candidates)
+        query_floats = np.asarray(query_floats, dtype=np.float32)
+        if query_floats.shape != (len(candidates), self.dim):
+            raise ValueError(f"query float descriptors {query_floats.shape} do not match {len(candidates)} queries "
+                             f"of {self.dim}-d database descriptors")
+        scores = np.empty(candidates.shape, dtype=np.float32)
+        for i, (query, places) in enumerate(zip(query_floats, positions)):
+            scores[i] = vectors[places] @ query
+        return candidates, scores
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        """The float descriptors of ``rows`` (ascending) copied into memory; mapped pages released after."""
+        if isinstance(self.floats, ShardedArray):
+            return self.floats.take(rows).astype(np.float32, copy=False)
+        vectors = np.array(self.floats[rows], dtype=np.float32)
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED)
+        return vectors
+
+    def search(self, queries: np.ndarray, query_floats: np.ndarray, k: int, chunk: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices), each (Q, min(k, shortlist)), best first: the float inner products of each query's
+        ``k`` best shortlisted items, equal scores in ascending database index. ``queries``: packed codes (or
+        float projections if asymmetric); ``query_floats``: (Q, D) float descriptors."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        k = min(k, self.shortlist)
+        chunk = chunk or max(1, _RERANK_BLOCK_ELEMENTS // (self.shortlist * self.dim))
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        indices = np.empty((len(queries), k), dtype=np.int64)
+        for start in range(0, len(queries), chunk):
+            stop = min(start + chunk, len(queries))
+            candidates, reranked = self.rerank(query_floats[start:stop], self.candidates(queries[start:stop]))
+            order = np.lexsort((candidates, -reranked), axis=1)[:, :k]
+            scores[start:stop] = np.take_along_axis(reranked, order, 1)
+            indices[start:stop] = np.take_along_axis(candidates, order, 1)
+        return scores, indices
+
+
+class RerankScores(ScoreSource):
+    """The two-stage ranking of ``queries`` (with float descriptors ``query_floats``) over ``index``'s whole
+    database: a shortlisted item scores its float inner product; the others score below every shortlisted item
+    of the query (the lowest minus 1), shifted by their stage-1 scores so they keep stage 1's order (and its
+    ties). :meth:`top_k` is :meth:`TwoStageIndex.search` for k up to the shortlist."""
+
+    def __init__(self, index: TwoStageIndex, queries: np.ndarray, query_floats: np.ndarray):
+        self.index, self.queries = index, queries
+        self.query_floats = np.asarray(query_floats, dtype=np.float32)
+        if len(self.query_floats) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(self.query_floats)} query float descriptors")
+        self.num_queries, self.num_database = len(queries), len(index)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        first = torch.as_tensor(self.index.first_stage(self.queries[start:stop]).rows(0, stop - start)).float()
+        candidates, reranked = self.index.rerank(self.query_floats[start:stop],
+                                                 top_k_rows(first, self.index.shortlist)[1].numpy())
+        reranked = torch.from_numpy(reranked)
+        below = reranked.min(dim=1, keepdim=True).values - 1 - first.max(dim=1, keepdim=True).values
+        return (first + below).scatter_(1, torch.from_numpy(candidates), reranked)
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k > self.index.shortlist:
+            return super().top_k(k)
+        return self.index.search(self.queries, self.query_floats, k)
