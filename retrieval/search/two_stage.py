@@ -36,6 +36,8 @@ from .shards import ShardedArray
 #: bound on the candidate float elements (queries x shortlist x dims) read at once: 4 MiB of float32, small
 #: beside the codes of a large database (8 MB for a million 64-bit codes), which is what the index should cost
 _RERANK_BLOCK_ELEMENTS = 1 << 20
+#: bound on the shortlisted indices (queries x shortlist) held at once: 2 MiB of int64
+_SHORTLIST_BLOCK_ELEMENTS = 1 << 18
 
 
 class TwoStageIndex:
@@ -61,6 +63,10 @@ class TwoStageIndex:
         # np.memmap views share their base's mmap object (numpy sets ``_mmap`` on every view of a mapping)
         self._mapping = getattr(self.floats, "_mmap", None) if release_pages else None
         self._hamming = None if asymmetric else SearchIndex(self.codes, "hamming")
+        if self._hamming is not None:
+            # FAISS's counting-sort selection: twice as fast as its heap for shortlists of hundreds, with the same
+            # neighbours in the same order (ties in ascending index; tests/retrieval/test_two_stage_search.py)
+            self._hamming.index.use_heap = False
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -77,25 +83,23 @@ class TwoStageIndex:
 
     def rerank(self, query_floats: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(candidates in ascending row order, their inner products with ``query_floats``), both (Q, R).
-        A row's score depends only on the query and the shortlist as a set, whatever order stage 1 gave."""
+        The chunk's distinct rows are read once and scored against its queries in one matrix product (BLAS may
+        round the last bit differently for another chunk, as every float score source here)."""
         candidates = np.sort(np.asarray(candidates, dtype=np.int64), axis=1)
         rows = np.unique(candidates)
-        vectors = self._read(rows)
-        positions = np.searchsorted(rows, candidates)
         query_floats = np.asarray(query_floats, dtype=np.float32)
         if query_floats.shape != (len(candidates), self.dim):
             raise ValueError(f"query float descriptors {query_floats.shape} do not match {len(candidates)} queries "
                              f"of {self.dim}-d database descriptors")
-        scores = np.empty(candidates.shape, dtype=np.float32)
-        for i, (query, places) in enumerate(zip(query_floats, positions)):
-            scores[i] = vectors[places] @ query
-        return candidates, scores
+        products = self._read(rows) @ query_floats.T  # (distinct rows, queries)
+        positions = np.searchsorted(rows, candidates)
+        return candidates, np.take_along_axis(products.T, positions, 1).astype(np.float32, copy=False)
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         """The float descriptors of ``rows`` (ascending) copied into memory; mapped pages released after."""
         if isinstance(self.floats, ShardedArray):
             return self.floats.take(rows).astype(np.float32, copy=False)
-        vectors = np.array(self.floats[rows], dtype=np.float32)
+        vectors = np.asarray(self.floats[rows]).view(np.ndarray).astype(np.float32, copy=False)  # one copy
         if self._mapping is not None:
             self._mapping.madvise(mmap.MADV_DONTNEED)
         return vectors
@@ -111,12 +115,18 @@ class TwoStageIndex:
         chunk = chunk or max(1, _RERANK_BLOCK_ELEMENTS // (self.shortlist * self.dim))
         scores = np.empty((len(queries), k), dtype=np.float32)
         indices = np.empty((len(queries), k), dtype=np.int64)
-        for start in range(0, len(queries), chunk):
-            stop = min(start + chunk, len(queries))
-            candidates, reranked = self.rerank(query_floats[start:stop], self.candidates(queries[start:stop]))
-            order = np.lexsort((candidates, -reranked), axis=1)[:, :k]
-            scores[start:stop] = np.take_along_axis(reranked, order, 1)
-            indices[start:stop] = np.take_along_axis(candidates, order, 1)
+        # stage 1 for many queries per call (FAISS scans the codes once per call, not once per query chunk),
+        # stage 2 a chunk at a time (its rows are what the process holds)
+        stage_one = max(chunk, _SHORTLIST_BLOCK_ELEMENTS // self.shortlist)
+        for first in range(0, len(queries), stage_one):
+            last = min(first + stage_one, len(queries))
+            shortlists = self.candidates(queries[first:last])
+            for start in range(first, last, chunk):
+                stop = min(start + chunk, last)
+                candidates, reranked = self.rerank(query_floats[start:stop], shortlists[start - first:stop - first])
+                order = np.lexsort((candidates, -reranked), axis=1)[:, :k]
+                scores[start:stop] = np.take_along_axis(reranked, order, 1)
+                indices[start:stop] = np.take_along_axis(candidates, order, 1)
         return scores, indices
 
 

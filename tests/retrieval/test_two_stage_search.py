@@ -129,3 +129,15 @@ def test_sharded_floats_give_the_same_search(tmp_path):
     index = TwoStageIndex(CODES, ShardedArray(tmp_path / "floats"), shortlist=4)
     np.testing.assert_array_equal(index.search(QUERY_CODES, QUERY_FLOATS, 4)[1],
                                   TwoStageIndex(CODES, FLOATS, shortlist=4).search(QUERY_CODES, QUERY_FLOATS, 4)[1])
+
+
+def test_the_hamming_shortlist_is_the_exact_ranking_with_ties_in_ascending_index():
+    """Stage 1 takes FAISS's counting-sort selection: its shortlist must be the first R of the Hamming ranking,
+    equal distances in ascending index, as the heap's (16-bit codes: hundreds of items at each distance)."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, (3000, 2), dtype=np.uint8)
+    queries = rng.integers(0, 256, (7, 2), dtype=np.uint8)
+    index = TwoStageIndex(codes, np.zeros((3000, 4), np.float32), shortlist=500)
+    distances = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(2)
+    expected = np.argsort(distances, axis=1, kind="stable")[:, :500]
+    np.testing.assert_array_equal(index.candidates(queries), expected)
