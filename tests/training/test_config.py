@@ -284,7 +284,7 @@ def test_a_manifest_without_a_split_says_which_rows_it_trains_on(tmp_path, caplo
 
 def test_end_to_end_hashing_config_is_the_main_job_with_a_hashing_layer():
     """configs/flowers_hash_e2e.yaml: main.yaml's frozen blocks and step budget, from the ImageNet backbone, with
-    64 bits, the distillation term and beta reaching 10 by the last step."""
+    64 bits, beta reaching 10 by the last step and no distillation term (measured to hurt, docs/hashing.md)."""
     from pathlib import Path
 
     from msretrieval.models.hashing import BetaSchedule
@@ -293,6 +293,6 @@ def test_end_to_end_hashing_config_is_the_main_job_with_a_hashing_layer():
     e2e, main = resolve_config(configs / "flowers_hash_e2e.yaml"), resolve_config(configs / "main.yaml")
     assert e2e["model"]["trainable"] == main["model"]["trainable"] and e2e["train"]["steps"] == main["train"]["steps"]
     assert e2e["model"]["pretrained"] and e2e["model"]["init_from"] is None
-    assert e2e["model"]["head"]["hash_bits"] == 64 and e2e["loss"]["distill_weight"] > 0
+    assert e2e["model"]["head"]["hash_bits"] == 64 and e2e["loss"]["distill_weight"] is None
     schedule = BetaSchedule.from_config(e2e["model"]["hash_beta"], e2e["train"]["steps"])
     assert schedule(e2e["train"]["steps"] - 1) == pytest.approx(10.0)
