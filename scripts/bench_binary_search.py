@@ -93,17 +93,12 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     build_seconds = time.perf_counter() - start
     del database  # the index holds its own copy; what remains of the growth is the index
     after = resident_bytes()
-    seconds, cpu_seconds = [], []
-    for _ in range(args.repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        scores, indices = index.search(queries, args.k)
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - start_cpu)
+    seconds, cpu_seconds, (_, indices) = timed(lambda: index.search(queries, args.k), args.repeats)
     if indices.shape != (args.queries, min(args.k, args.database)) or (indices < 0).any():
         raise RuntimeError(f"{kind} search returned {indices.shape} results with missing neighbours")
     return {"kind": kind, "index": f"{type(index.index).__name__} ({metric})", "bytes_per_item": bytes_per_item,
             "database_bytes": bytes_per_item * args.database, "build_seconds": build_seconds,
-            "search_seconds": statistics.median(seconds), "cpu_seconds": statistics.median(cpu_seconds),
+            "search_seconds": seconds, "cpu_seconds": cpu_seconds,
             "rss_growth_bytes": after - before if before is not None and after is not None else None}
 
 

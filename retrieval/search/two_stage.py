@@ -99,7 +99,7 @@ class TwoStageIndex:
         """The float descriptors of ``rows`` (ascending) copied into memory; mapped pages released after."""
         if isinstance(self.floats, ShardedArray):
             return self.floats.take(rows).astype(np.float32, copy=False)
-        vectors = np.asarray(self.floats[rows]).view(np.ndarray).astype(np.float32, copy=False)  # one copy
+        vectors = np.asarray(self.floats[rows], dtype=np.float32)  # the gather is the one copy
         if self._mapping is not None:
             self._mapping.madvise(mmap.MADV_DONTNEED)
         return vectors
