@@ -83,7 +83,8 @@ class Retriever:
         codes if binary), (N, bits) float32 projections, (N, D) float32 floats (see the module docstring)."""
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
         if not self.binary:
-            self._shape(outputs[-1])  # one clear error for a hashing output
+            for output in outputs:  # one clear error for a hashing output
+                self._shape(output)
             return [self.model(images).float().cpu().numpy()] * len(outputs)
         projection, floats = self.model.code_parts(images)
         parts = {"descriptor": pack_bits((projection >= 0).cpu().numpy()), "projection": projection.cpu().numpy(),

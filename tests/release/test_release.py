@@ -17,6 +17,7 @@ from msretrieval.data.images import load_image
 from msretrieval.data.transforms import EvalTransform
 from msretrieval.models.retrieval_net import create_model, load_model, save_model
 from msretrieval.release import ReleaseError, load_release
+from msretrieval.utils.errors import UserError
 from msretrieval.release.export import export_release
 from msretrieval.release.format import WEIGHTS_FILE
 
@@ -123,6 +124,18 @@ def test_encode_accepts_paths_images_and_tensors_in_order(exported):
     assert retriever.encode([]).shape == (0, 8)
     with pytest.raises(ValueError, match="shape"):
         retriever.encode(torch.zeros(2, 2))
+
+
+def test_a_float_release_refuses_every_hashing_output_whatever_its_place(exported):
+    """``projection`` and ``floats`` are a hashing release's outputs: asked of a float release, in any position of
+    the outputs, one clear error instead of copies of the descriptor."""
+    _, release, paths = exported
+    retriever = load_release(release)
+    batch = torch.zeros(1, 3, 128, 128)
+    for outputs in (("projection",), ("projection", "descriptor"), ("descriptor", "floats")):
+        with pytest.raises(UserError, match="hashing release's"):
+            retriever.encode_tensor(batch, outputs)
+    assert retriever.encode_tensor(batch, ("descriptor", "descriptor"))[1].shape == (1, 8)
 
 
 def test_torch_hub_loads_the_release(exported):
