@@ -20,15 +20,16 @@ the floats, fitted on the first ``--fit-sample`` items. Rows, every one searched
 
 - flat float: exact inner product over the floats in memory (FAISS flat), the reference top k;
 - Hamming flat: exact Hamming search of the codes alone;
-- two-stage R: a Hamming shortlist of R from the codes in memory, re-ranked by the floats read from the file
-  (memory-mapped; the process releases the pages after each query chunk); ``--asymmetric`` adds a row with an
-  asymmetric shortlist (the queries' ITQ / PCA projections against the codes; a slower first stage).
+- two-stage R (``--shortlists``): a Hamming shortlist of R from the codes in memory, re-ranked by the floats
+  read from the file (positional reads of the shortlisted rows; nothing of the file is mapped);
+- two-stage R asym (``--asym-shortlists``): the shortlist of R by asymmetric scores (the queries' ITQ / PCA
+  projections against the codes) over each query's ``--hamming-shortlist`` R1 nearest codes by Hamming
+  distance (0: over every code, an exact but much slower first stage), re-ranked the same way.
 
 Recall@k is the fraction of the exact float top k found in a row's top k. RSS+ is the resident-set growth
 from before the row's index was built to after its search: it counts the index's own memory (for two-stage,
-FAISS's copy of the codes, beside the codes array itself, which "DB MB" counts) and any file pages still
-mapped into the process; two-stage releases them after each chunk, so they leave the count (they may stay in
-the kernel's page cache, which is shared and reclaimable, not the process's). The file was just written, so
+FAISS's copy of the codes, beside the codes array itself, which "DB MB" counts); the rows two-stage reads are
+copied out of the kernel's page cache (shared and reclaimable, not the process's). The file was just written, so
 its pages are normally in the page cache: times are of a warm cache, not of a cold disk.
 
     python scripts/bench_binary_search.py                       # 1,000 x 1,000,000, 64 bits vs 512-D
@@ -173,16 +174,17 @@ def measure_two_stage(args: argparse.Namespace, folder: Path) -> dict:
     for shortlist in args.shortlists:
         row(f"two-stage R={shortlist}", lambda: TwoStageIndex(codes, path, shortlist),
             lambda index: index.search(query_codes, queries, args.k), code_bytes, exact)
-    if args.asymmetric and args.shortlists:
-        shortlist = max(args.shortlists)
-        row(f"two-stage R={shortlist} asym", lambda: TwoStageIndex(codes, path, shortlist, asymmetric=True),
+    pre = max(args.hamming_shortlist, max(args.asym_shortlists, default=0)) if args.hamming_shortlist else None
+    for shortlist in args.asym_shortlists:
+        row(f"two-stage R={shortlist} asym" + (f" (H {pre})" if pre else ""),
+            lambda: TwoStageIndex(codes, path, shortlist, asymmetric=True, hamming_shortlist=pre),
             lambda index: index.search(query_projections, queries, args.k), code_bytes, exact)
     flat = rows[0]
     for measured in rows:
         measured["speedup"] = flat["search_seconds"] / measured["search_seconds"]
     return {"data": {"clusters": len(model.centres), "cluster_size": args.cluster_size, "decay": args.decay,
                      "noise": args.noise, "codes": args.codes, "fit_sample": args.fit_sample,
-                     "float_file_bytes": path.stat().st_size}, "rows": rows}
+                     "hamming_shortlist": pre, "float_file_bytes": path.stat().st_size}, "rows": rows}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -195,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
               "time_ratio": floats["search_seconds"] / binary["search_seconds"],
               "cpu_time_ratio": floats["cpu_seconds"] / max(binary["cpu_seconds"], 1e-9),
               "memory_ratio": floats["database_bytes"] / binary["database_bytes"]}
-    if args.shortlists:
+    if args.shortlists or args.asym_shortlists:
         with tempfile.TemporaryDirectory(prefix="bench-two-stage-", dir=args.tmp_dir) as folder:
             result["two_stage"] = measure_two_stage(args, Path(folder))
     return result
@@ -224,16 +226,15 @@ def report(result: dict) -> str:
         lines += ["", f"two-stage search: {result['bits']}-bit {data['codes']} codes in memory, "
                       f"{result['dim']}-D floats on disk ({_mb(data['float_file_bytes'])} MB file); {data['clusters']:,} clusters of about "
                       f"{data['cluster_size']} items, spectrum decay {data['decay']}, noise {data['noise']}",
-                  f"{'row':<24} {'B/item':>7} {'DB MB':>9} {'RSS+ MB':>9} {'build s':>8} {'search s':>9} "
+                  f"{'row':<30} {'B/item':>7} {'DB MB':>9} {'RSS+ MB':>9} {'build s':>8} {'search s':>9} "
                   f"{'CPU s':>8} {'ms/query':>9} {'speed-up':>8} {'recall@' + str(result['k']):>9}"]
         for m in result["two_stage"]["rows"]:
-            lines.append(f"{m['name']:<24} {m['bytes_per_item']:>7} {_mb(m['database_bytes']):>9} "
+            lines.append(f"{m['name']:<30} {m['bytes_per_item']:>7} {_mb(m['database_bytes']):>9} "
                          f"{_mb(m['rss_growth_bytes']):>9} {m['build_seconds']:>8.3f} {m['search_seconds']:>9.3f} "
                          f"{m['cpu_seconds']:>8.3f} {1000 * m['search_seconds'] / result['queries']:>9.3f} "
                          f"{m['speedup']:>7.1f}x {m['recall']:>9.3f}")
-        lines.append("recall = fraction of the exact float top k found; speed-up = flat float time / the row's; RSS+ "
-                     "counts file pages\nwhile they are mapped (two-stage releases them after each query chunk; "
-                     "the page cache may keep them)")
+        lines.append("recall = fraction of the exact float top k found; speed-up = flat float time / the row's; "
+                     "asym (H R1) =\nasymmetric shortlist over the R1 nearest codes by Hamming distance")
     return "\n".join(lines)
 
 
@@ -250,9 +251,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     two_stage = parser.add_argument_group("two-stage search (clustered data; see above)")
     two_stage.add_argument("--shortlists", default="100,1000",
-                           help="comma-separated shortlist sizes R, one row each (default 100,1000; '' skips the part)")
-    two_stage.add_argument("--asymmetric", action="store_true",
-                           help="also a row with an asymmetric shortlist (the largest R)")
+                           help="comma-separated Hamming shortlist sizes R, one row each (default 100,1000)")
+    two_stage.add_argument("--asym-shortlists", default="100",
+                           help="comma-separated asymmetric shortlist sizes R, one row each (default 100; '' for "
+                                "none; with --shortlists '' too, the part is skipped)")
+    two_stage.add_argument("--hamming-shortlist", type=int, default=2000, metavar="R1",
+                           help="asymmetric rows score the R1 nearest codes by Hamming distance (default 2000; "
+                                "0: every code)")
     two_stage.add_argument("--codes", choices=("itq", "pcasign"), default="itq", help="how the codes are learned")
     two_stage.add_argument("--fit-sample", type=int, default=20000, help="items the codes are learned from")
     two_stage.add_argument("--cluster-size", type=int, default=100, help="items per cluster, on average")
@@ -261,18 +266,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     two_stage.add_argument("--noise", type=float, default=0.5, help="item noise relative to the centres' spread")
     two_stage.add_argument("--tmp-dir", default=None, help="where the float file goes (default: the system's)")
     args = parser.parse_args(argv)
-    try:
-        args.shortlists = [int(value) for value in args.shortlists.split(",") if value.strip()]
-    except ValueError:
-        parser.error(f"--shortlists must be comma-separated integers, got {args.shortlists!r}")
+    for name in ("shortlists", "asym_shortlists"):
+        try:
+            setattr(args, name, [int(value) for value in getattr(args, name).split(",") if value.strip()])
+        except ValueError:
+            parser.error(f"--{name.replace('_', '-')} must be comma-separated integers, got {getattr(args, name)!r}")
     if args.bits < 8 or args.bits % 8:
         parser.error(f"--bits must be a positive multiple of 8 (codes are packed into bytes), got {args.bits}")
     for name in ("database", "queries", "dim", "k", "repeats", "fit_sample", "cluster_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if any(shortlist < 1 for shortlist in args.shortlists):
-        parser.error(f"--shortlists must be positive, got {args.shortlists}")
-    if args.shortlists and (args.bits > args.dim or args.bits > args.fit_sample):
+    if any(shortlist < 1 for shortlist in args.shortlists + args.asym_shortlists):
+        parser.error(f"shortlists must be positive, got {args.shortlists + args.asym_shortlists}")
+    if args.hamming_shortlist < 0:
+        parser.error(f"--hamming-shortlist must be 0 (none) or positive, got {args.hamming_shortlist}")
+    if (args.shortlists or args.asym_shortlists) and (args.bits > args.dim or args.bits > args.fit_sample):
         parser.error(f"two-stage codes of {args.bits} bits need --dim and --fit-sample of at least {args.bits}")
     return args
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import msretrieval.retrieval.search.binary as binary
-from msretrieval.retrieval.search.binary import AsymmetricScores, pack_bits
+import msretrieval.retrieval.search.two_stage as two_stage
+from msretrieval.retrieval.search.binary import AsymmetricScores, asymmetric_scores_at, pack_bits
 from msretrieval.retrieval.search.scores import InnerProductScores
 from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter
 from msretrieval.retrieval.search.two_stage import RerankScores, TwoStageIndex
@@ -104,7 +105,7 @@ def _mapped_resident_bytes(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux's /proc/self/smaps")
-def test_floats_on_disk_leave_the_resident_set_after_each_chunk(tmp_path):
+def test_floats_on_disk_are_read_without_mapping_the_file(tmp_path):
     rng = np.random.default_rng(0)
     floats = rng.standard_normal((2048, 256)).astype(np.float32)  # 2 MiB
     codes = rng.integers(0, 256, (2048, 8), dtype=np.uint8)
@@ -112,13 +113,15 @@ def test_floats_on_disk_leave_the_resident_set_after_each_chunk(tmp_path):
     np.save(path, floats)
     queries, query_floats = codes[:4], floats[:4]
     expected = TwoStageIndex(codes, floats, shortlist=2048).search(queries, query_floats, 10)
-    kept = TwoStageIndex(codes, path, shortlist=2048, release_pages=False)
-    got = kept.search(queries, query_floats, 10)
-    assert _mapped_resident_bytes(path) > 1 << 20  # every row was read and stays mapped
-    released = TwoStageIndex(codes, path, shortlist=2048)
-    del kept
-    assert released.search(queries, query_floats, 10)[1].tolist() == got[1].tolist() == expected[1].tolist()
+    mapped = TwoStageIndex(codes, np.load(path, mmap_mode="r"), shortlist=2048)  # an array: indexed as it is
+    got = mapped.search(queries, query_floats, 10)
+    assert _mapped_resident_bytes(path) > 1 << 20  # every row was read through the caller's map and stays mapped
+    del mapped, got
+    on_disk = TwoStageIndex(codes, path, shortlist=2048)
     assert _mapped_resident_bytes(path) == 0
+    got = on_disk.search(queries, query_floats, 10)
+    assert _mapped_resident_bytes(path) == 0
+    np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[0], expected[0])
 
 
@@ -141,3 +144,78 @@ def test_the_hamming_shortlist_is_the_exact_ranking_with_ties_in_ascending_index
     distances = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(2)
     expected = np.argsort(distances, axis=1, kind="stable")[:, :500]
     np.testing.assert_array_equal(index.candidates(queries), expected)
+
+
+def test_asymmetric_scores_at_chosen_rows_are_the_full_scores_there():
+    # the projection of test_asymmetric_shortlist_takes_the_best_projections: scores 4 10 8 6 -4 4
+    projection = np.array([[-1, -1, -1, -1, -1, -1, -1, 3]], dtype=np.float32)
+    np.testing.assert_array_equal(asymmetric_scores_at(projection, CODES, np.array([[4, 1, 0, 1]])), [[-4, 10, 4, 10]])
+    database = np.array([[0b00000000, 0b10000000], [0b00000000, 0b00000001]], dtype=np.uint8)  # bit 8; bit 15
+    query = np.zeros((1, 16), dtype=np.float32)
+    query[0, 8], query[0, 15] = 2, 0.25
+    np.testing.assert_array_equal(asymmetric_scores_at(query, database, np.array([[1, 0]])), [[-1.75, 1.75]])
+    rng = np.random.default_rng(5)
+    codes, queries = rng.integers(0, 256, (300, 4), dtype=np.uint8), rng.standard_normal((5, 32)).astype(np.float32)
+    rows = rng.integers(0, 300, (5, 40))
+    full = AsymmetricScores(queries, codes).rows(0, 5).numpy()
+    np.testing.assert_allclose(asymmetric_scores_at(queries, codes, rows), np.take_along_axis(full, rows, 1),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        asymmetric_scores_at(queries[:, :16], codes, rows)
+
+
+# the projection (-1 x 7, +3): the signs are the code 00000001, at Hamming distances 1 0 1 2 7 3 from the items;
+# its asymmetric scores are 4 10 8 6 -4 4; query float (1, 0.5) scores the items 0.25 0.5 0.75 1 1 0.75
+PROJECTION = np.array([[-1, -1, -1, -1, -1, -1, -1, 3]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("pre, shortlist, expected", [
+    (3, 3, [2, 1, 0]),     # Hamming keeps 1, 0, 2 (0 and 2 tie at 1: both in); item 3 (asymmetric 6) is not among them
+    (4, 3, [3, 2, 1]),     # with 3 in the pre-shortlist, the asymmetric best three are 1, 2, 3
+    (2, 2, [1, 0]),        # Hamming keeps 1, then 0 of the tied 0 and 2 (ascending index)
+    (6, 4, [3, 2, 1, 0]),  # everything: 1, 2, 3, then 0 of the tied 0 and 5 (ascending index)
+])
+def test_asymmetric_shortlist_over_a_hamming_pre_shortlist(pre, shortlist, expected):
+    index = TwoStageIndex(CODES, FLOATS, shortlist, asymmetric=True, hamming_shortlist=pre)
+    np.testing.assert_array_equal(index.search(PROJECTION, QUERY_FLOATS[:1], shortlist)[1], [expected])
+    if pre == len(CODES):  # the pre-shortlist of everything is the exact asymmetric shortlist
+        exact = TwoStageIndex(CODES, FLOATS, shortlist, asymmetric=True)
+        np.testing.assert_array_equal(index.candidates(PROJECTION), exact.candidates(PROJECTION))
+
+
+def test_equal_asymmetric_scores_in_the_pre_shortlist_go_in_ascending_index_not_hamming_order():
+    # signs 00000011 (item 2): distances 2 1 0 1 6 2, Hamming order 2 1 3 0 5 4; asymmetric scores 5 7 9 5 -5 3.
+    # Pre-shortlist 2 1 3 0; items 3 and 0 tie at 5 for the last place of 3: item 0 (ascending index) takes it
+    projection = np.array([[-1, -1, -1, -1, -1, -2, 1, 1]], dtype=np.float32)
+    index = TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, hamming_shortlist=4)
+    np.testing.assert_array_equal(index.candidates(projection), [[2, 1, 0]])
+    np.testing.assert_array_equal(index.search(projection, QUERY_FLOATS[:1], 3)[1], [[2, 1, 0]])
+
+
+def test_rerank_scores_over_a_hamming_pre_shortlist_rank_the_rest_by_asymmetric_score():
+    index = TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, hamming_shortlist=3)
+    scores = RerankScores(index, PROJECTION, QUERY_FLOATS[:1])
+    # shortlist 0, 1, 2 (floats 0.25 0.5 0.75); the rest at their asymmetric scores 6, -4, 4 + (0.25 - 1 - 10)
+    np.testing.assert_array_equal(scores.rows(0, 1).numpy(), [[0.25, 0.5, 0.75, -4.75, -14.75, -6.75]])
+    np.testing.assert_array_equal(scores.top_k(3)[1], [[2, 1, 0]])
+
+
+def test_a_hamming_pre_shortlist_needs_an_asymmetric_shortlist_it_can_hold():
+    with pytest.raises(ValueError, match="refines an asymmetric shortlist"):
+        TwoStageIndex(CODES, FLOATS, 3, hamming_shortlist=4)
+    with pytest.raises(ValueError, match=r"pre-shortlist \(2\) must hold at least the shortlist \(3\)"):
+        TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, hamming_shortlist=2)
+
+
+def test_asymmetric_shortlists_scored_a_few_queries_at_a_time_are_the_same(monkeypatch):
+    rng = np.random.default_rng(8)
+    codes = rng.integers(0, 256, (500, 2), dtype=np.uint8)
+    projections = rng.standard_normal((7, 16)).astype(np.float32)
+    index = TwoStageIndex(codes, np.zeros((500, 3), np.float32), 20, asymmetric=True, hamming_shortlist=60)
+    whole = index.candidates(projections)
+    scores = AsymmetricScores(projections, codes).rows(0, 7).numpy()
+    for q, row in enumerate(whole):  # each query's own best asymmetric scores, not another query's
+        assert scores[q, row].min() >= np.sort(scores[q, index._hamming.search(pack_bits(projections[q:q + 1] > 0),
+                                                                               60)[1][0]])[-20]
+    monkeypatch.setattr(two_stage, "_ASYMMETRIC_QUERY_BLOCK", 3)  # blocks of 3, 3 and 1 queries
+    np.testing.assert_array_equal(index.candidates(projections), whole)
