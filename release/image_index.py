@@ -16,8 +16,8 @@ projections (:meth:`Retriever.encode_queries`) against the codes; ``rerank=R`` s
 (Hamming, or asymmetric) and re-ranks them by the float descriptors the codes came from
 (:mod:`retrieval.search.two_stage`), which an index built with ``keep_floats`` keeps in ``floats.npy``, read
 row by row: the process holds the codes, and only the shortlisted rows of the floats. Both are exact scans
-of the codes (stage 1 does not use ``index.faiss``); ``hamming_shortlist=R1`` makes an asymmetric shortlist
-score only the R1 codes nearest by Hamming distance (fast on large indexes).
+of the codes (stage 1 does not use ``index.faiss``); ``fast_scan`` takes an asymmetric shortlist by FAISS's fast
+scan (:mod:`retrieval.search.fast_scan`: several times faster on large indexes, the order up to 8-bit tables).
 
 Searching it (``scripts/search.py``, the search page ``release/search_page.py``): :meth:`ImageIndex.load_retriever`
 encodes the queries with the index's own release, :meth:`ImageIndex.top_k` ranks them, leaving a query that is
@@ -239,18 +239,17 @@ class ImageIndex:
         atomic_write_files(files)
 
     def search(self, queries: np.ndarray, k: int, asymmetric: bool = False, rerank: int | None = None,
-               query_floats: np.ndarray | None = None, hamming_shortlist: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               query_floats: np.ndarray | None = None, fast_scan: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (Q, k), best first (inner products of L2-normalised descriptors, or negated
         Hamming distances of packed codes). A binary index also takes ``asymmetric`` queries (float
         projections; scores are their inner products with the codes as {-1, +1}) and ``rerank=R`` (with
         ``query_floats``, the queries' float descriptors; scores are float inner products; at most R results),
-        whose asymmetric shortlist may come from a Hamming pre-shortlist of ``hamming_shortlist`` (R1 >= R)."""
-        if hamming_shortlist is not None and not (asymmetric and rerank is not None):
-            raise UserError("a Hamming pre-shortlist (hamming_shortlist) refines the asymmetric shortlist of a "
-                            "two-stage search: it needs asymmetric and rerank")
+        whose asymmetric shortlist FAISS's fast scan may take (``fast_scan``)."""
+        if fast_scan and not (asymmetric and rerank is not None):
+            raise UserError("the fast scan takes the asymmetric shortlist of a two-stage search: it needs "
+                            "asymmetric and rerank")
         if asymmetric or rerank is not None:
-            return self._search_codes(queries, k, asymmetric, rerank, query_floats, hamming_shortlist)
+            return self._search_codes(queries, k, asymmetric, rerank, query_floats, fast_scan)
         k = min(k, self.index.ntotal)
         if self.gpus:
             from msretrieval.retrieval.search.index import GPU_MAX_K
@@ -265,8 +264,7 @@ class ImageIndex:
         return scores, rows
 
     def _search_codes(self, queries: np.ndarray, k: int, asymmetric: bool, rerank: int | None,
-                      query_floats: np.ndarray | None, hamming_shortlist: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      query_floats: np.ndarray | None, fast_scan: bool = False) -> tuple[np.ndarray, np.ndarray]:
         from msretrieval.retrieval.search.binary import AsymmetricScores
         from msretrieval.retrieval.search.two_stage import TwoStageIndex
 
@@ -281,7 +279,7 @@ class ImageIndex:
         if query_floats is None:
             raise ValueError("two-stage search needs the queries' float descriptors (query_floats)")
         return TwoStageIndex(self.descriptors, self.floats_path, rerank, asymmetric,
-                             hamming_shortlist).search(queries, query_floats, k)
+                             fast_scan).search(queries, query_floats, k)
 
     def top_k(self, queries: np.ndarray, k: int, exclude: Sequence[str | None] | None = None,
               labels: PathLabels | None = None, query_labels: Sequence[int | None] | None = None,
@@ -289,7 +287,7 @@ class ImageIndex:
         """The ``k`` best hits of each query descriptor, best first. ``exclude[q]``: an image path left out of
         query ``q``'s hits (the query itself when it is in the index). With ``labels``, hits carry their label,
         and ``correct`` where ``query_labels[q]`` is known. ``search``: :meth:`search`'s ``asymmetric``,
-        ``rerank``, ``query_floats`` and ``hamming_shortlist``."""
+        ``rerank``, ``query_floats`` and ``fast_scan``."""
         exclude = exclude if exclude is not None else [None] * len(queries)
         query_labels = query_labels if query_labels is not None else [None] * len(queries)
         # one more when a query may find itself, so k remain after leaving it out

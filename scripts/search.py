@@ -16,9 +16,9 @@ query's float projection against the codes as {-1, +1} (the database stays binar
 binarised), and ``--rerank R`` (an index built with ``scripts/index.py --keep-floats``) re-ranks a shortlist of
 R images found by the codes (Hamming, or asymmetric with ``--asymmetric``) by the float descriptors, read
 from disk for the shortlisted images only. Scores are then those inner products. On a large index,
-``--asymmetric --rerank R --hamming-shortlist R1`` scores asymmetrically only the R1 codes nearest each query
-by Hamming distance: far faster than the asymmetric scan of every code, and a much better shortlist of R than
-Hamming distance alone (docs/hashing.md).
+``--asymmetric --rerank R --fast-scan`` takes the asymmetric shortlist with FAISS's fast scan: several times
+faster than the exact asymmetric scan and than a Hamming scan, and a much better shortlist of R than Hamming
+distance (docs/hashing.md).
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rerank", type=int, default=None, metavar="R",
                         help="binary index built with --keep-floats: re-rank a shortlist of R by the float "
                              "descriptors on disk (at most R results a query)")
-    parser.add_argument("--hamming-shortlist", type=int, default=None, metavar="R1",
-                        help="with --asymmetric --rerank R: score asymmetrically only the R1 (>= R) codes nearest "
-                             "by Hamming distance")
+    parser.add_argument("--fast-scan", action="store_true",
+                        help="with --asymmetric --rerank R: take the shortlist by FAISS's fast scan (approximate "
+                             "asymmetric order, fast on large indexes)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: encoding and FAISS search")
     return parser.parse_args(argv)
@@ -81,11 +81,9 @@ def main(argv=None) -> int:
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.rerank is not None and args.rerank < 1:
         raise UserError(f"--rerank must be >= 1, got {args.rerank}")
-    if args.hamming_shortlist is not None and not (args.asymmetric and args.rerank):
-        raise UserError("--hamming-shortlist refines the asymmetric shortlist of a two-stage search: it needs "
-                        "--asymmetric and --rerank")
-    if args.hamming_shortlist is not None and args.hamming_shortlist < args.rerank:
-        raise UserError(f"--hamming-shortlist ({args.hamming_shortlist}) must be at least --rerank ({args.rerank})")
+    if args.fast_scan and not (args.asymmetric and args.rerank):
+        raise UserError("--fast-scan takes the asymmetric shortlist of a two-stage search: it needs --asymmetric "
+                        "and --rerank")
     index = ImageIndex.open(args.index, use_gpu=args.device.startswith("cuda"))
     retriever = index.load_retriever(args.release, device=args.device)
     queries = query_paths(args.queries)
@@ -100,7 +98,7 @@ def main(argv=None) -> int:
     encoded = time.perf_counter()
     hits = index.top_k(descriptors, args.k, exclude=[str(q) for q in queries], labels=labels,
                        query_labels=query_labels, asymmetric=args.asymmetric, rerank=args.rerank,
-                       query_floats=floats[0] if floats else None, hamming_shortlist=args.hamming_shortlist)
+                       query_floats=floats[0] if floats else None, fast_scan=args.fast_scan)
     searched = time.perf_counter()
     output, sheet_rows = [], []
     for q, (query, query_label) in enumerate(zip(queries, query_labels)):
@@ -117,7 +115,7 @@ def main(argv=None) -> int:
     timing = {"queries": len(queries), "encode_ms_per_query": 1000 * (encoded - started) / len(queries),
               "search_ms_per_query": 1000 * (searched - encoded) / len(queries), "index_size": size}
     json_path = Path(args.json) if args.json else Path(args.index) / "search.json"
-    search = {"asymmetric": args.asymmetric, "rerank": args.rerank, "hamming_shortlist": args.hamming_shortlist}
+    search = {"asymmetric": args.asymmetric, "rerank": args.rerank, "fast_scan": args.fast_scan}
     atomic_write_text(json_path, json.dumps({"index": str(args.index), "k": args.k, "search": search, "timing": timing,
                                              "queries": output}, indent=1))
     judged = [r["correct"] for q in output for r in q["results"][:1] if "correct" in r]

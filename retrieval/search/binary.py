@@ -112,27 +112,3 @@ class AsymmetricScores(ScoreSource):
             out[:, first:first + len(block)] = queries @ signed_bits(block, self.num_bits).T
         return out
 
-
-#: the {-1, +1} vector of every byte value, most significant bit first (pack_bits's order): (256, 8)
-_BYTE_SIGNS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
-
-
-def asymmetric_scores_at(queries: np.ndarray, database: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """:class:`AsymmetricScores` of each query against its own database ``rows`` only: (Q, L) projections,
-    (N, L / 8) packed codes, (Q, M) row indices -> (Q, M) float32 scores, equal to the full scores' entries up to
-    float rounding (the same terms summed in another order). Each query's projection becomes a table of the
-    score of every byte value at every byte position, and a code scores the sum of its bytes' entries: 8 lookups
-    for a 64-bit code instead of unpacking it into 64 floats (twice as fast for shortlists of thousands)."""
-    queries, database = np.asarray(queries, dtype=np.float32), np.ascontiguousarray(database, dtype=np.uint8)
-    rows = np.asarray(rows)
-    num_bytes = database.shape[1]
-    if queries.ndim != 2 or queries.shape[1] != 8 * num_bytes or rows.shape[:1] != queries.shape[:1]:
-        raise ValueError(f"{queries.shape} query projections, {database.shape} packed codes and {rows.shape} rows "
-                         f"do not match (8 bits a byte, a row of indices a query)")
-    # one row of the database as one element: a gather of whole codes, not of their bytes one by one
-    codes = database.view(np.dtype((np.void, num_bytes))).ravel()[rows].view(np.uint8).reshape(*rows.shape, num_bytes)
-    tables = queries.reshape(len(queries), num_bytes, 8) @ _BYTE_SIGNS.T  # (Q, bytes, 256)
-    scores = np.zeros(rows.shape, dtype=np.float32)
-    for position in range(num_bytes):
-        scores += np.take_along_axis(tables[:, position], codes[:, :, position].astype(np.intp), axis=1)
-    return scores

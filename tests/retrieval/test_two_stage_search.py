@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import msretrieval.retrieval.search.binary as binary
-import msretrieval.retrieval.search.two_stage as two_stage
-from msretrieval.retrieval.search.binary import AsymmetricScores, asymmetric_scores_at, pack_bits
+from msretrieval.retrieval.search.binary import AsymmetricScores, pack_bits
 from msretrieval.retrieval.search.scores import InnerProductScores
 from msretrieval.retrieval.search.shards import ShardedArray, ShardWriter
 from msretrieval.retrieval.search.two_stage import RerankScores, TwoStageIndex
@@ -146,76 +145,32 @@ def test_the_hamming_shortlist_is_the_exact_ranking_with_ties_in_ascending_index
     np.testing.assert_array_equal(index.candidates(queries), expected)
 
 
-def test_asymmetric_scores_at_chosen_rows_are_the_full_scores_there():
-    # the projection of test_asymmetric_shortlist_takes_the_best_projections: scores 4 10 8 6 -4 4
-    projection = np.array([[-1, -1, -1, -1, -1, -1, -1, 3]], dtype=np.float32)
-    np.testing.assert_array_equal(asymmetric_scores_at(projection, CODES, np.array([[4, 1, 0, 1]])), [[-4, 10, 4, 10]])
-    database = np.array([[0b00000000, 0b10000000], [0b00000000, 0b00000001]], dtype=np.uint8)  # bit 8; bit 15
-    query = np.zeros((1, 16), dtype=np.float32)
-    query[0, 8], query[0, 15] = 2, 0.25
-    np.testing.assert_array_equal(asymmetric_scores_at(query, database, np.array([[1, 0]])), [[-1.75, 1.75]])
-    rng = np.random.default_rng(5)
-    codes, queries = rng.integers(0, 256, (300, 4), dtype=np.uint8), rng.standard_normal((5, 32)).astype(np.float32)
-    rows = rng.integers(0, 300, (5, 40))
-    full = AsymmetricScores(queries, codes).rows(0, 5).numpy()
-    np.testing.assert_allclose(asymmetric_scores_at(queries, codes, rows), np.take_along_axis(full, rows, 1),
-                               rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="do not match"):
-        asymmetric_scores_at(queries[:, :16], codes, rows)
-
-
-# the projection (-1 x 7, +3): the signs are the code 00000001, at Hamming distances 1 0 1 2 7 3 from the items;
-# its asymmetric scores are 4 10 8 6 -4 4; query float (1, 0.5) scores the items 0.25 0.5 0.75 1 1 0.75
+# the projection (-1 x 7, +3): asymmetric scores 4 10 8 6 -4 4 (test_asymmetric_shortlist_takes_the_best_projections);
+# query float (1, 0.5) scores the items 0.25 0.5 0.75 1 1 0.75
 PROJECTION = np.array([[-1, -1, -1, -1, -1, -1, -1, 3]], dtype=np.float32)
 
 
-@pytest.mark.parametrize("pre, shortlist, expected", [
-    (3, 3, [2, 1, 0]),     # Hamming keeps 1, 0, 2 (0 and 2 tie at 1: both in); item 3 (asymmetric 6) is not among them
-    (4, 3, [3, 2, 1]),     # with 3 in the pre-shortlist, the asymmetric best three are 1, 2, 3
-    (2, 2, [1, 0]),        # Hamming keeps 1, then 0 of the tied 0 and 2 (ascending index)
-    (6, 4, [3, 2, 1, 0]),  # everything: 1, 2, 3, then 0 of the tied 0 and 5 (ascending index)
-])
-def test_asymmetric_shortlist_over_a_hamming_pre_shortlist(pre, shortlist, expected):
-    index = TwoStageIndex(CODES, FLOATS, shortlist, asymmetric=True, hamming_shortlist=pre)
-    np.testing.assert_array_equal(index.search(PROJECTION, QUERY_FLOATS[:1], shortlist)[1], [expected])
-    if pre == len(CODES):  # the pre-shortlist of everything is the exact asymmetric shortlist
-        exact = TwoStageIndex(CODES, FLOATS, shortlist, asymmetric=True)
-        np.testing.assert_array_equal(index.candidates(PROJECTION), exact.candidates(PROJECTION))
+def test_fast_scan_takes_the_asymmetric_shortlist():
+    index = TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, fast_scan=True)
+    np.testing.assert_array_equal(index.candidates(PROJECTION), [[1, 2, 3]])  # scores 10, 8, 6
+    np.testing.assert_array_equal(index.search(PROJECTION, QUERY_FLOATS[:1], 3)[1], [[3, 2, 1]])
+    with pytest.raises(ValueError, match="fast_scan computes asymmetric scores"):
+        TwoStageIndex(CODES, FLOATS, 3, fast_scan=True)
 
 
-def test_equal_asymmetric_scores_in_the_pre_shortlist_go_in_ascending_index_not_hamming_order():
-    # signs 00000011 (item 2): distances 2 1 0 1 6 2, Hamming order 2 1 3 0 5 4; asymmetric scores 5 7 9 5 -5 3.
-    # Pre-shortlist 2 1 3 0; items 3 and 0 tie at 5 for the last place of 3: item 0 (ascending index) takes it
-    projection = np.array([[-1, -1, -1, -1, -1, -2, 1, 1]], dtype=np.float32)
-    index = TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, hamming_shortlist=4)
-    np.testing.assert_array_equal(index.candidates(projection), [[2, 1, 0]])
-    np.testing.assert_array_equal(index.search(projection, QUERY_FLOATS[:1], 3)[1], [[2, 1, 0]])
-
-
-def test_rerank_scores_over_a_hamming_pre_shortlist_rank_the_rest_by_asymmetric_score():
-    index = TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, hamming_shortlist=3)
+def test_rerank_scores_over_a_fast_scan_shortlist_rank_the_rest_by_exact_asymmetric_score():
+    index = TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, fast_scan=True)
     scores = RerankScores(index, PROJECTION, QUERY_FLOATS[:1])
-    # shortlist 0, 1, 2 (floats 0.25 0.5 0.75); the rest at their asymmetric scores 6, -4, 4 + (0.25 - 1 - 10)
+    # shortlist 1, 2, 3 (floats 0.5 0.75 1); the rest at their asymmetric scores 4, -4, 4 + (0.5 - 1 - 10)
+    np.testing.assert_array_equal(scores.rows(0, 1).numpy(), [[-6.5, 0.5, 0.75, 1, -14.5, -6.5]])
+    np.testing.assert_array_equal(scores.top_k(3)[1], [[3, 2, 1]])
+
+
+def test_rerank_scores_take_the_fast_scans_shortlist_even_where_it_is_not_the_exact_one(monkeypatch):
+    index = TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, fast_scan=True)
+    # a shortlist the approximate scan might give: 0, 1, 2 (the exact one is 1, 2, 3)
+    monkeypatch.setattr(index._fast_scan, "search", lambda queries, k: (None, np.array([[1, 2, 0]])))
+    scores = RerankScores(index, PROJECTION, QUERY_FLOATS[:1])
+    # floats 0.25 0.5 0.75 for 0-2; the rest at their asymmetric scores 6, -4, 4 + (0.25 - 1 - 10)
     np.testing.assert_array_equal(scores.rows(0, 1).numpy(), [[0.25, 0.5, 0.75, -4.75, -14.75, -6.75]])
     np.testing.assert_array_equal(scores.top_k(3)[1], [[2, 1, 0]])
-
-
-def test_a_hamming_pre_shortlist_needs_an_asymmetric_shortlist_it_can_hold():
-    with pytest.raises(ValueError, match="refines an asymmetric shortlist"):
-        TwoStageIndex(CODES, FLOATS, 3, hamming_shortlist=4)
-    with pytest.raises(ValueError, match=r"pre-shortlist \(2\) must hold at least the shortlist \(3\)"):
-        TwoStageIndex(CODES, FLOATS, 3, asymmetric=True, hamming_shortlist=2)
-
-
-def test_asymmetric_shortlists_scored_a_few_queries_at_a_time_are_the_same(monkeypatch):
-    rng = np.random.default_rng(8)
-    codes = rng.integers(0, 256, (500, 2), dtype=np.uint8)
-    projections = rng.standard_normal((7, 16)).astype(np.float32)
-    index = TwoStageIndex(codes, np.zeros((500, 3), np.float32), 20, asymmetric=True, hamming_shortlist=60)
-    whole = index.candidates(projections)
-    scores = AsymmetricScores(projections, codes).rows(0, 7).numpy()
-    for q, row in enumerate(whole):  # each query's own best asymmetric scores, not another query's
-        assert scores[q, row].min() >= np.sort(scores[q, index._hamming.search(pack_bits(projections[q:q + 1] > 0),
-                                                                               60)[1][0]])[-20]
-    monkeypatch.setattr(two_stage, "_ASYMMETRIC_QUERY_BLOCK", 3)  # blocks of 3, 3 and 1 queries
-    np.testing.assert_array_equal(index.candidates(projections), whole)

@@ -36,22 +36,21 @@ def test_two_stage_rows_on_clustered_data(tmp_path):
     whole database as shortlist finds all of it, and the rows hold codes, not floats."""
     done = subprocess.run([sys.executable, str(SCRIPT), "--database", "3000", "--queries", "50", "--repeats", "1",
                            "--threads", "1", "--dim", "64", "--bits", "32", "--fit-sample", "1000",
-                           "--shortlists", "20,3000", "--asym-shortlists", "20", "--hamming-shortlist", "200",
-                           "--tmp-dir", str(tmp_path),
+                           "--shortlists", "20,3000", "--asym-shortlists", "20", "--tmp-dir", str(tmp_path),
                            "--json", str(tmp_path / "bench.json")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     part = json.loads((tmp_path / "bench.json").read_text())["two_stage"]
     rows = {row["name"]: row for row in part["rows"]}
     assert list(rows) == ["flat float (exact)", "Hamming flat", "two-stage R=20", "two-stage R=3000",
-                          "two-stage R=20 asym (H 200)"]
+                          "two-stage R=20 asym fast-scan"]
     assert part["data"] == {"clusters": 30, "cluster_size": 100, "decay": 1.0, "noise": 0.5, "codes": "itq",
-                            "fit_sample": 1000, "hamming_shortlist": 200, "float_file_bytes": 3000 * 64 * 4 + 128}
+                            "fit_sample": 1000, "asymmetric_fast_scan": True, "float_file_bytes": 3000 * 64 * 4 + 128}
     assert rows["flat float (exact)"]["recall"] == 1 and rows["flat float (exact)"]["database_bytes"] == 3000 * 256
     assert rows["two-stage R=3000"]["recall"] == 1
     assert rows["two-stage R=20"]["recall"] > rows["Hamming flat"]["recall"]
-    assert rows["two-stage R=20 asym (H 200)"]["recall"] > rows["two-stage R=20"]["recall"]
-    for name in ("Hamming flat", "two-stage R=20", "two-stage R=3000", "two-stage R=20 asym (H 200)"):
+    assert rows["two-stage R=20 asym fast-scan"]["recall"] > rows["two-stage R=20"]["recall"]
+    for name in ("Hamming flat", "two-stage R=20", "two-stage R=3000", "two-stage R=20 asym fast-scan"):
         assert rows[name]["database_bytes"] == 3000 * 4
     assert not list(tmp_path.glob("bench-two-stage-*"))  # the float file is removed
     assert "two-stage R=20" in done.stdout and "recall@10" in done.stdout

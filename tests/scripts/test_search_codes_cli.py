@@ -50,9 +50,9 @@ def _results(index_dir, capsys, *flags) -> list[list[str]]:
                                          "--json", index_dir / "out.json", *flags], capsys)
     assert code == 0, err
     found = json.loads((index_dir / "out.json").read_text())
-    value = (lambda flag: int(flags[flags.index(flag) + 1]) if flag in flags else None)
-    assert found["search"] == {"asymmetric": "--asymmetric" in flags, "rerank": value("--rerank"),
-                               "hamming_shortlist": value("--hamming-shortlist")}
+    assert found["search"] == {"asymmetric": "--asymmetric" in flags,
+                               "rerank": int(flags[flags.index("--rerank") + 1]) if "--rerank" in flags else None,
+                               "fast_scan": "--fast-scan" in flags}
     return [[hit["path"] for hit in query["results"]] for query in found["queries"]]
 
 
@@ -73,20 +73,11 @@ def test_search_cli_scores_codes_asymmetrically_and_reranks_by_the_floats_kept(h
     assert _results(index_dir, capsys, "--asymmetric") == expected(AsymmetricScores(projection, codes))
     assert _results(index_dir, capsys, "--rerank", "6") == expected(InnerProductScores(floats, floats))
     assert _results(index_dir, capsys, "--rerank", "6", "--asymmetric") == expected(InnerProductScores(floats, floats))
-    assert _results(index_dir, capsys, "--rerank", "6", "--asymmetric", "--hamming-shortlist", "6") == \
+    assert _results(index_dir, capsys, "--rerank", "6", "--asymmetric", "--fast-scan") == \
         expected(InnerProductScores(floats, floats))
-    # a Hamming pre-shortlist of 3 then an asymmetric shortlist of 2: the two best asymmetric scores among each
-    # query's 3 nearest codes (the signs of its projection against the codes), ranked by the floats
-    codes_of_projection = np.packbits(projection > 0, axis=1)
-    distances = np.bitwise_count(codes_of_projection[:, None] ^ codes[None]).sum(2)
-    nearest = np.argsort(distances, axis=1, kind="stable")[:, :3]
-    asymmetric = AsymmetricScores(projection, codes).rows(0, 6).numpy()
-    ranked = []
-    for q, rows in enumerate(nearest):
-        shortlist = rows[np.argsort(-asymmetric[q, rows], kind="stable")[:2]]
-        order = shortlist[np.argsort(-(floats[shortlist] @ floats[q]), kind="stable")]
-        ranked.append([paths[r] for r in order if r != q])
-    assert _results(index_dir, capsys, "--rerank", "2", "--asymmetric", "--hamming-shortlist", "3") == ranked
+    # a shortlist of 3 by FAISS's fast scan: the exact asymmetric shortlist's (no near-equal scores here)
+    assert _results(index_dir, capsys, "--rerank", "3", "--asymmetric", "--fast-scan") == \
+        _results(index_dir, capsys, "--rerank", "3", "--asymmetric")
     shortlisted = _results(index_dir, capsys, "--rerank", "2")  # 2 candidates, one of which may be the query
     assert all(1 <= len(hits) <= 2 for hits in shortlisted)
 
@@ -100,12 +91,9 @@ def test_rerank_needs_an_index_that_kept_its_floats(hashing_index, capsys):
     assert code != 0 and "float setting" in err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--hamming-shortlist", "4"], "needs --asymmetric and --rerank"),
-    (["--hamming-shortlist", "4", "--rerank", "2"], "needs --asymmetric and --rerank"),
-    (["--hamming-shortlist", "1", "--rerank", "2", "--asymmetric"], "--hamming-shortlist (1) must be at least --rerank (2)"),
-])
-def test_a_hamming_pre_shortlist_without_its_two_stage_search_is_one_clear_error(hashing_index, capsys, flags, message):
+@pytest.mark.parametrize("flags", [["--fast-scan"], ["--fast-scan", "--rerank", "2"], ["--fast-scan", "--asymmetric"]])
+def test_fast_scan_without_its_two_stage_search_is_one_clear_error(hashing_index, capsys, flags):
     release, photos, index_dir, _ = hashing_index
     code, _, err = run_script("search", [index_dir, photos, *flags], capsys)
-    assert code == 2 and message in err.strip().splitlines()[-1]
+    assert code == 2 and err.strip().splitlines()[-1].endswith("--fast-scan takes the asymmetric shortlist of a "
+                                                               "two-stage search: it needs --asymmetric and --rerank")
