@@ -17,8 +17,8 @@ import numpy as np
 
 from .binary import AsymmetricScores, signed_bits
 
-#: codes converted to {-1, +1} floats at once while filling the index (x bits x 4 bytes)
-_ADD_ROWS = 1 << 16
+#: codes converted to {-1, +1} floats at once while filling the index: 4 MiB at 64 bits
+_ADD_ROWS = 1 << 14
 #: the {-1, +1} patterns of 4 bits, one per centroid; any order works, as encoding finds each group's pattern
 _PATTERNS = np.unpackbits(np.arange(16, dtype=np.uint8)[:, None], axis=1)[:, 4:].astype(np.float32) * 2 - 1
 
