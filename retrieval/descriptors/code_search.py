@@ -1,4 +1,4 @@
-"""Binary codes searched two better ways, as harness methods: ``asym:CODES`` and ``rerank@R:[asym:]CODES``.
+"""Binary codes searched two better ways, as harness methods: ``asym:CODES`` and ``rerank@R:[asym:|asym-fast:]CODES``.
 
 ``CODES`` is any binary code of :mod:`retrieval.descriptors.trained`: a hashing network (``run:DIR`` /
 ``model:FILE``), ``itq@BITS:run:DIR`` or ``pcasign@BITS:run:DIR``. Each gives its parts (``code_parts``): the
@@ -9,7 +9,8 @@ real-valued projection whose signs are the bits, the bits, and the float descrip
   (:class:`~retrieval.search.binary.AsymmetricScores`). Query rows are float32, database rows packed uint8.
 - ``rerank@R:CODES``: two-stage search (:mod:`retrieval.search.two_stage`): a shortlist of R items by Hamming
   distance, re-ranked by the inner product of the float descriptors; ``rerank@R:asym:CODES`` shortlists by the
-  asymmetric scores instead. Items outside a query's shortlist rank after it in stage 1's order, so the metrics
+  asymmetric scores instead, and ``rerank@R:asym-fast:CODES`` by FAISS's fast scan of them
+  (:mod:`retrieval.search.fast_scan`: the serving path for large databases, its order up to 8-bit tables). Items outside a query's shortlist rank after it in stage 1's order, so the metrics
   over the whole database are defined. A database row holds the packed code then the float descriptor's bytes
   (uint8: one cache entry holds both); query rows are the same (Hamming), or float32 projection then float
   descriptor (asymmetric). ``descriptor_bytes`` is the code's bytes, what a two-stage index holds in memory;
@@ -35,9 +36,10 @@ from .methods import MethodContext, RetrievalMethod, register_method_pattern
 from .trained import TrainedModelMethod
 
 #: ``asym:run:DIR``, ``asym:itq@64:run:DIR``
-ASYMMETRIC_SPEC = re.compile(r"asym:(?P<codes>(?!asym:|rerank@).+)")
-#: ``rerank@1000:itq@64:run:DIR``, ``rerank@100:asym:run:DIR``
-RERANK_SPEC = re.compile(r"rerank@(?P<shortlist>\d+):(?P<asymmetric>asym:)?(?P<codes>(?!asym:|rerank@).+)")
+ASYMMETRIC_SPEC = re.compile(r"asym:(?P<codes>(?!asym:|asym-fast:|rerank@).+)")
+#: ``rerank@1000:itq@64:run:DIR``, ``rerank@100:asym:run:DIR``, ``rerank@100:asym-fast:run:DIR``
+RERANK_SPEC = re.compile(r"rerank@(?P<shortlist>\d+):(?P<asymmetric>asym:|asym-fast:)?"
+                         r"(?P<codes>(?!asym:|asym-fast:|rerank@).+)")
 
 
 class _CodeSearch(RetrievalMethod):
@@ -94,15 +96,17 @@ class AsymmetricCodeMethod(_CodeSearch):
 class RerankedCodeMethod(_CodeSearch):
     """A shortlist of ``shortlist`` items by the codes (Hamming, or asymmetric), re-ranked by float descriptors."""
 
-    def __init__(self, name: str, codes: TrainedModelMethod, shortlist: int, asymmetric: bool = False):
+    def __init__(self, name: str, codes: TrainedModelMethod, shortlist: int, asymmetric: bool = False,
+                 fast_scan: bool = False):
         super().__init__(name, codes)
         if shortlist < 1:
             raise UserError(f"{name}: the shortlist needs at least 1 item, got {shortlist}")
-        self.shortlist, self.asymmetric = shortlist, asymmetric
+        self.shortlist, self.asymmetric, self.fast_scan = shortlist, asymmetric or fast_scan, fast_scan
 
     def config(self) -> dict:
         return {"name": self.name, "codes": self.codes.config(), "shortlist": self.shortlist,
-                "asymmetric": self.asymmetric, "float_bytes_on_disk": 4 * self.codes.float_dim}
+                "asymmetric": self.asymmetric, "fast_scan": self.fast_scan,
+                "float_bytes_on_disk": 4 * self.codes.float_dim}
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,8 @@ class RerankedCodeMethod(_CodeSearch):
     def scores(self, queries: np.ndarray, database: np.ndarray) -> ScoreSource:
         codes, floats = self._split(database)
         first, query_floats = self._split(queries)
-        return RerankScores(TwoStageIndex(codes, floats, self.shortlist, self.asymmetric), first, query_floats)
+        return RerankScores(TwoStageIndex(codes, floats, self.shortlist, self.asymmetric, self.fast_scan), first,
+                            query_floats)
 
 
 def _codes(spec: str, context: MethodContext) -> TrainedModelMethod:
@@ -141,8 +146,9 @@ def _asymmetric(spec: str, context: MethodContext) -> RetrievalMethod:
     return AsymmetricCodeMethod(spec, _codes(ASYMMETRIC_SPEC.fullmatch(spec).group("codes"), context))
 
 
-@register_method_pattern(RERANK_SPEC.pattern, "rerank@R:[asym:]CODES")
+@register_method_pattern(RERANK_SPEC.pattern, "rerank@R:[asym:|asym-fast:]CODES")
 def _reranked(spec: str, context: MethodContext) -> RetrievalMethod:
     match = RERANK_SPEC.fullmatch(spec)
     return RerankedCodeMethod(spec, _codes(match.group("codes"), context), int(match.group("shortlist")),
-                              asymmetric=match.group("asymmetric") is not None)
+                              asymmetric=match.group("asymmetric") is not None,
+                              fast_scan=match.group("asymmetric") == "asym-fast:")

@@ -1,4 +1,4 @@
-"""Harness methods ``asym:CODES`` and ``rerank@R:[asym:]CODES`` end to end on tiny networks and images: their
+"""Harness methods ``asym:CODES`` and ``rerank@R:[asym:|asym-fast:]CODES`` end to end on tiny networks and images: their
 descriptor rows, the cache's two kinds (float queries, packed database), and the metrics they produce."""
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from tests.models.test_hashing_net import hashing_net
 
 @pytest.mark.parametrize("spec, parts", [
     ("rerank@100:itq@64:run:a", ("100", None, "itq@64:run:a")),
-    ("rerank@5:asym:run:a", ("5", "asym:", "run:a")),
-    ("rerank@5:rerank@5:run:a", None), ("rerank@:run:a", None), ("rerank@5:asym:asym:run:a", None)])
+    ("rerank@5:asym:run:a", ("5", "asym:", "run:a")), ("rerank@5:asym-fast:run:a", ("5", "asym-fast:", "run:a")),
+    ("rerank@5:rerank@5:run:a", None), ("rerank@:run:a", None), ("rerank@5:asym:asym:run:a", None),
+    ("rerank@5:asym-fast:asym:run:a", None), ("rerank@5:asym:asym-fast:run:a", None)])
 def test_rerank_specs(spec, parts):
     match = RERANK_SPEC.fullmatch(spec)
     assert (match.group("shortlist", "asymmetric", "codes") if match else None) == parts
@@ -37,6 +38,7 @@ def test_rerank_specs(spec, parts):
 def test_asymmetric_spec_takes_a_code_spec_only():
     assert ASYMMETRIC_SPEC.fullmatch("asym:pcasign@16:model:m.pth").group("codes") == "pcasign@16:model:m.pth"
     assert ASYMMETRIC_SPEC.fullmatch("asym:rerank@5:run:a") is None
+    assert ASYMMETRIC_SPEC.fullmatch("asym:asym-fast:run:a") is None
 
 
 @pytest.fixture
@@ -60,13 +62,15 @@ def test_hashing_network_searched_asymmetrically_and_reranked(toy, tmp_path):
     save_model(model, tmp_path / "hash.pth")
     spec = f"model:{tmp_path / 'hash.pth'}"
     context = MethodContext()
-    names = [spec, f"asym:{spec}", f"rerank@3:{spec}", f"rerank@100:{spec}"]
+    names = [spec, f"asym:{spec}", f"rerank@3:{spec}", f"rerank@100:{spec}", f"rerank@3:asym-fast:{spec}",
+             f"rerank@100:asym-fast:{spec}"]
     methods = [create_method(name, context) for name in names]
     assert isinstance(methods[1], AsymmetricCodeMethod) and methods[1].asymmetric
     assert isinstance(methods[2], RerankedCodeMethod) and not methods[2].asymmetric
+    assert methods[4].asymmetric and methods[4].fast_scan and not methods[2].fast_scan
     settings = EvalSettings(image_size=64, batch_size=1, cache_dir=str(tmp_path / "cache"))
     results = {r.method: r for r in evaluate_methods(methods, toy, settings)}
-    assert [results[name].descriptor_bytes for name in names] == [2, 2, 2, 2]  # the codes, what stays in RAM
+    assert [results[name].descriptor_bytes for name in names] == [2] * 6  # the codes, what stays in RAM
     assert results[f"rerank@3:{spec}"].config["float_bytes_on_disk"] == 4 * 512  # resnet18's GeM descriptor
 
     projection, bits, floats = _descriptors(toy, methods[1].codes.code_parts, model.preprocessing)
@@ -80,8 +84,11 @@ def test_hashing_network_searched_asymmetrically_and_reranked(toy, tmp_path):
     exact = toy.evaluate(InnerProductScores(floats, floats))
     codes = pack_bits(bits.numpy())
     shortlisted = toy.evaluate(RerankScores(TwoStageIndex(codes, floats.numpy(), 3), codes, floats.numpy()))
+    fast = toy.evaluate(RerankScores(TwoStageIndex(codes, floats.numpy(), 3, asymmetric=True, fast_scan=True),
+                                     projection.numpy(), floats.numpy()))
     for name, expected in ((f"asym:{spec}", asymmetric), (f"rerank@100:{spec}", exact),
-                           (f"rerank@3:{spec}", shortlisted)):
+                           (f"rerank@3:{spec}", shortlisted), (f"rerank@100:asym-fast:{spec}", exact),
+                           (f"rerank@3:asym-fast:{spec}", fast)):
         for metric, value in expected.items():
             assert results[name].metrics[metric] == pytest.approx(value, abs=1e-6), (name, metric)
     assert shortlisted != exact  # a shortlist of 3 loses some of the float ranking here
@@ -94,8 +101,11 @@ def test_hashing_network_searched_asymmetrically_and_reranked(toy, tmp_path):
     queries, database = sorted(asym, key=lambda a: a.dtype.str)
     torch.testing.assert_close(torch.from_numpy(queries), projection)
     np.testing.assert_array_equal(database, codes)
-    rerank = [array for name, array in cached if name.startswith("rerank")]
+    rerank = [array for name, array in cached if name.startswith("rerank") and "asym-fast" not in name]
     assert [(a.dtype.str, a.shape) for a in rerank] == [("|u1", (12, 2 + 4 * 512))] * 2
+    # asym-fast: float32 projection + floats for the queries, codes + float bytes for the database
+    fast = [array for name, array in cached if "asym-fast" in name]
+    assert sorted((a.dtype.str, a.shape) for a in fast) == [("<f4", (12, 16 + 512))] * 2 + [("|u1", (12, 2 + 4 * 512))] * 2
 
 
 def test_itq_and_pca_sign_codes_searched_asymmetrically_and_reranked(toy, tmp_path):
