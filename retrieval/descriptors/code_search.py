@@ -10,8 +10,9 @@ real-valued projection whose signs are the bits, the bits, and the float descrip
 - ``rerank@R:CODES``: two-stage search (:mod:`retrieval.search.two_stage`): a shortlist of R items by Hamming
   distance, re-ranked by the inner product of the float descriptors; ``rerank@R:asym:CODES`` shortlists by the
   asymmetric scores instead, and ``rerank@R:asym-fast:CODES`` by FAISS's fast scan of them
-  (:mod:`retrieval.search.fast_scan`: the serving path for large databases, its order up to 8-bit tables). Items outside a query's shortlist rank after it in stage 1's order, so the metrics
-  over the whole database are defined. A database row holds the packed code then the float descriptor's bytes
+  (:mod:`retrieval.search.fast_scan`: the serving path for large databases, its order up to 8-bit tables).
+  Items outside a query's shortlist rank after it in stage 1's order, so the metrics over the whole database
+  are defined. A database row holds the packed code then the float descriptor's bytes
   (uint8: one cache entry holds both); query rows are the same (Hamming), or float32 projection then float
   descriptor (asymmetric). ``descriptor_bytes`` is the code's bytes, what a two-stage index holds in memory;
   the float bytes, which stay on disk, are in ``config()["float_bytes_on_disk"]``. The evaluation reads the

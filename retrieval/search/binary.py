@@ -111,4 +111,3 @@ class AsymmetricScores(ScoreSource):
             block = self.database[first:first + _ASYMMETRIC_BLOCK_ROWS]
             out[:, first:first + len(block)] = queries @ signed_bits(block, self.num_bits).T
         return out
-

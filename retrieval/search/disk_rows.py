@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import ShardedArray, shard_path
+from .shards import ShardedArray, ascending_rows, shard_path
 
 
 class DiskRows:
@@ -28,7 +28,6 @@ class DiskRows:
             paths = [Path(source)]
         #: (path, byte offset of row 0, first row) per file
         self._files: list[tuple[Path, int, int]] = []
-        self._starts = []
         count, row_shape, dtype = 0, None, None
         for path in paths:
             mapped = np.load(path, mmap_mode="r")  # reads the header only; the mapping is dropped below
@@ -39,7 +38,6 @@ class DiskRows:
                                  f"{row_shape} {dtype}")
             row_shape, dtype = mapped.shape[1:], mapped.dtype
             self._files.append((path, int(mapped.offset), count))
-            self._starts.append(count)
             count += len(mapped)
             del mapped
         self.shape = (count, *row_shape)
@@ -51,11 +49,9 @@ class DiskRows:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The rows at ``rows`` (ascending, in range), copied into a new (len(rows), D) array."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) and (rows[0] < 0 or rows[-1] >= len(self) or (np.diff(rows) < 0).any()):
-            raise ValueError(f"take needs ascending row indices in 0..{len(self) - 1}")
+        rows = ascending_rows(rows, len(self))
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        file_of = np.searchsorted(self._starts, rows, side="right") - 1
+        file_of = np.searchsorted([first for _, _, first in self._files], rows, side="right") - 1
         for index in np.unique(file_of):
             chosen = np.flatnonzero(file_of == index)
             path, offset, first = self._files[index]

@@ -5,9 +5,10 @@ groups of <q_group, b_group>. A product quantizer with L / 4 sub-quantizers of 4
 the 16 sign patterns of 4 bits, encodes b exactly (each group is one of the patterns), and its inner-product
 search scores <q, decoded b> = the asymmetric score from one lookup table per group. FAISS's fast-scan
 implementation (``IndexPQFastScan``) keeps those tables in SIMD registers, quantised to 8 bits: the scan of a
-million 64-bit codes costs about a third of FAISS's Hamming scan of the same codes, and the order it gives is the
-asymmetric order up to that quantisation (near-equal scores may swap), good for a shortlist that floats
-re-rank (:mod:`retrieval.search.two_stage`), not for exact scores (:class:`~retrieval.search.binary.AsymmetricScores`).
+million 64-bit codes costs a third to a half of FAISS's Hamming scan of the same codes (0.35 ms a query against
+0.6-1.0 on 2 threads), and the order it gives is the asymmetric order up to that quantisation (near-equal
+scores may swap), good for a shortlist that floats re-rank (:mod:`retrieval.search.two_stage`), not for exact
+scores (:class:`~retrieval.search.binary.AsymmetricScores`).
 The index holds its own copy of the codes, in FAISS's blocked layout: the same L / 8 bytes a code.
 """
 from __future__ import annotations

@@ -44,6 +44,15 @@ def shard_ranges(count: int, shard_rows: int) -> list[range]:
     return [range(start, min(start + shard_rows, count)) for start in range(0, count, shard_rows)]
 
 
+def ascending_rows(indices, count: int) -> np.ndarray:
+    """``indices`` as int64, checked to be ascending row numbers of a ``count``-row array (what a read of
+    chosen rows in file order takes)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) and (indices[0] < 0 or indices[-1] >= count or (np.diff(indices) < 0).any()):
+        raise ValueError(f"take needs ascending row indices in 0..{count - 1}")
+    return indices
+
+
 class ShardWriter:
     """Writes the shards of a ``count``-row array into ``folder``; shards already there are kept (resume).
 
@@ -157,9 +166,7 @@ class ShardedArray:
     def take(self, indices: np.ndarray) -> np.ndarray:
         """The rows at ``indices`` (ascending), copied into memory one shard at a time (a training sample
         from a database that does not fit in memory)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) and (indices[0] < 0 or indices[-1] >= self.count or (np.diff(indices) < 0).any()):
-            raise ValueError(f"take needs ascending row indices in 0..{self.count - 1}")
+        indices = ascending_rows(indices, self.count)
         out = np.empty((len(indices), *self.row_shape), dtype=self.dtype)
         shard_of = indices // self.shard_rows
         for index in np.unique(shard_of):

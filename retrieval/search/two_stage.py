@@ -7,8 +7,8 @@ scores in ascending database index:
 - asymmetric scores (:class:`~retrieval.search.binary.AsymmetricScores`): the queries' float projections
   against the codes, over the whole database (exact, but a float product per code);
 - asymmetric scores by FAISS's fast scan (``fast_scan=True``, :class:`~retrieval.search.fast_scan.AsymmetricFastScan`):
-  the same order up to 8-bit lookup tables (near-equal scores may swap), a third of the time of a Hamming scan
-  of the same codes at a million items. The asymmetric order puts the float neighbours much nearer the top
+  the same order up to 8-bit lookup tables (near-equal scores may swap), a third to a half of the time of a
+  Hamming scan of the same codes at a million items. The asymmetric order puts the float neighbours much nearer the top
   than Hamming distance does, so the same recall needs a much smaller R (fewer rows read from disk).
 
 Stage 2 reads the R rows of the float descriptors and ranks them exactly by inner product, equal scores in
@@ -140,7 +140,8 @@ class RerankScores(ScoreSource):
     """The two-stage ranking of ``queries`` (with float descriptors ``query_floats``) over ``index``'s whole
     database: a shortlisted item scores its float inner product; the others score below every shortlisted item
     of the query (the lowest minus 1), shifted by their stage-1 scores (Hamming, or asymmetric over the whole
-    database) so they keep that order (and its ties). :meth:`top_k` is :meth:`TwoStageIndex.search` for k up to the shortlist."""
+    database) so they keep that order (and its ties). :meth:`top_k` is :meth:`TwoStageIndex.search` for k up to
+    the shortlist."""
 
     def __init__(self, index: TwoStageIndex, queries: np.ndarray, query_floats: np.ndarray):
         self.index, self.queries = index, queries

@@ -105,7 +105,8 @@ def test_hashing_network_searched_asymmetrically_and_reranked(toy, tmp_path):
     assert [(a.dtype.str, a.shape) for a in rerank] == [("|u1", (12, 2 + 4 * 512))] * 2
     # asym-fast: float32 projection + floats for the queries, codes + float bytes for the database
     fast = [array for name, array in cached if "asym-fast" in name]
-    assert sorted((a.dtype.str, a.shape) for a in fast) == [("<f4", (12, 16 + 512))] * 2 + [("|u1", (12, 2 + 4 * 512))] * 2
+    assert sorted((a.dtype.str, a.shape) for a in fast) == \
+        [("<f4", (12, 16 + 512))] * 2 + [("|u1", (12, 2 + 4 * 512))] * 2
 
 
 def test_itq_and_pca_sign_codes_searched_asymmetrically_and_reranked(toy, tmp_path):
